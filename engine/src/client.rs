@@ -1,0 +1,254 @@
+//! Reads and control actions on a Kiln database, without running any builds.
+//!
+//! The command-line tools use a [`Client`]; an [`Engine`](crate::Engine) wraps one and
+//! adds the scheduler.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+use crate::model::{
+    Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry, LogQuery, MAX_PRIORITY,
+    MIN_PRIORITY, Master, ProgressNode, Properties, Property, RequestId, SourceStamp,
+};
+use crate::storage::{
+    self, BuildFilter, BuildsetFilter, CancelOutcome, NewBuildset, RequestFilter, Store, StoreOptions,
+};
+
+/// A submission: one buildset with a request per named builder.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Submission {
+    /// Why the work is submitted.
+    pub reason: String,
+    /// Builder names; one request each. None makes a buildset that completes at once.
+    pub builders: Vec<String>,
+    /// Buildset properties.
+    #[serde(default)]
+    pub properties: Properties,
+    /// What to build.
+    #[serde(default)]
+    pub sourcestamps: Vec<SourceStamp>,
+    /// Higher runs first; within [`MIN_PRIORITY`]..=[`MAX_PRIORITY`].
+    #[serde(default)]
+    pub priority: i32,
+    /// An identifier of the submitter's choosing.
+    #[serde(default)]
+    pub external_idstring: Option<String>,
+}
+
+impl Submission {
+    /// A submission with a reason and no builders yet.
+    pub fn new(reason: impl Into<String>) -> Self {
+        Submission { reason: reason.into(), ..Submission::default() }
+    }
+
+    /// Adds a builder.
+    pub fn builder(mut self, name: impl Into<String>) -> Self {
+        self.builders.push(name.into());
+        self
+    }
+
+    /// Sets a property.
+    pub fn property(mut self, name: impl Into<String>, value: serde_json::Value, source: impl Into<String>) -> Self {
+        self.properties.insert(name.into(), Property::new(value, source));
+        self
+    }
+
+    /// Adds a sourcestamp.
+    pub fn sourcestamp(mut self, stamp: SourceStamp) -> Self {
+        self.sourcestamps.push(stamp);
+        self
+    }
+
+    /// Sets the priority.
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Sets the external id.
+    pub fn external_idstring(mut self, id: impl Into<String>) -> Self {
+        self.external_idstring = Some(id.into());
+        self
+    }
+}
+
+/// What a submission made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submitted {
+    /// The new buildset.
+    pub buildset_id: BuildsetId,
+    /// Its requests by builder name.
+    pub requests: BTreeMap<String, RequestId>,
+}
+
+/// Reads and control actions on a Kiln database.
+#[derive(Clone)]
+pub struct Client {
+    store: Arc<dyn Store>,
+}
+
+impl Client {
+    /// Opens the database at `url` (see [`storage::open`]).
+    pub async fn open(url: &str) -> Result<Client> {
+        Ok(Client { store: storage::open(url).await? })
+    }
+
+    /// Opens the database at `url` with options.
+    pub async fn open_with(url: &str, options: &StoreOptions) -> Result<Client> {
+        Ok(Client { store: storage::open_with(url, options).await? })
+    }
+
+    /// A client over an already open store.
+    pub fn from_store(store: Arc<dyn Store>) -> Client {
+        Client { store }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// A builder by name, or [`EngineError::UnknownBuilder`].
+    pub async fn builder_named(&self, name: &str) -> Result<Builder> {
+        self.store.builder_get_by_name(name).await?.ok_or_else(|| EngineError::UnknownBuilder(name.to_owned()))
+    }
+
+    /// All builders.
+    pub async fn builders(&self) -> Result<Vec<Builder>> {
+        Ok(self.store.builder_list().await?)
+    }
+
+    /// All masters.
+    pub async fn masters(&self) -> Result<Vec<Master>> {
+        Ok(self.store.master_list().await?)
+    }
+
+    /// Submits a buildset. Every builder must already be known to the database.
+    pub async fn submit(&self, submission: &Submission) -> Result<Submitted> {
+        self.submit_buildset(submission, None).await
+    }
+
+    pub(crate) async fn submit_buildset(&self, s: &Submission, rebuilt: Option<BuildId>) -> Result<Submitted> {
+        if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&s.priority) {
+            return Err(EngineError::Invalid(format!(
+                "priority {} is outside {MIN_PRIORITY}..={MAX_PRIORITY}",
+                s.priority
+            )));
+        }
+        let mut builder_ids: Vec<BuilderId> = Vec::with_capacity(s.builders.len());
+        let mut names: BTreeMap<BuilderId, String> = BTreeMap::new();
+        for name in &s.builders {
+            let builder = self.builder_named(name).await?;
+            if names.insert(builder.id, name.clone()).is_some() {
+                return Err(EngineError::Invalid(format!("builder {name:?} is named twice")));
+            }
+            builder_ids.push(builder.id);
+        }
+        let added = self
+            .store
+            .buildset_add(&NewBuildset {
+                reason: s.reason.clone(),
+                external_idstring: s.external_idstring.clone(),
+                sourcestamps: s.sourcestamps.clone(),
+                properties: s.properties.clone(),
+                builder_ids,
+                priority: s.priority,
+                rebuilt_buildid: rebuilt,
+                submitted_at: crate::model::now(),
+                ..NewBuildset::default()
+            })
+            .await?;
+        let requests = added
+            .requests
+            .iter()
+            .filter_map(|(builder, request)| names.get(builder).map(|n| (n.clone(), *request)))
+            .collect();
+        Ok(Submitted { buildset_id: added.buildset_id, requests })
+    }
+
+    /// One buildset.
+    pub async fn buildset(&self, id: BuildsetId) -> Result<Buildset> {
+        Ok(self.store.buildset_get(id).await?)
+    }
+
+    /// Buildsets, newest first.
+    pub async fn buildsets(&self, filter: &BuildsetFilter) -> Result<Vec<Buildset>> {
+        Ok(self.store.buildset_list(filter).await?)
+    }
+
+    /// One build request.
+    pub async fn request(&self, id: RequestId) -> Result<BuildRequest> {
+        Ok(self.store.request_get(id).await?)
+    }
+
+    /// Build requests.
+    pub async fn requests(&self, filter: &RequestFilter) -> Result<Vec<BuildRequest>> {
+        Ok(self.store.request_list(filter).await?)
+    }
+
+    /// One build.
+    pub async fn build(&self, id: BuildId) -> Result<Build> {
+        Ok(self.store.build_get(id).await?)
+    }
+
+    /// A build by builder name and number.
+    pub async fn build_by_number(&self, builder: &str, number: i64) -> Result<Build> {
+        let builder = self.builder_named(builder).await?;
+        Ok(self.store.build_get_by_number(builder.id, number).await?)
+    }
+
+    /// Builds.
+    pub async fn builds(&self, filter: &BuildFilter) -> Result<Vec<Build>> {
+        Ok(self.store.build_list(filter).await?)
+    }
+
+    /// Log records.
+    pub async fn logs(&self, query: &LogQuery) -> Result<Vec<LogEntry>> {
+        Ok(self.store.log_list(query).await?)
+    }
+
+    /// A build's progress as a tree.
+    pub async fn progress(&self, build: BuildId) -> Result<ProgressNode> {
+        self.store.build_get(build).await?;
+        Ok(ProgressNode::tree(&self.store.progress_list(build).await?))
+    }
+
+    /// Cancels a request: an unclaimed one completes as CANCELLED at once; a claimed one is
+    /// flagged and its master stops the build. Fails if the request does not exist.
+    pub async fn cancel_request(&self, id: RequestId) -> Result<CancelOutcome> {
+        self.store.request_get(id).await?;
+        Ok(self.store.request_cancel(&[id], crate::model::now()).await?)
+    }
+
+    /// Cancels every incomplete request of a buildset.
+    pub async fn cancel_buildset(&self, id: BuildsetId) -> Result<CancelOutcome> {
+        self.store.buildset_get(id).await?;
+        let requests = self
+            .store
+            .request_list(&RequestFilter { buildset_id: Some(id), complete: Some(false), ..RequestFilter::default() })
+            .await?;
+        let ids: Vec<RequestId> = requests.iter().map(|r| r.id).collect();
+        Ok(self.store.request_cancel(&ids, crate::model::now()).await?)
+    }
+
+    /// Rebuilds a build: a new buildset for the same builder with the same sourcestamps,
+    /// properties and priority, whose `rebuilt_buildid` names the original build.
+    pub async fn rebuild(&self, id: BuildId) -> Result<Submitted> {
+        let build = self.store.build_get(id).await?;
+        let request = self.store.request_get(build.request_id).await?;
+        let builder = self.store.builder_get(build.builder_id).await?;
+        let original = self.store.buildset_get(request.buildset_id).await?;
+        let submission = Submission {
+            reason: format!("rebuild of {} #{}: {}", builder.name, build.number, original.reason),
+            builders: vec![builder.name],
+            properties: self.store.buildset_properties(request.buildset_id).await?,
+            sourcestamps: self.store.buildset_sourcestamps(request.buildset_id).await?,
+            priority: request.priority,
+            external_idstring: original.external_idstring,
+        };
+        self.submit_buildset(&submission, Some(id)).await
+    }
+}

@@ -1,0 +1,314 @@
+//! The embedding API: open an engine, register builders, submit, wait, subscribe, shut down.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::broadcast;
+use tracing::{info, warn};
+
+use crate::client::{Client, Submission, Submitted};
+use crate::error::{EngineError, Result};
+use crate::events::{DEFAULT_EVENT_CAPACITY, Event};
+use crate::executor::Executor;
+use crate::model::{BuildId, BuilderId, Buildset, BuildsetId, MasterId, RequestId};
+use crate::scheduler::Scheduler;
+use crate::storage::{self, CancelOutcome, StoreOptions};
+
+/// How often the claim loop looks at the database when nothing woke it: the delay before
+/// this engine sees work submitted by another process. Submits through this engine wake
+/// it at once.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a master records that it is alive.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a master may stay silent before another expires it and re-queues its work;
+/// several heartbeats, so that one slow transaction does not cost a master its builds.
+pub const DEFAULT_MASTER_EXPIRY: Duration = Duration::from_secs(60);
+/// How long shutdown waits for running builds before stopping them.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long a build asked to stop may take before its task is aborted.
+pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(5);
+/// The most requests one builder claims in one transaction.
+pub const DEFAULT_CLAIM_BATCH: u32 = 64;
+
+/// How an engine runs.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The database URL (`sqlite://kiln.db`, `sqlite::memory:`, or a path).
+    pub database_url: String,
+    /// This master's unique name. Two live processes must not share one: registering a
+    /// name takes back whatever an earlier process of that name left unfinished.
+    pub master_name: String,
+    /// See [`DEFAULT_POLL_INTERVAL`].
+    pub poll_interval: Duration,
+    /// See [`DEFAULT_HEARTBEAT_INTERVAL`].
+    pub heartbeat_interval: Duration,
+    /// See [`DEFAULT_MASTER_EXPIRY`].
+    pub master_expiry: Duration,
+    /// See [`DEFAULT_SHUTDOWN_GRACE`].
+    pub shutdown_grace: Duration,
+    /// See [`DEFAULT_CANCEL_GRACE`].
+    pub cancel_grace: Duration,
+    /// See [`DEFAULT_CLAIM_BATCH`].
+    pub claim_batch: u32,
+    /// See [`DEFAULT_EVENT_CAPACITY`].
+    pub event_capacity: usize,
+    /// Database connection tuning.
+    pub store: StoreOptions,
+}
+
+impl EngineConfig {
+    /// Defaults for a database URL; the master is named after the host and process.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        EngineConfig {
+            database_url: database_url.into(),
+            master_name: default_master_name(),
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            master_expiry: DEFAULT_MASTER_EXPIRY,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            cancel_grace: DEFAULT_CANCEL_GRACE,
+            claim_batch: DEFAULT_CLAIM_BATCH,
+            event_capacity: DEFAULT_EVENT_CAPACITY,
+            store: StoreOptions::default(),
+        }
+    }
+
+    /// Sets the master name.
+    pub fn master_name(mut self, name: impl Into<String>) -> Self {
+        self.master_name = name.into();
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        let positive = [
+            ("poll_interval", self.poll_interval),
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("master_expiry", self.master_expiry),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
+            return Err(EngineError::Invalid(format!("{name} must be longer than zero")));
+        }
+        if self.master_expiry <= self.heartbeat_interval {
+            return Err(EngineError::Invalid(format!(
+                "master_expiry ({:?}) must be longer than heartbeat_interval ({:?}), or live masters expire each other",
+                self.master_expiry, self.heartbeat_interval
+            )));
+        }
+        if self.claim_batch == 0 {
+            return Err(EngineError::Invalid("claim_batch must be at least 1".into()));
+        }
+        if self.master_name.trim().is_empty() {
+            return Err(EngineError::Invalid("master_name is empty".into()));
+        }
+        Ok(())
+    }
+}
+
+/// `host:pid`, unique among live processes.
+fn default_master_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}:{}", std::process::id())
+}
+
+/// A builder as an engine runs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BuilderConfig {
+    /// Its unique name.
+    pub name: String,
+    /// A human description.
+    pub description: Option<String>,
+    /// The most builds this engine runs at once for it; `None` for no limit.
+    pub max_concurrent: Option<u32>,
+    /// Positional arguments handed to every build (JSON).
+    pub args: Value,
+    /// Keyword arguments handed to every build (JSON).
+    pub kwargs: Value,
+}
+
+impl BuilderConfig {
+    /// A builder with no limit and no arguments.
+    pub fn new(name: impl Into<String>) -> Self {
+        BuilderConfig { name: name.into(), description: None, max_concurrent: None, args: Value::Null, kwargs: Value::Null }
+    }
+
+    /// Limits how many builds run at once on this engine.
+    pub fn max_concurrent(mut self, n: u32) -> Self {
+        self.max_concurrent = Some(n);
+        self
+    }
+
+    /// Sets the positional arguments.
+    pub fn args(mut self, args: Value) -> Self {
+        self.args = args;
+        self
+    }
+
+    /// Sets the keyword arguments.
+    pub fn kwargs(mut self, kwargs: Value) -> Self {
+        self.kwargs = kwargs;
+        self
+    }
+
+    /// Sets the description.
+    pub fn description(mut self, text: impl Into<String>) -> Self {
+        self.description = Some(text.into());
+        self
+    }
+}
+
+/// A running engine: one master that claims and runs requests for its builders.
+pub struct Engine {
+    client: Client,
+    scheduler: Scheduler,
+}
+
+impl Engine {
+    /// Opens the database, registers this master and starts the scheduler.
+    pub async fn open(config: EngineConfig) -> Result<Engine> {
+        config.validate()?;
+        let store = storage::open_with(&config.database_url, &config.store).await?;
+        let registered = store.master_register(&config.master_name, crate::model::now()).await?;
+        if !registered.released.is_empty() || !registered.retried_builds.is_empty() {
+            warn!(
+                master = %config.master_name, released = registered.released.len(), retried = registered.retried_builds.len(),
+                "took back work an earlier process of this master left unfinished"
+            );
+        }
+        info!(master = %config.master_name, id = %registered.master_id, backend = store.backend(), "engine started");
+        let scheduler = Scheduler::start(store.clone(), registered.master_id, config);
+        Ok(Engine { client: Client::from_store(store), scheduler })
+    }
+
+    /// Opens an engine with default settings on a database URL.
+    pub async fn open_url(url: &str) -> Result<Engine> {
+        Engine::open(EngineConfig::new(url)).await
+    }
+
+    /// The client for reads and control actions.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// This engine's master id.
+    pub fn master_id(&self) -> MasterId {
+        self.scheduler.shared.master
+    }
+
+    /// Registers a builder with the executor that runs its builds, creating the builder in
+    /// the database if needed. Its queued requests start at once.
+    pub async fn register_builder(&self, config: BuilderConfig, executor: impl Executor) -> Result<BuilderId> {
+        self.register_builder_arc(config, Arc::new(executor)).await
+    }
+
+    /// Like [`Engine::register_builder`], with a shared executor.
+    pub async fn register_builder_arc(&self, config: BuilderConfig, executor: Arc<dyn Executor>) -> Result<BuilderId> {
+        if config.max_concurrent == Some(0) {
+            return Err(EngineError::Invalid(format!("builder {:?}: max_concurrent must be at least 1", config.name)));
+        }
+        let id = self.client.store().builder_ensure(&config.name, config.description.as_deref()).await?;
+        let name = config.name.clone();
+        if !self.scheduler.register(id, config, executor) {
+            return Err(EngineError::DuplicateBuilder(name));
+        }
+        Ok(id)
+    }
+
+    /// Subscribes to lifecycle events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.scheduler.shared.events.subscribe()
+    }
+
+    /// Submits a buildset; its requests start at once if this engine runs their builders.
+    pub async fn submit(&self, submission: &Submission) -> Result<Submitted> {
+        let submitted = self.client.submit(submission).await?;
+        self.scheduler.shared.emit(Event::BuildsetSubmitted {
+            buildset_id: submitted.buildset_id,
+            reason: submission.reason.clone(),
+            requests: submitted.requests.clone(),
+        });
+        if submitted.requests.is_empty() {
+            self.scheduler.shared.emit(Event::BuildsetComplete {
+                buildset_id: submitted.buildset_id,
+                results: crate::model::ResultCode::Success,
+            });
+        }
+        self.scheduler.wake();
+        Ok(submitted)
+    }
+
+    /// Waits until a buildset is complete and returns it. Completion by another process is
+    /// noticed within one poll interval.
+    pub async fn wait_buildset(&self, id: BuildsetId) -> Result<Buildset> {
+        let mut events = self.subscribe();
+        let poll = self.scheduler.shared.config.poll_interval;
+        loop {
+            let buildset = self.client.buildset(id).await?;
+            if buildset.complete {
+                return Ok(buildset);
+            }
+            let deadline = tokio::time::sleep(poll);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    event = events.recv() => match event {
+                        Ok(Event::BuildsetComplete { buildset_id, .. }) if buildset_id == id => break,
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => return Err(EngineError::ShuttingDown),
+                    },
+                    () = &mut deadline => break,
+                }
+            }
+        }
+    }
+
+    /// Cancels a request (see [`Client::cancel_request`]); a build of it running here
+    /// is told to stop at once.
+    pub async fn cancel_request(&self, id: RequestId) -> Result<CancelOutcome> {
+        let outcome = self.client.cancel_request(id).await?;
+        self.after_cancel(&outcome);
+        Ok(outcome)
+    }
+
+    /// Cancels every incomplete request of a buildset.
+    pub async fn cancel_buildset(&self, id: BuildsetId) -> Result<CancelOutcome> {
+        let outcome = self.client.cancel_buildset(id).await?;
+        self.after_cancel(&outcome);
+        Ok(outcome)
+    }
+
+    fn after_cancel(&self, outcome: &CancelOutcome) {
+        self.scheduler.cancel_local(&outcome.flagged);
+        for request_id in &outcome.completed {
+            self.scheduler.shared.emit(Event::RequestCompleted {
+                request_id: *request_id,
+                results: crate::model::ResultCode::Cancelled,
+            });
+        }
+        for bs in &outcome.buildsets_completed {
+            self.scheduler.shared.emit(Event::BuildsetComplete { buildset_id: bs.buildset_id, results: bs.results });
+        }
+    }
+
+    /// Rebuilds a build (see [`Client::rebuild`]).
+    pub async fn rebuild(&self, id: BuildId) -> Result<Submitted> {
+        let submitted = self.client.rebuild(id).await?;
+        self.scheduler.wake();
+        Ok(submitted)
+    }
+
+    /// Stops claiming work, lets running builds finish within the shutdown grace period,
+    /// stops the rest (their requests go back to the queue), releases every claim and
+    /// marks this master inactive.
+    pub async fn shutdown(self) {
+        self.scheduler.shutdown().await;
+        info!(master = %self.scheduler.shared.master, "engine stopped");
+    }
+}

@@ -1,0 +1,32 @@
+//! Kiln's embeddable scheduling engine.
+//!
+//! Kiln keeps buildsets, build requests, claims and builds in SQL and runs the work they
+//! describe through executors. An embedder opens an [`Engine`] on a database URL,
+//! registers builders with their executors, submits buildsets and waits for them or
+//! subscribes to lifecycle [`Event`]s. A [`Client`] offers the same reads and control
+//! actions without running anything, which is what command-line tools want.
+//!
+//! # Layout
+//! - [`model`]: plain types, result codes, progress trees, log records; no I/O.
+//! - [`storage`]: the one seam to the database ([`storage::Store`]) and its backends.
+//! - [`executor`]: how a build's work runs ([`Executor`]), with Rust async functions as
+//!   the first kind of executor.
+//! - [`scheduler`]: claims requests, runs builds, heartbeats and expires masters.
+//! - [`client`] and [`engine`]: the embedding API.
+//! - [`events`]: lifecycle events.
+//! - [`error`]: the engine's error type.
+
+pub mod client;
+pub mod engine;
+pub mod error;
+pub mod events;
+pub mod executor;
+pub mod model;
+pub mod scheduler;
+pub mod storage;
+
+pub use client::{Client, Submission, Submitted};
+pub use engine::{BuilderConfig, Engine, EngineConfig};
+pub use error::{EngineError, Result};
+pub use events::Event;
+pub use executor::{BuildContext, Executor, FnExecutor, JobError, Outcome};

@@ -1,0 +1,274 @@
+//! The scheduler: claims requests, runs their builds through executors, completes them.
+//!
+//! One claim loop per engine wakes on every submit in this process (a [`Notify`]), on a
+//! finished build (a slot freed) and on a slow poll for work that other processes put in
+//! the database. Each round claims, in one transaction, up to every registered builder's
+//! free slots, highest priority first, then oldest. Every claimed request runs in its own
+//! tokio task ([`run`]); the loop never waits for a build.
+//!
+//! The heartbeat service ([`masters`]) keeps this master alive and expires the others.
+//!
+//! Layout: [`run`] runs one claimed request; [`masters`] heartbeats and expires.
+
+mod masters;
+mod run;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{Notify, broadcast, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use crate::engine::{BuilderConfig, EngineConfig};
+use crate::events::Event;
+use crate::executor::{Executor, StopReason};
+use crate::model::{BuildId, BuilderId, MasterId, RequestId};
+use crate::storage::{ClaimAvailable, Store};
+
+/// A builder registered on this engine, with its executor and slot bookkeeping.
+pub(crate) struct RegisteredBuilder {
+    pub(crate) id: BuilderId,
+    pub(crate) config: BuilderConfig,
+    pub(crate) executor: Arc<dyn Executor>,
+    /// Which worker slots are busy; a build takes the lowest free one.
+    busy_slots: Mutex<BTreeSet<u32>>,
+}
+
+impl RegisteredBuilder {
+    fn slots(&self) -> MutexGuard<'_, BTreeSet<u32>> {
+        self.busy_slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn free_slots(&self, batch: u32) -> u32 {
+        let busy = u32::try_from(self.slots().len()).unwrap_or(u32::MAX);
+        match self.config.max_concurrent {
+            Some(max) => max.saturating_sub(busy).min(batch),
+            None => batch,
+        }
+    }
+
+    fn take_slot(&self) -> u32 {
+        let mut busy = self.slots();
+        let slot = (0..).find(|s| !busy.contains(s)).unwrap_or(u32::MAX);
+        busy.insert(slot);
+        slot
+    }
+
+    fn release_slot(&self, slot: u32) {
+        self.slots().remove(&slot);
+    }
+}
+
+/// A build running on this engine.
+struct RunningBuild {
+    request_id: RequestId,
+    stop: watch::Sender<Option<StopReason>>,
+}
+
+/// State shared by the claim loop, the heartbeat service and every build task.
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) master: MasterId,
+    pub(crate) config: EngineConfig,
+    builders: RwLock<HashMap<BuilderId, Arc<RegisteredBuilder>>>,
+    running: Mutex<HashMap<BuildId, RunningBuild>>,
+    /// Claimed requests whose task has not yet finished (with or without a build).
+    in_flight: watch::Sender<usize>,
+    wake: Notify,
+    pub(crate) events: broadcast::Sender<Event>,
+    stopping: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub(crate) fn emit(&self, event: Event) {
+        // No subscribers is fine: events are a courtesy, the store is the truth.
+        let _ = self.events.send(event);
+    }
+
+    fn running(&self) -> MutexGuard<'_, HashMap<BuildId, RunningBuild>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn builder(&self, id: BuilderId) -> Option<Arc<RegisteredBuilder>> {
+        self.builders.read().unwrap_or_else(PoisonError::into_inner).get(&id).cloned()
+    }
+
+    /// Asks running builds to stop; `which` picks them by request.
+    fn stop_builds(&self, reason: StopReason, which: impl Fn(RequestId) -> bool) -> usize {
+        let running = self.running();
+        let mut n = 0;
+        for build in running.values().filter(|b| which(b.request_id)) {
+            // send_if_modified keeps the first reason: a cancelled build stays cancelled.
+            build.stop.send_if_modified(|current| {
+                if current.is_none() {
+                    *current = Some(reason);
+                    true
+                } else {
+                    false
+                }
+            });
+            n += 1;
+        }
+        n
+    }
+
+    fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+}
+
+/// The scheduler of one engine.
+pub(crate) struct Scheduler {
+    pub(crate) shared: Arc<Shared>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Scheduler {
+    /// Starts the claim loop and the heartbeat service for a registered master.
+    pub(crate) fn start(store: Arc<dyn Store>, master: MasterId, config: EngineConfig) -> Scheduler {
+        let (events, _) = broadcast::channel(config.event_capacity.max(1));
+        let shared = Arc::new(Shared {
+            store,
+            master,
+            config,
+            builders: RwLock::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            in_flight: watch::channel(0).0,
+            wake: Notify::new(),
+            events,
+            stopping: watch::channel(false).0,
+        });
+        let tasks = vec![
+            tokio::spawn(claim_loop(shared.clone())),
+            tokio::spawn(masters::heartbeat_loop(shared.clone())),
+        ];
+        Scheduler { shared, tasks: Mutex::new(tasks) }
+    }
+
+    /// Adds a builder; the claim loop picks its requests up at once.
+    pub(crate) fn register(&self, id: BuilderId, config: BuilderConfig, executor: Arc<dyn Executor>) -> bool {
+        let mut builders = self.shared.builders.write().unwrap_or_else(PoisonError::into_inner);
+        if builders.values().any(|b| b.config.name == config.name) {
+            return false;
+        }
+        builders.insert(id, Arc::new(RegisteredBuilder { id, config, executor, busy_slots: Mutex::new(BTreeSet::new()) }));
+        drop(builders);
+        self.wake();
+        true
+    }
+
+    /// Wakes the claim loop (new work may be there).
+    pub(crate) fn wake(&self) {
+        self.shared.wake.notify_one();
+    }
+
+    /// Asks this engine's builds of the given requests to stop as CANCELLED.
+    pub(crate) fn cancel_local(&self, requests: &[RequestId]) -> usize {
+        self.shared.stop_builds(StopReason::Cancelled, |r| requests.contains(&r))
+    }
+
+    /// Stops claiming, lets running builds finish within the grace period, stops the rest
+    /// (their requests go back to the queue) and marks the master inactive.
+    pub(crate) async fn shutdown(&self) {
+        self.shared.stopping.send_replace(true);
+        self.wake();
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut in_flight = self.shared.in_flight.subscribe();
+        let grace = self.shared.config.shutdown_grace;
+        if tokio::time::timeout(grace, in_flight.wait_for(|n| *n == 0)).await.is_err() {
+            let n = self.shared.stop_builds(StopReason::Shutdown, |_| true);
+            warn!(builds = n, "shutdown grace period over; stopping running builds, their requests will run again");
+            let limit = self.shared.config.cancel_grace + Duration::from_secs(1);
+            if tokio::time::timeout(limit, in_flight.wait_for(|n| *n == 0)).await.is_err() {
+                warn!("some builds did not stop; the database releases their claims");
+            }
+        }
+        for task in tasks {
+            task.abort();
+        }
+        match self.shared.store.master_deactivate(self.shared.master).await {
+            Ok(released) if !released.is_empty() => debug!(?released, "released claims at shutdown"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not mark the master inactive at shutdown"),
+        }
+    }
+}
+
+/// Claims and starts work whenever woken, until the engine stops.
+async fn claim_loop(shared: Arc<Shared>) {
+    let mut stopping = shared.stopping.subscribe();
+    loop {
+        if shared.is_stopping() {
+            return;
+        }
+        let polled = tokio::select! {
+            _ = shared.wake.notified() => false,
+            _ = tokio::time::sleep(shared.config.poll_interval) => true,
+            _ = stopping.wait_for(|s| *s) => return,
+        };
+        if polled {
+            check_remote_cancels(&shared).await;
+        }
+        // Claim until a round finds nothing, so a burst of submits drains without waiting
+        // for more wake-ups.
+        loop {
+            if shared.is_stopping() {
+                return;
+            }
+            match claim_round(&shared).await {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) => {
+                    warn!(error = %e, "claiming build requests failed; retrying at the next poll");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// One claim transaction; starts a task per claimed request. Returns how many it claimed.
+async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
+    let builders: Vec<Arc<RegisteredBuilder>> =
+        shared.builders.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+    let slots: Vec<(BuilderId, u32)> = builders
+        .iter()
+        .map(|b| (b.id, b.free_slots(shared.config.claim_batch)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    if slots.is_empty() {
+        return Ok(0);
+    }
+    let claimed = shared
+        .store
+        .request_claim_available(&ClaimAvailable { master_id: shared.master, slots, now: crate::model::now() })
+        .await?;
+    for request in &claimed {
+        let Some(builder) = shared.builder(request.builder_id) else {
+            // Cannot happen: we only claim for registered builders. Give it back.
+            shared.store.request_unclaim(&[request.id], shared.master).await?;
+            continue;
+        };
+        let slot = builder.take_slot();
+        shared.in_flight.send_modify(|n| *n += 1);
+        tokio::spawn(run::run_request(shared.clone(), builder, request.clone(), slot));
+    }
+    Ok(claimed.len())
+}
+
+/// Stops local builds whose requests somebody cancelled through another process.
+async fn check_remote_cancels(shared: &Shared) {
+    if shared.running().is_empty() {
+        return;
+    }
+    match shared.store.request_cancel_pending(shared.master).await {
+        Ok(ids) if !ids.is_empty() => {
+            let n = shared.stop_builds(StopReason::Cancelled, |r| ids.contains(&r));
+            debug!(builds = n, "stopping builds cancelled from elsewhere");
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not read pending cancellations"),
+    }
+}

@@ -1,0 +1,433 @@
+//! The storage seam: every read and write of Kiln's state goes through [`Store`].
+//!
+//! Methods are named entity-first (`request_claim`, `build_finish`) and take their own
+//! parameter structs where they need more than two or three values. The SQL lives in the
+//! backends only ([`sqlite`] today); the scheduler, the client and the edges never see it.
+//! Every backend must pass the conformance suite in `engine/tests/conformance/`.
+
+mod error;
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use error::{Result, StorageError};
+
+use crate::model::{
+    Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry, LogLevel,
+    LogQuery, LogRecord, Master, MasterId, Properties, Property, ProgressRecord, ProgressReport,
+    RequestId, ResultCode, SourceStamp, Timestamp,
+};
+
+/// Opens the store named by a database URL and brings its schema up to date.
+///
+/// `sqlite://path/to/kiln.db` (created if missing) and `sqlite::memory:` are understood;
+/// a bare path is taken as a SQLite file.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
+    open_with(url, &StoreOptions::default()).await
+}
+
+/// Like [`open`], with options.
+pub async fn open_with(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(StorageError::BadUrl {
+            url: url.to_owned(),
+            reason: "the PostgreSQL backend is not built yet; use a sqlite:// URL".into(),
+        });
+    }
+    if let Some((scheme, _)) = url.split_once("://")
+        && scheme != "sqlite"
+    {
+        return Err(StorageError::BadUrl {
+            url: url.to_owned(),
+            reason: format!("unsupported scheme {scheme:?}: expected sqlite://"),
+        });
+    }
+    Ok(Arc::new(sqlite::SqliteStore::open(url, options).await?))
+}
+
+/// Tuning for a store connection.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// How long a write waits for another process's write lock before failing.
+    pub busy_timeout: Duration,
+    /// The most connections a store keeps open.
+    pub max_connections: u32,
+}
+
+/// How long a SQLite write waits for another writer: long enough to ride out a burst of
+/// claims from several masters on one file.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections per store: SQLite serialises writes anyway, a few readers help the API.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { busy_timeout: DEFAULT_BUSY_TIMEOUT, max_connections: DEFAULT_MAX_CONNECTIONS }
+    }
+}
+
+/// A new buildset with one request per builder.
+#[derive(Clone, Debug, Default)]
+pub struct NewBuildset {
+    /// Why it is submitted.
+    pub reason: String,
+    /// An identifier of the submitter's choosing.
+    pub external_idstring: Option<String>,
+    /// What to build; identical stamps are stored once.
+    pub sourcestamps: Vec<SourceStamp>,
+    /// Buildset properties.
+    pub properties: Properties,
+    /// One request is made per builder; an empty list makes a buildset that is complete
+    /// at once with SUCCESS.
+    pub builder_ids: Vec<BuilderId>,
+    /// The requests' priority, within [`MIN_PRIORITY`](crate::model::MIN_PRIORITY)..=[`MAX_PRIORITY`](crate::model::MAX_PRIORITY).
+    pub priority: i32,
+    /// Whether a parent build waits for the requests.
+    pub waited_for: bool,
+    /// The build that starts it, for child buildsets.
+    pub parent_buildid: Option<BuildId>,
+    /// The relationship to the parent.
+    pub parent_relationship: Option<String>,
+    /// The build that this rebuilds.
+    pub rebuilt_buildid: Option<BuildId>,
+    /// The submission time.
+    pub submitted_at: Timestamp,
+}
+
+/// What adding a buildset made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddedBuildset {
+    /// The new buildset.
+    pub buildset_id: BuildsetId,
+    /// Its requests by builder.
+    pub requests: BTreeMap<BuilderId, RequestId>,
+}
+
+/// Which buildsets to list, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct BuildsetFilter {
+    /// Only complete (true) or incomplete (false) ones.
+    pub complete: Option<bool>,
+    /// Only children of this build.
+    pub parent_buildid: Option<BuildId>,
+    /// Only ones with this external id.
+    pub external_idstring: Option<String>,
+    /// At most this many.
+    pub limit: Option<u32>,
+    /// Skip this many first.
+    pub offset: Option<u32>,
+}
+
+/// Which claims a request listing wants.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClaimFilter {
+    /// Claimed or not.
+    #[default]
+    Any,
+    /// Claimed by some master.
+    Claimed,
+    /// Not claimed and not complete: ready to run.
+    Unclaimed,
+    /// Claimed by this master.
+    ClaimedBy(MasterId),
+}
+
+/// A field a request listing can be ordered by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestOrderField {
+    /// The request id.
+    Id,
+    /// The priority.
+    Priority,
+    /// The submission time.
+    SubmittedAt,
+    /// The builder id.
+    BuilderId,
+    /// The buildset id.
+    BuildsetId,
+    /// The completion time.
+    CompleteAt,
+}
+
+/// One ordering key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestOrder {
+    /// The field.
+    pub field: RequestOrderField,
+    /// Whether highest comes first.
+    pub descending: bool,
+}
+
+/// Which build requests to list.
+#[derive(Clone, Debug, Default)]
+pub struct RequestFilter {
+    /// Only this builder's.
+    pub builder_id: Option<BuilderId>,
+    /// Only this buildset's.
+    pub buildset_id: Option<BuildsetId>,
+    /// Only complete (true) or incomplete (false) ones.
+    pub complete: Option<bool>,
+    /// By claim.
+    pub claimed: ClaimFilter,
+    /// Only requests whose buildset has a stamp on this branch.
+    pub branch: Option<String>,
+    /// Only requests whose buildset has a stamp from this repository.
+    pub repository: Option<String>,
+    /// The ordering, first key first; by id when empty.
+    pub order: Vec<RequestOrder>,
+    /// At most this many.
+    pub limit: Option<u32>,
+    /// Skip this many first.
+    pub offset: Option<u32>,
+}
+
+/// Claim the most urgent unclaimed requests for some builders, all in one go.
+#[derive(Clone, Debug)]
+pub struct ClaimAvailable {
+    /// The claiming master.
+    pub master_id: MasterId,
+    /// How many requests each builder may take now (its free slots).
+    pub slots: Vec<(BuilderId, u32)>,
+    /// The claim time.
+    pub now: Timestamp,
+}
+
+/// A new build of a claimed request.
+#[derive(Clone, Debug)]
+pub struct NewBuild {
+    /// The request it executes.
+    pub request_id: RequestId,
+    /// The master running it (it must hold the request's claim).
+    pub master_id: MasterId,
+    /// The worker slot it runs in.
+    pub worker_slot: Option<i64>,
+    /// Its first state string.
+    pub state_string: String,
+    /// When it starts.
+    pub started_at: Timestamp,
+}
+
+/// How a build ended.
+#[derive(Clone, Debug)]
+pub struct FinishBuild {
+    /// The build.
+    pub build_id: BuildId,
+    /// The master that ran it; the write is refused if it no longer owns the build.
+    pub master_id: MasterId,
+    /// Its result.
+    pub results: ResultCode,
+    /// What the job returned.
+    pub return_value: Option<serde_json::Value>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Where it failed.
+    pub traceback: Option<String>,
+    /// When it ended.
+    pub complete_at: Timestamp,
+}
+
+/// Which builds to list, lowest id first.
+#[derive(Clone, Debug, Default)]
+pub struct BuildFilter {
+    /// Only this builder's.
+    pub builder_id: Option<BuilderId>,
+    /// Only builds of this request.
+    pub request_id: Option<RequestId>,
+    /// Only builds of this buildset's requests.
+    pub buildset_id: Option<BuildsetId>,
+    /// Only finished (true) or running (false) ones.
+    pub complete: Option<bool>,
+    /// Newest first instead.
+    pub descending: bool,
+    /// At most this many.
+    pub limit: Option<u32>,
+    /// Skip this many first.
+    pub offset: Option<u32>,
+}
+
+/// A buildset that completed because its last request did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompletedBuildset {
+    /// The buildset.
+    pub buildset_id: BuildsetId,
+    /// The worst of its requests' results.
+    pub results: ResultCode,
+}
+
+/// What a cancellation did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CancelOutcome {
+    /// Unclaimed requests that completed as CANCELLED.
+    pub completed: Vec<RequestId>,
+    /// Claimed requests now flagged so that their master stops their builds.
+    pub flagged: Vec<RequestId>,
+    /// Buildsets that completed as a consequence.
+    pub buildsets_completed: Vec<CompletedBuildset>,
+}
+
+/// Expire masters that stopped heartbeating.
+#[derive(Clone, Debug)]
+pub struct ExpireMasters {
+    /// The live master doing it (never expires itself).
+    pub by: MasterId,
+    /// Masters whose last heartbeat is older than this are expired.
+    pub silent_since: Timestamp,
+    /// The time of expiry, used to finish their builds.
+    pub now: Timestamp,
+}
+
+/// A master that was expired, with what was taken back from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpiredMaster {
+    /// The master.
+    pub master_id: MasterId,
+    /// Its name.
+    pub name: String,
+    /// Claims released: the requests are back in the queue.
+    pub released: Vec<RequestId>,
+    /// Its unfinished builds, now finished as RETRY.
+    pub retried_builds: Vec<BuildId>,
+}
+
+/// What registering a master found of an earlier incarnation with the same name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegisteredMaster {
+    /// The master's id.
+    pub master_id: MasterId,
+    /// Claims the earlier incarnation held, now released.
+    pub released: Vec<RequestId>,
+    /// Builds the earlier incarnation left unfinished, now finished as RETRY.
+    pub retried_builds: Vec<BuildId>,
+}
+
+/// The storage seam. One implementation per database; see the module docs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The backend's name ("sqlite").
+    fn backend(&self) -> &'static str;
+
+    // ---- masters ----
+
+    /// Registers a master by name (or re-activates it). An earlier incarnation with the
+    /// same name is presumed dead: its claims are released and its unfinished builds
+    /// end as RETRY.
+    async fn master_register(&self, name: &str, now: Timestamp) -> Result<RegisteredMaster>;
+    /// Records a heartbeat. Fails with [`StorageError::MasterInactive`] when the master
+    /// was expired or shut down meanwhile.
+    async fn master_heartbeat(&self, id: MasterId, now: Timestamp) -> Result<()>;
+    /// Marks a master inactive (clean shutdown) and releases any claims it still holds
+    /// on incomplete requests.
+    async fn master_deactivate(&self, id: MasterId) -> Result<Vec<RequestId>>;
+    /// Expires active masters silent since before `silent_since`: marks them inactive,
+    /// releases their claims and finishes their unfinished builds as RETRY.
+    async fn master_expire_stale(&self, params: &ExpireMasters) -> Result<Vec<ExpiredMaster>>;
+    /// One master.
+    async fn master_get(&self, id: MasterId) -> Result<Master>;
+    /// All masters.
+    async fn master_list(&self) -> Result<Vec<Master>>;
+
+    // ---- builders ----
+
+    /// Returns the builder's id, creating it (or updating its description) as needed.
+    async fn builder_ensure(&self, name: &str, description: Option<&str>) -> Result<BuilderId>;
+    /// The builder with this name, if any.
+    async fn builder_get_by_name(&self, name: &str) -> Result<Option<Builder>>;
+    /// One builder.
+    async fn builder_get(&self, id: BuilderId) -> Result<Builder>;
+    /// All builders, by name.
+    async fn builder_list(&self) -> Result<Vec<Builder>>;
+
+    // ---- buildsets ----
+
+    /// Adds a buildset and one request per builder, atomically.
+    async fn buildset_add(&self, params: &NewBuildset) -> Result<AddedBuildset>;
+    /// One buildset.
+    async fn buildset_get(&self, id: BuildsetId) -> Result<Buildset>;
+    /// Buildsets, newest first.
+    async fn buildset_list(&self, filter: &BuildsetFilter) -> Result<Vec<Buildset>>;
+    /// A buildset's properties.
+    async fn buildset_properties(&self, id: BuildsetId) -> Result<Properties>;
+    /// A buildset's sourcestamps, sorted.
+    async fn buildset_sourcestamps(&self, id: BuildsetId) -> Result<Vec<SourceStamp>>;
+
+    // ---- build requests ----
+
+    /// One request.
+    async fn request_get(&self, id: RequestId) -> Result<BuildRequest>;
+    /// Requests matching a filter.
+    async fn request_list(&self, filter: &RequestFilter) -> Result<Vec<BuildRequest>>;
+    /// Claims all of `ids` for a master, or none: if any is claimed (by anyone) or
+    /// complete, fails with [`StorageError::AlreadyClaimed`] and changes nothing.
+    async fn request_claim(&self, ids: &[RequestId], master: MasterId, now: Timestamp) -> Result<()>;
+    /// Claims, in one transaction, up to each builder's slot count of its unclaimed
+    /// requests, highest priority first, then oldest, and returns them claimed.
+    async fn request_claim_available(&self, params: &ClaimAvailable) -> Result<Vec<BuildRequest>>;
+    /// Releases the master's own claims on incomplete requests among `ids`; other
+    /// masters' claims and unknown ids are ignored.
+    async fn request_unclaim(&self, ids: &[RequestId], master: MasterId) -> Result<()>;
+    /// Completes all of `ids` with a result, or none: if any is missing or complete,
+    /// fails with [`StorageError::NotClaimed`]. RETRY is refused as a completion result.
+    /// Buildsets whose last request this completes complete with the worst result.
+    async fn request_complete(
+        &self,
+        ids: &[RequestId],
+        results: ResultCode,
+        now: Timestamp,
+    ) -> Result<Vec<CompletedBuildset>>;
+    /// Cancels requests: unclaimed ones complete as CANCELLED, claimed ones are flagged
+    /// for their master to stop. Complete and unknown ids are ignored.
+    async fn request_cancel(&self, ids: &[RequestId], now: Timestamp) -> Result<CancelOutcome>;
+    /// Requests claimed by this master that somebody asked to cancel.
+    async fn request_cancel_pending(&self, master: MasterId) -> Result<Vec<RequestId>>;
+
+    // ---- builds ----
+
+    /// Starts a build of a request the master has claimed, numbered one above the
+    /// builder's highest number (safe under concurrent starts).
+    async fn build_add(&self, params: &NewBuild) -> Result<Build>;
+    /// One build.
+    async fn build_get(&self, id: BuildId) -> Result<Build>;
+    /// A builder's build by number.
+    async fn build_get_by_number(&self, builder: BuilderId, number: i64) -> Result<Build>;
+    /// Builds matching a filter.
+    async fn build_list(&self, filter: &BuildFilter) -> Result<Vec<Build>>;
+    /// Sets a running build's state string.
+    async fn build_set_state(&self, id: BuildId, state: &str) -> Result<()>;
+    /// Adds to a build's time spent waiting for locks.
+    async fn build_add_locks_duration(&self, id: BuildId, seconds: f64) -> Result<()>;
+    /// Finishes a running build; refused with [`StorageError::NotOwner`] if it is
+    /// already finished or runs on another master.
+    async fn build_finish(&self, params: &FinishBuild) -> Result<()>;
+    /// The latest earlier build of the same builder with exactly SUCCESS and the same set
+    /// of sourcestamps.
+    async fn build_previous_successful(&self, id: BuildId) -> Result<Option<Build>>;
+    /// The most recently finished SUCCESS or WARNINGS build of a builder (never SKIPPED).
+    async fn build_latest_successful(&self, builder: BuilderId) -> Result<Option<Build>>;
+    /// Deletes a finished build with its properties, logs and progress.
+    async fn build_delete(&self, id: BuildId) -> Result<()>;
+    /// Sets one build property.
+    async fn build_set_property(&self, id: BuildId, name: &str, property: &Property) -> Result<()>;
+    /// A build's properties.
+    async fn build_properties(&self, id: BuildId) -> Result<Properties>;
+
+    // ---- progress ----
+
+    /// Stores a progress report; the latest per group wins.
+    async fn progress_report(&self, build: BuildId, report: &ProgressReport, now: Timestamp) -> Result<()>;
+    /// A build's latest report per group, in the order groups first reported.
+    async fn progress_list(&self, build: BuildId) -> Result<Vec<ProgressRecord>>;
+
+    // ---- logs ----
+
+    /// Appends log records to a build.
+    async fn log_append(&self, build: BuildId, records: &[LogRecord]) -> Result<()>;
+    /// Reads log records, oldest first.
+    async fn log_list(&self, query: &LogQuery) -> Result<Vec<LogEntry>>;
+    /// Deletes records written before `older_than` whose level is below `below`;
+    /// returns how many went.
+    async fn log_prune(&self, older_than: Timestamp, below: LogLevel) -> Result<u64>;
+}

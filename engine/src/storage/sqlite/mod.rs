@@ -1,0 +1,1045 @@
+//! The SQLite backend: one file in WAL mode, zero set-up. The embedded default.
+//!
+//! Every transaction that reads before it writes starts with `BEGIN IMMEDIATE`, so that
+//! several processes on one file serialise on SQLite's write lock instead of failing to
+//! upgrade a read snapshot. Lists of ids travel as one JSON array (`json_each(?)`), which
+//! keeps statements fixed and their prepared forms cached.
+
+mod rows;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+
+use self::rows::{
+    BUILD_COLUMNS, REQUEST_FROM, build_from_row, buildset_from_row, json_ids, log_from_row,
+    master_from_row, properties_from_rows, request_from_row, result_code, us,
+};
+use super::{
+    AddedBuildset, BuildFilter, BuildsetFilter, CancelOutcome, ClaimAvailable, ClaimFilter,
+    CompletedBuildset, ExpireMasters, ExpiredMaster, FinishBuild, NewBuild, NewBuildset,
+    RegisteredMaster, RequestFilter, RequestOrderField, Result, StorageError, Store, StoreOptions,
+};
+use crate::model::{
+    Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry, LogLevel,
+    LogQuery, LogRecord, MAX_PRIORITY, MIN_PRIORITY, Master, MasterId, Properties, Property,
+    ProgressRecord, ProgressReport, RequestId, ResultCode, SourceStamp, Timestamp,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// SQLite's "file is not a database" error code.
+const SQLITE_NOTADB: &str = "26";
+
+/// How many log records go into one INSERT statement.
+const LOG_INSERT_CHUNK: usize = 200;
+
+/// A Kiln store in one SQLite file.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+type Tx = Transaction<'static, Sqlite>;
+
+impl SqliteStore {
+    /// Opens (creating if missing) the SQLite database at `url` and migrates it.
+    ///
+    /// A file that is not a SQLite database, or one that holds tables but no Kiln schema,
+    /// or one migrated by a newer Kiln, is refused with [`StorageError::NotKilnDatabase`].
+    pub async fn open(url: &str, options: &StoreOptions) -> Result<Self> {
+        let memory = url.contains(":memory:") || url.contains("mode=memory");
+        let base = if url.starts_with("sqlite:") {
+            SqliteConnectOptions::from_str(url).map_err(|e| StorageError::BadUrl {
+                url: url.to_owned(),
+                reason: e.to_string(),
+            })?
+        } else {
+            SqliteConnectOptions::new().filename(url)
+        };
+        let connect = base
+            .create_if_missing(true)
+            .journal_mode(if memory { SqliteJournalMode::Memory } else { SqliteJournalMode::Wal })
+            // NORMAL in WAL mode loses nothing when a process dies; only a power cut can
+            // drop the last commits. It is what makes per-job commits cheap.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(options.busy_timeout)
+            .foreign_keys(true);
+        // Every connection to `:memory:` is its own database, so keep exactly one.
+        let max = if memory { 1 } else { options.max_connections.max(1) };
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max)
+            .min_connections(if memory { 1 } else { 0 })
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(connect)
+            .await
+            .map_err(|e| not_kiln_or(url, e))?;
+        let store = SqliteStore { pool };
+        store.check_foreign_schema(url).await?;
+        MIGRATOR.run(&store.pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::VersionMissing(v) => StorageError::NotKilnDatabase(format!(
+                "{url} was written by a newer Kiln (it has migration {v}, which this Kiln does not know)"
+            )),
+            sqlx::migrate::MigrateError::VersionMismatch(v) => StorageError::NotKilnDatabase(format!(
+                "{url} has a migration {v} that differs from this Kiln's: not a Kiln database"
+            )),
+            sqlx::migrate::MigrateError::Execute(inner) => not_kiln_or(url, inner),
+            other => StorageError::Migration(other),
+        })?;
+        Ok(store)
+    }
+
+    /// Refuses a database that already holds tables but not Kiln's migration history.
+    async fn check_foreign_schema(&self, url: &str) -> Result<()> {
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| not_kiln_or(url, e))?;
+        if !tables.is_empty() && !tables.iter().any(|t| t == "_sqlx_migrations") {
+            return Err(StorageError::NotKilnDatabase(format!(
+                "{url} is a SQLite database but not Kiln's (it has tables {}); refusing to touch it",
+                tables.join(", ")
+            )));
+        }
+        if tables.iter().any(|t| t == "_sqlx_migrations") && !tables.iter().any(|t| t == "buildsets") {
+            return Err(StorageError::NotKilnDatabase(format!(
+                "{url} holds another program's migrations, not Kiln's; refusing to touch it"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn write(&self) -> Result<Tx> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// The pool, for tests and tools that need raw access.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+fn not_kiln_or(url: &str, e: sqlx::Error) -> StorageError {
+    if let sqlx::Error::Database(db) = &e
+        && db.code().as_deref() == Some(SQLITE_NOTADB)
+    {
+        return StorageError::NotKilnDatabase(format!("{url} is not a SQLite database, so not a Kiln database"));
+    }
+    StorageError::Database(e)
+}
+
+/// Marks a master's earlier work as lost: unfinished builds end as RETRY and claims on
+/// incomplete requests are released.
+async fn take_back(tx: &mut Tx, master: MasterId, now: Timestamp, why: &str) -> Result<(Vec<RequestId>, Vec<BuildId>)> {
+    let retried: Vec<i64> = sqlx::query_scalar(
+        "UPDATE builds SET complete_at = ?, results = ?, state_string = ?, error = ?
+         WHERE master_id = ? AND complete_at IS NULL RETURNING id",
+    )
+    .bind(us(now))
+    .bind(ResultCode::Retry.code())
+    .bind(why)
+    .bind(why)
+    .bind(master.0)
+    .fetch_all(&mut **tx)
+    .await?;
+    let released: Vec<i64> = sqlx::query_scalar(
+        "DELETE FROM buildrequest_claims
+         WHERE master_id = ? AND request_id IN (SELECT id FROM buildrequests WHERE complete = 0)
+         RETURNING request_id",
+    )
+    .bind(master.0)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut released: Vec<RequestId> = released.into_iter().map(RequestId).collect();
+    released.sort();
+    let mut retried: Vec<BuildId> = retried.into_iter().map(BuildId).collect();
+    retried.sort();
+    Ok((released, retried))
+}
+
+/// Completes a buildset whose requests are now all complete, with the worst result.
+async fn maybe_complete_buildset(tx: &mut Tx, id: BuildsetId, now: Timestamp) -> Result<Option<CompletedBuildset>> {
+    let rows = sqlx::query("SELECT complete, results FROM buildrequests WHERE buildset_id = ?")
+        .bind(id.0)
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut results = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if row.try_get::<i64, _>("complete")? == 0 {
+            return Ok(None);
+        }
+        results.extend(result_code(row.try_get("results")?)?);
+    }
+    let worst = ResultCode::worst_of(results).unwrap_or(ResultCode::Success);
+    let updated = sqlx::query("UPDATE buildsets SET complete = 1, complete_at = ?, results = ? WHERE id = ? AND complete = 0")
+        .bind(us(now))
+        .bind(worst.code())
+        .bind(id.0)
+        .execute(&mut **tx)
+        .await?;
+    Ok((updated.rows_affected() == 1).then_some(CompletedBuildset { buildset_id: id, results: worst }))
+}
+
+fn validate_buildset(params: &NewBuildset) -> Result<()> {
+    if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&params.priority) {
+        return Err(StorageError::Invalid(format!(
+            "priority {} is outside {MIN_PRIORITY}..={MAX_PRIORITY}",
+            params.priority
+        )));
+    }
+    let distinct: BTreeSet<_> = params.builder_ids.iter().collect();
+    if distinct.len() != params.builder_ids.len() {
+        return Err(StorageError::Invalid("a buildset names the same builder twice".into()));
+    }
+    if let Some(name) = params.properties.keys().find(|k| k.trim().is_empty()) {
+        return Err(StorageError::Invalid(format!("property name {name:?} is empty")));
+    }
+    Ok(())
+}
+
+fn push_limit(qb: &mut QueryBuilder<Sqlite>, limit: Option<u32>, offset: Option<u32>) {
+    if limit.is_some() || offset.is_some() {
+        qb.push(" LIMIT ").push_bind(limit.map_or(-1, i64::from));
+        qb.push(" OFFSET ").push_bind(i64::from(offset.unwrap_or(0)));
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn master_register(&self, name: &str, now: Timestamp) -> Result<RegisteredMaster> {
+        if name.trim().is_empty() {
+            return Err(StorageError::Invalid("master name is empty".into()));
+        }
+        let mut tx = self.write().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO masters (name, active, last_active) VALUES (?, 1, ?)
+             ON CONFLICT (name) DO UPDATE SET active = 1, last_active = excluded.last_active
+             RETURNING id",
+        )
+        .bind(name)
+        .bind(us(now))
+        .fetch_one(&mut *tx)
+        .await?;
+        let (released, retried_builds) =
+            take_back(&mut tx, MasterId(id), now, "the master restarted while this build ran").await?;
+        tx.commit().await?;
+        Ok(RegisteredMaster { master_id: MasterId(id), released, retried_builds })
+    }
+
+    async fn master_heartbeat(&self, id: MasterId, now: Timestamp) -> Result<()> {
+        let updated = sqlx::query("UPDATE masters SET last_active = ? WHERE id = ? AND active = 1")
+            .bind(us(now))
+            .bind(id.0)
+            .execute(&self.pool)
+            .await?;
+        if updated.rows_affected() == 1 {
+            return Ok(());
+        }
+        self.master_get(id).await?;
+        Err(StorageError::MasterInactive(id))
+    }
+
+    async fn master_deactivate(&self, id: MasterId) -> Result<Vec<RequestId>> {
+        let mut tx = self.write().await?;
+        let updated = sqlx::query("UPDATE masters SET active = 0 WHERE id = ?")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        if updated.rows_affected() == 0 {
+            return Err(StorageError::not_found("master", id));
+        }
+        let (released, _) = take_back(&mut tx, id, crate::model::now(), "the master shut down while this build ran").await?;
+        tx.commit().await?;
+        Ok(released)
+    }
+
+    async fn master_expire_stale(&self, params: &ExpireMasters) -> Result<Vec<ExpiredMaster>> {
+        let mut tx = self.write().await?;
+        let stale = sqlx::query(
+            "UPDATE masters SET active = 0 WHERE active = 1 AND last_active < ? AND id != ? RETURNING id, name",
+        )
+        .bind(us(params.silent_since))
+        .bind(params.by.0)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut expired = Vec::with_capacity(stale.len());
+        for row in stale {
+            let master_id = MasterId(row.try_get("id")?);
+            let name: String = row.try_get("name")?;
+            let why = format!("master {name} stopped heartbeating and was expired");
+            let (released, retried_builds) = take_back(&mut tx, master_id, params.now, &why).await?;
+            expired.push(ExpiredMaster { master_id, name, released, retried_builds });
+        }
+        tx.commit().await?;
+        Ok(expired)
+    }
+
+    async fn master_get(&self, id: MasterId) -> Result<Master> {
+        let row = sqlx::query("SELECT id, name, active, last_active FROM masters WHERE id = ?")
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StorageError::not_found("master", id))?;
+        master_from_row(&row)
+    }
+
+    async fn master_list(&self) -> Result<Vec<Master>> {
+        let rows = sqlx::query("SELECT id, name, active, last_active FROM masters ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(master_from_row).collect()
+    }
+
+    async fn builder_ensure(&self, name: &str, description: Option<&str>) -> Result<BuilderId> {
+        if name.trim().is_empty() {
+            return Err(StorageError::Invalid("builder name is empty".into()));
+        }
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO builders (name, description) VALUES (?, ?)
+             ON CONFLICT (name) DO UPDATE SET description = COALESCE(excluded.description, builders.description)
+             RETURNING id",
+        )
+        .bind(name)
+        .bind(description)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(BuilderId(id))
+    }
+
+    async fn builder_get_by_name(&self, name: &str) -> Result<Option<Builder>> {
+        let row = sqlx::query("SELECT id, name, description FROM builders WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| rows::builder_from_row(&r)).transpose()
+    }
+
+    async fn builder_get(&self, id: BuilderId) -> Result<Builder> {
+        let row = sqlx::query("SELECT id, name, description FROM builders WHERE id = ?")
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StorageError::not_found("builder", id))?;
+        rows::builder_from_row(&row)
+    }
+
+    async fn builder_list(&self) -> Result<Vec<Builder>> {
+        let rows = sqlx::query("SELECT id, name, description FROM builders ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(rows::builder_from_row).collect()
+    }
+
+    async fn buildset_add(&self, params: &NewBuildset) -> Result<AddedBuildset> {
+        validate_buildset(params)?;
+        let mut tx = self.write().await?;
+        let known: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM builders WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(json_ids(params.builder_ids.iter().map(|b| b.0)))
+            .fetch_one(&mut *tx)
+            .await?;
+        if known as usize != params.builder_ids.len() {
+            for b in &params.builder_ids {
+                let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM builders WHERE id = ?")
+                    .bind(b.0)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if exists.is_none() {
+                    return Err(StorageError::UnknownBuilder(format!("#{b}")));
+                }
+            }
+        }
+        let now = us(params.submitted_at);
+        let empty = params.builder_ids.is_empty();
+        let buildset_id: i64 = sqlx::query_scalar(
+            "INSERT INTO buildsets (reason, external_idstring, submitted_at, complete, complete_at, results,
+                                    parent_buildid, parent_relationship, rebuilt_buildid)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(&params.reason)
+        .bind(&params.external_idstring)
+        .bind(now)
+        .bind(empty)
+        .bind(empty.then_some(now))
+        .bind(empty.then_some(ResultCode::Success.code()))
+        .bind(params.parent_buildid.map(|b| b.0))
+        .bind(&params.parent_relationship)
+        .bind(params.rebuilt_buildid.map(|b| b.0))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| fk_to_not_found(e, "build", params.parent_buildid.or(params.rebuilt_buildid)))?;
+        for stamp in &params.sourcestamps {
+            sqlx::query(
+                "INSERT INTO sourcestamps (codebase, repository, branch, revision, project) VALUES (?, ?, ?, ?, ?)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&stamp.codebase)
+            .bind(&stamp.repository)
+            .bind(stamp.branch.as_deref().unwrap_or(""))
+            .bind(stamp.revision.as_deref().unwrap_or(""))
+            .bind(&stamp.project)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT OR IGNORE INTO buildset_sourcestamps (buildset_id, sourcestamp_id)
+                 SELECT ?, id FROM sourcestamps
+                 WHERE codebase = ? AND repository = ? AND branch = ? AND revision = ? AND project = ?",
+            )
+            .bind(buildset_id)
+            .bind(&stamp.codebase)
+            .bind(&stamp.repository)
+            .bind(stamp.branch.as_deref().unwrap_or(""))
+            .bind(stamp.revision.as_deref().unwrap_or(""))
+            .bind(&stamp.project)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (name, property) in &params.properties {
+            sqlx::query("INSERT INTO buildset_properties (buildset_id, name, value, source) VALUES (?, ?, ?, ?)")
+                .bind(buildset_id)
+                .bind(name)
+                .bind(property.value.to_string())
+                .bind(&property.source)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let mut requests = BTreeMap::new();
+        for builder in &params.builder_ids {
+            let request_id: i64 = sqlx::query_scalar(
+                "INSERT INTO buildrequests (buildset_id, builder_id, priority, submitted_at, waited_for)
+                 VALUES (?, ?, ?, ?, ?) RETURNING id",
+            )
+            .bind(buildset_id)
+            .bind(builder.0)
+            .bind(params.priority)
+            .bind(now)
+            .bind(params.waited_for)
+            .fetch_one(&mut *tx)
+            .await?;
+            requests.insert(*builder, RequestId(request_id));
+        }
+        tx.commit().await?;
+        Ok(AddedBuildset { buildset_id: BuildsetId(buildset_id), requests })
+    }
+
+    async fn buildset_get(&self, id: BuildsetId) -> Result<Buildset> {
+        let row = sqlx::query("SELECT * FROM buildsets WHERE id = ?")
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StorageError::not_found("buildset", id))?;
+        buildset_from_row(&row)
+    }
+
+    async fn buildset_list(&self, filter: &BuildsetFilter) -> Result<Vec<Buildset>> {
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM buildsets WHERE 1 = 1");
+        if let Some(complete) = filter.complete {
+            qb.push(" AND complete = ").push_bind(complete);
+        }
+        if let Some(parent) = filter.parent_buildid {
+            qb.push(" AND parent_buildid = ").push_bind(parent.0);
+        }
+        if let Some(ext) = &filter.external_idstring {
+            qb.push(" AND external_idstring = ").push_bind(ext.clone());
+        }
+        qb.push(" ORDER BY id DESC");
+        push_limit(&mut qb, filter.limit, filter.offset);
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter().map(buildset_from_row).collect()
+    }
+
+    async fn buildset_properties(&self, id: BuildsetId) -> Result<Properties> {
+        self.buildset_get(id).await?;
+        let rows = sqlx::query("SELECT name, value, source FROM buildset_properties WHERE buildset_id = ?")
+            .bind(id.0)
+            .fetch_all(&self.pool)
+            .await?;
+        properties_from_rows(&rows)
+    }
+
+    async fn buildset_sourcestamps(&self, id: BuildsetId) -> Result<Vec<SourceStamp>> {
+        self.buildset_get(id).await?;
+        let rows = sqlx::query(
+            "SELECT s.codebase, s.repository, s.branch, s.revision, s.project
+             FROM buildset_sourcestamps bs JOIN sourcestamps s ON s.id = bs.sourcestamp_id
+             WHERE bs.buildset_id = ? ORDER BY s.codebase, s.repository, s.branch, s.revision, s.project",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rows::sourcestamp_from_row).collect()
+    }
+
+    async fn request_get(&self, id: RequestId) -> Result<BuildRequest> {
+        let sql = format!("{REQUEST_FROM} WHERE r.id = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StorageError::not_found("build request", id))?;
+        request_from_row(&row)
+    }
+
+    async fn request_list(&self, filter: &RequestFilter) -> Result<Vec<BuildRequest>> {
+        let mut qb = QueryBuilder::<Sqlite>::new(REQUEST_FROM);
+        qb.push(" WHERE 1 = 1");
+        if let Some(b) = filter.builder_id {
+            qb.push(" AND r.builder_id = ").push_bind(b.0);
+        }
+        if let Some(bs) = filter.buildset_id {
+            qb.push(" AND r.buildset_id = ").push_bind(bs.0);
+        }
+        if let Some(complete) = filter.complete {
+            qb.push(" AND r.complete = ").push_bind(complete);
+        }
+        match filter.claimed {
+            ClaimFilter::Any => {}
+            ClaimFilter::Claimed => {
+                qb.push(" AND c.master_id IS NOT NULL");
+            }
+            ClaimFilter::Unclaimed => {
+                qb.push(" AND c.master_id IS NULL AND r.complete = 0");
+            }
+            ClaimFilter::ClaimedBy(m) => {
+                qb.push(" AND c.master_id = ").push_bind(m.0);
+            }
+        }
+        for (column, value) in [("branch", &filter.branch), ("repository", &filter.repository)] {
+            if let Some(value) = value {
+                qb.push(format!(
+                    " AND EXISTS (SELECT 1 FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id
+                       WHERE bss.buildset_id = r.buildset_id AND s.{column} = "
+                ));
+                qb.push_bind(value.clone()).push(")");
+            }
+        }
+        qb.push(" ORDER BY ");
+        for order in &filter.order {
+            let column = match order.field {
+                RequestOrderField::Id => "r.id",
+                RequestOrderField::Priority => "r.priority",
+                RequestOrderField::SubmittedAt => "r.submitted_at",
+                RequestOrderField::BuilderId => "r.builder_id",
+                RequestOrderField::BuildsetId => "r.buildset_id",
+                RequestOrderField::CompleteAt => "r.complete_at",
+            };
+            qb.push(column).push(if order.descending { " DESC, " } else { " ASC, " });
+        }
+        qb.push("r.id ASC");
+        push_limit(&mut qb, filter.limit, filter.offset);
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter().map(request_from_row).collect()
+    }
+
+    async fn request_claim(&self, ids: &[RequestId], master: MasterId, now: Timestamp) -> Result<()> {
+        let ids: BTreeSet<RequestId> = ids.iter().copied().collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let list = json_ids(ids.iter().map(|r| r.0));
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(
+            "SELECT r.id, r.complete, c.master_id FROM buildrequests r
+             LEFT JOIN buildrequest_claims c ON c.request_id = r.id
+             WHERE r.id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(&list)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut found = BTreeSet::new();
+        let mut taken = Vec::new();
+        for row in &rows {
+            let id = RequestId(row.try_get("id")?);
+            found.insert(id);
+            let claimed: Option<i64> = row.try_get("master_id")?;
+            if claimed.is_some() || row.try_get::<i64, _>("complete")? != 0 {
+                taken.push(id);
+            }
+        }
+        if let Some(missing) = ids.difference(&found).next() {
+            return Err(StorageError::not_found("build request", missing));
+        }
+        if !taken.is_empty() {
+            return Err(StorageError::AlreadyClaimed(taken));
+        }
+        sqlx::query("INSERT INTO buildrequest_claims (request_id, master_id, claimed_at) SELECT value, ?, ? FROM json_each(?)")
+            .bind(master.0)
+            .bind(us(now))
+            .bind(&list)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| fk_to_not_found(e, "master", Some(master)))?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn request_claim_available(&self, params: &ClaimAvailable) -> Result<Vec<BuildRequest>> {
+        let mut tx = self.write().await?;
+        let mut claimed = Vec::new();
+        for (builder, slots) in &params.slots {
+            if *slots == 0 {
+                continue;
+            }
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "SELECT r.id FROM buildrequests r
+                 WHERE r.builder_id = ? AND r.complete = 0
+                   AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                 ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC LIMIT ?",
+            )
+            .bind(builder.0)
+            .bind(i64::from(*slots))
+            .fetch_all(&mut *tx)
+            .await?;
+            claimed.extend(ids);
+        }
+        if claimed.is_empty() {
+            tx.rollback().await?;
+            return Ok(Vec::new());
+        }
+        let list = json_ids(claimed.iter().copied());
+        sqlx::query("INSERT INTO buildrequest_claims (request_id, master_id, claimed_at) SELECT value, ?, ? FROM json_each(?)")
+            .bind(params.master_id.0)
+            .bind(us(params.now))
+            .bind(&list)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| fk_to_not_found(e, "master", Some(params.master_id)))?;
+        let sql = format!(
+            "{REQUEST_FROM} WHERE r.id IN (SELECT value FROM json_each(?))
+             ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&list).fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        rows.iter().map(request_from_row).collect()
+    }
+
+    async fn request_unclaim(&self, ids: &[RequestId], master: MasterId) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM buildrequest_claims
+             WHERE master_id = ? AND request_id IN (SELECT value FROM json_each(?))
+               AND request_id IN (SELECT id FROM buildrequests WHERE complete = 0)",
+        )
+        .bind(master.0)
+        .bind(json_ids(ids.iter().map(|r| r.0)))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn request_complete(&self, ids: &[RequestId], results: ResultCode, now: Timestamp) -> Result<Vec<CompletedBuildset>> {
+        if results == ResultCode::Retry {
+            return Err(StorageError::Invalid(
+                "RETRY is not a completion result: unclaim the request so that it runs again".into(),
+            ));
+        }
+        let ids: BTreeSet<RequestId> = ids.iter().copied().collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list = json_ids(ids.iter().map(|r| r.0));
+        let mut tx = self.write().await?;
+        let rows = sqlx::query("SELECT id, complete, buildset_id FROM buildrequests WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(&list)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut open = BTreeSet::new();
+        let mut buildsets = BTreeSet::new();
+        for row in &rows {
+            if row.try_get::<i64, _>("complete")? == 0 {
+                open.insert(RequestId(row.try_get("id")?));
+                buildsets.insert(BuildsetId(row.try_get("buildset_id")?));
+            }
+        }
+        let refused: Vec<RequestId> = ids.difference(&open).copied().collect();
+        if !refused.is_empty() {
+            return Err(StorageError::NotClaimed(refused));
+        }
+        sqlx::query("UPDATE buildrequests SET complete = 1, complete_at = ?, results = ? WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(us(now))
+            .bind(results.code())
+            .bind(&list)
+            .execute(&mut *tx)
+            .await?;
+        let mut completed = Vec::new();
+        for bs in buildsets {
+            completed.extend(maybe_complete_buildset(&mut tx, bs, now).await?);
+        }
+        tx.commit().await?;
+        Ok(completed)
+    }
+
+    async fn request_cancel(&self, ids: &[RequestId], now: Timestamp) -> Result<CancelOutcome> {
+        let list = json_ids(ids.iter().map(|r| r.0));
+        let mut tx = self.write().await?;
+        let rows = sqlx::query(
+            "SELECT r.id, r.buildset_id, c.master_id FROM buildrequests r
+             LEFT JOIN buildrequest_claims c ON c.request_id = r.id
+             WHERE r.complete = 0 AND r.id IN (SELECT value FROM json_each(?)) ORDER BY r.id",
+        )
+        .bind(&list)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut outcome = CancelOutcome::default();
+        let mut buildsets = BTreeSet::new();
+        for row in &rows {
+            let id = RequestId(row.try_get("id")?);
+            if row.try_get::<Option<i64>, _>("master_id")?.is_some() {
+                outcome.flagged.push(id);
+            } else {
+                outcome.completed.push(id);
+                buildsets.insert(BuildsetId(row.try_get("buildset_id")?));
+            }
+        }
+        sqlx::query("UPDATE buildrequests SET cancel_requested = 1 WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(json_ids(outcome.flagged.iter().map(|r| r.0)))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE buildrequests SET complete = 1, complete_at = ?, results = ?, cancel_requested = 1
+             WHERE id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(us(now))
+        .bind(ResultCode::Cancelled.code())
+        .bind(json_ids(outcome.completed.iter().map(|r| r.0)))
+        .execute(&mut *tx)
+        .await?;
+        for bs in buildsets {
+            outcome.buildsets_completed.extend(maybe_complete_buildset(&mut tx, bs, now).await?);
+        }
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn request_cancel_pending(&self, master: MasterId) -> Result<Vec<RequestId>> {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT r.id FROM buildrequests r JOIN buildrequest_claims c ON c.request_id = r.id
+             WHERE c.master_id = ? AND r.complete = 0 AND r.cancel_requested = 1 ORDER BY r.id",
+        )
+        .bind(master.0)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().map(RequestId).collect())
+    }
+
+    async fn build_add(&self, params: &NewBuild) -> Result<Build> {
+        let mut tx = self.write().await?;
+        let row = sqlx::query(
+            "SELECT r.builder_id, r.complete, c.master_id FROM buildrequests r
+             LEFT JOIN buildrequest_claims c ON c.request_id = r.id WHERE r.id = ?",
+        )
+        .bind(params.request_id.0)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StorageError::not_found("build request", params.request_id))?;
+        let holder: Option<i64> = row.try_get("master_id")?;
+        if holder != Some(params.master_id.0) || row.try_get::<i64, _>("complete")? != 0 {
+            return Err(StorageError::ClaimLost { request: params.request_id, master: params.master_id });
+        }
+        let builder_id: i64 = row.try_get("builder_id")?;
+        let sql = format!(
+            "INSERT INTO builds (number, builder_id, buildrequest_id, master_id, worker_slot, started_at, state_string)
+             SELECT COALESCE(MAX(number), 0) + 1, ?, ?, ?, ?, ?, ? FROM builds WHERE builder_id = ?
+             RETURNING {}",
+            BUILD_COLUMNS.replace("b.", "")
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(builder_id)
+            .bind(params.request_id.0)
+            .bind(params.master_id.0)
+            .bind(params.worker_slot)
+            .bind(us(params.started_at))
+            .bind(&params.state_string)
+            .bind(builder_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let build = build_from_row(&row)?;
+        tx.commit().await?;
+        Ok(build)
+    }
+
+    async fn build_get(&self, id: BuildId) -> Result<Build> {
+        let sql = format!("SELECT {BUILD_COLUMNS} FROM builds b WHERE b.id = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StorageError::not_found("build", id))?;
+        build_from_row(&row)
+    }
+
+    async fn build_get_by_number(&self, builder: BuilderId, number: i64) -> Result<Build> {
+        let sql = format!("SELECT {BUILD_COLUMNS} FROM builds b WHERE b.builder_id = ? AND b.number = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(builder.0)
+            .bind(number)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StorageError::not_found("build", format!("#{number} of builder {builder}")))?;
+        build_from_row(&row)
+    }
+
+    async fn build_list(&self, filter: &BuildFilter) -> Result<Vec<Build>> {
+        let mut qb = QueryBuilder::<Sqlite>::new(format!("SELECT {BUILD_COLUMNS} FROM builds b WHERE 1 = 1"));
+        if let Some(b) = filter.builder_id {
+            qb.push(" AND b.builder_id = ").push_bind(b.0);
+        }
+        if let Some(r) = filter.request_id {
+            qb.push(" AND b.buildrequest_id = ").push_bind(r.0);
+        }
+        if let Some(bs) = filter.buildset_id {
+            qb.push(" AND b.buildrequest_id IN (SELECT id FROM buildrequests WHERE buildset_id = ")
+                .push_bind(bs.0)
+                .push(")");
+        }
+        match filter.complete {
+            Some(true) => {
+                qb.push(" AND b.complete_at IS NOT NULL");
+            }
+            Some(false) => {
+                qb.push(" AND b.complete_at IS NULL");
+            }
+            None => {}
+        }
+        qb.push(if filter.descending { " ORDER BY b.id DESC" } else { " ORDER BY b.id ASC" });
+        push_limit(&mut qb, filter.limit, filter.offset);
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter().map(build_from_row).collect()
+    }
+
+    async fn build_set_state(&self, id: BuildId, state: &str) -> Result<()> {
+        let updated = sqlx::query("UPDATE builds SET state_string = ? WHERE id = ?")
+            .bind(state)
+            .bind(id.0)
+            .execute(&self.pool)
+            .await?;
+        found_or(updated.rows_affected(), "build", id)
+    }
+
+    async fn build_add_locks_duration(&self, id: BuildId, seconds: f64) -> Result<()> {
+        if !seconds.is_finite() || seconds < 0.0 {
+            return Err(StorageError::Invalid(format!("locks duration {seconds} is not a non-negative number")));
+        }
+        let updated = sqlx::query("UPDATE builds SET locks_duration_s = locks_duration_s + ? WHERE id = ?")
+            .bind(seconds)
+            .bind(id.0)
+            .execute(&self.pool)
+            .await?;
+        found_or(updated.rows_affected(), "build", id)
+    }
+
+    async fn build_finish(&self, params: &FinishBuild) -> Result<()> {
+        let updated = sqlx::query(
+            "UPDATE builds SET complete_at = ?, results = ?, return_value = ?, error = ?, traceback = ?
+             WHERE id = ? AND master_id = ? AND complete_at IS NULL",
+        )
+        .bind(us(params.complete_at))
+        .bind(params.results.code())
+        .bind(params.return_value.as_ref().map(|v| v.to_string()))
+        .bind(&params.error)
+        .bind(&params.traceback)
+        .bind(params.build_id.0)
+        .bind(params.master_id.0)
+        .execute(&self.pool)
+        .await?;
+        if updated.rows_affected() == 1 {
+            return Ok(());
+        }
+        self.build_get(params.build_id).await?;
+        Err(StorageError::NotOwner { build: params.build_id, master: params.master_id })
+    }
+
+    async fn build_previous_successful(&self, id: BuildId) -> Result<Option<Build>> {
+        let build = self.build_get(id).await?;
+        let sql = format!(
+            "WITH target AS (
+                 SELECT bss.sourcestamp_id AS ss FROM buildrequests r
+                 JOIN buildset_sourcestamps bss ON bss.buildset_id = r.buildset_id WHERE r.id = ?)
+             SELECT {BUILD_COLUMNS} FROM builds b JOIN buildrequests r ON r.id = b.buildrequest_id
+             WHERE b.builder_id = ? AND b.number < ? AND b.results = ?
+               AND NOT EXISTS (SELECT 1 FROM buildset_sourcestamps x
+                               WHERE x.buildset_id = r.buildset_id AND x.sourcestamp_id NOT IN (SELECT ss FROM target))
+               AND NOT EXISTS (SELECT 1 FROM target t
+                               WHERE t.ss NOT IN (SELECT y.sourcestamp_id FROM buildset_sourcestamps y
+                                                  WHERE y.buildset_id = r.buildset_id))
+             ORDER BY b.number DESC LIMIT 1"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(build.request_id.0)
+            .bind(build.builder_id.0)
+            .bind(build.number)
+            .bind(ResultCode::Success.code())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| build_from_row(&r)).transpose()
+    }
+
+    async fn build_latest_successful(&self, builder: BuilderId) -> Result<Option<Build>> {
+        let sql = format!(
+            "SELECT {BUILD_COLUMNS} FROM builds b WHERE b.builder_id = ? AND b.results IN (?, ?)
+             ORDER BY b.complete_at DESC, b.id DESC LIMIT 1"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(builder.0)
+            .bind(ResultCode::Success.code())
+            .bind(ResultCode::Warnings.code())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| build_from_row(&r)).transpose()
+    }
+
+    async fn build_delete(&self, id: BuildId) -> Result<()> {
+        let build = self.build_get(id).await?;
+        if !build.is_complete() {
+            return Err(StorageError::Invalid(format!("build {id} is still running; stop it before deleting it")));
+        }
+        sqlx::query("DELETE FROM builds WHERE id = ?").bind(id.0).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn build_set_property(&self, id: BuildId, name: &str, property: &Property) -> Result<()> {
+        if name.trim().is_empty() {
+            return Err(StorageError::Invalid("property name is empty".into()));
+        }
+        sqlx::query(
+            "INSERT INTO build_properties (build_id, name, value, source) VALUES (?, ?, ?, ?)
+             ON CONFLICT (build_id, name) DO UPDATE SET value = excluded.value, source = excluded.source",
+        )
+        .bind(id.0)
+        .bind(name)
+        .bind(property.value.to_string())
+        .bind(&property.source)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| fk_to_not_found(e, "build", Some(id)))?;
+        Ok(())
+    }
+
+    async fn build_properties(&self, id: BuildId) -> Result<Properties> {
+        self.build_get(id).await?;
+        let rows = sqlx::query("SELECT name, value, source FROM build_properties WHERE build_id = ?")
+            .bind(id.0)
+            .fetch_all(&self.pool)
+            .await?;
+        properties_from_rows(&rows)
+    }
+
+    async fn progress_report(&self, build: BuildId, report: &ProgressReport, now: Timestamp) -> Result<()> {
+        if report.group.iter().any(|g| g.is_empty()) {
+            return Err(StorageError::Invalid(format!("progress group {:?} has an empty name", report.group)));
+        }
+        let path = serde_json::to_string(&report.group).map_err(|e| StorageError::Invalid(e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO build_progress (build_id, group_path, seq, current, total, status, updated_at)
+             VALUES (?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM build_progress WHERE build_id = ?), ?, ?, ?, ?)
+             ON CONFLICT (build_id, group_path) DO UPDATE SET
+                 current = excluded.current, total = excluded.total,
+                 status = excluded.status, updated_at = excluded.updated_at",
+        )
+        .bind(build.0)
+        .bind(path)
+        .bind(build.0)
+        .bind(clamp_u64(report.current))
+        .bind(clamp_u64(report.total))
+        .bind(&report.status)
+        .bind(us(now))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| fk_to_not_found(e, "build", Some(build)))?;
+        Ok(())
+    }
+
+    async fn progress_list(&self, build: BuildId) -> Result<Vec<ProgressRecord>> {
+        let rows = sqlx::query(
+            "SELECT group_path, current, total, status, updated_at FROM build_progress WHERE build_id = ? ORDER BY seq",
+        )
+        .bind(build.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(rows::progress_from_row).collect()
+    }
+
+    async fn log_append(&self, build: BuildId, records: &[LogRecord]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for chunk in records.chunks(LOG_INSERT_CHUNK) {
+            let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO build_logs (build_id, at, level, message, fields) ");
+            qb.push_values(chunk, |mut row, record| {
+                row.push_bind(build.0)
+                    .push_bind(us(record.at))
+                    .push_bind(record.level.number())
+                    .push_bind(record.message.clone())
+                    .push_bind(serde_json::Value::Object(record.fields.clone()).to_string());
+            });
+            qb.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| fk_to_not_found(e, "build", Some(build)))?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn log_list(&self, query: &LogQuery) -> Result<Vec<LogEntry>> {
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT id, build_id, at, level, message, fields FROM build_logs WHERE 1 = 1");
+        if let Some(b) = query.build_id {
+            qb.push(" AND build_id = ").push_bind(b.0);
+        }
+        if let Some(level) = query.min_level {
+            qb.push(" AND level >= ").push_bind(level.number());
+        }
+        if let Some(since) = query.since {
+            qb.push(" AND at >= ").push_bind(us(since));
+        }
+        if let Some(until) = query.until {
+            qb.push(" AND at < ").push_bind(us(until));
+        }
+        if let Some(after) = query.after_id {
+            qb.push(" AND id > ").push_bind(after);
+        }
+        qb.push(" ORDER BY id");
+        push_limit(&mut qb, query.limit, None);
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter().map(log_from_row).collect()
+    }
+
+    async fn log_prune(&self, older_than: Timestamp, below: LogLevel) -> Result<u64> {
+        let deleted = sqlx::query("DELETE FROM build_logs WHERE at < ? AND level < ?")
+            .bind(us(older_than))
+            .bind(below.number())
+            .execute(&self.pool)
+            .await?;
+        Ok(deleted.rows_affected())
+    }
+}
+
+fn found_or(rows: u64, entity: &'static str, id: impl ToString) -> Result<()> {
+    if rows == 0 { Err(StorageError::not_found(entity, id)) } else { Ok(()) }
+}
+
+/// SQLite stores signed 64-bit integers; progress counts beyond that are clamped.
+fn clamp_u64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Turns a foreign-key violation into a not-found error for the referenced entity.
+fn fk_to_not_found<I: ToString>(e: sqlx::Error, entity: &'static str, id: Option<I>) -> StorageError {
+    if let sqlx::Error::Database(db) = &e
+        && db.is_foreign_key_violation()
+    {
+        return StorageError::not_found(entity, id.map_or_else(|| "?".to_string(), |i| i.to_string()));
+    }
+    StorageError::Database(e)
+}
