@@ -10,11 +10,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 use crate::model::{
-    Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry, LogQuery, MAX_PRIORITY,
-    MIN_PRIORITY, Master, ProgressNode, Properties, Property, RequestId, SourceStamp,
+    Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry, LogQuery,
+    MAX_PRIORITY, MIN_PRIORITY, Master, ProgressNode, Properties, Property, RequestId, SourceStamp,
 };
 use crate::storage::{
-    self, BuildFilter, BuildsetFilter, CancelOutcome, NewBuildset, RequestFilter, Store, StoreOptions,
+    self, BuildFilter, BuildsetFilter, CancelOutcome, NewBuildset, RequestFilter, Store,
+    StoreOptions,
 };
 
 /// A submission: one buildset with a request per named builder.
@@ -41,7 +42,10 @@ pub struct Submission {
 impl Submission {
     /// A submission with a reason and no builders yet.
     pub fn new(reason: impl Into<String>) -> Self {
-        Submission { reason: reason.into(), ..Submission::default() }
+        Submission {
+            reason: reason.into(),
+            ..Submission::default()
+        }
     }
 
     /// Adds a builder.
@@ -51,8 +55,14 @@ impl Submission {
     }
 
     /// Sets a property.
-    pub fn property(mut self, name: impl Into<String>, value: serde_json::Value, source: impl Into<String>) -> Self {
-        self.properties.insert(name.into(), Property::new(value, source));
+    pub fn property(
+        mut self,
+        name: impl Into<String>,
+        value: serde_json::Value,
+        source: impl Into<String>,
+    ) -> Self {
+        self.properties
+            .insert(name.into(), Property::new(value, source));
         self
     }
 
@@ -93,12 +103,16 @@ pub struct Client {
 impl Client {
     /// Opens the database at `url` (see [`storage::open`]).
     pub async fn open(url: &str) -> Result<Client> {
-        Ok(Client { store: storage::open(url).await? })
+        Ok(Client {
+            store: storage::open(url).await?,
+        })
     }
 
     /// Opens the database at `url` with options.
     pub async fn open_with(url: &str, options: &StoreOptions) -> Result<Client> {
-        Ok(Client { store: storage::open_with(url, options).await? })
+        Ok(Client {
+            store: storage::open_with(url, options).await?,
+        })
     }
 
     /// A client over an already open store.
@@ -113,7 +127,10 @@ impl Client {
 
     /// A builder by name, or [`EngineError::UnknownBuilder`].
     pub async fn builder_named(&self, name: &str) -> Result<Builder> {
-        self.store.builder_get_by_name(name).await?.ok_or_else(|| EngineError::UnknownBuilder(name.to_owned()))
+        self.store
+            .builder_get_by_name(name)
+            .await?
+            .ok_or_else(|| EngineError::UnknownBuilder(name.to_owned()))
     }
 
     /// All builders.
@@ -131,7 +148,11 @@ impl Client {
         self.submit_buildset(submission, None).await
     }
 
-    pub(crate) async fn submit_buildset(&self, s: &Submission, rebuilt: Option<BuildId>) -> Result<Submitted> {
+    pub(crate) async fn submit_buildset(
+        &self,
+        s: &Submission,
+        rebuilt: Option<BuildId>,
+    ) -> Result<Submitted> {
         if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&s.priority) {
             return Err(EngineError::Invalid(format!(
                 "priority {} is outside {MIN_PRIORITY}..={MAX_PRIORITY}",
@@ -143,7 +164,9 @@ impl Client {
         for name in &s.builders {
             let builder = self.builder_named(name).await?;
             if names.insert(builder.id, name.clone()).is_some() {
-                return Err(EngineError::Invalid(format!("builder {name:?} is named twice")));
+                return Err(EngineError::Invalid(format!(
+                    "builder {name:?} is named twice"
+                )));
             }
             builder_ids.push(builder.id);
         }
@@ -166,7 +189,10 @@ impl Client {
             .iter()
             .filter_map(|(builder, request)| names.get(builder).map(|n| (n.clone(), *request)))
             .collect();
-        Ok(Submitted { buildset_id: added.buildset_id, requests })
+        Ok(Submitted {
+            buildset_id: added.buildset_id,
+            requests,
+        })
     }
 
     /// One buildset.
@@ -220,7 +246,10 @@ impl Client {
     /// flagged and its master stops the build. Fails if the request does not exist.
     pub async fn cancel_request(&self, id: RequestId) -> Result<CancelOutcome> {
         self.store.request_get(id).await?;
-        Ok(self.store.request_cancel(&[id], crate::model::now()).await?)
+        Ok(self
+            .store
+            .request_cancel(&[id], crate::model::now())
+            .await?)
     }
 
     /// Cancels every incomplete request of a buildset.
@@ -228,7 +257,11 @@ impl Client {
         self.store.buildset_get(id).await?;
         let requests = self
             .store
-            .request_list(&RequestFilter { buildset_id: Some(id), complete: Some(false), ..RequestFilter::default() })
+            .request_list(&RequestFilter {
+                buildset_id: Some(id),
+                complete: Some(false),
+                ..RequestFilter::default()
+            })
             .await?;
         let ids: Vec<RequestId> = requests.iter().map(|r| r.id).collect();
         Ok(self.store.request_cancel(&ids, crate::model::now()).await?)
@@ -242,10 +275,16 @@ impl Client {
         let builder = self.store.builder_get(build.builder_id).await?;
         let original = self.store.buildset_get(request.buildset_id).await?;
         let submission = Submission {
-            reason: format!("rebuild of {} #{}: {}", builder.name, build.number, original.reason),
+            reason: format!(
+                "rebuild of {} #{}: {}",
+                builder.name, build.number, original.reason
+            ),
             builders: vec![builder.name],
             properties: self.store.buildset_properties(request.buildset_id).await?,
-            sourcestamps: self.store.buildset_sourcestamps(request.buildset_id).await?,
+            sourcestamps: self
+                .store
+                .buildset_sourcestamps(request.buildset_id)
+                .await?,
             priority: request.priority,
             external_idstring: original.external_idstring,
         };

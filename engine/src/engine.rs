@@ -87,7 +87,9 @@ impl EngineConfig {
             ("master_expiry", self.master_expiry),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
-            return Err(EngineError::Invalid(format!("{name} must be longer than zero")));
+            return Err(EngineError::Invalid(format!(
+                "{name} must be longer than zero"
+            )));
         }
         if self.master_expiry <= self.heartbeat_interval {
             return Err(EngineError::Invalid(format!(
@@ -96,7 +98,9 @@ impl EngineConfig {
             )));
         }
         if self.claim_batch == 0 {
-            return Err(EngineError::Invalid("claim_batch must be at least 1".into()));
+            return Err(EngineError::Invalid(
+                "claim_batch must be at least 1".into(),
+            ));
         }
         if self.master_name.trim().is_empty() {
             return Err(EngineError::Invalid("master_name is empty".into()));
@@ -135,7 +139,13 @@ pub struct BuilderConfig {
 impl BuilderConfig {
     /// A builder with no limit and no arguments.
     pub fn new(name: impl Into<String>) -> Self {
-        BuilderConfig { name: name.into(), description: None, max_concurrent: None, args: Value::Null, kwargs: Value::Null }
+        BuilderConfig {
+            name: name.into(),
+            description: None,
+            max_concurrent: None,
+            args: Value::Null,
+            kwargs: Value::Null,
+        }
     }
 
     /// Limits how many builds run at once on this engine.
@@ -174,7 +184,9 @@ impl Engine {
     pub async fn open(config: EngineConfig) -> Result<Engine> {
         config.validate()?;
         let store = storage::open_with(&config.database_url, &config.store).await?;
-        let registered = store.master_register(&config.master_name, crate::model::now()).await?;
+        let registered = store
+            .master_register(&config.master_name, crate::model::now())
+            .await?;
         if !registered.released.is_empty() || !registered.retried_builds.is_empty() {
             warn!(
                 master = %config.master_name, released = registered.released.len(), retried = registered.retried_builds.len(),
@@ -183,7 +195,10 @@ impl Engine {
         }
         info!(master = %config.master_name, id = %registered.master_id, backend = store.backend(), "engine started");
         let scheduler = Scheduler::start(store.clone(), registered.master_id, config);
-        Ok(Engine { client: Client::from_store(store), scheduler })
+        Ok(Engine {
+            client: Client::from_store(store),
+            scheduler,
+        })
     }
 
     /// Opens an engine with default settings on a database URL.
@@ -203,16 +218,31 @@ impl Engine {
 
     /// Registers a builder with the executor that runs its builds, creating the builder in
     /// the database if needed. Its queued requests start at once.
-    pub async fn register_builder(&self, config: BuilderConfig, executor: impl Executor) -> Result<BuilderId> {
+    pub async fn register_builder(
+        &self,
+        config: BuilderConfig,
+        executor: impl Executor,
+    ) -> Result<BuilderId> {
         self.register_builder_arc(config, Arc::new(executor)).await
     }
 
     /// Like [`Engine::register_builder`], with a shared executor.
-    pub async fn register_builder_arc(&self, config: BuilderConfig, executor: Arc<dyn Executor>) -> Result<BuilderId> {
+    pub async fn register_builder_arc(
+        &self,
+        config: BuilderConfig,
+        executor: Arc<dyn Executor>,
+    ) -> Result<BuilderId> {
         if config.max_concurrent == Some(0) {
-            return Err(EngineError::Invalid(format!("builder {:?}: max_concurrent must be at least 1", config.name)));
+            return Err(EngineError::Invalid(format!(
+                "builder {:?}: max_concurrent must be at least 1",
+                config.name
+            )));
         }
-        let id = self.client.store().builder_ensure(&config.name, config.description.as_deref()).await?;
+        let id = self
+            .client
+            .store()
+            .builder_ensure(&config.name, config.description.as_deref())
+            .await?;
         let name = config.name.clone();
         if !self.scheduler.register(id, config, executor) {
             return Err(EngineError::DuplicateBuilder(name));
@@ -293,7 +323,10 @@ impl Engine {
             });
         }
         for bs in &outcome.buildsets_completed {
-            self.scheduler.shared.emit(Event::BuildsetComplete { buildset_id: bs.buildset_id, results: bs.results });
+            self.scheduler.shared.emit(Event::BuildsetComplete {
+                buildset_id: bs.buildset_id,
+                results: bs.results,
+            });
         }
     }
 

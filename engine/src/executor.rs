@@ -14,8 +14,8 @@ use tokio::sync::watch;
 
 use crate::error::Result;
 use crate::model::{
-    Build, BuildId, BuildsetId, LogLevel, LogRecord, Properties, Property, ProgressReport, RequestId, ResultCode,
-    SourceStamp,
+    Build, BuildId, BuildsetId, LogLevel, LogRecord, ProgressReport, Properties, Property,
+    RequestId, ResultCode, SourceStamp,
 };
 use crate::storage::Store;
 
@@ -40,17 +40,32 @@ impl Outcome {
 
     /// Any result with an optional return value.
     pub fn with_results(results: ResultCode, return_value: Option<Value>) -> Self {
-        Outcome { results, return_value, error: None, traceback: None }
+        Outcome {
+            results,
+            return_value,
+            error: None,
+            traceback: None,
+        }
     }
 
     /// FAILURE with a message.
     pub fn failure(error: impl Into<String>) -> Self {
-        Outcome { results: ResultCode::Failure, return_value: None, error: Some(error.into()), traceback: None }
+        Outcome {
+            results: ResultCode::Failure,
+            return_value: None,
+            error: Some(error.into()),
+            traceback: None,
+        }
     }
 
     /// EXCEPTION with a message and, if known, a traceback.
     pub fn exception(error: impl Into<String>, traceback: Option<String>) -> Self {
-        Outcome { results: ResultCode::Exception, return_value: None, error: Some(error.into()), traceback }
+        Outcome {
+            results: ResultCode::Exception,
+            return_value: None,
+            error: Some(error.into()),
+            traceback,
+        }
     }
 }
 
@@ -67,13 +82,21 @@ pub struct JobError {
 impl JobError {
     /// A job error with a message.
     pub fn new(message: impl Into<String>) -> Self {
-        JobError { message: message.into(), details: None }
+        JobError {
+            message: message.into(),
+            details: None,
+        }
     }
 }
 
 impl From<JobError> for Outcome {
     fn from(e: JobError) -> Self {
-        Outcome { results: ResultCode::Failure, return_value: None, error: Some(e.message), traceback: e.details }
+        Outcome {
+            results: ResultCode::Failure,
+            return_value: None,
+            error: Some(e.message),
+            traceback: e.details,
+        }
     }
 }
 
@@ -91,7 +114,9 @@ pub trait Executor: Send + Sync + 'static {
     async fn execute(&self, ctx: BuildContext) -> Outcome;
 }
 
-type JobFn = dyn Fn(BuildContext) -> Pin<Box<dyn Future<Output = Result<Outcome, JobError>> + Send>> + Send + Sync;
+type JobFn = dyn Fn(BuildContext) -> Pin<Box<dyn Future<Output = Result<Outcome, JobError>> + Send>>
+    + Send
+    + Sync;
 
 /// An executor made of a Rust async function.
 ///
@@ -111,7 +136,9 @@ impl FnExecutor {
         F: Fn(BuildContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Outcome, JobError>> + Send + 'static,
     {
-        FnExecutor { job: Box::new(move |ctx| Box::pin(job(ctx))) }
+        FnExecutor {
+            job: Box::new(move |ctx| Box::pin(job(ctx))),
+        }
     }
 }
 
@@ -158,7 +185,9 @@ pub(crate) struct ContextInner {
 
 impl BuildContext {
     pub(crate) fn new(inner: ContextInner) -> Self {
-        BuildContext { inner: Arc::new(inner) }
+        BuildContext {
+            inner: Arc::new(inner),
+        }
     }
 
     /// The build's id.
@@ -209,7 +238,11 @@ impl BuildContext {
     /// All properties: the buildset's, overridden by any the build set.
     pub fn properties(&self) -> Properties {
         let mut all = self.inner.buildset_properties.clone();
-        all.extend(self.build_properties().iter().map(|(k, v)| (k.clone(), v.clone())));
+        all.extend(
+            self.build_properties()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
         all
     }
 
@@ -223,13 +256,19 @@ impl BuildContext {
 
     fn build_properties(&self) -> std::sync::MutexGuard<'_, Properties> {
         // A poisoned lock only means another clone panicked mid-insert; the map is intact.
-        self.inner.build_properties.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .build_properties
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Sets a build property (stored at once).
     pub async fn set_property(&self, name: &str, value: Value, source: &str) -> Result<()> {
         let property = Property::new(value, source);
-        self.inner.store.build_set_property(self.build_id(), name, &property).await?;
+        self.inner
+            .store
+            .build_set_property(self.build_id(), name, &property)
+            .await?;
         self.build_properties().insert(name.to_owned(), property);
         Ok(())
     }
@@ -246,26 +285,46 @@ impl BuildContext {
         message: impl Into<String>,
         fields: serde_json::Map<String, Value>,
     ) -> Result<()> {
-        let record = LogRecord { at: crate::model::now(), level, message: message.into(), fields };
-        self.inner.store.log_append(self.build_id(), std::slice::from_ref(&record)).await?;
+        let record = LogRecord {
+            at: crate::model::now(),
+            level,
+            message: message.into(),
+            fields,
+        };
+        self.inner
+            .store
+            .log_append(self.build_id(), std::slice::from_ref(&record))
+            .await?;
         Ok(())
     }
 
     /// Reports progress in a group (the empty path is the build as a whole).
-    pub async fn progress(&self, group: &[&str], current: u64, total: u64, status: impl Into<String>) -> Result<()> {
+    pub async fn progress(
+        &self,
+        group: &[&str],
+        current: u64,
+        total: u64,
+        status: impl Into<String>,
+    ) -> Result<()> {
         let report = ProgressReport {
             group: group.iter().map(|g| g.to_string()).collect(),
             current,
             total,
             status: status.into(),
         };
-        self.inner.store.progress_report(self.build_id(), &report, crate::model::now()).await?;
+        self.inner
+            .store
+            .progress_report(self.build_id(), &report, crate::model::now())
+            .await?;
         Ok(())
     }
 
     /// Sets the build's state string.
     pub async fn set_state(&self, state: &str) -> Result<()> {
-        self.inner.store.build_set_state(self.build_id(), state).await?;
+        self.inner
+            .store
+            .build_set_state(self.build_id(), state)
+            .await?;
         Ok(())
     }
 

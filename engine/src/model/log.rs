@@ -46,7 +46,9 @@ impl LogLevel {
 
     /// The level with the given stored number.
     pub fn from_number(n: i64) -> Option<LogLevel> {
-        LogLevel::ALL.into_iter().find(|l| i64::from(l.number()) == n)
+        LogLevel::ALL
+            .into_iter()
+            .find(|l| i64::from(l.number()) == n)
     }
 
     /// The lower-case name.
@@ -77,7 +79,11 @@ impl FromStr for LogLevel {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s_lower = s.to_ascii_lowercase();
-        let wanted = if s_lower == "warn" { "warning" } else { s_lower.as_str() };
+        let wanted = if s_lower == "warn" {
+            "warning"
+        } else {
+            s_lower.as_str()
+        };
         LogLevel::ALL
             .into_iter()
             .find(|l| l.name() == wanted)

@@ -81,7 +81,10 @@ pub struct Property {
 impl Property {
     /// A property with the given value and source.
     pub fn new(value: serde_json::Value, source: impl Into<String>) -> Self {
-        Property { value, source: source.into() }
+        Property {
+            value,
+            source: source.into(),
+        }
     }
 }
 

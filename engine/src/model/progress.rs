@@ -78,7 +78,8 @@ impl ProgressNode {
                 let index = match node.children.iter().position(|c| &c.name == name) {
                     Some(i) => i,
                     None => {
-                        node.children.push(ProgressNode::empty(record.report.group[..=depth].to_vec()));
+                        node.children
+                            .push(ProgressNode::empty(record.report.group[..=depth].to_vec()));
                         node.children.len() - 1
                     }
                 };
@@ -129,8 +130,19 @@ mod tests {
         ]);
         assert_eq!((tree.current, tree.total), (6, 20));
         let build = &tree.children[0];
-        assert_eq!((build.name.as_str(), build.current, build.total, build.reported), ("build", 4, 10, false));
-        assert_eq!(build.children[1].group, vec!["build".to_string(), "b".to_string()]);
+        assert_eq!(
+            (
+                build.name.as_str(),
+                build.current,
+                build.total,
+                build.reported
+            ),
+            ("build", 4, 10, false)
+        );
+        assert_eq!(
+            build.children[1].group,
+            vec!["build".to_string(), "b".to_string()]
+        );
     }
 
     #[test]

@@ -52,7 +52,9 @@ impl ResultCode {
 
     /// The result code with the given number, if there is one.
     pub fn from_code(code: i64) -> Option<ResultCode> {
-        ResultCode::ALL.into_iter().find(|r| i64::from(r.code()) == code)
+        ResultCode::ALL
+            .into_iter()
+            .find(|r| i64::from(r.code()) == code)
     }
 
     /// How bad a result is: CANCELLED > RETRY > EXCEPTION > FAILURE > WARNINGS > SUCCESS > SKIPPED.
@@ -110,7 +112,9 @@ impl fmt::Display for ResultCode {
 
 /// A string that names no result code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown result {0:?}: expected one of SUCCESS, WARNINGS, FAILURE, SKIPPED, EXCEPTION, RETRY, CANCELLED or 0-6")]
+#[error(
+    "unknown result {0:?}: expected one of SUCCESS, WARNINGS, FAILURE, SKIPPED, EXCEPTION, RETRY, CANCELLED or 0-6"
+)]
 pub struct UnknownResult(pub String);
 
 impl FromStr for ResultCode {
@@ -134,7 +138,9 @@ mod tests {
 
     #[test]
     fn worst_ranks_cancelled_above_everything_and_skipped_below_everything() {
-        let order = [Skipped, Success, Warnings, Failure, Exception, Retry, Cancelled];
+        let order = [
+            Skipped, Success, Warnings, Failure, Exception, Retry, Cancelled,
+        ];
         for (i, a) in order.iter().enumerate() {
             for b in &order[i..] {
                 assert_eq!(a.worst(*b), *b, "{a} vs {b}");

@@ -37,7 +37,11 @@ async fn beat(shared: &Shared) {
         Err(StorageError::MasterInactive(_)) => {
             let n = shared.stop_builds(StopReason::MasterLost, |_| true);
             error!(master = %shared.master, builds = n, "this master was expired by another; its builds were re-queued elsewhere, registering again");
-            match shared.store.master_register(&shared.config.master_name, now).await {
+            match shared
+                .store
+                .master_register(&shared.config.master_name, now)
+                .await
+            {
                 Ok(_) => shared.wake.notify_one(),
                 Err(e) => error!(error = %e, "could not register the master again"),
             }
@@ -49,8 +53,14 @@ async fn beat(shared: &Shared) {
 async fn expire_others(shared: &Shared) {
     let now = crate::model::now();
     let expiry = TimeDelta::from_std(shared.config.master_expiry).unwrap_or(TimeDelta::MAX);
-    let silent_since = now.checked_sub_signed(expiry).unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
-    let params = ExpireMasters { by: shared.master, silent_since, now };
+    let silent_since = now
+        .checked_sub_signed(expiry)
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+    let params = ExpireMasters {
+        by: shared.master,
+        silent_since,
+        now,
+    };
     match shared.store.master_expire_stale(&params).await {
         Ok(expired) => {
             for master in expired {

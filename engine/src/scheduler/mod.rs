@@ -38,7 +38,9 @@ pub(crate) struct RegisteredBuilder {
 
 impl RegisteredBuilder {
     fn slots(&self) -> MutexGuard<'_, BTreeSet<u32>> {
-        self.busy_slots.lock().unwrap_or_else(PoisonError::into_inner)
+        self.busy_slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn free_slots(&self, batch: u32) -> u32 {
@@ -92,7 +94,11 @@ impl Shared {
     }
 
     fn builder(&self, id: BuilderId) -> Option<Arc<RegisteredBuilder>> {
-        self.builders.read().unwrap_or_else(PoisonError::into_inner).get(&id).cloned()
+        self.builders
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned()
     }
 
     /// Asks running builds to stop; `which` picks them by request.
@@ -127,7 +133,11 @@ pub(crate) struct Scheduler {
 
 impl Scheduler {
     /// Starts the claim loop and the heartbeat service for a registered master.
-    pub(crate) fn start(store: Arc<dyn Store>, master: MasterId, config: EngineConfig) -> Scheduler {
+    pub(crate) fn start(
+        store: Arc<dyn Store>,
+        master: MasterId,
+        config: EngineConfig,
+    ) -> Scheduler {
         let (events, _) = broadcast::channel(config.event_capacity.max(1));
         let shared = Arc::new(Shared {
             store,
@@ -144,16 +154,36 @@ impl Scheduler {
             tokio::spawn(claim_loop(shared.clone())),
             tokio::spawn(masters::heartbeat_loop(shared.clone())),
         ];
-        Scheduler { shared, tasks: Mutex::new(tasks) }
+        Scheduler {
+            shared,
+            tasks: Mutex::new(tasks),
+        }
     }
 
     /// Adds a builder; the claim loop picks its requests up at once.
-    pub(crate) fn register(&self, id: BuilderId, config: BuilderConfig, executor: Arc<dyn Executor>) -> bool {
-        let mut builders = self.shared.builders.write().unwrap_or_else(PoisonError::into_inner);
+    pub(crate) fn register(
+        &self,
+        id: BuilderId,
+        config: BuilderConfig,
+        executor: Arc<dyn Executor>,
+    ) -> bool {
+        let mut builders = self
+            .shared
+            .builders
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if builders.values().any(|b| b.config.name == config.name) {
             return false;
         }
-        builders.insert(id, Arc::new(RegisteredBuilder { id, config, executor, busy_slots: Mutex::new(BTreeSet::new()) }));
+        builders.insert(
+            id,
+            Arc::new(RegisteredBuilder {
+                id,
+                config,
+                executor,
+                busy_slots: Mutex::new(BTreeSet::new()),
+            }),
+        );
         drop(builders);
         self.wake();
         true
@@ -166,7 +196,8 @@ impl Scheduler {
 
     /// Asks this engine's builds of the given requests to stop as CANCELLED.
     pub(crate) fn cancel_local(&self, requests: &[RequestId]) -> usize {
-        self.shared.stop_builds(StopReason::Cancelled, |r| requests.contains(&r))
+        self.shared
+            .stop_builds(StopReason::Cancelled, |r| requests.contains(&r))
     }
 
     /// Stops claiming, lets running builds finish within the grace period, stops the rest
@@ -174,22 +205,39 @@ impl Scheduler {
     pub(crate) async fn shutdown(&self) {
         self.shared.stopping.send_replace(true);
         self.wake();
-        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
+        let tasks: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
         let mut in_flight = self.shared.in_flight.subscribe();
         let grace = self.shared.config.shutdown_grace;
-        if tokio::time::timeout(grace, in_flight.wait_for(|n| *n == 0)).await.is_err() {
+        if tokio::time::timeout(grace, in_flight.wait_for(|n| *n == 0))
+            .await
+            .is_err()
+        {
             let n = self.shared.stop_builds(StopReason::Shutdown, |_| true);
-            warn!(builds = n, "shutdown grace period over; stopping running builds, their requests will run again");
+            warn!(
+                builds = n,
+                "shutdown grace period over; stopping running builds, their requests will run again"
+            );
             let limit = self.shared.config.cancel_grace + Duration::from_secs(1);
-            if tokio::time::timeout(limit, in_flight.wait_for(|n| *n == 0)).await.is_err() {
+            if tokio::time::timeout(limit, in_flight.wait_for(|n| *n == 0))
+                .await
+                .is_err()
+            {
                 warn!("some builds did not stop; the database releases their claims");
             }
         }
         for task in tasks {
             task.abort();
         }
-        match self.shared.store.master_deactivate(self.shared.master).await {
-            Ok(released) if !released.is_empty() => debug!(?released, "released claims at shutdown"),
+        match self
+            .shared
+            .store
+            .master_deactivate(self.shared.master)
+            .await
+        {
+            Ok(released) if !released.is_empty() => {
+                debug!(?released, "released claims at shutdown")
+            }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "could not mark the master inactive at shutdown"),
         }
@@ -231,8 +279,13 @@ async fn claim_loop(shared: Arc<Shared>) {
 
 /// One claim transaction; starts a task per claimed request. Returns how many it claimed.
 async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
-    let builders: Vec<Arc<RegisteredBuilder>> =
-        shared.builders.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+    let builders: Vec<Arc<RegisteredBuilder>> = shared
+        .builders
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .values()
+        .cloned()
+        .collect();
     let slots: Vec<(BuilderId, u32)> = builders
         .iter()
         .map(|b| (b.id, b.free_slots(shared.config.claim_batch)))
@@ -243,17 +296,29 @@ async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
     }
     let claimed = shared
         .store
-        .request_claim_available(&ClaimAvailable { master_id: shared.master, slots, now: crate::model::now() })
+        .request_claim_available(&ClaimAvailable {
+            master_id: shared.master,
+            slots,
+            now: crate::model::now(),
+        })
         .await?;
     for request in &claimed {
         let Some(builder) = shared.builder(request.builder_id) else {
             // Cannot happen: we only claim for registered builders. Give it back.
-            shared.store.request_unclaim(&[request.id], shared.master).await?;
+            shared
+                .store
+                .request_unclaim(&[request.id], shared.master)
+                .await?;
             continue;
         };
         let slot = builder.take_slot();
         shared.in_flight.send_modify(|n| *n += 1);
-        tokio::spawn(run::run_request(shared.clone(), builder, request.clone(), slot));
+        tokio::spawn(run::run_request(
+            shared.clone(),
+            builder,
+            request.clone(),
+            slot,
+        ));
     }
     Ok(claimed.len())
 }

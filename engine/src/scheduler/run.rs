@@ -13,11 +13,20 @@ use crate::model::{Build, BuildRequest, Properties, ResultCode};
 use crate::storage::{FinishBuild, NewBuild, StorageError};
 
 /// Runs a claimed request to the end and frees its slot, whatever happens.
-pub(super) async fn run_request(shared: Arc<Shared>, builder: Arc<RegisteredBuilder>, request: BuildRequest, slot: u32) {
+pub(super) async fn run_request(
+    shared: Arc<Shared>,
+    builder: Arc<RegisteredBuilder>,
+    request: BuildRequest,
+    slot: u32,
+) {
     if let Err(e) = run(&shared, &builder, &request, slot).await {
         error!(request = %request.id, builder = %builder.config.name, error = %e, "running a build request failed");
         // Give the request back so that it is not stuck until this master expires.
-        if let Err(e) = shared.store.request_unclaim(&[request.id], shared.master).await {
+        if let Err(e) = shared
+            .store
+            .request_unclaim(&[request.id], shared.master)
+            .await
+        {
             warn!(request = %request.id, error = %e, "could not release the claim; master expiry will");
         }
     }
@@ -26,12 +35,22 @@ pub(super) async fn run_request(shared: Arc<Shared>, builder: Arc<RegisteredBuil
     shared.wake.notify_one();
 }
 
-async fn run(shared: &Arc<Shared>, builder: &RegisteredBuilder, request: &BuildRequest, slot: u32) -> crate::storage::Result<()> {
+async fn run(
+    shared: &Arc<Shared>,
+    builder: &RegisteredBuilder,
+    request: &BuildRequest,
+    slot: u32,
+) -> crate::storage::Result<()> {
     let store = &shared.store;
     if request.cancel_requested {
         // Cancelled while claimed elsewhere, then released: complete it without a build.
-        let completed = store.request_complete(&[request.id], ResultCode::Cancelled, crate::model::now()).await?;
-        shared.emit(Event::RequestCompleted { request_id: request.id, results: ResultCode::Cancelled });
+        let completed = store
+            .request_complete(&[request.id], ResultCode::Cancelled, crate::model::now())
+            .await?;
+        shared.emit(Event::RequestCompleted {
+            request_id: request.id,
+            results: ResultCode::Cancelled,
+        });
         emit_completed(shared, completed);
         return Ok(());
     }
@@ -45,7 +64,13 @@ async fn run(shared: &Arc<Shared>, builder: &RegisteredBuilder, request: &BuildR
         })
         .await?;
     let (stop_tx, stop_rx) = watch::channel(None);
-    shared.running().insert(build.id, RunningBuild { request_id: request.id, stop: stop_tx });
+    shared.running().insert(
+        build.id,
+        RunningBuild {
+            request_id: request.id,
+            stop: stop_tx,
+        },
+    );
     let result = execute_and_record(shared, builder, request, &build, stop_rx).await;
     shared.running().remove(&build.id);
     result
@@ -74,7 +99,10 @@ async fn execute_and_record(
     };
     let stopped = *stop.borrow();
     let outcome = match stopped {
-        Some(StopReason::Cancelled) => Outcome { results: ResultCode::Cancelled, ..outcome },
+        Some(StopReason::Cancelled) => Outcome {
+            results: ResultCode::Cancelled,
+            ..outcome
+        },
         Some(StopReason::Shutdown) => Outcome {
             results: ResultCode::Retry,
             error: Some("the engine shut down while the build ran; it will run again".into()),
@@ -108,7 +136,10 @@ async fn execute_and_record(
         store.request_unclaim(&[request.id], shared.master).await?;
         Vec::new()
     } else {
-        match store.request_complete(&[request.id], outcome.results, crate::model::now()).await {
+        match store
+            .request_complete(&[request.id], outcome.results, crate::model::now())
+            .await
+        {
             Ok(completed) => completed,
             Err(StorageError::NotClaimed(_)) => {
                 warn!(request = %request.id, "request was completed by someone else meanwhile");
@@ -131,7 +162,10 @@ async fn execute_and_record(
 
 pub(super) fn emit_completed(shared: &Shared, completed: Vec<crate::storage::CompletedBuildset>) {
     for bs in completed {
-        shared.emit(Event::BuildsetComplete { buildset_id: bs.buildset_id, results: bs.results });
+        shared.emit(Event::BuildsetComplete {
+            buildset_id: bs.buildset_id,
+            results: bs.results,
+        });
     }
 }
 

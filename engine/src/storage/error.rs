@@ -74,7 +74,10 @@ pub enum StorageError {
 impl StorageError {
     /// A not-found error for the given entity.
     pub fn not_found(entity: &'static str, id: impl ToString) -> Self {
-        StorageError::NotFound { entity, id: id.to_string() }
+        StorageError::NotFound {
+            entity,
+            id: id.to_string(),
+        }
     }
 }
 
@@ -85,7 +88,10 @@ impl From<sqlx::Error> for StorageError {
 }
 
 fn join_ids(ids: &[RequestId]) -> String {
-    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+    ids.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The result type of the storage seam.

@@ -18,8 +18,8 @@ pub use error::{Result, StorageError};
 
 use crate::model::{
     Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry, LogLevel,
-    LogQuery, LogRecord, Master, MasterId, Properties, Property, ProgressRecord, ProgressReport,
-    RequestId, ResultCode, SourceStamp, Timestamp,
+    LogQuery, LogRecord, Master, MasterId, ProgressRecord, ProgressReport, Properties, Property,
+    RequestId, ResultCode, SourceStamp, SourceStampId, Timestamp,
 };
 
 /// Opens the store named by a database URL and brings its schema up to date.
@@ -66,7 +66,10 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { busy_timeout: DEFAULT_BUSY_TIMEOUT, max_connections: DEFAULT_MAX_CONNECTIONS }
+        StoreOptions {
+            busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
     }
 }
 
@@ -353,6 +356,8 @@ pub trait Store: Send + Sync + 'static {
     async fn buildset_properties(&self, id: BuildsetId) -> Result<Properties>;
     /// A buildset's sourcestamps, sorted.
     async fn buildset_sourcestamps(&self, id: BuildsetId) -> Result<Vec<SourceStamp>>;
+    /// The ids of a buildset's stored sourcestamps, ascending (equal stamps share an id).
+    async fn buildset_sourcestamp_ids(&self, id: BuildsetId) -> Result<Vec<SourceStampId>>;
 
     // ---- build requests ----
 
@@ -362,7 +367,12 @@ pub trait Store: Send + Sync + 'static {
     async fn request_list(&self, filter: &RequestFilter) -> Result<Vec<BuildRequest>>;
     /// Claims all of `ids` for a master, or none: if any is claimed (by anyone) or
     /// complete, fails with [`StorageError::AlreadyClaimed`] and changes nothing.
-    async fn request_claim(&self, ids: &[RequestId], master: MasterId, now: Timestamp) -> Result<()>;
+    async fn request_claim(
+        &self,
+        ids: &[RequestId],
+        master: MasterId,
+        now: Timestamp,
+    ) -> Result<()>;
     /// Claims, in one transaction, up to each builder's slot count of its unclaimed
     /// requests, highest priority first, then oldest, and returns them claimed.
     async fn request_claim_available(&self, params: &ClaimAvailable) -> Result<Vec<BuildRequest>>;
@@ -417,7 +427,12 @@ pub trait Store: Send + Sync + 'static {
     // ---- progress ----
 
     /// Stores a progress report; the latest per group wins.
-    async fn progress_report(&self, build: BuildId, report: &ProgressReport, now: Timestamp) -> Result<()>;
+    async fn progress_report(
+        &self,
+        build: BuildId,
+        report: &ProgressReport,
+        now: Timestamp,
+    ) -> Result<()>;
     /// A build's latest report per group, in the order groups first reported.
     async fn progress_list(&self, build: BuildId) -> Result<Vec<ProgressRecord>>;
 

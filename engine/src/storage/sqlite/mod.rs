@@ -27,8 +27,9 @@ use super::{
 };
 use crate::model::{
     Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry, LogLevel,
-    LogQuery, LogRecord, MAX_PRIORITY, MIN_PRIORITY, Master, MasterId, Properties, Property,
-    ProgressRecord, ProgressReport, RequestId, ResultCode, SourceStamp, Timestamp,
+    LogQuery, LogRecord, MAX_PRIORITY, MIN_PRIORITY, Master, MasterId, ProgressRecord,
+    ProgressReport, Properties, Property, RequestId, ResultCode, SourceStamp, SourceStampId,
+    Timestamp,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -64,14 +65,22 @@ impl SqliteStore {
         };
         let connect = base
             .create_if_missing(true)
-            .journal_mode(if memory { SqliteJournalMode::Memory } else { SqliteJournalMode::Wal })
+            .journal_mode(if memory {
+                SqliteJournalMode::Memory
+            } else {
+                SqliteJournalMode::Wal
+            })
             // NORMAL in WAL mode loses nothing when a process dies; only a power cut can
             // drop the last commits. It is what makes per-job commits cheap.
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(options.busy_timeout)
             .foreign_keys(true);
         // Every connection to `:memory:` is its own database, so keep exactly one.
-        let max = if memory { 1 } else { options.max_connections.max(1) };
+        let max = if memory {
+            1
+        } else {
+            options.max_connections.max(1)
+        };
         let pool = SqlitePoolOptions::new()
             .max_connections(max)
             .min_connections(if memory { 1 } else { 0 })
@@ -109,7 +118,9 @@ impl SqliteStore {
                 tables.join(", ")
             )));
         }
-        if tables.iter().any(|t| t == "_sqlx_migrations") && !tables.iter().any(|t| t == "buildsets") {
+        if tables.iter().any(|t| t == "_sqlx_migrations")
+            && !tables.iter().any(|t| t == "buildsets")
+        {
             return Err(StorageError::NotKilnDatabase(format!(
                 "{url} holds another program's migrations, not Kiln's; refusing to touch it"
             )));
@@ -131,14 +142,21 @@ fn not_kiln_or(url: &str, e: sqlx::Error) -> StorageError {
     if let sqlx::Error::Database(db) = &e
         && db.code().as_deref() == Some(SQLITE_NOTADB)
     {
-        return StorageError::NotKilnDatabase(format!("{url} is not a SQLite database, so not a Kiln database"));
+        return StorageError::NotKilnDatabase(format!(
+            "{url} is not a SQLite database, so not a Kiln database"
+        ));
     }
     StorageError::Database(e)
 }
 
 /// Marks a master's earlier work as lost: unfinished builds end as RETRY and claims on
 /// incomplete requests are released.
-async fn take_back(tx: &mut Tx, master: MasterId, now: Timestamp, why: &str) -> Result<(Vec<RequestId>, Vec<BuildId>)> {
+async fn take_back(
+    tx: &mut Tx,
+    master: MasterId,
+    now: Timestamp,
+    why: &str,
+) -> Result<(Vec<RequestId>, Vec<BuildId>)> {
     let retried: Vec<i64> = sqlx::query_scalar(
         "UPDATE builds SET complete_at = ?, results = ?, state_string = ?, error = ?
          WHERE master_id = ? AND complete_at IS NULL RETURNING id",
@@ -166,7 +184,11 @@ async fn take_back(tx: &mut Tx, master: MasterId, now: Timestamp, why: &str) -> 
 }
 
 /// Completes a buildset whose requests are now all complete, with the worst result.
-async fn maybe_complete_buildset(tx: &mut Tx, id: BuildsetId, now: Timestamp) -> Result<Option<CompletedBuildset>> {
+async fn maybe_complete_buildset(
+    tx: &mut Tx,
+    id: BuildsetId,
+    now: Timestamp,
+) -> Result<Option<CompletedBuildset>> {
     let rows = sqlx::query("SELECT complete, results FROM buildrequests WHERE buildset_id = ?")
         .bind(id.0)
         .fetch_all(&mut **tx)
@@ -185,7 +207,10 @@ async fn maybe_complete_buildset(tx: &mut Tx, id: BuildsetId, now: Timestamp) ->
         .bind(id.0)
         .execute(&mut **tx)
         .await?;
-    Ok((updated.rows_affected() == 1).then_some(CompletedBuildset { buildset_id: id, results: worst }))
+    Ok((updated.rows_affected() == 1).then_some(CompletedBuildset {
+        buildset_id: id,
+        results: worst,
+    }))
 }
 
 fn validate_buildset(params: &NewBuildset) -> Result<()> {
@@ -197,10 +222,14 @@ fn validate_buildset(params: &NewBuildset) -> Result<()> {
     }
     let distinct: BTreeSet<_> = params.builder_ids.iter().collect();
     if distinct.len() != params.builder_ids.len() {
-        return Err(StorageError::Invalid("a buildset names the same builder twice".into()));
+        return Err(StorageError::Invalid(
+            "a buildset names the same builder twice".into(),
+        ));
     }
     if let Some(name) = params.properties.keys().find(|k| k.trim().is_empty()) {
-        return Err(StorageError::Invalid(format!("property name {name:?} is empty")));
+        return Err(StorageError::Invalid(format!(
+            "property name {name:?} is empty"
+        )));
     }
     Ok(())
 }
@@ -208,7 +237,8 @@ fn validate_buildset(params: &NewBuildset) -> Result<()> {
 fn push_limit(qb: &mut QueryBuilder<Sqlite>, limit: Option<u32>, offset: Option<u32>) {
     if limit.is_some() || offset.is_some() {
         qb.push(" LIMIT ").push_bind(limit.map_or(-1, i64::from));
-        qb.push(" OFFSET ").push_bind(i64::from(offset.unwrap_or(0)));
+        qb.push(" OFFSET ")
+            .push_bind(i64::from(offset.unwrap_or(0)));
     }
 }
 
@@ -232,10 +262,19 @@ impl Store for SqliteStore {
         .bind(us(now))
         .fetch_one(&mut *tx)
         .await?;
-        let (released, retried_builds) =
-            take_back(&mut tx, MasterId(id), now, "the master restarted while this build ran").await?;
+        let (released, retried_builds) = take_back(
+            &mut tx,
+            MasterId(id),
+            now,
+            "the master restarted while this build ran",
+        )
+        .await?;
         tx.commit().await?;
-        Ok(RegisteredMaster { master_id: MasterId(id), released, retried_builds })
+        Ok(RegisteredMaster {
+            master_id: MasterId(id),
+            released,
+            retried_builds,
+        })
     }
 
     async fn master_heartbeat(&self, id: MasterId, now: Timestamp) -> Result<()> {
@@ -260,7 +299,13 @@ impl Store for SqliteStore {
         if updated.rows_affected() == 0 {
             return Err(StorageError::not_found("master", id));
         }
-        let (released, _) = take_back(&mut tx, id, crate::model::now(), "the master shut down while this build ran").await?;
+        let (released, _) = take_back(
+            &mut tx,
+            id,
+            crate::model::now(),
+            "the master shut down while this build ran",
+        )
+        .await?;
         tx.commit().await?;
         Ok(released)
     }
@@ -279,8 +324,14 @@ impl Store for SqliteStore {
             let master_id = MasterId(row.try_get("id")?);
             let name: String = row.try_get("name")?;
             let why = format!("master {name} stopped heartbeating and was expired");
-            let (released, retried_builds) = take_back(&mut tx, master_id, params.now, &why).await?;
-            expired.push(ExpiredMaster { master_id, name, released, retried_builds });
+            let (released, retried_builds) =
+                take_back(&mut tx, master_id, params.now, &why).await?;
+            expired.push(ExpiredMaster {
+                master_id,
+                name,
+                released,
+                retried_builds,
+            });
         }
         tx.commit().await?;
         Ok(expired)
@@ -345,16 +396,19 @@ impl Store for SqliteStore {
     async fn buildset_add(&self, params: &NewBuildset) -> Result<AddedBuildset> {
         validate_buildset(params)?;
         let mut tx = self.write().await?;
-        let known: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM builders WHERE id IN (SELECT value FROM json_each(?))")
-            .bind(json_ids(params.builder_ids.iter().map(|b| b.0)))
-            .fetch_one(&mut *tx)
-            .await?;
+        let known: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM builders WHERE id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(json_ids(params.builder_ids.iter().map(|b| b.0)))
+        .fetch_one(&mut *tx)
+        .await?;
         if known as usize != params.builder_ids.len() {
             for b in &params.builder_ids {
-                let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM builders WHERE id = ?")
-                    .bind(b.0)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+                let exists: Option<i64> =
+                    sqlx::query_scalar("SELECT id FROM builders WHERE id = ?")
+                        .bind(b.0)
+                        .fetch_optional(&mut *tx)
+                        .await?;
                 if exists.is_none() {
                     return Err(StorageError::UnknownBuilder(format!("#{b}")));
                 }
@@ -430,7 +484,10 @@ impl Store for SqliteStore {
             requests.insert(*builder, RequestId(request_id));
         }
         tx.commit().await?;
-        Ok(AddedBuildset { buildset_id: BuildsetId(buildset_id), requests })
+        Ok(AddedBuildset {
+            buildset_id: BuildsetId(buildset_id),
+            requests,
+        })
     }
 
     async fn buildset_get(&self, id: BuildsetId) -> Result<Buildset> {
@@ -461,10 +518,12 @@ impl Store for SqliteStore {
 
     async fn buildset_properties(&self, id: BuildsetId) -> Result<Properties> {
         self.buildset_get(id).await?;
-        let rows = sqlx::query("SELECT name, value, source FROM buildset_properties WHERE buildset_id = ?")
-            .bind(id.0)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT name, value, source FROM buildset_properties WHERE buildset_id = ?",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
         properties_from_rows(&rows)
     }
 
@@ -479,6 +538,17 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(rows::sourcestamp_from_row).collect()
+    }
+
+    async fn buildset_sourcestamp_ids(&self, id: BuildsetId) -> Result<Vec<SourceStampId>> {
+        self.buildset_get(id).await?;
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT sourcestamp_id FROM buildset_sourcestamps WHERE buildset_id = ? ORDER BY sourcestamp_id",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().map(SourceStampId).collect())
     }
 
     async fn request_get(&self, id: RequestId) -> Result<BuildRequest> {
@@ -515,7 +585,10 @@ impl Store for SqliteStore {
                 qb.push(" AND c.master_id = ").push_bind(m.0);
             }
         }
-        for (column, value) in [("branch", &filter.branch), ("repository", &filter.repository)] {
+        for (column, value) in [
+            ("branch", &filter.branch),
+            ("repository", &filter.repository),
+        ] {
             if let Some(value) = value {
                 qb.push(format!(
                     " AND EXISTS (SELECT 1 FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id
@@ -534,7 +607,11 @@ impl Store for SqliteStore {
                 RequestOrderField::BuildsetId => "r.buildset_id",
                 RequestOrderField::CompleteAt => "r.complete_at",
             };
-            qb.push(column).push(if order.descending { " DESC, " } else { " ASC, " });
+            qb.push(column).push(if order.descending {
+                " DESC, "
+            } else {
+                " ASC, "
+            });
         }
         qb.push("r.id ASC");
         push_limit(&mut qb, filter.limit, filter.offset);
@@ -542,7 +619,12 @@ impl Store for SqliteStore {
         rows.iter().map(request_from_row).collect()
     }
 
-    async fn request_claim(&self, ids: &[RequestId], master: MasterId, now: Timestamp) -> Result<()> {
+    async fn request_claim(
+        &self,
+        ids: &[RequestId],
+        master: MasterId,
+        now: Timestamp,
+    ) -> Result<()> {
         let ids: BTreeSet<RequestId> = ids.iter().copied().collect();
         if ids.is_empty() {
             return Ok(());
@@ -619,7 +701,10 @@ impl Store for SqliteStore {
             "{REQUEST_FROM} WHERE r.id IN (SELECT value FROM json_each(?))
              ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&list).fetch_all(&mut *tx).await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&list)
+            .fetch_all(&mut *tx)
+            .await?;
         tx.commit().await?;
         rows.iter().map(request_from_row).collect()
     }
@@ -637,10 +722,16 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn request_complete(&self, ids: &[RequestId], results: ResultCode, now: Timestamp) -> Result<Vec<CompletedBuildset>> {
+    async fn request_complete(
+        &self,
+        ids: &[RequestId],
+        results: ResultCode,
+        now: Timestamp,
+    ) -> Result<Vec<CompletedBuildset>> {
         if results == ResultCode::Retry {
             return Err(StorageError::Invalid(
-                "RETRY is not a completion result: unclaim the request so that it runs again".into(),
+                "RETRY is not a completion result: unclaim the request so that it runs again"
+                    .into(),
             ));
         }
         let ids: BTreeSet<RequestId> = ids.iter().copied().collect();
@@ -715,7 +806,9 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await?;
         for bs in buildsets {
-            outcome.buildsets_completed.extend(maybe_complete_buildset(&mut tx, bs, now).await?);
+            outcome
+                .buildsets_completed
+                .extend(maybe_complete_buildset(&mut tx, bs, now).await?);
         }
         tx.commit().await?;
         Ok(outcome)
@@ -744,7 +837,10 @@ impl Store for SqliteStore {
         .ok_or_else(|| StorageError::not_found("build request", params.request_id))?;
         let holder: Option<i64> = row.try_get("master_id")?;
         if holder != Some(params.master_id.0) || row.try_get::<i64, _>("complete")? != 0 {
-            return Err(StorageError::ClaimLost { request: params.request_id, master: params.master_id });
+            return Err(StorageError::ClaimLost {
+                request: params.request_id,
+                master: params.master_id,
+            });
         }
         let builder_id: i64 = row.try_get("builder_id")?;
         let sql = format!(
@@ -779,18 +875,23 @@ impl Store for SqliteStore {
     }
 
     async fn build_get_by_number(&self, builder: BuilderId, number: i64) -> Result<Build> {
-        let sql = format!("SELECT {BUILD_COLUMNS} FROM builds b WHERE b.builder_id = ? AND b.number = ?");
+        let sql =
+            format!("SELECT {BUILD_COLUMNS} FROM builds b WHERE b.builder_id = ? AND b.number = ?");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(builder.0)
             .bind(number)
             .fetch_optional(&self.pool)
             .await?
-            .ok_or_else(|| StorageError::not_found("build", format!("#{number} of builder {builder}")))?;
+            .ok_or_else(|| {
+                StorageError::not_found("build", format!("#{number} of builder {builder}"))
+            })?;
         build_from_row(&row)
     }
 
     async fn build_list(&self, filter: &BuildFilter) -> Result<Vec<Build>> {
-        let mut qb = QueryBuilder::<Sqlite>::new(format!("SELECT {BUILD_COLUMNS} FROM builds b WHERE 1 = 1"));
+        let mut qb = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {BUILD_COLUMNS} FROM builds b WHERE 1 = 1"
+        ));
         if let Some(b) = filter.builder_id {
             qb.push(" AND b.builder_id = ").push_bind(b.0);
         }
@@ -811,7 +912,11 @@ impl Store for SqliteStore {
             }
             None => {}
         }
-        qb.push(if filter.descending { " ORDER BY b.id DESC" } else { " ORDER BY b.id ASC" });
+        qb.push(if filter.descending {
+            " ORDER BY b.id DESC"
+        } else {
+            " ORDER BY b.id ASC"
+        });
         push_limit(&mut qb, filter.limit, filter.offset);
         let rows = qb.build().fetch_all(&self.pool).await?;
         rows.iter().map(build_from_row).collect()
@@ -828,13 +933,16 @@ impl Store for SqliteStore {
 
     async fn build_add_locks_duration(&self, id: BuildId, seconds: f64) -> Result<()> {
         if !seconds.is_finite() || seconds < 0.0 {
-            return Err(StorageError::Invalid(format!("locks duration {seconds} is not a non-negative number")));
+            return Err(StorageError::Invalid(format!(
+                "locks duration {seconds} is not a non-negative number"
+            )));
         }
-        let updated = sqlx::query("UPDATE builds SET locks_duration_s = locks_duration_s + ? WHERE id = ?")
-            .bind(seconds)
-            .bind(id.0)
-            .execute(&self.pool)
-            .await?;
+        let updated =
+            sqlx::query("UPDATE builds SET locks_duration_s = locks_duration_s + ? WHERE id = ?")
+                .bind(seconds)
+                .bind(id.0)
+                .execute(&self.pool)
+                .await?;
         found_or(updated.rows_affected(), "build", id)
     }
 
@@ -856,7 +964,10 @@ impl Store for SqliteStore {
             return Ok(());
         }
         self.build_get(params.build_id).await?;
-        Err(StorageError::NotOwner { build: params.build_id, master: params.master_id })
+        Err(StorageError::NotOwner {
+            build: params.build_id,
+            master: params.master_id,
+        })
     }
 
     async fn build_previous_successful(&self, id: BuildId) -> Result<Option<Build>> {
@@ -901,9 +1012,14 @@ impl Store for SqliteStore {
     async fn build_delete(&self, id: BuildId) -> Result<()> {
         let build = self.build_get(id).await?;
         if !build.is_complete() {
-            return Err(StorageError::Invalid(format!("build {id} is still running; stop it before deleting it")));
+            return Err(StorageError::Invalid(format!(
+                "build {id} is still running; stop it before deleting it"
+            )));
         }
-        sqlx::query("DELETE FROM builds WHERE id = ?").bind(id.0).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM builds WHERE id = ?")
+            .bind(id.0)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -927,18 +1043,28 @@ impl Store for SqliteStore {
 
     async fn build_properties(&self, id: BuildId) -> Result<Properties> {
         self.build_get(id).await?;
-        let rows = sqlx::query("SELECT name, value, source FROM build_properties WHERE build_id = ?")
-            .bind(id.0)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT name, value, source FROM build_properties WHERE build_id = ?")
+                .bind(id.0)
+                .fetch_all(&self.pool)
+                .await?;
         properties_from_rows(&rows)
     }
 
-    async fn progress_report(&self, build: BuildId, report: &ProgressReport, now: Timestamp) -> Result<()> {
+    async fn progress_report(
+        &self,
+        build: BuildId,
+        report: &ProgressReport,
+        now: Timestamp,
+    ) -> Result<()> {
         if report.group.iter().any(|g| g.is_empty()) {
-            return Err(StorageError::Invalid(format!("progress group {:?} has an empty name", report.group)));
+            return Err(StorageError::Invalid(format!(
+                "progress group {:?} has an empty name",
+                report.group
+            )));
         }
-        let path = serde_json::to_string(&report.group).map_err(|e| StorageError::Invalid(e.to_string()))?;
+        let path = serde_json::to_string(&report.group)
+            .map_err(|e| StorageError::Invalid(e.to_string()))?;
         sqlx::query(
             "INSERT INTO build_progress (build_id, group_path, seq, current, total, status, updated_at)
              VALUES (?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM build_progress WHERE build_id = ?), ?, ?, ?, ?)
@@ -975,7 +1101,9 @@ impl Store for SqliteStore {
         }
         let mut tx = self.pool.begin().await?;
         for chunk in records.chunks(LOG_INSERT_CHUNK) {
-            let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO build_logs (build_id, at, level, message, fields) ");
+            let mut qb = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO build_logs (build_id, at, level, message, fields) ",
+            );
             qb.push_values(chunk, |mut row, record| {
                 row.push_bind(build.0)
                     .push_bind(us(record.at))
@@ -993,7 +1121,9 @@ impl Store for SqliteStore {
     }
 
     async fn log_list(&self, query: &LogQuery) -> Result<Vec<LogEntry>> {
-        let mut qb = QueryBuilder::<Sqlite>::new("SELECT id, build_id, at, level, message, fields FROM build_logs WHERE 1 = 1");
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT id, build_id, at, level, message, fields FROM build_logs WHERE 1 = 1",
+        );
         if let Some(b) = query.build_id {
             qb.push(" AND build_id = ").push_bind(b.0);
         }
@@ -1026,7 +1156,11 @@ impl Store for SqliteStore {
 }
 
 fn found_or(rows: u64, entity: &'static str, id: impl ToString) -> Result<()> {
-    if rows == 0 { Err(StorageError::not_found(entity, id)) } else { Ok(()) }
+    if rows == 0 {
+        Err(StorageError::not_found(entity, id))
+    } else {
+        Ok(())
+    }
 }
 
 /// SQLite stores signed 64-bit integers; progress counts beyond that are clamped.
@@ -1035,11 +1169,18 @@ fn clamp_u64(v: u64) -> i64 {
 }
 
 /// Turns a foreign-key violation into a not-found error for the referenced entity.
-fn fk_to_not_found<I: ToString>(e: sqlx::Error, entity: &'static str, id: Option<I>) -> StorageError {
+fn fk_to_not_found<I: ToString>(
+    e: sqlx::Error,
+    entity: &'static str,
+    id: Option<I>,
+) -> StorageError {
     if let sqlx::Error::Database(db) = &e
         && db.is_foreign_key_violation()
     {
-        return StorageError::not_found(entity, id.map_or_else(|| "?".to_string(), |i| i.to_string()));
+        return StorageError::not_found(
+            entity,
+            id.map_or_else(|| "?".to_string(), |i| i.to_string()),
+        );
     }
     StorageError::Database(e)
 }

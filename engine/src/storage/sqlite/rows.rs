@@ -4,9 +4,9 @@ use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
 use crate::model::{
-    Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry, LogLevel, LogRecord,
-    Master, MasterId, Properties, Property, ProgressRecord, ProgressReport, RequestId, ResultCode, SourceStamp,
-    Timestamp,
+    Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry, LogLevel,
+    LogRecord, Master, MasterId, ProgressRecord, ProgressReport, Properties, Property, RequestId,
+    ResultCode, SourceStamp, Timestamp,
 };
 use crate::storage::{Result, StorageError};
 
@@ -25,7 +25,8 @@ pub(super) fn us(t: Timestamp) -> i64 {
 }
 
 fn ts(v: i64) -> Result<Timestamp> {
-    chrono::DateTime::from_timestamp_micros(v).ok_or_else(|| StorageError::Corrupt(format!("timestamp {v} is out of range")))
+    chrono::DateTime::from_timestamp_micros(v)
+        .ok_or_else(|| StorageError::Corrupt(format!("timestamp {v} is out of range")))
 }
 
 fn opt_ts(v: Option<i64>) -> Result<Option<Timestamp>> {
@@ -33,8 +34,10 @@ fn opt_ts(v: Option<i64>) -> Result<Option<Timestamp>> {
 }
 
 pub(super) fn result_code(v: Option<i64>) -> Result<Option<ResultCode>> {
-    v.map(|n| ResultCode::from_code(n).ok_or_else(|| StorageError::Corrupt(format!("result code {n}"))))
-        .transpose()
+    v.map(|n| {
+        ResultCode::from_code(n).ok_or_else(|| StorageError::Corrupt(format!("result code {n}")))
+    })
+    .transpose()
 }
 
 fn json(text: &str) -> Result<serde_json::Value> {
@@ -61,7 +64,11 @@ pub(super) fn master_from_row(row: &SqliteRow) -> Result<Master> {
 }
 
 pub(super) fn builder_from_row(row: &SqliteRow) -> Result<Builder> {
-    Ok(Builder { id: BuilderId(row.try_get("id")?), name: row.try_get("name")?, description: row.try_get("description")? })
+    Ok(Builder {
+        id: BuilderId(row.try_get("id")?),
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+    })
 }
 
 pub(super) fn sourcestamp_from_row(row: &SqliteRow) -> Result<SourceStamp> {
@@ -83,9 +90,13 @@ pub(super) fn buildset_from_row(row: &SqliteRow) -> Result<Buildset> {
         complete: row.try_get("complete")?,
         complete_at: opt_ts(row.try_get("complete_at")?)?,
         results: result_code(row.try_get("results")?)?,
-        parent_buildid: row.try_get::<Option<i64>, _>("parent_buildid")?.map(BuildId),
+        parent_buildid: row
+            .try_get::<Option<i64>, _>("parent_buildid")?
+            .map(BuildId),
         parent_relationship: row.try_get("parent_relationship")?,
-        rebuilt_buildid: row.try_get::<Option<i64>, _>("rebuilt_buildid")?.map(BuildId),
+        rebuilt_buildid: row
+            .try_get::<Option<i64>, _>("rebuilt_buildid")?
+            .map(BuildId),
     })
 }
 
@@ -119,7 +130,11 @@ pub(super) fn build_from_row(row: &SqliteRow) -> Result<Build> {
         state_string: row.try_get("state_string")?,
         locks_duration_s: row.try_get("locks_duration_s")?,
         results: result_code(row.try_get("results")?)?,
-        return_value: row.try_get::<Option<String>, _>("return_value")?.as_deref().map(json).transpose()?,
+        return_value: row
+            .try_get::<Option<String>, _>("return_value")?
+            .as_deref()
+            .map(json)
+            .transpose()?,
         error: row.try_get("error")?,
         traceback: row.try_get("traceback")?,
     })
@@ -129,21 +144,32 @@ pub(super) fn properties_from_rows(rows: &[SqliteRow]) -> Result<Properties> {
     rows.iter()
         .map(|row| {
             let value: String = row.try_get("value")?;
-            Ok((row.try_get("name")?, Property { value: json(&value)?, source: row.try_get("source")? }))
+            Ok((
+                row.try_get("name")?,
+                Property {
+                    value: json(&value)?,
+                    source: row.try_get("source")?,
+                },
+            ))
         })
         .collect()
 }
 
 pub(super) fn progress_from_row(row: &SqliteRow) -> Result<ProgressRecord> {
     let path: String = row.try_get("group_path")?;
-    let group: Vec<String> =
-        serde_json::from_str(&path).map_err(|e| StorageError::Corrupt(format!("progress group {path:?}: {e}")))?;
+    let group: Vec<String> = serde_json::from_str(&path)
+        .map_err(|e| StorageError::Corrupt(format!("progress group {path:?}: {e}")))?;
     let count = |name: &str| -> Result<u64> {
         let v: i64 = row.try_get(name)?;
         u64::try_from(v).map_err(|_| StorageError::Corrupt(format!("negative progress {name} {v}")))
     };
     Ok(ProgressRecord {
-        report: ProgressReport { group, current: count("current")?, total: count("total")?, status: row.try_get("status")? },
+        report: ProgressReport {
+            group,
+            current: count("current")?,
+            total: count("total")?,
+            status: row.try_get("status")?,
+        },
         updated_at: ts(row.try_get("updated_at")?)?,
     })
 }
@@ -153,14 +179,19 @@ pub(super) fn log_from_row(row: &SqliteRow) -> Result<LogEntry> {
     let fields: String = row.try_get("fields")?;
     let fields = match json(&fields)? {
         serde_json::Value::Object(map) => map,
-        other => return Err(StorageError::Corrupt(format!("log fields {other} are not an object"))),
+        other => {
+            return Err(StorageError::Corrupt(format!(
+                "log fields {other} are not an object"
+            )));
+        }
     };
     Ok(LogEntry {
         id: row.try_get("id")?,
         build_id: BuildId(row.try_get("build_id")?),
         record: LogRecord {
             at: ts(row.try_get("at")?)?,
-            level: LogLevel::from_number(level).ok_or_else(|| StorageError::Corrupt(format!("log level {level}")))?,
+            level: LogLevel::from_number(level)
+                .ok_or_else(|| StorageError::Corrupt(format!("log level {level}")))?,
             message: row.try_get("message")?,
             fields,
         },
