@@ -547,10 +547,13 @@ async fn a_cancel_from_another_process_stops_the_build_at_the_next_poll() -> Res
 async fn jobs_log_report_progress_set_state_and_read_and_set_properties() -> Result<()> {
     let db = db()?;
     let engine = engine(&db).await?;
+    let store = engine.client().store().clone();
     engine
         .register_builder(
             BuilderConfig::new("chatty").kwargs(json!({"level": "max"})),
-            FnExecutor::new(|ctx| async move {
+            FnExecutor::new(move |ctx| {
+                let store = store.clone();
+                async move {
                 let input = ctx
                     .get_property("input")
                     .map(|p| p.value)
@@ -562,12 +565,18 @@ async fn jobs_log_report_progress_set_state_and_read_and_set_properties() -> Res
                 ctx.progress(&["build", "a"], 2, 4, "a half").await?;
                 ctx.progress(&["build", "b"], 1, 4, "b quarter").await?;
                 ctx.set_state("built").await?;
+                let state = store
+                    .build_get(ctx.build_id())
+                    .await
+                    .map_err(|e| JobError::new(e.to_string()))?
+                    .state_string;
                 ctx.set_property("version", json!("1.2"), "chatty").await?;
                 let version = ctx.get_property("version").map(|p| p.value);
                 let stamps = ctx.sourcestamps().len();
                 Ok(Outcome::success(
-                    json!({"kwargs": ctx.kwargs(), "version": version, "stamps": stamps}),
+                    json!({"kwargs": ctx.kwargs(), "version": version, "stamps": stamps, "state": state}),
                 ))
+                }
             }),
         )
         .await?;
@@ -587,9 +596,14 @@ async fn jobs_log_report_progress_set_state_and_read_and_set_properties() -> Res
     let build = &client.builds(&BuildFilter::default()).await?[0];
     ensure!(
         build.return_value
-            == Some(json!({"kwargs": {"level": "max"}, "version": "1.2", "stamps": 1}))
+            == Some(
+                json!({"kwargs": {"level": "max"}, "version": "1.2", "stamps": 1, "state": "built"})
+            )
     );
-    ensure!(build.state_string == "built");
+    ensure!(
+        build.state_string == "build successful",
+        "the final state replaces the running one"
+    );
     let logs = client
         .logs(&LogQuery {
             build_id: Some(build.id),

@@ -115,3 +115,21 @@ async fn an_in_memory_database_works() -> Result<()> {
     ensure!(store.builder_list().await?.len() == 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn opening_a_missing_file_without_create_is_a_missing_error_and_creates_nothing() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("typo.db");
+    let options = storage::StoreOptions {
+        create_if_missing: false,
+        ..Default::default()
+    };
+    let err = storage::open_with(&path.display().to_string(), &options)
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("a missing database opened"))?;
+    ensure!(matches!(err, StorageError::Missing(_)), "{err}");
+    ensure!(!path.exists(), "no file was created");
+    Ok(())
+}

@@ -118,6 +118,7 @@ async fn execute_and_record(
             return_value: outcome.return_value.clone(),
             error: outcome.error.clone(),
             traceback: outcome.traceback.clone(),
+            state_string: Some(final_state(&outcome)),
             complete_at: crate::model::now(),
         })
         .await;
@@ -158,6 +159,31 @@ async fn execute_and_record(
     });
     emit_completed(shared, completed);
     Ok(())
+}
+
+/// The state string a finished build shows, as Buildbot's "build successful".
+fn final_state(outcome: &Outcome) -> String {
+    let first_line = outcome
+        .error
+        .as_deref()
+        .and_then(|e| e.lines().next())
+        .unwrap_or("");
+    let with_error = |what: &str| {
+        if first_line.is_empty() {
+            what.to_owned()
+        } else {
+            format!("{what}: {first_line}")
+        }
+    };
+    match outcome.results {
+        ResultCode::Success => "build successful".into(),
+        ResultCode::Warnings => "build finished with warnings".into(),
+        ResultCode::Failure => with_error("failed"),
+        ResultCode::Skipped => "skipped".into(),
+        ResultCode::Exception => with_error("exception"),
+        ResultCode::Retry => with_error("will retry"),
+        ResultCode::Cancelled => "cancelled".into(),
+    }
 }
 
 pub(super) fn emit_completed(shared: &Shared, completed: Vec<crate::storage::CompletedBuildset>) {

@@ -52,6 +52,9 @@ pub enum StorageError {
     /// The database exists but is not a Kiln database, or was written by a newer Kiln.
     #[error("{0}")]
     NotKilnDatabase(String),
+    /// There is no database at the given place and creating one was not asked for.
+    #[error("no Kiln database at {0}")]
+    Missing(String),
     /// The database URL is malformed or names an unsupported backend.
     #[error("bad database URL {url:?}: {reason}")]
     BadUrl {

@@ -56,6 +56,9 @@ pub struct StoreOptions {
     pub busy_timeout: Duration,
     /// The most connections a store keeps open.
     pub max_connections: u32,
+    /// Whether to create the database when it does not exist (tools that only read or
+    /// control existing work turn this off, so that a mistyped path is an error).
+    pub create_if_missing: bool,
 }
 
 /// How long a SQLite write waits for another writer: long enough to ride out a burst of
@@ -69,6 +72,7 @@ impl Default for StoreOptions {
         StoreOptions {
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            create_if_missing: true,
         }
     }
 }
@@ -229,6 +233,8 @@ pub struct FinishBuild {
     pub error: Option<String>,
     /// Where it failed.
     pub traceback: Option<String>,
+    /// A final state string to replace the running one (the old one stays if `None`).
+    pub state_string: Option<String>,
     /// When it ended.
     pub complete_at: Timestamp,
 }

@@ -173,6 +173,7 @@ fn finish(build: BuildId, master: MasterId, results: ResultCode, at: Timestamp) 
         return_value: None,
         error: None,
         traceback: None,
+        state_string: None,
         complete_at: at,
     }
 }
@@ -966,7 +967,7 @@ pub async fn concurrent_claims_from_several_masters_never_claim_a_request_twice(
             loop {
                 round += 1;
                 // Alternate between both claim paths: explicit lists and available work.
-                let got = if round % 2 == 0 {
+                let got = if round.is_multiple_of(2) {
                     let pick: Vec<RequestId> = all
                         .iter()
                         .skip((round * 7 + n * 13) % all.len())
@@ -1179,6 +1180,7 @@ pub async fn finishing_a_build_records_its_outcome_once_and_only_by_its_master(
         return_value: Some(json!({"artifacts": ["a.tar"], "n": 1.5})),
         error: Some("boom".into()),
         traceback: Some("at step 2".into()),
+        state_string: Some("failed: boom".into()),
         ..finish(build.id, m1, ResultCode::Failure, t(20))
     };
     let err = s
@@ -1194,7 +1196,7 @@ pub async fn finishing_a_build_records_its_outcome_once_and_only_by_its_master(
     let done = s.build_get(build.id).await?;
     ensure!(done.results == Some(ResultCode::Failure) && done.complete_at == Some(t(20)));
     ensure!(done.return_value == outcome.return_value && done.error.as_deref() == Some("boom"));
-    ensure!(done.traceback.as_deref() == Some("at step 2"));
+    ensure!(done.traceback.as_deref() == Some("at step 2") && done.state_string == "failed: boom");
     let again = s
         .build_finish(&finish(build.id, m1, ResultCode::Success, t(30)))
         .await;
@@ -1226,6 +1228,12 @@ pub async fn state_strings_are_set_and_lock_durations_accumulate(h: &Harness) ->
         s.build_set_state(BuildId(99_999), "x").await,
         Err(StorageError::NotFound { .. })
     ));
+    s.build_finish(&finish(build.id, m, ResultCode::Success, t(3)))
+        .await?;
+    ensure!(
+        s.build_get(build.id).await?.state_string == "compiling 3/4",
+        "finishing without a final state keeps the last one"
+    );
     Ok(())
 }
 

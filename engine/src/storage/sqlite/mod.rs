@@ -37,6 +37,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 /// SQLite's "file is not a database" error code.
 const SQLITE_NOTADB: &str = "26";
 
+/// SQLite's "unable to open database file" error code.
+const SQLITE_CANTOPEN: &str = "14";
+
 /// How many log records go into one INSERT statement.
 const LOG_INSERT_CHUNK: usize = 200;
 
@@ -64,7 +67,7 @@ impl SqliteStore {
             SqliteConnectOptions::new().filename(url)
         };
         let connect = base
-            .create_if_missing(true)
+            .create_if_missing(options.create_if_missing || memory)
             .journal_mode(if memory {
                 SqliteJournalMode::Memory
             } else {
@@ -88,7 +91,15 @@ impl SqliteStore {
             .max_lifetime(None)
             .connect_with(connect)
             .await
-            .map_err(|e| not_kiln_or(url, e))?;
+            .map_err(|e| match e {
+                sqlx::Error::Database(db)
+                    if !options.create_if_missing
+                        && db.code().as_deref() == Some(SQLITE_CANTOPEN) =>
+                {
+                    StorageError::Missing(url.to_owned())
+                }
+                e => not_kiln_or(url, e),
+            })?;
         let store = SqliteStore { pool };
         store.check_foreign_schema(url).await?;
         MIGRATOR.run(&store.pool).await.map_err(|e| match e {
@@ -948,7 +959,8 @@ impl Store for SqliteStore {
 
     async fn build_finish(&self, params: &FinishBuild) -> Result<()> {
         let updated = sqlx::query(
-            "UPDATE builds SET complete_at = ?, results = ?, return_value = ?, error = ?, traceback = ?
+            "UPDATE builds SET complete_at = ?, results = ?, return_value = ?, error = ?, traceback = ?,
+                               state_string = COALESCE(?, state_string)
              WHERE id = ? AND master_id = ? AND complete_at IS NULL",
         )
         .bind(us(params.complete_at))
@@ -956,6 +968,7 @@ impl Store for SqliteStore {
         .bind(params.return_value.as_ref().map(|v| v.to_string()))
         .bind(&params.error)
         .bind(&params.traceback)
+        .bind(&params.state_string)
         .bind(params.build_id.0)
         .bind(params.master_id.0)
         .execute(&self.pool)

@@ -1,0 +1,220 @@
+//! The command line, as clap parses it.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Kiln: an embeddable scheduling engine for builds and jobs.
+///
+/// Every command works on a Kiln database: a SQLite file (default `kiln.db` in the
+/// current directory) or a `sqlite://` URL. Output is a table for people; add `--json`
+/// for scripts.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, propagate_version = true)]
+pub struct Cli {
+    /// The database: a SQLite file path or a sqlite:// URL.
+    #[arg(long, global = true, env = "KILN_DATABASE", default_value = "kiln.db")]
+    pub db: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Submit a buildset: one build request per builder.
+    Submit(SubmitArgs),
+    /// List buildsets, build requests, builds, builders or masters.
+    List {
+        #[command(subcommand)]
+        what: ListWhat,
+    },
+    /// Show one buildset, build request or build in full.
+    Show {
+        #[command(subcommand)]
+        what: ShowWhat,
+    },
+    /// Print a build's log records.
+    Logs(LogsArgs),
+    /// Cancel a build request or every open request of a buildset.
+    Cancel {
+        #[command(subcommand)]
+        what: CancelWhat,
+    },
+    /// Submit a new buildset that repeats a build (same builder, stamps and properties).
+    Rebuild {
+        /// The build: an id, or BUILDER/NUMBER.
+        build: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// A builder to run (repeat for several).
+    #[arg(long = "builder", short = 'b', required = true)]
+    pub builders: Vec<String>,
+    /// Why the work is submitted.
+    #[arg(long, default_value = "submitted from the command line")]
+    pub reason: String,
+    /// A property as NAME=JSON (repeat for several), e.g. `-p retries=3 -p 'tags=["a"]'`.
+    #[arg(long = "property", short = 'p')]
+    pub properties: Vec<String>,
+    /// The source recorded for the properties.
+    #[arg(long, default_value = "cli")]
+    pub property_source: String,
+    /// Higher runs first (-1000..=1000).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// An identifier of your choosing, stored with the buildset.
+    #[arg(long)]
+    pub external_id: Option<String>,
+    /// The repository of the sourcestamp to build.
+    #[arg(long)]
+    pub repository: Option<String>,
+    /// The branch of the sourcestamp.
+    #[arg(long)]
+    pub branch: Option<String>,
+    /// The revision (git hash) of the sourcestamp.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// The project of the sourcestamp.
+    #[arg(long)]
+    pub project: Option<String>,
+    /// The codebase of the sourcestamp.
+    #[arg(long)]
+    pub codebase: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ClaimState {
+    /// Claimed or not.
+    Any,
+    /// Claimed by some master.
+    Claimed,
+    /// Not claimed and not complete.
+    Unclaimed,
+}
+
+#[derive(Debug, Args)]
+pub struct Page {
+    /// At most this many rows.
+    #[arg(long)]
+    pub limit: Option<u32>,
+    /// Skip this many rows first.
+    #[arg(long)]
+    pub offset: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ListWhat {
+    /// Buildsets, newest first.
+    Buildsets {
+        /// Only complete (true) or incomplete (false) ones.
+        #[arg(long)]
+        complete: Option<bool>,
+        #[command(flatten)]
+        page: Page,
+    },
+    /// Build requests.
+    Requests {
+        /// Only this builder's.
+        #[arg(long)]
+        builder: Option<String>,
+        /// Only this buildset's.
+        #[arg(long)]
+        buildset: Option<i64>,
+        /// Only complete (true) or incomplete (false) ones.
+        #[arg(long)]
+        complete: Option<bool>,
+        /// By claim.
+        #[arg(long, value_enum, default_value_t = ClaimState::Any, conflicts_with = "claimed_by")]
+        claimed: ClaimState,
+        /// Only requests claimed by this master (name or id).
+        #[arg(long)]
+        claimed_by: Option<String>,
+        /// Only requests whose buildset has a stamp on this branch.
+        #[arg(long)]
+        branch: Option<String>,
+        /// Only requests whose buildset has a stamp from this repository.
+        #[arg(long)]
+        repository: Option<String>,
+        /// Order by a field (id, priority, submitted_at, builder, buildset, complete_at);
+        /// prefix with - for descending; repeat for several keys.
+        #[arg(long, allow_hyphen_values = true)]
+        order: Vec<String>,
+        #[command(flatten)]
+        page: Page,
+    },
+    /// Builds.
+    Builds {
+        /// Only this builder's.
+        #[arg(long)]
+        builder: Option<String>,
+        /// Only builds of this request.
+        #[arg(long)]
+        request: Option<i64>,
+        /// Only builds of this buildset.
+        #[arg(long)]
+        buildset: Option<i64>,
+        /// Only finished (true) or running (false) ones.
+        #[arg(long)]
+        complete: Option<bool>,
+        #[command(flatten)]
+        page: Page,
+    },
+    /// Builders, with their latest successful build.
+    Builders,
+    /// Masters (engine processes).
+    Masters,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShowWhat {
+    /// A buildset with its properties, sourcestamps and requests.
+    Buildset {
+        /// The buildset id.
+        id: i64,
+    },
+    /// A build request with its builds.
+    Request {
+        /// The request id.
+        id: i64,
+    },
+    /// A build with its properties and progress.
+    Build {
+        /// The build: an id, or BUILDER/NUMBER.
+        build: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The build: an id, or BUILDER/NUMBER.
+    pub build: String,
+    /// Only records at this level or above (debug, info, warning, error, critical).
+    #[arg(long, default_value = "debug")]
+    pub level: String,
+    /// Only records written since then: an RFC 3339 time or an age such as 90s, 15m, 2h, 3d.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only records written before then (same forms as --since).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// At most this many records.
+    #[arg(long)]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CancelWhat {
+    /// One build request: unclaimed, it completes as CANCELLED; running, its build is stopped.
+    Request {
+        /// The request id.
+        id: i64,
+    },
+    /// Every open request of a buildset.
+    Buildset {
+        /// The buildset id.
+        id: i64,
+    },
+}

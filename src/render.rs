@@ -1,0 +1,167 @@
+//! Human output: tables, times, durations and progress bars.
+
+use anyhow::{Result, anyhow};
+use chrono::TimeDelta;
+use kiln_engine::model::{ProgressNode, ResultCode, Timestamp};
+
+/// A plain text table with aligned columns.
+pub struct Table {
+    headers: Vec<&'static str>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(headers: &[&'static str]) -> Self {
+        Table {
+            headers: headers.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn print(&self) {
+        if self.rows.is_empty() {
+            println!("(none)");
+            return;
+        }
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let line = |cells: Vec<String>| {
+            let padded: Vec<String> = cells
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            println!("{}", padded.join("  ").trim_end());
+        };
+        line(self.headers.iter().map(|h| h.to_uppercase()).collect());
+        for row in &self.rows {
+            line(row.clone());
+        }
+    }
+}
+
+pub fn time(t: Timestamp) -> String {
+    t.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+pub fn opt_time(t: Option<Timestamp>) -> String {
+    t.map_or_else(|| "-".into(), time)
+}
+
+pub fn results(r: Option<ResultCode>) -> String {
+    r.map_or_else(|| "-".into(), |r| r.name().to_owned())
+}
+
+pub fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// A duration from `start` to `end` (or to now if still running), like `1m05s`.
+pub fn duration(start: Timestamp, end: Option<Timestamp>) -> String {
+    let end = end.unwrap_or_else(kiln_engine::model::now);
+    let d = end.signed_duration_since(start);
+    let ms = d.num_milliseconds().max(0);
+    if ms < 1_000 {
+        return format!("{ms}ms");
+    }
+    let s = ms / 1_000;
+    match s {
+        0..60 => format!("{}.{:01}s", s, (ms % 1_000) / 100),
+        60..3_600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3_600, (s % 3_600) / 60),
+    }
+}
+
+/// Prints a progress tree as indented bars.
+pub fn progress(node: &ProgressNode, depth: usize) {
+    const BAR: usize = 20;
+    if depth > 0 || node.total > 0 {
+        let filled = node
+            .fraction()
+            .map_or(0, |f| (f * BAR as f64).round() as usize);
+        let name = if node.name.is_empty() {
+            "(build)"
+        } else {
+            node.name.as_str()
+        };
+        println!(
+            "  {:indent$}{name:<20} [{}{}] {}/{} {}",
+            "",
+            "#".repeat(filled),
+            ".".repeat(BAR - filled),
+            node.current,
+            node.total,
+            node.status.as_deref().unwrap_or(""),
+            indent = depth.saturating_sub(1) * 2,
+        );
+    }
+    for child in &node.children {
+        progress(child, depth + 1);
+    }
+}
+
+/// An RFC 3339 time, or an age before now such as `90s`, `15m`, `2h` or `3d`.
+pub fn parse_when(s: &str) -> Result<Timestamp> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    let bad = || {
+        anyhow!(
+            "bad time {s:?}: expected an RFC 3339 time (2026-01-31T12:00:00Z) or an age such as 90s, 15m, 2h, 3d"
+        )
+    };
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: i64 = number.parse().map_err(|_| bad())?;
+    let age = match unit {
+        "s" => TimeDelta::try_seconds(n),
+        "m" => TimeDelta::try_minutes(n),
+        "h" => TimeDelta::try_hours(n),
+        "d" => TimeDelta::try_days(n),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    kiln_engine::model::now()
+        .checked_sub_signed(age)
+        .ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_and_rfc3339_times_parse_and_nonsense_does_not() {
+        assert!(parse_when("2026-01-31T12:00:00Z").is_ok());
+        let ten_minutes_ago = parse_when("10m").map(|t| kiln_engine::model::now() - t);
+        assert!(
+            ten_minutes_ago
+                .is_ok_and(|d| d >= TimeDelta::minutes(10) && d < TimeDelta::minutes(11))
+        );
+        for bad in ["", "m", "10", "10y", "yesterday", "-5m"] {
+            assert!(parse_when(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        let t0 = kiln_engine::model::now();
+        assert_eq!(
+            duration(t0, Some(t0 + TimeDelta::milliseconds(250))),
+            "250ms"
+        );
+        assert_eq!(
+            duration(t0, Some(t0 + TimeDelta::milliseconds(2_500))),
+            "2.5s"
+        );
+        assert_eq!(duration(t0, Some(t0 + TimeDelta::seconds(65))), "1m05s");
+        assert_eq!(duration(t0, Some(t0 + TimeDelta::seconds(7_260))), "2h01m");
+    }
+}
