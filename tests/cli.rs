@@ -1,0 +1,356 @@
+//! The `kiln` command line, run as a process against a database an engine filled.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{Result, anyhow, ensure};
+use kiln_engine::model::{LogLevel, ResultCode};
+use kiln_engine::{BuilderConfig, Engine, EngineConfig, FnExecutor, JobError, Outcome, Submission};
+use serde_json::{Value, json};
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Result<Value> {
+        serde_json::from_str(&self.stdout).map_err(|e| anyhow!("not JSON ({e}): {}", self.stdout))
+    }
+
+    fn ok(self) -> Result<Self> {
+        ensure!(self.code == 0, "exit {}: {}", self.code, self.stderr);
+        Ok(self)
+    }
+
+    fn fails_with(self, message: &str) -> Result<Self> {
+        ensure!(self.code != 0, "expected a failure, got: {}", self.stdout);
+        ensure!(
+            self.stderr.contains(message),
+            "expected {message:?} in: {}",
+            self.stderr
+        );
+        Ok(self)
+    }
+}
+
+fn from_output(out: Output) -> Run {
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn kiln(db: &Path, args: &[&str]) -> Result<Run> {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .env_remove("KILN_DATABASE")
+        .env("RUST_LOG", "off")
+        .output()?;
+    Ok(from_output(out))
+}
+
+/// A database with one finished buildset over three builders ("ok", "warn", "fail") and
+/// one builder nobody runs ("idle"), so its requests stay queued.
+async fn filled() -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kiln.db");
+    let engine =
+        Engine::open(EngineConfig::new(path.display().to_string()).master_name("cli-test")).await?;
+    engine
+        .register_builder(
+            BuilderConfig::new("ok"),
+            FnExecutor::new(|ctx| async move {
+                ctx.log(LogLevel::Debug, "quiet detail").await?;
+                ctx.log(LogLevel::Error, "loud problem").await?;
+                ctx.progress(&["stage", "one"], 1, 2, "half").await?;
+                ctx.set_property("made", json!("yes"), "ok-job").await?;
+                Ok(Outcome::success(json!({"answer": 42})))
+            }),
+        )
+        .await?;
+    engine
+        .register_builder(
+            BuilderConfig::new("warn"),
+            FnExecutor::new(|_| async { Ok(Outcome::with_results(ResultCode::Warnings, None)) }),
+        )
+        .await?;
+    engine
+        .register_builder(
+            BuilderConfig::new("fail"),
+            FnExecutor::new(|_| async { Err::<Outcome, _>(JobError::new("it broke")) }),
+        )
+        .await?;
+    engine.client().store().builder_ensure("idle", None).await?;
+    let s = engine
+        .submit(
+            &Submission::new("first")
+                .builder("ok")
+                .builder("warn")
+                .builder("fail"),
+        )
+        .await?;
+    engine.wait_buildset(s.buildset_id).await?;
+    engine.shutdown().await;
+    Ok((dir, path))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_and_showing_work_in_tables_and_json() -> Result<()> {
+    let (_dir, db) = filled().await?;
+    let table = kiln(&db, &["list", "buildsets"])?.ok()?;
+    ensure!(
+        table.stdout.contains("FAILURE") && table.stdout.contains("first"),
+        "{}",
+        table.stdout
+    );
+
+    let buildsets = kiln(&db, &["list", "buildsets", "--json"])?.ok()?.json()?;
+    ensure!(
+        buildsets["buildsets"][0]["results"] == "FAILURE",
+        "{buildsets}"
+    );
+
+    let builds = kiln(&db, &["--json", "list", "builds", "--builder", "ok"])?
+        .ok()?
+        .json()?;
+    ensure!(builds["builds"].as_array().map(Vec::len) == Some(1));
+    ensure!(builds["builds"][0]["return_value"] == json!({"answer": 42}));
+
+    let build = kiln(&db, &["show", "build", "ok/1", "--json"])?
+        .ok()?
+        .json()?;
+    ensure!(
+        build["builder"] == "ok" && build["properties"]["made"]["source"] == "ok-job",
+        "{build}"
+    );
+    ensure!(build["progress"]["children"][0]["name"] == "stage");
+    let human = kiln(&db, &["show", "build", "fail/1"])?.ok()?;
+    ensure!(
+        human.stdout.contains("error:     it broke"),
+        "{}",
+        human.stdout
+    );
+
+    let bs = kiln(&db, &["show", "buildset", "1", "--json"])?
+        .ok()?
+        .json()?;
+    ensure!(bs["buildrequests"].as_array().map(Vec::len) == Some(3));
+    let req = kiln(&db, &["show", "request", "1", "--json"])?
+        .ok()?
+        .json()?;
+    ensure!(req["builds"].as_array().map(Vec::len) == Some(1));
+
+    let builders = kiln(&db, &["list", "builders", "--json"])?.ok()?.json()?;
+    ensure!(builders["builders"].as_array().map(Vec::len) == Some(4));
+    let masters = kiln(&db, &["list", "masters"])?.ok()?;
+    ensure!(
+        masters.stdout.contains("cli-test") && masters.stdout.contains("false"),
+        "{}",
+        masters.stdout
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_filter_by_level() -> Result<()> {
+    let (_dir, db) = filled().await?;
+    let all = kiln(&db, &["logs", "ok/1"])?.ok()?;
+    ensure!(all.stdout.contains("quiet detail") && all.stdout.contains("loud problem"));
+    let errors = kiln(&db, &["logs", "ok/1", "--level", "error", "--json"])?
+        .ok()?
+        .json()?;
+    ensure!(
+        errors["logs"].as_array().map(Vec::len) == Some(1)
+            && errors["logs"][0]["message"] == "loud problem"
+    );
+    let window = kiln(&db, &["logs", "ok/1", "--since", "1h", "--json"])?
+        .ok()?
+        .json()?;
+    ensure!(window["logs"].as_array().map(Vec::len) == Some(2));
+    let future = kiln(
+        &db,
+        &["logs", "ok/1", "--since", "2999-01-01T00:00:00Z", "--json"],
+    )?
+    .ok()?
+    .json()?;
+    ensure!(future["logs"].as_array().is_some_and(Vec::is_empty));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_cancel_and_rebuild_change_the_database() -> Result<()> {
+    let (_dir, db) = filled().await?;
+    let args = [
+        "submit",
+        "-b",
+        "idle",
+        "-b",
+        "ok",
+        "--reason",
+        "by hand",
+        "-p",
+        "n=3",
+        "-p",
+        r#"tags=["a","b"]"#,
+        "--priority",
+        "-5",
+        "--repository",
+        "https://git/x",
+        "--branch",
+        "dev",
+        "--json",
+    ];
+    let submitted = kiln(&db, &args)?.ok()?.json()?;
+    let buildset = submitted["buildset_id"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("{submitted}"))?;
+    let queued = kiln(
+        &db,
+        &[
+            "list",
+            "requests",
+            "--claimed",
+            "unclaimed",
+            "--branch",
+            "dev",
+            "--json",
+        ],
+    )?
+    .ok()?
+    .json()?;
+    ensure!(
+        queued["buildrequests"].as_array().map(Vec::len) == Some(2),
+        "{queued}"
+    );
+    ensure!(queued["buildrequests"][0]["priority"] == -5);
+    let shown = kiln(&db, &["show", "buildset", &buildset.to_string(), "--json"])?
+        .ok()?
+        .json()?;
+    ensure!(
+        shown["properties"]["tags"]["value"] == json!(["a", "b"])
+            && shown["properties"]["n"]["source"] == "cli"
+    );
+    ensure!(shown["sourcestamps"][0]["branch"] == "dev");
+
+    let idle = submitted["requests"]["idle"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("{submitted}"))?;
+    let cancelled = kiln(&db, &["cancel", "request", &idle.to_string(), "--json"])?
+        .ok()?
+        .json()?;
+    ensure!(cancelled["cancelled"] == json!([idle]), "{cancelled}");
+    let rest = kiln(
+        &db,
+        &["cancel", "buildset", &buildset.to_string(), "--json"],
+    )?
+    .ok()?
+    .json()?;
+    ensure!(
+        rest["buildsets_completed"][0]["results"] == "CANCELLED",
+        "{rest}"
+    );
+    let again = kiln(&db, &["cancel", "buildset", &buildset.to_string()])?.ok()?;
+    ensure!(again.stdout.contains("nothing to cancel"));
+
+    let rebuilt = kiln(&db, &["rebuild", "fail/1", "--json"])?.ok()?.json()?;
+    let id = rebuilt["buildset_id"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("{rebuilt}"))?;
+    let new = kiln(&db, &["show", "buildset", &id.to_string(), "--json"])?
+        .ok()?
+        .json()?;
+    ensure!(
+        new["buildset"]["rebuilt_buildid"].is_i64()
+            && new["buildrequests"][0]["complete"] == json!(false)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_fails_with_a_clear_message_and_writes_nothing() -> Result<()> {
+    let (dir, db) = filled().await?;
+    kiln(&db, &["submit", "-b", "nope"])?.fails_with("unknown builder \"nope\"")?;
+    kiln(&db, &["submit", "-b", "ok", "-p", "x=text"])?.fails_with("is not valid JSON")?;
+    kiln(&db, &["submit", "-b", "ok", "-p", "novalue"])?.fails_with("NAME=JSON")?;
+    kiln(&db, &["submit", "-b", "ok", "--priority", "5000"])?.fails_with("priority 5000")?;
+    kiln(&db, &["submit", "-b", "ok", "--priority", "high"])?.fails_with("invalid value")?;
+    kiln(&db, &["list", "requests", "--order", "colour"])?
+        .fails_with("cannot order by \"colour\"")?;
+    kiln(&db, &["list", "requests", "--claimed", "maybe"])?.fails_with("invalid value")?;
+    kiln(&db, &["list", "requests", "--claimed-by", "nobody"])?.fails_with("unknown master")?;
+    kiln(&db, &["show", "build", "999"])?.fails_with("build 999 not found")?;
+    kiln(&db, &["show", "build", "ok/x"])?.fails_with("not a build number")?;
+    kiln(&db, &["show", "buildset", "77"])?.fails_with("buildset 77 not found")?;
+    kiln(&db, &["logs", "1", "--level", "loud"])?.fails_with("unknown log level")?;
+    kiln(&db, &["logs", "1", "--since", "yesterday"])?.fails_with("bad time")?;
+    kiln(&db, &["cancel", "request", "4040"])?.fails_with("not found")?;
+    kiln(&db, &["rebuild", "4040"])?.fails_with("not found")?;
+    let count = kiln(&db, &["list", "buildsets", "--json"])?.ok()?.json()?;
+    ensure!(
+        count["buildsets"].as_array().map(Vec::len) == Some(1),
+        "nothing was written: {count}"
+    );
+
+    let missing = dir.path().join("typo.db");
+    kiln(&missing, &["list", "builds"])?.fails_with("no Kiln database")?;
+    ensure!(!missing.exists(), "a mistyped path creates no file");
+    let junk = dir.path().join("junk.db");
+    std::fs::write(&junk, "not a database, just words ".repeat(100))?;
+    kiln(&junk, &["list", "builds"])?.fails_with("not a Kiln database")?;
+    Ok(())
+}
+
+#[test]
+fn the_embedding_example_runs_and_the_cli_reads_its_database() -> Result<()> {
+    // `cargo test` builds the examples next to the test binaries.
+    let exe = std::env::current_exe()?;
+    let example = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| {
+            dir.join("examples")
+                .join(format!("embedded{}", std::env::consts::EXE_SUFFIX))
+        })
+        .ok_or_else(|| anyhow!("no examples directory next to {}", exe.display()))?;
+    ensure!(
+        example.exists(),
+        "{} is missing: run `cargo test`, which builds it",
+        example.display()
+    );
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("example.db");
+    let run = from_output(
+        Command::new(&example)
+            .arg(&db)
+            .env("RUST_LOG", "off")
+            .output()?,
+    )
+    .ok()?;
+    ensure!(
+        run.stdout.contains("buildset 1: WARNINGS"),
+        "{}",
+        run.stdout
+    );
+    for builder in ["fetch", "compile", "test", "docs"] {
+        ensure!(
+            run.stdout.contains(&format!("finished {builder} #1")),
+            "{builder}: {}",
+            run.stdout
+        );
+    }
+    let builds = kiln(&db, &["list", "builds", "--json"])?.ok()?.json()?;
+    ensure!(builds["builds"].as_array().map(Vec::len) == Some(4));
+    let compile = kiln(&db, &["show", "build", "compile/1", "--json"])?
+        .ok()?
+        .json()?;
+    ensure!(
+        compile["progress"]["total"] == 15 && compile["progress"]["current"] == 15,
+        "{compile}"
+    );
+    Ok(())
+}
