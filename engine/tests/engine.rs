@@ -848,3 +848,47 @@ async fn a_buildset_without_builders_is_complete_at_once() -> Result<()> {
     engine.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_flagged_on_a_dead_masters_request_completes_it_without_a_new_build() -> Result<()>
+{
+    let db = db()?;
+    let buildset_id;
+    {
+        let client = Client::open(&db.url).await?;
+        let store = client.store();
+        let an_hour_ago = kiln_engine::model::now() - chrono::TimeDelta::hours(1);
+        let ghost = store.master_register("ghost", an_hour_ago).await?.master_id;
+        store.builder_ensure("b", None).await?;
+        let submitted = client
+            .submit(&Submission::new("doomed").builder("b"))
+            .await?;
+        buildset_id = submitted.buildset_id;
+        store
+            .request_claim(&[submitted.requests["b"]], ghost, an_hour_ago)
+            .await?;
+        let outcome = client.cancel_buildset(buildset_id).await?;
+        ensure!(
+            outcome.flagged.len() == 1,
+            "the claimed request is only flagged: {outcome:?}"
+        );
+    }
+    let mut cfg = config(&db, "alive");
+    cfg.heartbeat_interval = Duration::from_millis(20);
+    let engine = Engine::open(cfg).await?;
+    engine
+        .register_builder(BuilderConfig::new("b"), echo())
+        .await?;
+    let done = guard("the buildset", engine.wait_buildset(buildset_id)).await??;
+    ensure!(done.results == Some(ResultCode::Cancelled), "{done:?}");
+    ensure!(
+        engine
+            .client()
+            .builds(&BuildFilter::default())
+            .await?
+            .is_empty(),
+        "no build ran"
+    );
+    engine.shutdown().await;
+    Ok(())
+}
