@@ -73,13 +73,19 @@ async fn a_sqlite_database_of_another_program_is_refused() -> Result<()> {
 #[tokio::test]
 async fn a_database_from_a_newer_kiln_is_refused() -> Result<()> {
     let h = sqlite().await?;
-    let pool = kiln_engine::storage::sqlite::SqliteStore::open(&h.url, &Default::default()).await?;
-    sqlx::query(
-        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
-         VALUES (9999, 'from the future', 1, x'00', 0)",
-    )
-    .execute(pool.pool())
-    .await?;
+    {
+        use sqlx::ConnectOptions;
+        use std::str::FromStr;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::from_str(&h.url)?
+            .connect()
+            .await?;
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (9999, 'from the future', 1, x'00', 0)",
+        )
+        .execute(&mut conn)
+        .await?;
+    }
     let err = open_err(&h.url).await?;
     ensure!(
         matches!(err, StorageError::NotKilnDatabase(_)) && err.to_string().contains("newer Kiln"),

@@ -1,0 +1,197 @@
+//! Lifecycle benchmark: submit -> claim -> run a no-op job -> finish the build ->
+//! complete the request -> complete the buildset, on SQLite, through the public API.
+//!
+//! `cargo bench -p kiln-engine --bench lifecycle [-- JOBS]` prints:
+//! - drain throughput: JOBS buildsets submitted up front, then drained by the engine;
+//! - end-to-end throughput: submits and execution overlapping, as in production;
+//! - submit-to-start latency on an idle engine (median and p99 over 200 submits).
+//!
+//! It measures and prints; it asserts nothing about speed.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow};
+use kiln_engine::model::ResultCode;
+use kiln_engine::storage::{BuildsetFilter, NewBuildset};
+use kiln_engine::{BuilderConfig, Engine, EngineConfig, Event, FnExecutor, Outcome, Submission};
+use tokio::sync::broadcast;
+
+fn noop() -> FnExecutor {
+    FnExecutor::new(|_| async { Ok(Outcome::with_results(ResultCode::Success, None)) })
+}
+
+async fn open(dir: &tempfile::TempDir, name: &str) -> Result<Engine> {
+    let url = format!(
+        "sqlite://{}",
+        dir.path().join(format!("{name}.db")).display()
+    );
+    let mut config = EngineConfig::new(url).master_name(name);
+    config.event_capacity = 1 << 20;
+    Ok(Engine::open(config).await?)
+}
+
+async fn wait_completions(events: &mut broadcast::Receiver<Event>, n: usize) -> Result<()> {
+    let mut done = 0;
+    while done < n {
+        match events.recv().await {
+            Ok(Event::BuildsetComplete { .. }) => done += 1,
+            Ok(_) => {}
+            Err(e) => return Err(anyhow!("event stream: {e}")),
+        }
+    }
+    Ok(())
+}
+
+async fn drain(jobs: usize) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let engine = open(&dir, "drain").await?;
+    let store = engine.client().store().clone();
+    let builder = store.builder_ensure("noop", None).await?;
+    for _ in 0..jobs {
+        store
+            .buildset_add(&NewBuildset {
+                reason: "bench".into(),
+                builder_ids: vec![builder],
+                submitted_at: kiln_engine::model::now(),
+                ..NewBuildset::default()
+            })
+            .await?;
+    }
+    let mut events = engine.subscribe();
+    let start = Instant::now();
+    engine
+        .register_builder(BuilderConfig::new("noop"), noop())
+        .await?;
+    wait_completions(&mut events, jobs).await?;
+    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    let incomplete = store
+        .buildset_list(&BuildsetFilter {
+            complete: Some(false),
+            ..Default::default()
+        })
+        .await?;
+    engine.shutdown().await;
+    if !incomplete.is_empty() {
+        return Err(anyhow!("{} buildsets did not complete", incomplete.len()));
+    }
+    Ok(rate)
+}
+
+async fn end_to_end(jobs: usize) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let engine = open(&dir, "e2e").await?;
+    engine
+        .register_builder(BuilderConfig::new("noop"), noop())
+        .await?;
+    let mut events = engine.subscribe();
+    let start = Instant::now();
+    for _ in 0..jobs {
+        engine
+            .submit(&Submission::new("bench").builder("noop"))
+            .await?;
+    }
+    wait_completions(&mut events, jobs).await?;
+    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    engine.shutdown().await;
+    Ok(rate)
+}
+
+async fn latency(samples: usize) -> Result<(Duration, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let engine = open(&dir, "latency").await?;
+    engine
+        .register_builder(BuilderConfig::new("noop"), noop())
+        .await?;
+    let mut events = engine.subscribe();
+    let mut took = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let start = Instant::now();
+        engine
+            .submit(&Submission::new("bench").builder("noop"))
+            .await?;
+        loop {
+            match events.recv().await? {
+                Event::BuildStarted { .. } => break,
+                _ => continue,
+            }
+        }
+        took.push(start.elapsed());
+        wait_completions(&mut events, 1).await?;
+    }
+    engine.shutdown().await;
+    took.sort();
+    Ok((took[samples / 2], took[samples * 99 / 100]))
+}
+
+/// The cost of single store calls, one at a time: the floor under every lifecycle step.
+async fn primitives(n: usize) -> Result<(Duration, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}", dir.path().join("prim.db").display());
+    let store = kiln_engine::storage::open(&url).await?;
+    let builder = store.builder_ensure("b", None).await?;
+    let master = store
+        .master_register("m", kiln_engine::model::now())
+        .await?
+        .master_id;
+    let added = store
+        .buildset_add(&NewBuildset {
+            reason: "x".into(),
+            builder_ids: vec![builder],
+            ..NewBuildset::default()
+        })
+        .await?;
+    let request = added.requests[&builder];
+    store
+        .request_claim(&[request], master, kiln_engine::model::now())
+        .await?;
+    let build = store
+        .build_add(&kiln_engine::storage::NewBuild {
+            request_id: request,
+            master_id: master,
+            worker_slot: None,
+            state_string: String::new(),
+            started_at: kiln_engine::model::now(),
+        })
+        .await?;
+    let start = Instant::now();
+    for i in 0..n {
+        store
+            .build_set_state(build.id, if i % 2 == 0 { "a" } else { "b" })
+            .await?;
+    }
+    let write = start.elapsed() / n as u32;
+    let start = Instant::now();
+    for _ in 0..n {
+        store.build_get(build.id).await?;
+    }
+    let read = start.elapsed() / n as u32;
+    Ok((write, read))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    // Benchmarks must not pay for backtrace capture on every error value.
+    // SAFETY: set before any other thread reads the environment.
+    unsafe { std::env::set_var("RUST_BACKTRACE", "0") };
+    let jobs: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(5_000);
+    println!("kiln lifecycle benchmark, SQLite (WAL, synchronous=NORMAL), {jobs} no-op jobs");
+    println!(
+        "  drain (queued up front):     {:>8.0} jobs/s",
+        drain(jobs).await?
+    );
+    println!(
+        "  end to end (submit + run):   {:>8.0} jobs/s",
+        end_to_end(jobs).await?
+    );
+    let (write, read) = primitives(5_000).await?;
+    println!("  one UPDATE (autocommit):     {write:?}; one SELECT by id: {read:?}");
+    let (median, p99) = latency(200).await?;
+    println!(
+        "  submit-to-start, idle:       median {:?}, p99 {:?}",
+        median, p99
+    );
+    Ok(())
+}
