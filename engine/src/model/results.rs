@@ -58,7 +58,7 @@ impl ResultCode {
     }
 
     /// How bad a result is: CANCELLED > RETRY > EXCEPTION > FAILURE > WARNINGS > SUCCESS > SKIPPED.
-    fn severity(self) -> u8 {
+    pub fn severity(self) -> u8 {
         match self {
             ResultCode::Skipped => 0,
             ResultCode::Success => 1,

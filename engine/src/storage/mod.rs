@@ -239,6 +239,87 @@ pub struct FinishBuild {
     pub complete_at: Timestamp,
 }
 
+/// Claim and start builds for the most urgent unclaimed requests, in one transaction.
+#[derive(Clone, Debug)]
+pub struct StartAvailable {
+    /// The claiming master.
+    pub master_id: MasterId,
+    /// Per builder, the worker slots free now: one request is claimed per slot, and
+    /// its build gets that slot.
+    pub free_slots: Vec<(BuilderId, Vec<i64>)>,
+    /// The first state string of every build.
+    pub state_string: String,
+    /// The claim and start time.
+    pub now: Timestamp,
+}
+
+/// A build started by [`Store::build_start_available`], with its request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StartedBuild {
+    /// The claimed request.
+    pub request: BuildRequest,
+    /// Its new build.
+    pub build: Build,
+}
+
+/// What [`Store::build_start_available`] did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StartOutcome {
+    /// Builds started, highest priority first.
+    pub started: Vec<StartedBuild>,
+    /// Requests that were flagged for cancel while an earlier claim held them: they
+    /// completed as CANCELLED instead of starting.
+    pub cancelled: Vec<RequestId>,
+    /// Buildsets those cancellations completed.
+    pub buildsets_completed: Vec<CompletedBuildset>,
+}
+
+/// What a build needs to know about its buildset.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BuildsetContext {
+    /// The buildset's reason.
+    pub reason: String,
+    /// Its properties.
+    pub properties: Properties,
+    /// Its sourcestamps, sorted.
+    pub sourcestamps: Vec<SourceStamp>,
+}
+
+/// How one build ended, for [`Store::build_finish_and_settle`].
+#[derive(Clone, Debug)]
+pub struct BuildEnd {
+    /// The build.
+    pub build_id: BuildId,
+    /// Its request: completed with `results`, or released to run again for RETRY.
+    pub request_id: RequestId,
+    /// Its result.
+    pub results: ResultCode,
+    /// What the job returned.
+    pub return_value: Option<serde_json::Value>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Where it failed.
+    pub traceback: Option<String>,
+    /// A final state string (the old one stays if `None`).
+    pub state_string: Option<String>,
+    /// When it ended.
+    pub complete_at: Timestamp,
+}
+
+/// What [`Store::build_finish_and_settle`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Builds that were not running on the master any more (expired, finished, unknown):
+    /// their results were refused and their requests left alone.
+    pub refused: Vec<BuildId>,
+    /// Requests completed with their build's result.
+    pub completed: Vec<RequestId>,
+    /// Requests released for RETRY (back in the queue).
+    pub released: Vec<RequestId>,
+    /// Buildsets whose last request this completed.
+    pub buildsets_completed: Vec<CompletedBuildset>,
+}
+
 /// Which builds to list, lowest id first.
 #[derive(Clone, Debug, Default)]
 pub struct BuildFilter {
@@ -353,7 +434,21 @@ pub trait Store: Send + Sync + 'static {
     // ---- buildsets ----
 
     /// Adds a buildset and one request per builder, atomically.
-    async fn buildset_add(&self, params: &NewBuildset) -> Result<AddedBuildset>;
+    async fn buildset_add(&self, params: &NewBuildset) -> Result<AddedBuildset> {
+        let mut added = self.buildset_add_many(std::slice::from_ref(params)).await?;
+        added
+            .pop()
+            .ok_or_else(|| StorageError::Invalid("adding one buildset returned none".into()))
+    }
+    /// Adds several buildsets, each with one request per builder, in one transaction:
+    /// all of them or, if any is refused, none. The result is in the order given.
+    async fn buildset_add_many(&self, params: &[NewBuildset]) -> Result<Vec<AddedBuildset>>;
+    /// Reason, properties and sourcestamps of several buildsets at once (unknown ids are
+    /// left out).
+    async fn buildset_contexts(
+        &self,
+        ids: &[BuildsetId],
+    ) -> Result<BTreeMap<BuildsetId, BuildsetContext>>;
     /// One buildset.
     async fn buildset_get(&self, id: BuildsetId) -> Result<Buildset>;
     /// Buildsets, newest first.
@@ -401,6 +496,18 @@ pub trait Store: Send + Sync + 'static {
     async fn request_cancel_pending(&self, master: MasterId) -> Result<Vec<RequestId>>;
 
     // ---- builds ----
+
+    /// Claims, in one transaction, one unclaimed request per free slot of each builder
+    /// (highest priority first, then oldest) and starts a build for each, numbered on
+    /// from the builder's highest number. Requests flagged for cancel complete as
+    /// CANCELLED instead.
+    async fn build_start_available(&self, params: &StartAvailable) -> Result<StartOutcome>;
+    /// Finishes several builds of one master in one transaction and settles their
+    /// requests: completed with the build's result, or released for RETRY; buildsets
+    /// whose last request completes complete. A build not running on that master is
+    /// refused (listed in [`Settled::refused`]) without failing the others.
+    async fn build_finish_and_settle(&self, master: MasterId, ends: &[BuildEnd])
+    -> Result<Settled>;
 
     /// Starts a build of a request the master has claimed, numbered one above the
     /// builder's highest number (safe under concurrent starts).

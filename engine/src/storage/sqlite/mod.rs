@@ -5,11 +5,12 @@
 //! upgrade a read snapshot. Lists of ids travel as one JSON array (`json_each(?)`), which
 //! keeps statements fixed and their prepared forms cached.
 
+mod batch;
 mod rows;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
@@ -23,9 +24,10 @@ use self::rows::{
     master_from_row, properties_from_rows, request_from_row, result_code, us,
 };
 use super::{
-    AddedBuildset, BuildFilter, BuildsetFilter, CancelOutcome, ClaimAvailable, ClaimFilter,
-    CompletedBuildset, ExpireMasters, ExpiredMaster, FinishBuild, NewBuild, NewBuildset,
-    RegisteredMaster, RequestFilter, RequestOrderField, Result, StorageError, Store, StoreOptions,
+    AddedBuildset, BuildEnd, BuildFilter, BuildsetContext, BuildsetFilter, CancelOutcome,
+    ClaimAvailable, ClaimFilter, CompletedBuildset, ExpireMasters, ExpiredMaster, FinishBuild,
+    NewBuild, NewBuildset, RegisteredMaster, RequestFilter, RequestOrderField, Result, Settled,
+    StartAvailable, StartOutcome, StorageError, Store, StoreOptions,
 };
 use crate::model::{
     Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry, LogLevel,
@@ -199,34 +201,53 @@ async fn take_back(
     Ok((released, retried))
 }
 
-/// Completes a buildset whose requests are now all complete, with the worst result.
-async fn maybe_complete_buildset(
+/// `UPDATE` that completes those of a JSON array of buildsets whose requests are now all
+/// complete, with the worst of their results. The ranking is generated from
+/// [`ResultCode::severity`] so that SQL and Rust cannot disagree.
+static COMPLETE_BUILDSETS_SQL: LazyLock<String> = LazyLock::new(|| {
+    let to_severity: String = ResultCode::ALL
+        .iter()
+        .map(|r| format!(" WHEN {} THEN {}", r.code(), r.severity()))
+        .collect();
+    let to_code: String = ResultCode::ALL
+        .iter()
+        .map(|r| format!(" WHEN {} THEN {}", r.severity(), r.code()))
+        .collect();
+    format!(
+        "UPDATE buildsets SET complete = 1, complete_at = ?,
+             results = (SELECT CASE MAX(CASE r.results{to_severity} END){to_code} END
+                        FROM buildrequests r WHERE r.buildset_id = buildsets.id)
+         WHERE id IN (SELECT value FROM json_each(?)) AND complete = 0
+           AND NOT EXISTS (SELECT 1 FROM buildrequests r WHERE r.buildset_id = buildsets.id AND r.complete = 0)
+         RETURNING id, results"
+    )
+});
+
+/// Completes the given buildsets whose requests are all complete now.
+async fn complete_buildsets(
     tx: &mut SqliteConnection,
-    id: BuildsetId,
+    ids: impl IntoIterator<Item = BuildsetId>,
     now: Timestamp,
-) -> Result<Option<CompletedBuildset>> {
-    let rows = sqlx::query("SELECT complete, results FROM buildrequests WHERE buildset_id = ?")
-        .bind(id.0)
+) -> Result<Vec<CompletedBuildset>> {
+    let ids: BTreeSet<BuildsetId> = ids.into_iter().collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(sqlx::AssertSqlSafe(COMPLETE_BUILDSETS_SQL.as_str()))
+        .bind(us(now))
+        .bind(json_ids(ids.iter().map(|b| b.0)))
         .fetch_all(&mut *tx)
         .await?;
-    let mut results = Vec::with_capacity(rows.len());
+    let mut completed = Vec::with_capacity(rows.len());
     for row in &rows {
-        if row.try_get::<i64, _>("complete")? == 0 {
-            return Ok(None);
-        }
-        results.extend(result_code(row.try_get("results")?)?);
+        let results = result_code(row.try_get("results")?)?.unwrap_or(ResultCode::Success);
+        completed.push(CompletedBuildset {
+            buildset_id: BuildsetId(row.try_get("id")?),
+            results,
+        });
     }
-    let worst = ResultCode::worst_of(results).unwrap_or(ResultCode::Success);
-    let updated = sqlx::query("UPDATE buildsets SET complete = 1, complete_at = ?, results = ? WHERE id = ? AND complete = 0")
-        .bind(us(now))
-        .bind(worst.code())
-        .bind(id.0)
-        .execute(&mut *tx)
-        .await?;
-    Ok((updated.rows_affected() == 1).then_some(CompletedBuildset {
-        buildset_id: id,
-        results: worst,
-    }))
+    completed.sort_by_key(|c| c.buildset_id);
+    Ok(completed)
 }
 
 fn validate_buildset(params: &NewBuildset) -> Result<()> {
@@ -412,102 +433,15 @@ impl Store for SqliteStore {
         rows.iter().map(rows::builder_from_row).collect()
     }
 
-    async fn buildset_add(&self, params: &NewBuildset) -> Result<AddedBuildset> {
-        validate_buildset(params)?;
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let known: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM builders WHERE id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(json_ids(params.builder_ids.iter().map(|b| b.0)))
-        .fetch_one(&mut *tx)
-        .await?;
-        if known as usize != params.builder_ids.len() {
-            for b in &params.builder_ids {
-                let exists: Option<i64> =
-                    sqlx::query_scalar("SELECT id FROM builders WHERE id = ?")
-                        .bind(b.0)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                if exists.is_none() {
-                    return Err(StorageError::UnknownBuilder(format!("#{b}")));
-                }
-            }
-        }
-        let now = us(params.submitted_at);
-        let empty = params.builder_ids.is_empty();
-        let buildset_id: i64 = sqlx::query_scalar(
-            "INSERT INTO buildsets (reason, external_idstring, submitted_at, complete, complete_at, results,
-                                    parent_buildid, parent_relationship, rebuilt_buildid)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(&params.reason)
-        .bind(&params.external_idstring)
-        .bind(now)
-        .bind(empty)
-        .bind(empty.then_some(now))
-        .bind(empty.then_some(ResultCode::Success.code()))
-        .bind(params.parent_buildid.map(|b| b.0))
-        .bind(&params.parent_relationship)
-        .bind(params.rebuilt_buildid.map(|b| b.0))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| fk_to_not_found(e, "build", params.parent_buildid.or(params.rebuilt_buildid)))?;
-        for stamp in &params.sourcestamps {
-            sqlx::query(
-                "INSERT INTO sourcestamps (codebase, repository, branch, revision, project) VALUES (?, ?, ?, ?, ?)
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(&stamp.codebase)
-            .bind(&stamp.repository)
-            .bind(stamp.branch.as_deref().unwrap_or(""))
-            .bind(stamp.revision.as_deref().unwrap_or(""))
-            .bind(&stamp.project)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT OR IGNORE INTO buildset_sourcestamps (buildset_id, sourcestamp_id)
-                 SELECT ?, id FROM sourcestamps
-                 WHERE codebase = ? AND repository = ? AND branch = ? AND revision = ? AND project = ?",
-            )
-            .bind(buildset_id)
-            .bind(&stamp.codebase)
-            .bind(&stamp.repository)
-            .bind(stamp.branch.as_deref().unwrap_or(""))
-            .bind(stamp.revision.as_deref().unwrap_or(""))
-            .bind(&stamp.project)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for (name, property) in &params.properties {
-            sqlx::query("INSERT INTO buildset_properties (buildset_id, name, value, source) VALUES (?, ?, ?, ?)")
-                .bind(buildset_id)
-                .bind(name)
-                .bind(property.value.to_string())
-                .bind(&property.source)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let mut requests = BTreeMap::new();
-        for builder in &params.builder_ids {
-            let request_id: i64 = sqlx::query_scalar(
-                "INSERT INTO buildrequests (buildset_id, builder_id, priority, submitted_at, waited_for)
-                 VALUES (?, ?, ?, ?, ?) RETURNING id",
-            )
-            .bind(buildset_id)
-            .bind(builder.0)
-            .bind(params.priority)
-            .bind(now)
-            .bind(params.waited_for)
-            .fetch_one(&mut *tx)
-            .await?;
-            requests.insert(*builder, RequestId(request_id));
-        }
-        tx.commit().await?;
-        Ok(AddedBuildset {
-            buildset_id: BuildsetId(buildset_id),
-            requests,
-        })
+    async fn buildset_add_many(&self, params: &[NewBuildset]) -> Result<Vec<AddedBuildset>> {
+        self.add_buildsets(params).await
+    }
+
+    async fn buildset_contexts(
+        &self,
+        ids: &[BuildsetId],
+    ) -> Result<BTreeMap<BuildsetId, BuildsetContext>> {
+        self.contexts(ids).await
     }
 
     async fn buildset_get(&self, id: BuildsetId) -> Result<Buildset> {
@@ -785,10 +719,7 @@ impl Store for SqliteStore {
             .bind(&list)
             .execute(&mut *tx)
             .await?;
-        let mut completed = Vec::new();
-        for bs in buildsets {
-            completed.extend(maybe_complete_buildset(&mut tx, bs, now).await?);
-        }
+        let completed = complete_buildsets(&mut tx, buildsets, now).await?;
         tx.commit().await?;
         Ok(completed)
     }
@@ -829,11 +760,7 @@ impl Store for SqliteStore {
         .bind(json_ids(outcome.completed.iter().map(|r| r.0)))
         .execute(&mut *tx)
         .await?;
-        for bs in buildsets {
-            outcome
-                .buildsets_completed
-                .extend(maybe_complete_buildset(&mut tx, bs, now).await?);
-        }
+        outcome.buildsets_completed = complete_buildsets(&mut tx, buildsets, now).await?;
         tx.commit().await?;
         Ok(outcome)
     }
@@ -847,6 +774,18 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         Ok(ids.into_iter().map(RequestId).collect())
+    }
+
+    async fn build_start_available(&self, params: &StartAvailable) -> Result<StartOutcome> {
+        self.start_available(params).await
+    }
+
+    async fn build_finish_and_settle(
+        &self,
+        master: MasterId,
+        ends: &[BuildEnd],
+    ) -> Result<Settled> {
+        self.finish_and_settle(master, ends).await
     }
 
     async fn build_add(&self, params: &NewBuild) -> Result<Build> {

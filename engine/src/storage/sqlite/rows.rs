@@ -140,19 +140,19 @@ pub(super) fn build_from_row(row: &SqliteRow) -> Result<Build> {
     })
 }
 
+pub(super) fn property_from_row(row: &SqliteRow) -> Result<(String, Property)> {
+    let value: String = row.try_get("value")?;
+    Ok((
+        row.try_get("name")?,
+        Property {
+            value: json(&value)?,
+            source: row.try_get("source")?,
+        },
+    ))
+}
+
 pub(super) fn properties_from_rows(rows: &[SqliteRow]) -> Result<Properties> {
-    rows.iter()
-        .map(|row| {
-            let value: String = row.try_get("value")?;
-            Ok((
-                row.try_get("name")?,
-                Property {
-                    value: json(&value)?,
-                    source: row.try_get("source")?,
-                },
-            ))
-        })
-        .collect()
+    rows.iter().map(property_from_row).collect()
 }
 
 pub(super) fn progress_from_row(row: &SqliteRow) -> Result<ProgressRecord> {
