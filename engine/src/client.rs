@@ -145,34 +145,51 @@ impl Client {
 
     /// Submits a buildset. Every builder must already be known to the database.
     pub async fn submit(&self, submission: &Submission) -> Result<Submitted> {
-        self.submit_buildset(submission, None).await
+        let mut submitted = self.submit_many(std::slice::from_ref(submission)).await?;
+        submitted
+            .pop()
+            .ok_or_else(|| EngineError::Invalid("submitting one buildset returned none".into()))
     }
 
-    pub(crate) async fn submit_buildset(
+    /// Submits several buildsets in one transaction: all of them, or none if any is
+    /// refused. The result is in the order given.
+    pub async fn submit_many(&self, submissions: &[Submission]) -> Result<Vec<Submitted>> {
+        self.submit_buildsets(submissions, None).await
+    }
+
+    async fn submit_buildsets(
         &self,
-        s: &Submission,
+        submissions: &[Submission],
         rebuilt: Option<BuildId>,
-    ) -> Result<Submitted> {
-        if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&s.priority) {
-            return Err(EngineError::Invalid(format!(
-                "priority {} is outside {MIN_PRIORITY}..={MAX_PRIORITY}",
-                s.priority
-            )));
-        }
-        let mut builder_ids: Vec<BuilderId> = Vec::with_capacity(s.builders.len());
-        let mut names: BTreeMap<BuilderId, String> = BTreeMap::new();
-        for name in &s.builders {
-            let builder = self.builder_named(name).await?;
-            if names.insert(builder.id, name.clone()).is_some() {
+    ) -> Result<Vec<Submitted>> {
+        let known: BTreeMap<String, BuilderId> = self
+            .store
+            .builder_list()
+            .await?
+            .into_iter()
+            .map(|b| (b.name, b.id))
+            .collect();
+        let mut params = Vec::with_capacity(submissions.len());
+        for s in submissions {
+            if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&s.priority) {
                 return Err(EngineError::Invalid(format!(
-                    "builder {name:?} is named twice"
+                    "priority {} is outside {MIN_PRIORITY}..={MAX_PRIORITY}",
+                    s.priority
                 )));
             }
-            builder_ids.push(builder.id);
-        }
-        let added = self
-            .store
-            .buildset_add(&NewBuildset {
+            let mut builder_ids = Vec::with_capacity(s.builders.len());
+            for name in &s.builders {
+                let id = *known
+                    .get(name)
+                    .ok_or_else(|| EngineError::UnknownBuilder(name.clone()))?;
+                if builder_ids.contains(&id) {
+                    return Err(EngineError::Invalid(format!(
+                        "builder {name:?} is named twice"
+                    )));
+                }
+                builder_ids.push(id);
+            }
+            params.push(NewBuildset {
                 reason: s.reason.clone(),
                 external_idstring: s.external_idstring.clone(),
                 sourcestamps: s.sourcestamps.clone(),
@@ -182,17 +199,31 @@ impl Client {
                 rebuilt_buildid: rebuilt,
                 submitted_at: crate::model::now(),
                 ..NewBuildset::default()
-            })
-            .await?;
-        let requests = added
-            .requests
+            });
+        }
+        let added = self.store.buildset_add_many(&params).await?;
+        Ok(submissions
             .iter()
-            .filter_map(|(builder, request)| names.get(builder).map(|n| (n.clone(), *request)))
-            .collect();
-        Ok(Submitted {
-            buildset_id: added.buildset_id,
-            requests,
-        })
+            .zip(added)
+            .map(|(s, added)| {
+                let names: BTreeMap<BuilderId, &String> = s
+                    .builders
+                    .iter()
+                    .filter_map(|n| known.get(n).map(|id| (*id, n)))
+                    .collect();
+                let requests = added
+                    .requests
+                    .iter()
+                    .filter_map(|(builder, request)| {
+                        names.get(builder).map(|n| ((*n).clone(), *request))
+                    })
+                    .collect();
+                Submitted {
+                    buildset_id: added.buildset_id,
+                    requests,
+                }
+            })
+            .collect())
     }
 
     /// One buildset.
@@ -288,6 +319,11 @@ impl Client {
             priority: request.priority,
             external_idstring: original.external_idstring,
         };
-        self.submit_buildset(&submission, Some(id)).await
+        let mut submitted = self
+            .submit_buildsets(std::slice::from_ref(&submission), Some(id))
+            .await?;
+        submitted
+            .pop()
+            .ok_or_else(|| EngineError::Invalid("rebuilding returned no buildset".into()))
     }
 }

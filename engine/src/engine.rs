@@ -29,7 +29,7 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// How long a build asked to stop may take before its task is aborted.
 pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(5);
 /// The most requests one builder claims in one transaction.
-pub const DEFAULT_CLAIM_BATCH: u32 = 64;
+pub const DEFAULT_CLAIM_BATCH: u32 = 256;
 
 /// How an engine runs.
 #[derive(Clone, Debug)]
@@ -257,17 +257,28 @@ impl Engine {
 
     /// Submits a buildset; its requests start at once if this engine runs their builders.
     pub async fn submit(&self, submission: &Submission) -> Result<Submitted> {
-        let submitted = self.client.submit(submission).await?;
-        self.scheduler.shared.emit(Event::BuildsetSubmitted {
-            buildset_id: submitted.buildset_id,
-            reason: submission.reason.clone(),
-            requests: submitted.requests.clone(),
-        });
-        if submitted.requests.is_empty() {
-            self.scheduler.shared.emit(Event::BuildsetComplete {
-                buildset_id: submitted.buildset_id,
-                results: crate::model::ResultCode::Success,
+        let mut submitted = self.submit_many(std::slice::from_ref(submission)).await?;
+        submitted
+            .pop()
+            .ok_or_else(|| EngineError::Invalid("submitting one buildset returned none".into()))
+    }
+
+    /// Submits several buildsets in one transaction (all or none), in the order given.
+    pub async fn submit_many(&self, submissions: &[Submission]) -> Result<Vec<Submitted>> {
+        let submitted = self.client.submit_many(submissions).await?;
+        let shared = &self.scheduler.shared;
+        for (submission, s) in submissions.iter().zip(&submitted) {
+            shared.emit(Event::BuildsetSubmitted {
+                buildset_id: s.buildset_id,
+                reason: submission.reason.clone(),
+                requests: s.requests.clone(),
             });
+            if s.requests.is_empty() {
+                shared.emit(Event::BuildsetComplete {
+                    buildset_id: s.buildset_id,
+                    results: crate::model::ResultCode::Success,
+                });
+            }
         }
         self.scheduler.wake();
         Ok(submitted)

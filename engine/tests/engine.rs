@@ -892,3 +892,51 @@ async fn a_cancel_flagged_on_a_dead_masters_request_completes_it_without_a_new_b
     engine.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitting_many_buildsets_at_once_runs_them_all_or_refuses_them_all() -> Result<()> {
+    let db = db()?;
+    let engine = engine(&db).await?;
+    engine
+        .register_builder(BuilderConfig::new("a"), echo())
+        .await?;
+    engine
+        .register_builder(BuilderConfig::new("b"), echo())
+        .await?;
+    let batch: Vec<Submission> = (0..50)
+        .map(|i| {
+            Submission::new(format!("batch {i}"))
+                .builder("a")
+                .builder("b")
+                .property("i", json!(i), "test")
+        })
+        .collect();
+    let submitted = engine.submit_many(&batch).await?;
+    ensure!(
+        submitted.len() == 50
+            && submitted
+                .windows(2)
+                .all(|w| w[0].buildset_id < w[1].buildset_id)
+    );
+    for (i, s) in submitted.iter().enumerate() {
+        let done = guard("a buildset", engine.wait_buildset(s.buildset_id)).await??;
+        ensure!(done.reason == format!("batch {i}") && done.results == Some(ResultCode::Success));
+        ensure!(s.requests.len() == 2);
+    }
+    ensure!(engine.client().builds(&BuildFilter::default()).await?.len() == 100);
+
+    let mixed = vec![
+        Submission::new("fine").builder("a"),
+        Submission::new("bad").builder("nobody"),
+    ];
+    ensure!(matches!(
+        engine.submit_many(&mixed).await,
+        Err(EngineError::UnknownBuilder(_))
+    ));
+    ensure!(
+        engine.client().buildsets(&Default::default()).await?.len() == 50,
+        "nothing of the refused batch was written"
+    );
+    engine.shutdown().await;
+    Ok(())
+}

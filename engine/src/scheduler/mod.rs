@@ -17,15 +17,15 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::engine::{BuilderConfig, EngineConfig};
 use crate::events::Event;
 use crate::executor::{Executor, StopReason};
-use crate::model::{BuildId, BuilderId, MasterId, RequestId};
-use crate::storage::{ClaimAvailable, Store};
+use crate::model::{BuildId, BuilderId, BuildsetId, MasterId, RequestId, ResultCode};
+use crate::storage::{StartAvailable, Store};
 
 /// A builder registered on this engine, with its executor and slot bookkeeping.
 pub(crate) struct RegisteredBuilder {
@@ -33,32 +33,33 @@ pub(crate) struct RegisteredBuilder {
     pub(crate) config: BuilderConfig,
     pub(crate) executor: Arc<dyn Executor>,
     /// Which worker slots are busy; a build takes the lowest free one.
-    busy_slots: Mutex<BTreeSet<u32>>,
+    busy_slots: Mutex<BTreeSet<i64>>,
 }
 
 impl RegisteredBuilder {
-    fn slots(&self) -> MutexGuard<'_, BTreeSet<u32>> {
+    fn slots(&self) -> MutexGuard<'_, BTreeSet<i64>> {
         self.busy_slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn free_slots(&self, batch: u32) -> u32 {
-        let busy = u32::try_from(self.slots().len()).unwrap_or(u32::MAX);
-        match self.config.max_concurrent {
-            Some(max) => max.saturating_sub(busy).min(batch),
-            None => batch,
-        }
+    /// The lowest free slots, at most `batch` of them and never beyond the limit.
+    fn free_slots(&self, batch: u32) -> Vec<i64> {
+        let busy = self.slots();
+        let room = match self.config.max_concurrent {
+            Some(max) => (max as usize)
+                .saturating_sub(busy.len())
+                .min(batch as usize),
+            None => batch as usize,
+        };
+        (0..).filter(|s| !busy.contains(s)).take(room).collect()
     }
 
-    fn take_slot(&self) -> u32 {
-        let mut busy = self.slots();
-        let slot = (0..).find(|s| !busy.contains(s)).unwrap_or(u32::MAX);
-        busy.insert(slot);
-        slot
+    fn occupy_slot(&self, slot: i64) {
+        self.slots().insert(slot);
     }
 
-    fn release_slot(&self, slot: u32) {
+    fn release_slot(&self, slot: i64) {
         self.slots().remove(&slot);
     }
 }
@@ -76,8 +77,10 @@ pub(crate) struct Shared {
     pub(crate) config: EngineConfig,
     builders: RwLock<HashMap<BuilderId, Arc<RegisteredBuilder>>>,
     running: Mutex<HashMap<BuildId, RunningBuild>>,
-    /// Claimed requests whose task has not yet finished (with or without a build).
+    /// Started builds not yet recorded as finished.
     in_flight: watch::Sender<usize>,
+    /// Hands finished builds to the finisher, which records them in batches.
+    finished: mpsc::UnboundedSender<run::Finished>,
     wake: Notify,
     pub(crate) events: broadcast::Sender<Event>,
     stopping: watch::Sender<bool>,
@@ -139,6 +142,7 @@ impl Scheduler {
         config: EngineConfig,
     ) -> Scheduler {
         let (events, _) = broadcast::channel(config.event_capacity.max(1));
+        let (finished, finished_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             store,
             master,
@@ -146,6 +150,7 @@ impl Scheduler {
             builders: RwLock::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             in_flight: watch::channel(0).0,
+            finished,
             wake: Notify::new(),
             events,
             stopping: watch::channel(false).0,
@@ -153,6 +158,7 @@ impl Scheduler {
         let tasks = vec![
             tokio::spawn(claim_loop(shared.clone())),
             tokio::spawn(masters::heartbeat_loop(shared.clone())),
+            tokio::spawn(run::finisher_loop(shared.clone(), finished_rx)),
         ];
         Scheduler {
             shared,
@@ -277,7 +283,8 @@ async fn claim_loop(shared: Arc<Shared>) {
     }
 }
 
-/// One claim transaction; starts a task per claimed request. Returns how many it claimed.
+/// One claim-and-start transaction; spawns a task per started build. Returns how many
+/// requests it took off the queue.
 async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
     let builders: Vec<Arc<RegisteredBuilder>> = shared
         .builders
@@ -286,41 +293,78 @@ async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
         .values()
         .cloned()
         .collect();
-    let slots: Vec<(BuilderId, u32)> = builders
+    let free_slots: Vec<(BuilderId, Vec<i64>)> = builders
         .iter()
         .map(|b| (b.id, b.free_slots(shared.config.claim_batch)))
-        .filter(|(_, n)| *n > 0)
+        .filter(|(_, slots)| !slots.is_empty())
         .collect();
-    if slots.is_empty() {
+    if free_slots.is_empty() {
         return Ok(0);
     }
-    let claimed = shared
+    let outcome = shared
         .store
-        .request_claim_available(&ClaimAvailable {
+        .build_start_available(&StartAvailable {
             master_id: shared.master,
-            slots,
+            free_slots,
+            state_string: "starting".into(),
             now: crate::model::now(),
         })
         .await?;
-    for request in &claimed {
-        let Some(builder) = shared.builder(request.builder_id) else {
-            // Cannot happen: we only claim for registered builders. Give it back.
-            shared
-                .store
-                .request_unclaim(&[request.id], shared.master)
-                .await?;
+    for request_id in &outcome.cancelled {
+        shared.emit(Event::RequestCompleted {
+            request_id: *request_id,
+            results: ResultCode::Cancelled,
+        });
+    }
+    run::emit_completed(shared, outcome.buildsets_completed);
+    if outcome.started.is_empty() {
+        return Ok(outcome.cancelled.len());
+    }
+    let buildsets: Vec<BuildsetId> = outcome
+        .started
+        .iter()
+        .map(|s| s.request.buildset_id)
+        .collect();
+    let contexts = match shared.store.buildset_contexts(&buildsets).await {
+        Ok(contexts) => contexts,
+        Err(e) => {
+            // The builds exist already; without their context they end as EXCEPTION.
+            warn!(error = %e, "could not load buildset contexts for started builds");
+            Default::default()
+        }
+    };
+    let taken = outcome.started.len() + outcome.cancelled.len();
+    shared
+        .in_flight
+        .send_modify(|n| *n += outcome.started.len());
+    for started in outcome.started {
+        let slot = started.build.worker_slot.unwrap_or_default();
+        let Some(builder) = shared.builder(started.build.builder_id) else {
+            // Cannot happen: builds are only started for registered builders.
             continue;
         };
-        let slot = builder.take_slot();
-        shared.in_flight.send_modify(|n| *n += 1);
-        tokio::spawn(run::run_request(
+        builder.occupy_slot(slot);
+        // Registered before the task runs, so that a cancel right after BuildStarted
+        // always finds the build.
+        let (stop_tx, stop_rx) = watch::channel(None);
+        shared.running().insert(
+            started.build.id,
+            RunningBuild {
+                request_id: started.request.id,
+                stop: stop_tx,
+            },
+        );
+        let context = contexts.get(&started.request.buildset_id).cloned();
+        tokio::spawn(run::run_build(
             shared.clone(),
             builder,
-            request.clone(),
+            started,
+            context,
             slot,
+            stop_rx,
         ));
     }
-    Ok(claimed.len())
+    Ok(taken)
 }
 
 /// Stops local builds whose requests somebody cancelled through another process.

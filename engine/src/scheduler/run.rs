@@ -1,104 +1,81 @@
-//! Running one claimed request: start a build, execute it, record the outcome, complete
-//! or requeue the request.
+//! Running started builds, and recording their ends in batches.
+//!
+//! Each started build runs in its own task ([`run_build`]), which ends by handing a
+//! [`Finished`] to the finisher. The finisher ([`finisher_loop`]) takes everything that
+//! has finished meanwhile and records it in one transaction
+//! ([`Store::build_finish_and_settle`](crate::storage::Store::build_finish_and_settle)):
+//! under load many builds share a commit, when idle a build is recorded at once.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::watch;
-use tracing::{debug, error, info, warn};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, warn};
 
-use super::{RegisteredBuilder, RunningBuild, Shared};
+use super::{RegisteredBuilder, Shared};
 use crate::events::Event;
 use crate::executor::{BuildContext, ContextInner, Outcome, StopReason};
-use crate::model::{Build, BuildRequest, Properties, ResultCode};
-use crate::storage::{FinishBuild, NewBuild, StorageError};
+use crate::model::{Properties, ResultCode};
+use crate::storage::{BuildEnd, BuildsetContext, CompletedBuildset, StartedBuild};
 
-/// Runs a claimed request to the end and frees its slot, whatever happens.
-pub(super) async fn run_request(
+/// The most finished builds recorded in one transaction.
+pub(super) const FINISH_BATCH: usize = 512;
+/// How often recording a batch is tried before its builds are left for master expiry.
+const FINISH_ATTEMPTS: u32 = 8;
+/// The first pause between attempts; it doubles up to [`FINISH_RETRY_MAX`].
+const FINISH_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between attempts.
+const FINISH_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// A build that has run, waiting to be recorded.
+pub(super) struct Finished {
+    builder: Arc<RegisteredBuilder>,
+    slot: i64,
+    started: StartedBuild,
+    end: BuildEnd,
+}
+
+/// Runs one started build and hands its end to the finisher.
+pub(super) async fn run_build(
     shared: Arc<Shared>,
     builder: Arc<RegisteredBuilder>,
-    request: BuildRequest,
-    slot: u32,
-) {
-    if let Err(e) = run(&shared, &builder, &request, slot).await {
-        error!(request = %request.id, builder = %builder.config.name, error = %e, "running a build request failed");
-        // Give the request back so that it is not stuck until this master expires.
-        if let Err(e) = shared
-            .store
-            .request_unclaim(&[request.id], shared.master)
-            .await
-        {
-            warn!(request = %request.id, error = %e, "could not release the claim; master expiry will");
-        }
-    }
-    builder.release_slot(slot);
-    shared.in_flight.send_modify(|n| *n = n.saturating_sub(1));
-    shared.wake.notify_one();
-}
-
-async fn run(
-    shared: &Arc<Shared>,
-    builder: &RegisteredBuilder,
-    request: &BuildRequest,
-    slot: u32,
-) -> crate::storage::Result<()> {
-    let store = &shared.store;
-    if request.cancel_requested {
-        // Cancelled while claimed elsewhere, then released: complete it without a build.
-        let completed = store
-            .request_complete(&[request.id], ResultCode::Cancelled, crate::model::now())
-            .await?;
-        shared.emit(Event::RequestCompleted {
-            request_id: request.id,
-            results: ResultCode::Cancelled,
-        });
-        emit_completed(shared, completed);
-        return Ok(());
-    }
-    let build = store
-        .build_add(&NewBuild {
-            request_id: request.id,
-            master_id: shared.master,
-            worker_slot: Some(i64::from(slot)),
-            state_string: "starting".into(),
-            started_at: crate::model::now(),
-        })
-        .await?;
-    let (stop_tx, stop_rx) = watch::channel(None);
-    shared.running().insert(
-        build.id,
-        RunningBuild {
-            request_id: request.id,
-            stop: stop_tx,
-        },
-    );
-    let result = execute_and_record(shared, builder, request, &build, stop_rx).await;
-    shared.running().remove(&build.id);
-    result
-}
-
-async fn execute_and_record(
-    shared: &Arc<Shared>,
-    builder: &RegisteredBuilder,
-    request: &BuildRequest,
-    build: &Build,
+    started: StartedBuild,
+    context: Option<BuildsetContext>,
+    slot: i64,
     stop: watch::Receiver<Option<StopReason>>,
-) -> crate::storage::Result<()> {
-    let store = &shared.store;
+) {
+    let build = &started.build;
     shared.emit(Event::BuildStarted {
         build_id: build.id,
         number: build.number,
         builder: builder.config.name.clone(),
-        request_id: request.id,
-        buildset_id: request.buildset_id,
+        request_id: started.request.id,
+        buildset_id: started.request.buildset_id,
     });
     debug!(build = %build.id, builder = %builder.config.name, number = build.number, "build started");
-
-    let outcome = match context(shared, builder, request, build, stop.clone()).await {
-        Ok(ctx) => execute(shared, builder, ctx, stop.clone()).await,
-        Err(e) => Outcome::exception(format!("could not prepare the build: {e}"), None),
+    let outcome = match context {
+        Some(context) => {
+            let ctx = BuildContext::new(ContextInner {
+                build: build.clone(),
+                builder: builder.config.name.clone(),
+                buildset_id: started.request.buildset_id,
+                reason: context.reason,
+                args: builder.config.args.clone(),
+                kwargs: builder.config.kwargs.clone(),
+                buildset_properties: context.properties,
+                build_properties: Mutex::new(Properties::new()),
+                sourcestamps: context.sourcestamps,
+                store: shared.store.clone(),
+                stop: stop.clone(),
+            });
+            execute(&shared, &builder, ctx, stop.clone()).await
+        }
+        None => Outcome::exception(
+            "could not load the build's buildset from the database",
+            None,
+        ),
     };
-    let stopped = *stop.borrow();
-    let outcome = match stopped {
+    let outcome = match *stop.borrow() {
         Some(StopReason::Cancelled) => Outcome {
             results: ResultCode::Cancelled,
             ..outcome
@@ -110,55 +87,96 @@ async fn execute_and_record(
         },
         Some(StopReason::MasterLost) | None => outcome,
     };
-    let finished = store
-        .build_finish(&FinishBuild {
-            build_id: build.id,
-            master_id: shared.master,
-            results: outcome.results,
-            return_value: outcome.return_value.clone(),
-            error: outcome.error.clone(),
-            traceback: outcome.traceback.clone(),
-            state_string: Some(final_state(&outcome)),
-            complete_at: crate::model::now(),
-        })
-        .await;
-    match finished {
-        Ok(()) => {}
-        Err(StorageError::NotOwner { .. }) => {
-            // The master was expired meanwhile and the build was finished as RETRY by
-            // another master: this late result must not be merged.
-            warn!(build = %build.id, "build finished after this master lost it; result discarded");
-            return Ok(());
-        }
-        Err(e) => return Err(e),
+    let end = BuildEnd {
+        build_id: build.id,
+        request_id: started.request.id,
+        results: outcome.results,
+        state_string: Some(final_state(&outcome)),
+        return_value: outcome.return_value,
+        error: outcome.error,
+        traceback: outcome.traceback,
+        complete_at: crate::model::now(),
+    };
+    let finished = Finished {
+        builder,
+        slot,
+        started,
+        end,
+    };
+    if let Err(mpsc::error::SendError(lost)) = shared.finished.send(finished) {
+        // Only possible while the engine is being torn down: the build stays running in
+        // the database and is taken back when this master restarts or is expired.
+        warn!(build = %lost.end.build_id, "engine stopped before the build's end could be recorded");
     }
-    info!(build = %build.id, builder = %builder.config.name, number = build.number, results = %outcome.results, "build finished");
-    let completed = if outcome.results == ResultCode::Retry {
-        store.request_unclaim(&[request.id], shared.master).await?;
-        Vec::new()
-    } else {
-        match store
-            .request_complete(&[request.id], outcome.results, crate::model::now())
+}
+
+/// Records finished builds in batches until the engine stops.
+pub(super) async fn finisher_loop(
+    shared: Arc<Shared>,
+    mut finished: mpsc::UnboundedReceiver<Finished>,
+) {
+    let mut batch = Vec::new();
+    while finished.recv_many(&mut batch, FINISH_BATCH).await > 0 {
+        settle(&shared, std::mem::take(&mut batch)).await;
+    }
+}
+
+async fn settle(shared: &Shared, batch: Vec<Finished>) {
+    let ends: Vec<BuildEnd> = batch.iter().map(|f| f.end.clone()).collect();
+    let mut pause = FINISH_RETRY_FIRST;
+    let mut attempt = 1;
+    let settled = loop {
+        match shared
+            .store
+            .build_finish_and_settle(shared.master, &ends)
             .await
         {
-            Ok(completed) => completed,
-            Err(StorageError::NotClaimed(_)) => {
-                warn!(request = %request.id, "request was completed by someone else meanwhile");
-                Vec::new()
+            Ok(settled) => break Some(settled),
+            Err(e) if attempt < FINISH_ATTEMPTS => {
+                warn!(error = %e, builds = ends.len(), attempt, "recording finished builds failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(FINISH_RETRY_MAX);
+                attempt += 1;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                error!(
+                    error = %e, builds = ends.len(),
+                    "could not record finished builds; they stay running until this master restarts or is expired"
+                );
+                break None;
+            }
         }
     };
-    shared.emit(Event::BuildFinished {
-        build_id: build.id,
-        number: build.number,
-        builder: builder.config.name.clone(),
-        request_id: request.id,
-        buildset_id: request.buildset_id,
-        results: outcome.results,
-    });
-    emit_completed(shared, completed);
-    Ok(())
+    if let Some(settled) = settled {
+        for f in &batch {
+            if settled.refused.contains(&f.end.build_id) {
+                // The master was expired meanwhile and another finished the build as
+                // RETRY: this late result must not be merged.
+                warn!(build = %f.end.build_id, "build finished after this master lost it; result discarded");
+                continue;
+            }
+            debug!(build = %f.end.build_id, builder = %f.builder.config.name, results = %f.end.results, "build finished");
+            shared.emit(Event::BuildFinished {
+                build_id: f.end.build_id,
+                number: f.started.build.number,
+                builder: f.builder.config.name.clone(),
+                request_id: f.started.request.id,
+                buildset_id: f.started.request.buildset_id,
+                results: f.end.results,
+            });
+        }
+        emit_completed(shared, settled.buildsets_completed);
+    }
+    let mut running = shared.running();
+    for f in &batch {
+        running.remove(&f.end.build_id);
+        f.builder.release_slot(f.slot);
+    }
+    drop(running);
+    shared
+        .in_flight
+        .send_modify(|n| *n = n.saturating_sub(batch.len()));
+    shared.wake.notify_one();
 }
 
 /// The state string a finished build shows, as Buildbot's "build successful".
@@ -186,37 +204,13 @@ fn final_state(outcome: &Outcome) -> String {
     }
 }
 
-pub(super) fn emit_completed(shared: &Shared, completed: Vec<crate::storage::CompletedBuildset>) {
+pub(super) fn emit_completed(shared: &Shared, completed: Vec<CompletedBuildset>) {
     for bs in completed {
         shared.emit(Event::BuildsetComplete {
             buildset_id: bs.buildset_id,
             results: bs.results,
         });
     }
-}
-
-async fn context(
-    shared: &Shared,
-    builder: &RegisteredBuilder,
-    request: &BuildRequest,
-    build: &Build,
-    stop: watch::Receiver<Option<StopReason>>,
-) -> crate::storage::Result<BuildContext> {
-    let store = &shared.store;
-    let buildset = store.buildset_get(request.buildset_id).await?;
-    Ok(BuildContext::new(ContextInner {
-        build: build.clone(),
-        builder: builder.config.name.clone(),
-        buildset_id: request.buildset_id,
-        reason: buildset.reason,
-        args: builder.config.args.clone(),
-        kwargs: builder.config.kwargs.clone(),
-        buildset_properties: store.buildset_properties(request.buildset_id).await?,
-        build_properties: Mutex::new(Properties::new()),
-        sourcestamps: store.buildset_sourcestamps(request.buildset_id).await?,
-        store: store.clone(),
-        stop,
-    }))
 }
 
 /// Runs the executor in its own task so that a panic becomes EXCEPTION, and aborts it if
@@ -231,8 +225,8 @@ async fn execute(
     let mut task = tokio::spawn(async move { executor.execute(ctx).await });
     let grace = shared.config.cancel_grace;
     let stopped_and_ignored = async {
-        // A closed channel cannot happen while this build is in the running map; if it
-        // did, waiting forever just leaves the job to finish on its own.
+        // The sender lives in the running map until this build is recorded; if it were
+        // dropped, waiting forever just leaves the job to finish on its own.
         if stop.wait_for(|s| s.is_some()).await.is_err() {
             std::future::pending::<()>().await;
         }

@@ -192,17 +192,6 @@ pub struct RequestFilter {
     pub offset: Option<u32>,
 }
 
-/// Claim the most urgent unclaimed requests for some builders, all in one go.
-#[derive(Clone, Debug)]
-pub struct ClaimAvailable {
-    /// The claiming master.
-    pub master_id: MasterId,
-    /// How many requests each builder may take now (its free slots).
-    pub slots: Vec<(BuilderId, u32)>,
-    /// The claim time.
-    pub now: Timestamp,
-}
-
 /// A new build of a claimed request.
 #[derive(Clone, Debug)]
 pub struct NewBuild {
@@ -474,9 +463,6 @@ pub trait Store: Send + Sync + 'static {
         master: MasterId,
         now: Timestamp,
     ) -> Result<()>;
-    /// Claims, in one transaction, up to each builder's slot count of its unclaimed
-    /// requests, highest priority first, then oldest, and returns them claimed.
-    async fn request_claim_available(&self, params: &ClaimAvailable) -> Result<Vec<BuildRequest>>;
     /// Releases the master's own claims on incomplete requests among `ids`; other
     /// masters' claims and unknown ids are ignored.
     async fn request_unclaim(&self, ids: &[RequestId], master: MasterId) -> Result<()>;

@@ -11,9 +11,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Value, json};
 use sqlx::{Connection, Row};
 
-use super::rows::{BUILD_COLUMNS, REQUEST_FROM, build_from_row, json_ids, request_from_row, us};
+use super::rows::{
+    BUILD_JSON, REQUEST_JSON, builds_from_json, from_json, json_ids, property, requests_from_json,
+    sourcestamp, us,
+};
 use super::{SqliteStore, complete_buildsets, fk_to_not_found, validate_buildset};
-use crate::model::{BuildRequest, BuildsetId, ResultCode};
+use crate::model::{Build, BuildsetId, ResultCode};
 use crate::model::{BuilderId, MasterId, RequestId};
 use crate::storage::{
     AddedBuildset, BuildEnd, BuildsetContext, NewBuildset, Result, Settled, StartAvailable,
@@ -31,30 +34,27 @@ impl SqliteStore {
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
 
+        // One statement checks the builders and finds the next free ids: inside BEGIN
+        // IMMEDIATE nobody else inserts, so the ids can be handed out here and every row
+        // of the batch written with one statement per table.
         let wanted: BTreeSet<BuilderId> = params
             .iter()
             .flat_map(|p| p.builder_ids.iter().copied())
             .collect();
-        let known: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM builders WHERE id IN (SELECT value FROM json_each(?))",
+        let row = sqlx::query(
+            "SELECT (SELECT json_group_array(id) FROM builders WHERE id IN (SELECT value FROM json_each(?))) AS known,
+                    (SELECT COALESCE(MAX(id), 0) + 1 FROM buildsets) AS next_buildset,
+                    (SELECT COALESCE(MAX(id), 0) + 1 FROM buildrequests) AS next_request",
         )
         .bind(json_ids(wanted.iter().map(|b| b.0)))
-        .fetch_all(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
+        let known: Vec<i64> = from_json(&row.try_get::<String, _>("known")?)?;
         if let Some(unknown) = wanted.iter().find(|b| !known.contains(&b.0)) {
             return Err(StorageError::UnknownBuilder(format!("#{unknown}")));
         }
-
-        // Inside BEGIN IMMEDIATE nobody else inserts, so ids can be handed out here and
-        // every row of the batch written with one statement per table.
-        let next_buildset: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM buildsets")
-                .fetch_one(&mut *tx)
-                .await?;
-        let next_request: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) + 1 FROM buildrequests")
-                .fetch_one(&mut *tx)
-                .await?;
+        let next_buildset: i64 = row.try_get("next_buildset")?;
+        let next_request: i64 = row.try_get("next_request")?;
         let mut buildsets = Vec::with_capacity(params.len());
         let mut requests = Vec::new();
         let mut stamps = Vec::new();
@@ -173,53 +173,43 @@ impl SqliteStore {
         &self,
         ids: &[BuildsetId],
     ) -> Result<BTreeMap<BuildsetId, BuildsetContext>> {
-        let list = json_ids(ids.iter().map(|b| b.0));
-        let mut contexts = BTreeMap::new();
-        let rows = sqlx::query(
-            "SELECT id, reason FROM buildsets WHERE id IN (SELECT value FROM json_each(?))",
+        // One statement, one row: reasons, properties and stamps of every buildset.
+        let found: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(bs.id, bs.reason,
+                 json((SELECT json_group_array(json_array(p.name, p.value, p.source))
+                       FROM buildset_properties p WHERE p.buildset_id = bs.id)),
+                 json((SELECT json_group_array(json_array(s.codebase, s.repository, s.branch, s.revision, s.project))
+                       FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id
+                       WHERE bss.buildset_id = bs.id))))
+             FROM buildsets bs WHERE bs.id IN (SELECT value FROM json_each(?))",
         )
-        .bind(&list)
-        .fetch_all(&self.reader)
+        .bind(json_ids(ids.iter().map(|b| b.0)))
+        .fetch_one(&self.reader)
         .await?;
-        for row in &rows {
+        /// codebase, repository, branch, revision, project
+        type Stamp = (String, String, String, String, String);
+        /// name, JSON value, source
+        type Prop = (String, String, String);
+        let found: Vec<(i64, String, Vec<Prop>, Vec<Stamp>)> = from_json(&found)?;
+        let mut contexts = BTreeMap::new();
+        for (id, reason, properties, stamps) in found {
+            let properties = properties
+                .into_iter()
+                .map(|(name, value, source)| property(name, &value, source))
+                .collect::<Result<_>>()?;
+            let mut sourcestamps: Vec<_> = stamps
+                .into_iter()
+                .map(|(c, r, b, rev, p)| sourcestamp(c, r, b, rev, p))
+                .collect();
+            sourcestamps.sort();
             contexts.insert(
-                BuildsetId(row.try_get("id")?),
+                BuildsetId(id),
                 BuildsetContext {
-                    reason: row.try_get("reason")?,
-                    properties: BTreeMap::new(),
-                    sourcestamps: Vec::new(),
+                    reason,
+                    properties,
+                    sourcestamps,
                 },
             );
-        }
-        let rows = sqlx::query(
-            "SELECT buildset_id, name, value, source FROM buildset_properties
-             WHERE buildset_id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(&list)
-        .fetch_all(&self.reader)
-        .await?;
-        for row in &rows {
-            if let Some(ctx) = contexts.get_mut(&BuildsetId(row.try_get("buildset_id")?)) {
-                let (name, property) = super::rows::property_from_row(row)?;
-                ctx.properties.insert(name, property);
-            }
-        }
-        let rows = sqlx::query(
-            "SELECT bss.buildset_id, s.codebase, s.repository, s.branch, s.revision, s.project
-             FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id
-             WHERE bss.buildset_id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(&list)
-        .fetch_all(&self.reader)
-        .await?;
-        for row in &rows {
-            if let Some(ctx) = contexts.get_mut(&BuildsetId(row.try_get("buildset_id")?)) {
-                ctx.sourcestamps
-                    .push(super::rows::sourcestamp_from_row(row)?);
-            }
-        }
-        for ctx in contexts.values_mut() {
-            ctx.sourcestamps.sort();
         }
         Ok(contexts)
     }
@@ -232,16 +222,18 @@ impl SqliteStore {
             if slots.is_empty() {
                 continue;
             }
-            let ids: Vec<i64> = sqlx::query_scalar(
-                "SELECT r.id FROM buildrequests r
-                 WHERE r.builder_id = ? AND r.complete = 0
-                   AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
-                 ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC LIMIT ?",
+            let ids: String = sqlx::query_scalar(
+                "SELECT json_group_array(id ORDER BY priority DESC, submitted_at ASC, id ASC) FROM (
+                     SELECT r.id, r.priority, r.submitted_at FROM buildrequests r
+                     WHERE r.builder_id = ? AND r.complete = 0
+                       AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                     ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC LIMIT ?)",
             )
             .bind(builder.0)
             .bind(slots.len() as i64)
-            .fetch_all(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+            let ids: Vec<i64> = from_json(&ids)?;
             if !ids.is_empty() {
                 claimed.push((*builder, ids));
             }
@@ -260,35 +252,36 @@ impl SqliteStore {
             .map_err(|e| fk_to_not_found(e, "master", Some(params.master_id)))?;
 
         // Requests cancelled while an earlier (now released) claim held them end here.
-        let cancelled_rows = sqlx::query(
-            "UPDATE buildrequests SET complete = 1, complete_at = ?, results = ?
-             WHERE id IN (SELECT value FROM json_each(?)) AND cancel_requested = 1
-             RETURNING id, buildset_id",
+        let flagged: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(id, buildset_id)) FROM buildrequests
+             WHERE id IN (SELECT value FROM json_each(?)) AND cancel_requested = 1",
         )
-        .bind(us(params.now))
-        .bind(ResultCode::Cancelled.code())
         .bind(&all)
-        .fetch_all(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
+        let flagged: Vec<(i64, i64)> = from_json(&flagged)?;
         let mut outcome = StartOutcome::default();
-        let mut cancelled_buildsets = Vec::new();
-        for row in &cancelled_rows {
-            outcome.cancelled.push(RequestId(row.try_get("id")?));
-            cancelled_buildsets.push(BuildsetId(row.try_get("buildset_id")?));
+        if !flagged.is_empty() {
+            sqlx::query(
+                "UPDATE buildrequests SET complete = 1, complete_at = ?, results = ?
+                 WHERE id IN (SELECT value ->> 0 FROM json_each(?))",
+            )
+            .bind(us(params.now))
+            .bind(ResultCode::Cancelled.code())
+            .bind(
+                serde_json::to_string(&flagged)
+                    .map_err(|e| StorageError::Invalid(e.to_string()))?,
+            )
+            .execute(&mut *tx)
+            .await?;
+            outcome.cancelled = flagged.iter().map(|(id, _)| RequestId(*id)).collect();
+            outcome.cancelled.sort();
+            let buildsets = flagged.iter().map(|(_, bs)| BuildsetId(*bs));
+            outcome.buildsets_completed =
+                complete_buildsets(&mut tx, buildsets, params.now).await?;
         }
-        outcome.cancelled.sort();
-        outcome.buildsets_completed =
-            complete_buildsets(&mut tx, cancelled_buildsets, params.now).await?;
 
-        let returning = BUILD_COLUMNS.replace("b.", "");
-        let insert_builds = format!(
-            "INSERT INTO builds (number, builder_id, buildrequest_id, master_id, worker_slot, started_at, state_string)
-             SELECT (SELECT COALESCE(MAX(number), 0) FROM builds WHERE builder_id = ?1) + j.key + 1,
-                    ?1, j.value ->> 0, ?2, j.value ->> 1, ?3, ?4
-             FROM json_each(?5) j ORDER BY j.key
-             RETURNING {returning}"
-        );
-        let mut builds = BTreeMap::new();
+        let mut runnable = Vec::new();
         for (builder, ids) in &claimed {
             let slots = params
                 .free_slots
@@ -305,31 +298,50 @@ impl SqliteStore {
             if pairs.is_empty() {
                 continue;
             }
-            let rows = sqlx::query(sqlx::AssertSqlSafe(insert_builds.clone()))
-                .bind(builder.0)
-                .bind(params.master_id.0)
-                .bind(us(params.now))
-                .bind(&params.state_string)
-                .bind(Value::from(pairs).to_string())
-                .fetch_all(&mut *tx)
-                .await?;
-            for row in &rows {
-                let build = build_from_row(row)?;
-                builds.insert(build.request_id, build);
-            }
+            runnable.extend(pairs.iter().filter_map(|p| p[0].as_i64()));
+            sqlx::query(
+                "INSERT INTO builds (number, builder_id, buildrequest_id, master_id, worker_slot, started_at, state_string)
+                 SELECT (SELECT COALESCE(MAX(number), 0) FROM builds WHERE builder_id = ?1) + j.key + 1,
+                        ?1, j.value ->> 0, ?2, j.value ->> 1, ?3, ?4
+                 FROM json_each(?5) j ORDER BY j.key",
+            )
+            .bind(builder.0)
+            .bind(params.master_id.0)
+            .bind(us(params.now))
+            .bind(&params.state_string)
+            .bind(Value::from(pairs).to_string())
+            .execute(&mut *tx)
+            .await?;
         }
+        if runnable.is_empty() {
+            tx.commit().await?;
+            return Ok(outcome);
+        }
+        let runnable = json_ids(runnable);
         let sql = format!(
-            "{REQUEST_FROM} WHERE r.id IN (SELECT value FROM json_each(?))
-             ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC"
+            "SELECT json_group_array({BUILD_JSON}) FROM builds b
+             WHERE b.buildrequest_id IN (SELECT value FROM json_each(?)) AND b.master_id = ? AND b.complete_at IS NULL"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(json_ids(builds.keys().map(|r| r.0)))
-            .fetch_all(&mut *tx)
+        let builds: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(&runnable)
+            .bind(params.master_id.0)
+            .fetch_one(&mut *tx)
+            .await?;
+        let sql = format!(
+            "SELECT json_group_array({REQUEST_JSON} ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC)
+             FROM buildrequests r LEFT JOIN buildrequest_claims c ON c.request_id = r.id
+             WHERE r.id IN (SELECT value FROM json_each(?))"
+        );
+        let requests: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(&runnable)
+            .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
-        let requests: Vec<BuildRequest> =
-            rows.iter().map(request_from_row).collect::<Result<_>>()?;
-        outcome.started = requests
+        let mut builds: BTreeMap<RequestId, Build> = builds_from_json(&builds)?
+            .into_iter()
+            .map(|b| (b.request_id, b))
+            .collect();
+        outcome.started = requests_from_json(&requests)?
             .into_iter()
             .filter_map(|request| {
                 builds
@@ -348,40 +360,61 @@ impl SqliteStore {
         if ends.is_empty() {
             return Ok(Settled::default());
         }
-        let values: Vec<Value> = ends
-            .iter()
-            .map(|e| {
-                json!([
-                    e.build_id.0,
-                    us(e.complete_at),
-                    e.results.code(),
-                    e.return_value.as_ref().map(|v| v.to_string()),
-                    e.error,
-                    e.traceback,
-                    e.state_string,
-                ])
-            })
-            .collect();
+        let ids = json_ids(ends.iter().map(|e| e.build_id.0));
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let finished: Vec<i64> = sqlx::query_scalar(
+        // Which builds still run on this master: only those are finished. Inside this
+        // BEGIN IMMEDIATE transaction nobody can change that before the UPDATE below.
+        let running: String = sqlx::query_scalar(
+            "SELECT json_group_array(id) FROM builds
+             WHERE id IN (SELECT value FROM json_each(?)) AND master_id = ? AND complete_at IS NULL",
+        )
+        .bind(&ids)
+        .bind(master.0)
+        .fetch_one(&mut *tx)
+        .await?;
+        let running: BTreeSet<i64> = from_json(&running)?;
+        let mut settled = Settled::default();
+        if running.is_empty() {
+            tx.rollback().await?;
+            settled.refused = ends.iter().map(|e| e.build_id).collect();
+            settled.refused.sort();
+            return Ok(settled);
+        }
+        let values = Value::from(
+            ends.iter()
+                .filter(|e| running.contains(&e.build_id.0))
+                .map(|e| {
+                    json!([
+                        e.build_id.0,
+                        us(e.complete_at),
+                        e.results.code(),
+                        e.return_value.as_ref().map(|v| v.to_string()),
+                        e.error,
+                        e.traceback,
+                        e.state_string,
+                    ])
+                })
+                .collect::<Vec<_>>(),
+        )
+        .to_string();
+        // Joined on the primary key alone, so that SQLite walks the JSON array once and
+        // looks each build up (with the master's running builds as the outer loop it
+        // rescanned the array per build: quadratic in the batch).
+        sqlx::query(
             "UPDATE builds SET complete_at = j.value ->> 1, results = j.value ->> 2, return_value = j.value ->> 3,
                                error = j.value ->> 4, traceback = j.value ->> 5,
                                state_string = COALESCE(j.value ->> 6, builds.state_string)
              FROM json_each(?) j
-             WHERE builds.id = j.value ->> 0 AND builds.master_id = ? AND builds.complete_at IS NULL
-             RETURNING builds.id",
+             WHERE builds.id = j.value ->> 0",
         )
-        .bind(Value::from(values).to_string())
-        .bind(master.0)
-        .fetch_all(&mut *tx)
+        .bind(&values)
+        .execute(&mut *tx)
         .await?;
-        let finished: BTreeSet<i64> = finished.into_iter().collect();
-        let mut settled = Settled::default();
         let mut complete = Vec::new();
         let mut release = Vec::new();
         for e in ends {
-            if !finished.contains(&e.build_id.0) {
+            if !running.contains(&e.build_id.0) {
                 settled.refused.push(e.build_id);
             } else if e.results == ResultCode::Retry {
                 release.push(e.request_id.0);
@@ -391,32 +424,43 @@ impl SqliteStore {
         }
         let mut buildsets = Vec::new();
         if !complete.is_empty() {
-            let rows = sqlx::query(
+            let complete = Value::from(complete).to_string();
+            let open: String = sqlx::query_scalar(
+                "SELECT json_group_array(json_array(id, buildset_id)) FROM buildrequests
+                 WHERE id IN (SELECT value ->> 0 FROM json_each(?)) AND complete = 0",
+            )
+            .bind(&complete)
+            .fetch_one(&mut *tx)
+            .await?;
+            let open: Vec<(i64, i64)> = from_json(&open)?;
+            sqlx::query(
                 "UPDATE buildrequests SET complete = 1, complete_at = j.value ->> 1, results = j.value ->> 2
                  FROM json_each(?) j
-                 WHERE buildrequests.id = j.value ->> 0 AND buildrequests.complete = 0
-                 RETURNING buildrequests.id, buildrequests.buildset_id",
+                 WHERE buildrequests.id = j.value ->> 0 AND buildrequests.complete = 0",
             )
-            .bind(Value::from(complete).to_string())
-            .fetch_all(&mut *tx)
+            .bind(&complete)
+            .execute(&mut *tx)
             .await?;
-            for row in &rows {
-                settled.completed.push(RequestId(row.try_get("id")?));
-                buildsets.push(BuildsetId(row.try_get("buildset_id")?));
-            }
+            settled.completed = open.iter().map(|(id, _)| RequestId(*id)).collect();
+            buildsets = open.iter().map(|(_, bs)| BuildsetId(*bs)).collect();
         }
         if !release.is_empty() {
-            let released: Vec<i64> = sqlx::query_scalar(
-                "DELETE FROM buildrequest_claims
+            let release = json_ids(release);
+            let held: String = sqlx::query_scalar(
+                "SELECT json_group_array(request_id) FROM buildrequest_claims
                  WHERE master_id = ? AND request_id IN (SELECT value FROM json_each(?))
-                   AND request_id IN (SELECT id FROM buildrequests WHERE complete = 0)
-                 RETURNING request_id",
+                   AND request_id IN (SELECT id FROM buildrequests WHERE complete = 0)",
             )
             .bind(master.0)
-            .bind(json_ids(release))
-            .fetch_all(&mut *tx)
+            .bind(&release)
+            .fetch_one(&mut *tx)
             .await?;
-            settled.released = released.into_iter().map(RequestId).collect();
+            let held: Vec<i64> = from_json(&held)?;
+            sqlx::query("DELETE FROM buildrequest_claims WHERE request_id IN (SELECT value FROM json_each(?))")
+                .bind(json_ids(held.iter().copied()))
+                .execute(&mut *tx)
+                .await?;
+            settled.released = held.into_iter().map(RequestId).collect();
         }
         let latest = ends
             .iter()

@@ -25,8 +25,8 @@ use self::rows::{
 };
 use super::{
     AddedBuildset, BuildEnd, BuildFilter, BuildsetContext, BuildsetFilter, CancelOutcome,
-    ClaimAvailable, ClaimFilter, CompletedBuildset, ExpireMasters, ExpiredMaster, FinishBuild,
-    NewBuild, NewBuildset, RegisteredMaster, RequestFilter, RequestOrderField, Result, Settled,
+    ClaimFilter, CompletedBuildset, ExpireMasters, ExpiredMaster, FinishBuild, NewBuild,
+    NewBuildset, RegisteredMaster, RequestFilter, RequestOrderField, Result, Settled,
     StartAvailable, StartOutcome, StorageError, Store, StoreOptions,
 };
 use crate::model::{
@@ -201,10 +201,10 @@ async fn take_back(
     Ok((released, retried))
 }
 
-/// `UPDATE` that completes those of a JSON array of buildsets whose requests are now all
-/// complete, with the worst of their results. The ranking is generated from
-/// [`ResultCode::severity`] so that SQL and Rust cannot disagree.
-static COMPLETE_BUILDSETS_SQL: LazyLock<String> = LazyLock::new(|| {
+/// Finds which of a JSON array of buildsets have all their requests complete, with the
+/// worst of their results, as one JSON array of `[id, results]`. The ranking is generated
+/// from [`ResultCode::severity`] so that SQL and Rust cannot disagree.
+static COMPLETABLE_BUILDSETS_SQL: LazyLock<String> = LazyLock::new(|| {
     let to_severity: String = ResultCode::ALL
         .iter()
         .map(|r| format!(" WHEN {} THEN {}", r.code(), r.severity()))
@@ -214,16 +214,17 @@ static COMPLETE_BUILDSETS_SQL: LazyLock<String> = LazyLock::new(|| {
         .map(|r| format!(" WHEN {} THEN {}", r.severity(), r.code()))
         .collect();
     format!(
-        "UPDATE buildsets SET complete = 1, complete_at = ?,
-             results = (SELECT CASE MAX(CASE r.results{to_severity} END){to_code} END
-                        FROM buildrequests r WHERE r.buildset_id = buildsets.id)
-         WHERE id IN (SELECT value FROM json_each(?)) AND complete = 0
-           AND NOT EXISTS (SELECT 1 FROM buildrequests r WHERE r.buildset_id = buildsets.id AND r.complete = 0)
-         RETURNING id, results"
+        "SELECT json_group_array(json_array(bs.id,
+             (SELECT CASE MAX(CASE r.results{to_severity} END){to_code} END
+              FROM buildrequests r WHERE r.buildset_id = bs.id)))
+         FROM buildsets bs
+         WHERE bs.id IN (SELECT value FROM json_each(?)) AND bs.complete = 0
+           AND NOT EXISTS (SELECT 1 FROM buildrequests r WHERE r.buildset_id = bs.id AND r.complete = 0)"
     )
 });
 
-/// Completes the given buildsets whose requests are all complete now.
+/// Completes those of the given buildsets whose requests are all complete now, with the
+/// worst of their results.
 async fn complete_buildsets(
     tx: &mut SqliteConnection,
     ids: impl IntoIterator<Item = BuildsetId>,
@@ -233,21 +234,31 @@ async fn complete_buildsets(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = sqlx::query(sqlx::AssertSqlSafe(COMPLETE_BUILDSETS_SQL.as_str()))
-        .bind(us(now))
+    let found: String = sqlx::query_scalar(sqlx::AssertSqlSafe(COMPLETABLE_BUILDSETS_SQL.as_str()))
         .bind(json_ids(ids.iter().map(|b| b.0)))
-        .fetch_all(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
-    let mut completed = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let results = result_code(row.try_get("results")?)?.unwrap_or(ResultCode::Success);
-        completed.push(CompletedBuildset {
-            buildset_id: BuildsetId(row.try_get("id")?),
-            results,
-        });
+    let found: Vec<(i64, Option<i64>)> = rows::from_json(&found)?;
+    if found.is_empty() {
+        return Ok(Vec::new());
     }
-    completed.sort_by_key(|c| c.buildset_id);
-    Ok(completed)
+    sqlx::query(
+        "UPDATE buildsets SET complete = 1, complete_at = ?, results = j.value ->> 1
+         FROM json_each(?) j WHERE buildsets.id = j.value ->> 0",
+    )
+    .bind(us(now))
+    .bind(serde_json::to_string(&found).map_err(|e| StorageError::Invalid(e.to_string()))?)
+    .execute(&mut *tx)
+    .await?;
+    found
+        .into_iter()
+        .map(|(id, results)| {
+            Ok(CompletedBuildset {
+                buildset_id: BuildsetId(id),
+                results: result_code(results)?.unwrap_or(ResultCode::Success),
+            })
+        })
+        .collect()
 }
 
 fn validate_buildset(params: &NewBuildset) -> Result<()> {
@@ -619,50 +630,6 @@ impl Store for SqliteStore {
             .map_err(|e| fk_to_not_found(e, "master", Some(master)))?;
         tx.commit().await?;
         Ok(())
-    }
-
-    async fn request_claim_available(&self, params: &ClaimAvailable) -> Result<Vec<BuildRequest>> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let mut claimed = Vec::new();
-        for (builder, slots) in &params.slots {
-            if *slots == 0 {
-                continue;
-            }
-            let ids: Vec<i64> = sqlx::query_scalar(
-                "SELECT r.id FROM buildrequests r
-                 WHERE r.builder_id = ? AND r.complete = 0
-                   AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
-                 ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC LIMIT ?",
-            )
-            .bind(builder.0)
-            .bind(i64::from(*slots))
-            .fetch_all(&mut *tx)
-            .await?;
-            claimed.extend(ids);
-        }
-        if claimed.is_empty() {
-            tx.rollback().await?;
-            return Ok(Vec::new());
-        }
-        let list = json_ids(claimed.iter().copied());
-        sqlx::query("INSERT INTO buildrequest_claims (request_id, master_id, claimed_at) SELECT value, ?, ? FROM json_each(?)")
-            .bind(params.master_id.0)
-            .bind(us(params.now))
-            .bind(&list)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| fk_to_not_found(e, "master", Some(params.master_id)))?;
-        let sql = format!(
-            "{REQUEST_FROM} WHERE r.id IN (SELECT value FROM json_each(?))
-             ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC"
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(&list)
-            .fetch_all(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        rows.iter().map(request_from_row).collect()
     }
 
     async fn request_unclaim(&self, ids: &[RequestId], master: MasterId) -> Result<()> {

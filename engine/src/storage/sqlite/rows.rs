@@ -1,5 +1,6 @@
 //! Decoding SQLite rows into model types, and encoding values for binding.
 
+use serde::Deserialize;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
@@ -72,13 +73,13 @@ pub(super) fn builder_from_row(row: &SqliteRow) -> Result<Builder> {
 }
 
 pub(super) fn sourcestamp_from_row(row: &SqliteRow) -> Result<SourceStamp> {
-    Ok(SourceStamp {
-        codebase: row.try_get("codebase")?,
-        repository: row.try_get("repository")?,
-        branch: non_empty(row.try_get("branch")?),
-        revision: non_empty(row.try_get("revision")?),
-        project: row.try_get("project")?,
-    })
+    Ok(sourcestamp(
+        row.try_get("codebase")?,
+        row.try_get("repository")?,
+        row.try_get("branch")?,
+        row.try_get("revision")?,
+        row.try_get("project")?,
+    ))
 }
 
 pub(super) fn buildset_from_row(row: &SqliteRow) -> Result<Buildset> {
@@ -100,55 +101,191 @@ pub(super) fn buildset_from_row(row: &SqliteRow) -> Result<Buildset> {
     })
 }
 
+/// A request as stored, filled from a row of [`REQUEST_FROM`] or from a JSON object made
+/// with [`REQUEST_JSON`]; one conversion serves both.
+#[derive(Deserialize)]
+struct RawRequest {
+    id: i64,
+    buildset_id: i64,
+    builder_id: i64,
+    priority: i32,
+    submitted_at: i64,
+    waited_for: i64,
+    complete: i64,
+    complete_at: Option<i64>,
+    results: Option<i64>,
+    cancel_requested: i64,
+    claimed_by: Option<i64>,
+    claimed_at: Option<i64>,
+}
+
+/// A request joined with its claim, as one JSON object (`r` and `c` as in [`REQUEST_FROM`]).
+pub(super) const REQUEST_JSON: &str = "json_object('id', r.id, 'buildset_id', r.buildset_id, \
+     'builder_id', r.builder_id, 'priority', r.priority, 'submitted_at', r.submitted_at, 'waited_for', r.waited_for, \
+     'complete', r.complete, 'complete_at', r.complete_at, 'results', r.results, 'cancel_requested', r.cancel_requested, \
+     'claimed_by', c.master_id, 'claimed_at', c.claimed_at)";
+
+impl RawRequest {
+    fn from_row(row: &SqliteRow) -> Result<Self> {
+        Ok(RawRequest {
+            id: row.try_get("id")?,
+            buildset_id: row.try_get("buildset_id")?,
+            builder_id: row.try_get("builder_id")?,
+            priority: row.try_get("priority")?,
+            submitted_at: row.try_get("submitted_at")?,
+            waited_for: row.try_get("waited_for")?,
+            complete: row.try_get("complete")?,
+            complete_at: row.try_get("complete_at")?,
+            results: row.try_get("results")?,
+            cancel_requested: row.try_get("cancel_requested")?,
+            claimed_by: row.try_get("claimed_by")?,
+            claimed_at: row.try_get("claimed_at")?,
+        })
+    }
+
+    fn into_model(self) -> Result<BuildRequest> {
+        Ok(BuildRequest {
+            id: RequestId(self.id),
+            buildset_id: BuildsetId(self.buildset_id),
+            builder_id: BuilderId(self.builder_id),
+            priority: self.priority,
+            submitted_at: ts(self.submitted_at)?,
+            waited_for: self.waited_for != 0,
+            complete: self.complete != 0,
+            complete_at: opt_ts(self.complete_at)?,
+            results: result_code(self.results)?,
+            claimed_by: self.claimed_by.map(MasterId),
+            claimed_at: opt_ts(self.claimed_at)?,
+            cancel_requested: self.cancel_requested != 0,
+        })
+    }
+}
+
 pub(super) fn request_from_row(row: &SqliteRow) -> Result<BuildRequest> {
-    Ok(BuildRequest {
-        id: RequestId(row.try_get("id")?),
-        buildset_id: BuildsetId(row.try_get("buildset_id")?),
-        builder_id: BuilderId(row.try_get("builder_id")?),
-        priority: row.try_get("priority")?,
-        submitted_at: ts(row.try_get("submitted_at")?)?,
-        waited_for: row.try_get("waited_for")?,
-        complete: row.try_get("complete")?,
-        complete_at: opt_ts(row.try_get("complete_at")?)?,
-        results: result_code(row.try_get("results")?)?,
-        claimed_by: row.try_get::<Option<i64>, _>("claimed_by")?.map(MasterId),
-        claimed_at: opt_ts(row.try_get("claimed_at")?)?,
-        cancel_requested: row.try_get("cancel_requested")?,
-    })
+    RawRequest::from_row(row)?.into_model()
+}
+
+/// Requests from a JSON array of [`REQUEST_JSON`] objects.
+pub(super) fn requests_from_json(text: &str) -> Result<Vec<BuildRequest>> {
+    let raw: Vec<RawRequest> = serde_json::from_str(text)
+        .map_err(|e| StorageError::Corrupt(format!("request rows: {e}")))?;
+    raw.into_iter().map(RawRequest::into_model).collect()
+}
+
+/// A build as stored, filled from a row of [`BUILD_COLUMNS`] or from a JSON object made
+/// with [`BUILD_JSON`]; one conversion serves both.
+#[derive(Deserialize)]
+struct RawBuild {
+    id: i64,
+    number: i64,
+    builder_id: i64,
+    buildrequest_id: i64,
+    master_id: i64,
+    worker_slot: Option<i64>,
+    started_at: i64,
+    complete_at: Option<i64>,
+    state_string: String,
+    locks_duration_s: f64,
+    results: Option<i64>,
+    return_value: Option<String>,
+    error: Option<String>,
+    traceback: Option<String>,
+}
+
+/// A build as one JSON object, with `b` as the table alias.
+pub(super) const BUILD_JSON: &str = "json_object('id', b.id, 'number', b.number, 'builder_id', b.builder_id, \
+     'buildrequest_id', b.buildrequest_id, 'master_id', b.master_id, 'worker_slot', b.worker_slot, \
+     'started_at', b.started_at, 'complete_at', b.complete_at, 'state_string', b.state_string, \
+     'locks_duration_s', b.locks_duration_s, 'results', b.results, 'return_value', b.return_value, \
+     'error', b.error, 'traceback', b.traceback)";
+
+impl RawBuild {
+    fn from_row(row: &SqliteRow) -> Result<Self> {
+        Ok(RawBuild {
+            id: row.try_get("id")?,
+            number: row.try_get("number")?,
+            builder_id: row.try_get("builder_id")?,
+            buildrequest_id: row.try_get("buildrequest_id")?,
+            master_id: row.try_get("master_id")?,
+            worker_slot: row.try_get("worker_slot")?,
+            started_at: row.try_get("started_at")?,
+            complete_at: row.try_get("complete_at")?,
+            state_string: row.try_get("state_string")?,
+            locks_duration_s: row.try_get("locks_duration_s")?,
+            results: row.try_get("results")?,
+            return_value: row.try_get("return_value")?,
+            error: row.try_get("error")?,
+            traceback: row.try_get("traceback")?,
+        })
+    }
+
+    fn into_model(self) -> Result<Build> {
+        Ok(Build {
+            id: BuildId(self.id),
+            number: self.number,
+            builder_id: BuilderId(self.builder_id),
+            request_id: RequestId(self.buildrequest_id),
+            master_id: MasterId(self.master_id),
+            worker_slot: self.worker_slot,
+            started_at: ts(self.started_at)?,
+            complete_at: opt_ts(self.complete_at)?,
+            state_string: self.state_string,
+            locks_duration_s: self.locks_duration_s,
+            results: result_code(self.results)?,
+            return_value: self.return_value.as_deref().map(json).transpose()?,
+            error: self.error,
+            traceback: self.traceback,
+        })
+    }
 }
 
 pub(super) fn build_from_row(row: &SqliteRow) -> Result<Build> {
-    Ok(Build {
-        id: BuildId(row.try_get("id")?),
-        number: row.try_get("number")?,
-        builder_id: BuilderId(row.try_get("builder_id")?),
-        request_id: RequestId(row.try_get("buildrequest_id")?),
-        master_id: MasterId(row.try_get("master_id")?),
-        worker_slot: row.try_get("worker_slot")?,
-        started_at: ts(row.try_get("started_at")?)?,
-        complete_at: opt_ts(row.try_get("complete_at")?)?,
-        state_string: row.try_get("state_string")?,
-        locks_duration_s: row.try_get("locks_duration_s")?,
-        results: result_code(row.try_get("results")?)?,
-        return_value: row
-            .try_get::<Option<String>, _>("return_value")?
-            .as_deref()
-            .map(json)
-            .transpose()?,
-        error: row.try_get("error")?,
-        traceback: row.try_get("traceback")?,
-    })
+    RawBuild::from_row(row)?.into_model()
+}
+
+/// Builds from a JSON array of [`BUILD_JSON`] objects.
+pub(super) fn builds_from_json(text: &str) -> Result<Vec<Build>> {
+    let raw: Vec<RawBuild> = serde_json::from_str(text)
+        .map_err(|e| StorageError::Corrupt(format!("build rows: {e}")))?;
+    raw.into_iter().map(RawBuild::into_model).collect()
+}
+
+/// Decodes a JSON value made by SQLite's JSON functions.
+pub(super) fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| StorageError::Corrupt(format!("aggregated rows: {e}")))
+}
+
+/// A property from its stored parts.
+pub(super) fn property(name: String, value: &str, source: String) -> Result<(String, Property)> {
+    Ok((
+        name,
+        Property {
+            value: json(value)?,
+            source,
+        },
+    ))
+}
+
+/// A sourcestamp from its stored columns (absent branch and revision are stored as '').
+pub(super) fn sourcestamp(
+    codebase: String,
+    repository: String,
+    branch: String,
+    revision: String,
+    project: String,
+) -> SourceStamp {
+    SourceStamp {
+        codebase,
+        repository,
+        branch: non_empty(branch),
+        revision: non_empty(revision),
+        project,
+    }
 }
 
 pub(super) fn property_from_row(row: &SqliteRow) -> Result<(String, Property)> {
     let value: String = row.try_get("value")?;
-    Ok((
-        row.try_get("name")?,
-        Property {
-            value: json(&value)?,
-            source: row.try_get("source")?,
-        },
-    ))
+    property(row.try_get("name")?, &value, row.try_get("source")?)
 }
 
 pub(super) fn properties_from_rows(rows: &[SqliteRow]) -> Result<Properties> {
