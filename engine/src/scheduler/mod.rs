@@ -1,14 +1,15 @@
 //! The scheduler: claims requests, runs their builds through executors, completes them.
 //!
 //! One claim loop per engine wakes on every submit in this process (a [`Notify`]), on a
-//! finished build (a slot freed) and on a slow poll for work that other processes put in
-//! the database. Each round claims, in one transaction, up to every registered builder's
-//! free slots, highest priority first, then oldest. Every claimed request runs in its own
-//! tokio task ([`run`]); the loop never waits for a build.
+//! settled build (a slot freed) and on a slow poll for work that other processes put in
+//! the database. Each round claims and starts, in one transaction, up to every
+//! registered builder's free slots, highest priority first, then oldest. Every started
+//! build runs in its own tokio task; the loop never waits for a build. A finisher task
+//! records finished builds in batches, one transaction for everything that finished
+//! meanwhile.
 //!
-//! The heartbeat service ([`masters`]) keeps this master alive and expires the others.
-//!
-//! Layout: [`run`] runs one claimed request; [`masters`] heartbeats and expires.
+//! Layout: this file holds the claim loop; [`run`] runs builds and the finisher;
+//! [`masters`] heartbeats and expires silent masters.
 
 mod masters;
 mod run;
