@@ -174,6 +174,10 @@ impl BuilderConfig {
 }
 
 /// A running engine: one master that claims and runs requests for its builders.
+///
+/// Stop it with [`Engine::shutdown`]. Dropping it instead stops claiming at once but
+/// records nothing: builds it was running stay claimed until master expiry hands them
+/// to another master (or this master's next start takes them back).
 pub struct Engine {
     client: Client,
     scheduler: Scheduler,

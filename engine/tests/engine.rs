@@ -940,3 +940,42 @@ async fn submitting_many_buildsets_at_once_runs_them_all_or_refuses_them_all() -
     engine.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_engine_stops_claiming_work() -> Result<()> {
+    let db = db()?;
+    let fast_poll = |name: &str| {
+        let mut cfg = config(&db, name);
+        cfg.poll_interval = Duration::from_millis(10);
+        cfg
+    };
+    let engine = Engine::open(fast_poll("dropped")).await?;
+    engine
+        .register_builder(BuilderConfig::new("b"), echo())
+        .await?;
+    let client = engine.client().clone();
+    drop(engine);
+    let s = client
+        .submit(&Submission::new("after the drop").builder("b"))
+        .await?;
+    // Another engine with the same poll interval sees two client submissions only
+    // through its polls; meanwhile a still-running loop of the dropped engine would
+    // have polled as often and claimed the request.
+    let other = Engine::open(fast_poll("other")).await?;
+    other
+        .register_builder(BuilderConfig::new("probe"), echo())
+        .await?;
+    for round in 0..2 {
+        let probe = client
+            .submit(&Submission::new(format!("probe {round}")).builder("probe"))
+            .await?;
+        guard("a probe", other.wait_buildset(probe.buildset_id)).await??;
+    }
+    let request = client.request(s.requests["b"]).await?;
+    ensure!(
+        request.claimed_by.is_none() && !request.complete,
+        "nobody claimed it: {request:?}"
+    );
+    other.shutdown().await;
+    Ok(())
+}

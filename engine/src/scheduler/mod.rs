@@ -251,6 +251,22 @@ impl Scheduler {
     }
 }
 
+impl Drop for Scheduler {
+    /// An engine dropped without [`shutdown`](crate::Engine::shutdown) stops claiming at
+    /// once; builds it was running are taken back by master expiry.
+    fn drop(&mut self) {
+        self.shared.stopping.send_replace(true);
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+}
+
 /// Claims and starts work whenever woken, until the engine stops.
 async fn claim_loop(shared: Arc<Shared>) {
     let mut stopping = shared.stopping.subscribe();
