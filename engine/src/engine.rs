@@ -55,6 +55,9 @@ pub struct EngineConfig {
     pub event_capacity: usize,
     /// Database connection tuning.
     pub store: StoreOptions,
+    /// Where builds get their result directories (`<dir>/<builder>/<number>/`), whose
+    /// files become the builds' artifacts. `None`: builds get no result directory.
+    pub results_dir: Option<std::path::PathBuf>,
 }
 
 impl EngineConfig {
@@ -71,12 +74,19 @@ impl EngineConfig {
             claim_batch: DEFAULT_CLAIM_BATCH,
             event_capacity: DEFAULT_EVENT_CAPACITY,
             store: StoreOptions::default(),
+            results_dir: None,
         }
     }
 
     /// Sets the master name.
     pub fn master_name(mut self, name: impl Into<String>) -> Self {
         self.master_name = name.into();
+        self
+    }
+
+    /// Gives every build a result directory under `dir`.
+    pub fn results_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.results_dir = Some(dir.into());
         self
     }
 

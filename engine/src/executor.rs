@@ -181,6 +181,7 @@ pub(crate) struct ContextInner {
     pub(crate) sourcestamps: Vec<SourceStamp>,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) stop: watch::Receiver<Option<StopReason>>,
+    pub(crate) result_dir: Option<std::path::PathBuf>,
 }
 
 impl BuildContext {
@@ -233,6 +234,17 @@ impl BuildContext {
     /// The buildset's sourcestamps.
     pub fn sourcestamps(&self) -> &[SourceStamp] {
         &self.inner.sourcestamps
+    }
+
+    /// This build's own result directory, if the engine gives builds one: files left
+    /// there become the build's artifacts.
+    pub fn result_dir(&self) -> Option<&std::path::Path> {
+        self.inner.result_dir.as_deref()
+    }
+
+    /// The store, for executors that write build data themselves.
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
     }
 
     /// All properties: the buildset's, overridden by any the build set.

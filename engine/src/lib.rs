@@ -11,6 +11,7 @@
 //! - [`storage`]: the one seam to the database ([`storage::Store`]) and its backends.
 //! - [`executor`]: how a build's work runs ([`Executor`]), with Rust async functions as
 //!   the first kind of executor.
+//! - [`wasm`]: the plugin host; WebAssembly job components run sandboxed by wasmtime.
 //! - [`scheduler`]: claims requests, runs builds, heartbeats and expires masters.
 //! - [`client`] and [`engine`]: the embedding API.
 //! - [`events`]: lifecycle events.
@@ -24,6 +25,7 @@ pub mod executor;
 pub mod model;
 pub mod scheduler;
 pub mod storage;
+pub mod wasm;
 
 pub use client::{Client, Submission, Submitted};
 pub use engine::{BuilderConfig, Engine, EngineConfig};

@@ -228,3 +228,14 @@ impl Build {
         self.complete_at.is_some()
     }
 }
+
+/// A file a build left in its result directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// Its path inside the result directory, '/'-separated.
+    pub path: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Where it lies on the machine that ran the build.
+    pub location: String,
+}

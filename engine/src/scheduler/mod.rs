@@ -9,8 +9,10 @@
 //! meanwhile.
 //!
 //! Layout: this file holds the claim loop; [`run`] runs builds and the finisher;
+//! [`artifacts`] prepares result directories and collects what builds leave there;
 //! [`masters`] heartbeats and expires silent masters.
 
+mod artifacts;
 mod masters;
 mod run;
 

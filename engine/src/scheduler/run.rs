@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, warn};
 
-use super::{RegisteredBuilder, Shared};
+use super::{RegisteredBuilder, Shared, artifacts};
 use crate::events::Event;
 use crate::executor::{BuildContext, ContextInner, Outcome, StopReason};
 use crate::model::{Properties, ResultCode};
@@ -53,6 +53,10 @@ pub(super) async fn run_build(
         buildset_id: started.request.buildset_id,
     });
     debug!(build = %build.id, builder = %builder.config.name, number = build.number, "build started");
+    let result_dir = match &shared.config.results_dir {
+        Some(root) => artifacts::prepare(root, &builder.config.name, build.number).await,
+        None => None,
+    };
     let outcome = match context {
         Some(context) => {
             let ctx = BuildContext::new(ContextInner {
@@ -67,6 +71,7 @@ pub(super) async fn run_build(
                 sourcestamps: context.sourcestamps,
                 store: shared.store.clone(),
                 stop: stop.clone(),
+                result_dir: result_dir.clone(),
             });
             execute(&shared, &builder, ctx, stop.clone()).await
         }
@@ -87,6 +92,10 @@ pub(super) async fn run_build(
         },
         Some(StopReason::MasterLost) | None => outcome,
     };
+    let artifacts = match result_dir {
+        Some(dir) => artifacts::collect(dir).await,
+        None => Vec::new(),
+    };
     let end = BuildEnd {
         build_id: build.id,
         request_id: started.request.id,
@@ -95,6 +104,7 @@ pub(super) async fn run_build(
         return_value: outcome.return_value,
         error: outcome.error,
         traceback: outcome.traceback,
+        artifacts,
         complete_at: crate::model::now(),
     };
     let finished = Finished {

@@ -17,9 +17,9 @@ use async_trait::async_trait;
 pub use error::{Result, StorageError};
 
 use crate::model::{
-    Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry, LogLevel,
-    LogQuery, LogRecord, Master, MasterId, ProgressRecord, ProgressReport, Properties, Property,
-    RequestId, ResultCode, SourceStamp, SourceStampId, Timestamp,
+    Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry,
+    LogLevel, LogQuery, LogRecord, Master, MasterId, ProgressRecord, ProgressReport, Properties,
+    Property, RequestId, ResultCode, SourceStamp, SourceStampId, Timestamp,
 };
 
 /// Opens the store named by a database URL and brings its schema up to date.
@@ -291,6 +291,8 @@ pub struct BuildEnd {
     pub traceback: Option<String>,
     /// A final state string (the old one stays if `None`).
     pub state_string: Option<String>,
+    /// Files it left in its result directory.
+    pub artifacts: Vec<Artifact>,
     /// When it ended.
     pub complete_at: Timestamp,
 }
@@ -522,6 +524,8 @@ pub trait Store: Send + Sync + 'static {
     async fn build_set_property(&self, id: BuildId, name: &str, property: &Property) -> Result<()>;
     /// A build's properties.
     async fn build_properties(&self, id: BuildId) -> Result<Properties>;
+    /// The files a build left in its result directory, by path.
+    async fn build_artifacts(&self, id: BuildId) -> Result<Vec<Artifact>>;
 
     // ---- progress ----
 

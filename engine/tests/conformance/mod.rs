@@ -1828,6 +1828,7 @@ fn end(build: &kiln_engine::model::Build, results: ResultCode, at: Timestamp) ->
         error: None,
         traceback: None,
         state_string: Some(format!("ended {results}")),
+        artifacts: Vec::new(),
         complete_at: at,
     }
 }
@@ -2167,8 +2168,19 @@ pub async fn finishing_and_settling_completes_or_releases_requests_and_refuses_f
         by_builder(2).ok_or_else(|| anyhow!("no c"))?,
     );
     // "c" runs on m, but "other" tries to finish it: refused, and nothing else changes.
+    let artifact = |path: &str| kiln_engine::model::Artifact {
+        path: path.into(),
+        size: 3,
+        location: format!("/results/{path}"),
+    };
     let refused = s
-        .build_finish_and_settle(other, &[end(&c, ResultCode::Success, t(3))])
+        .build_finish_and_settle(
+            other,
+            &[BuildEnd {
+                artifacts: vec![artifact("stolen.txt")],
+                ..end(&c, ResultCode::Success, t(3))
+            }],
+        )
         .await?;
     ensure!(refused.refused == [c.id] && refused.completed.is_empty());
     ensure!(!s.build_get(c.id).await?.is_complete());
@@ -2177,7 +2189,10 @@ pub async fn finishing_and_settling_completes_or_releases_requests_and_refuses_f
         .build_finish_and_settle(
             m,
             &[
-                end(&a, ResultCode::Warnings, t(4)),
+                BuildEnd {
+                    artifacts: vec![artifact("b/report.txt"), artifact("a.log")],
+                    ..end(&a, ResultCode::Warnings, t(4))
+                },
                 end(&bb, ResultCode::Retry, t(4)),
                 end(&c, ResultCode::Failure, t(5)),
             ],
@@ -2208,6 +2223,24 @@ pub async fn finishing_and_settling_completes_or_releases_requests_and_refuses_f
     );
     ensure!(!s.buildset_get(bs1).await?.complete);
 
+    let stored: Vec<String> = s
+        .build_artifacts(a.id)
+        .await?
+        .into_iter()
+        .map(|x| x.path)
+        .collect();
+    ensure!(
+        stored == ["a.log", "b/report.txt"],
+        "artifacts are kept, by path: {stored:?}"
+    );
+    ensure!(
+        s.build_artifacts(c.id).await?.is_empty(),
+        "a refused build's artifacts are not"
+    );
+    ensure!(matches!(
+        s.build_artifacts(BuildId(99_999)).await,
+        Err(StorageError::NotFound { .. })
+    ));
     let twice = s
         .build_finish_and_settle(m, &[end(&a, ResultCode::Success, t(6))])
         .await?;

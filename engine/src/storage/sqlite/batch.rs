@@ -462,6 +462,24 @@ impl SqliteStore {
                 .await?;
             settled.released = held.into_iter().map(RequestId).collect();
         }
+        let artifacts: Vec<Value> = ends
+            .iter()
+            .filter(|e| running.contains(&e.build_id.0))
+            .flat_map(|e| {
+                e.artifacts
+                    .iter()
+                    .map(move |a| json!([e.build_id.0, a.path, a.size, a.location]))
+            })
+            .collect();
+        if !artifacts.is_empty() {
+            sqlx::query(
+                "INSERT OR REPLACE INTO build_artifacts (build_id, path, size, location)
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?)",
+            )
+            .bind(Value::from(artifacts).to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
         let latest = ends
             .iter()
             .map(|e| e.complete_at)

@@ -30,8 +30,8 @@ use super::{
     StartAvailable, StartOutcome, StorageError, Store, StoreOptions,
 };
 use crate::model::{
-    Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry, LogLevel,
-    LogQuery, LogRecord, MAX_PRIORITY, MIN_PRIORITY, Master, MasterId, ProgressRecord,
+    Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry,
+    LogLevel, LogQuery, LogRecord, MAX_PRIORITY, MIN_PRIORITY, Master, MasterId, ProgressRecord,
     ProgressReport, Properties, Property, RequestId, ResultCode, SourceStamp, SourceStampId,
     Timestamp,
 };
@@ -982,6 +982,26 @@ impl Store for SqliteStore {
                 .fetch_all(&self.reader)
                 .await?;
         properties_from_rows(&rows)
+    }
+
+    async fn build_artifacts(&self, id: BuildId) -> Result<Vec<Artifact>> {
+        self.build_get(id).await?;
+        let rows = sqlx::query(
+            "SELECT path, size, location FROM build_artifacts WHERE build_id = ? ORDER BY path",
+        )
+        .bind(id.0)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let size: i64 = row.try_get("size")?;
+                Ok(Artifact {
+                    path: row.try_get("path")?,
+                    size: size.max(0) as u64,
+                    location: row.try_get("location")?,
+                })
+            })
+            .collect()
     }
 
     async fn progress_report(

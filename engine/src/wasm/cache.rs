@@ -1,0 +1,71 @@
+//! A cache of compiled components on disk, so that a plugin compiles once per wasm file
+//! and wasmtime build, not once per start.
+//!
+//! Entries are keyed by the SHA-256 of the wasm bytes and the engine's
+//! `precompile_compatibility_hash`, written atomically (temporary file, then rename)
+//! and only ever loaded from the cache directory this host writes.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tracing::{debug, warn};
+use wasmtime::component::Component;
+
+/// Where compiled components go when nothing else is configured:
+/// `$XDG_CACHE_HOME/kiln/components`, else `~/.cache/kiln/components`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("kiln").join("components"))
+}
+
+/// The cache file for some wasm bytes on this engine.
+fn entry(dir: &Path, engine: &wasmtime::Engine, wasm: &[u8]) -> PathBuf {
+    let digest = Sha256::digest(wasm);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let mut hasher = DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    dir.join(format!("{hex}-{:016x}.cwasm", hasher.finish()))
+}
+
+/// Compiles `wasm`, or loads its compiled form from `dir` if an earlier run stored it.
+/// Cache failures only cost time: they are logged and compilation goes on.
+pub(crate) fn compile(
+    engine: &wasmtime::Engine,
+    wasm: &[u8],
+    dir: Option<&Path>,
+) -> wasmtime::Result<Component> {
+    let Some(dir) = dir else {
+        return Component::new(engine, wasm);
+    };
+    let path = entry(dir, engine, wasm);
+    if path.exists() {
+        // SAFETY: files in the cache directory are written only by `store` below, from
+        // `Component::serialize` of this same wasmtime build (the compatibility hash is
+        // part of the name), so they are valid serialized components for this engine.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(component) => {
+                debug!(path = %path.display(), "loaded a compiled component from the cache");
+                return Ok(component);
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "ignoring an unreadable cache entry")
+            }
+        }
+    }
+    let component = Component::new(engine, wasm)?;
+    if let Err(e) = store(&component, dir, &path) {
+        warn!(dir = %dir.display(), error = %e, "could not cache a compiled component");
+    }
+    Ok(component)
+}
+
+fn store(component: &Component, dir: &Path, path: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let bytes = component.serialize().map_err(std::io::Error::other)?;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}

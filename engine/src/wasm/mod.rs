@@ -1,0 +1,320 @@
+//! The plugin host: WebAssembly components behind the `kiln:plugin` WIT package, run by
+//! wasmtime in a sandbox.
+//!
+//! One [`WasmHost`] owns the wasmtime engines (one per distinct wasm stack limit, since
+//! that is an engine setting; usually just one), each with the pooling allocator, epoch
+//! interruption driven by a ticker thread, and a linker holding WASI p2 and the Kiln
+//! host interface. Loading a plugin checks it against the `job` world, compiles it (or
+//! loads it from the on-disk cache) off the async threads, and pre-instantiates it.
+//! Every build then gets a fresh store, so nothing leaks between builds.
+//!
+//! Layout: [`limits`] names every limit; [`check`] tells components apart and checks
+//! worlds; `cache` keeps compiled components on disk; `state` is one build's store
+//! data and the host functions; [`executor`] runs a build and turns what happened into
+//! an [`Outcome`](crate::Outcome); `output` captures stdout/stderr with a cap.
+
+mod bindings;
+mod cache;
+pub mod check;
+pub mod executor;
+pub mod limits;
+mod output;
+mod state;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, WasmBacktraceDetails,
+};
+
+pub use cache::default_cache_dir;
+pub use check::{WasmKind, WorldReport};
+pub use executor::{DirGrant, Grants, RESULTS_GUEST_DIR, WasmExecutor};
+pub use limits::Limits;
+
+use bindings::{Job, JobPre};
+use state::JobState;
+
+/// Concurrent sandboxed builds per engine: the pooling allocator's slots. Sized for
+/// thousands of builds waiting on timers or children at once.
+pub const DEFAULT_MAX_INSTANCES: u32 = 4_096;
+/// Room on a build's async stack beyond its wasm stack, for host functions.
+const ASYNC_STACK_MARGIN: usize = 1 << 20;
+
+/// What can go wrong in the plugin host (a failing job is an outcome, not this).
+#[derive(Debug, thiserror::Error)]
+pub enum WasmError {
+    /// A plugin was refused when loaded; every problem found is listed.
+    #[error("plugin {plugin}: {}", problems.join("; "))]
+    Plugin {
+        /// The plugin's name (or path).
+        plugin: String,
+        /// What is wrong with it.
+        problems: Vec<String>,
+    },
+    /// Invalid limits or grants.
+    #[error("{0}")]
+    Invalid(String),
+    /// wasmtime could not be set up.
+    #[error("the wasm engine could not be set up: {0}")]
+    Engine(String),
+}
+
+/// How the host is set up.
+#[derive(Clone, Debug)]
+pub struct WasmHostConfig {
+    /// Where compiled components are cached (`None`: compile every time).
+    pub cache_dir: Option<PathBuf>,
+    /// See [`DEFAULT_MAX_INSTANCES`].
+    pub max_instances: u32,
+}
+
+impl Default for WasmHostConfig {
+    fn default() -> Self {
+        WasmHostConfig {
+            cache_dir: default_cache_dir(),
+            max_instances: DEFAULT_MAX_INSTANCES,
+        }
+    }
+}
+
+/// A wasmtime engine with its linker and epoch ticker.
+pub(crate) struct EngineCtx {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Linker<JobState>,
+    ticking: Arc<AtomicBool>,
+}
+
+impl Drop for EngineCtx {
+    fn drop(&mut self) {
+        self.ticking.store(false, Ordering::Relaxed);
+    }
+}
+
+/// The plugin host. Cheap to share behind an `Arc`.
+pub struct WasmHost {
+    config: WasmHostConfig,
+    engines: Mutex<BTreeMap<usize, Arc<EngineCtx>>>,
+}
+
+/// A job plugin, checked, compiled and pre-instantiated: ready to run builds.
+pub struct JobPlugin {
+    name: String,
+    engine: Arc<EngineCtx>,
+    pre: JobPre<JobState>,
+    stack_bytes: usize,
+}
+
+impl JobPlugin {
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl WasmHost {
+    /// A host with the given configuration.
+    pub fn new(config: WasmHostConfig) -> Self {
+        WasmHost {
+            config,
+            engines: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The engine for a wasm stack limit, created on first use.
+    fn engine_for(&self, stack_bytes: usize) -> Result<Arc<EngineCtx>, WasmError> {
+        let mut engines = self.engines.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(engine) = engines.get(&stack_bytes) {
+            return Ok(engine.clone());
+        }
+        let engine = Arc::new(new_engine(stack_bytes, self.config.max_instances)?);
+        engines.insert(stack_bytes, engine.clone());
+        Ok(engine)
+    }
+
+    /// Checks, compiles and pre-instantiates a job plugin for builds with `limits`.
+    /// Compilation runs on a blocking thread, so running builds are not held up.
+    pub async fn load_job(
+        &self,
+        name: &str,
+        wasm: Arc<[u8]>,
+        limits: &Limits,
+    ) -> Result<Arc<JobPlugin>, WasmError> {
+        limits
+            .validate()
+            .map_err(|e| WasmError::Invalid(format!("plugin {name}: {e}")))?;
+        let engine = self.engine_for(limits.wasm_stack_bytes)?;
+        let cache_dir = self.config.cache_dir.clone();
+        let owned_name = name.to_owned();
+        let stack_bytes = limits.wasm_stack_bytes;
+        let task = tokio::task::spawn_blocking(move || {
+            let component = compile_checked(&engine, &owned_name, &wasm, cache_dir.as_deref())?;
+            let pre =
+                pre_instantiate(&engine, &component).map_err(|problems| WasmError::Plugin {
+                    plugin: owned_name.clone(),
+                    problems,
+                })?;
+            Ok(Arc::new(JobPlugin {
+                name: owned_name,
+                engine,
+                pre,
+                stack_bytes,
+            }))
+        });
+        task.await
+            .map_err(|e| WasmError::Engine(format!("compiling {name} failed: {e}")))?
+    }
+
+    /// Says which world a component satisfies, or exactly why it satisfies none.
+    pub fn check(&self, wasm: &[u8]) -> Result<WorldReport, WasmError> {
+        let engine = self.engine_for(limits::DEFAULT_WASM_STACK_BYTES)?;
+        let mut report = WorldReport {
+            world: None,
+            package_versions: Vec::new(),
+            imports: Vec::new(),
+            exports: Vec::new(),
+            problems: Vec::new(),
+        };
+        let component =
+            match compile_checked(&engine, "the file", wasm, self.config.cache_dir.as_deref()) {
+                Ok(component) => component,
+                Err(WasmError::Plugin { problems, .. }) => {
+                    report.problems = problems;
+                    return Ok(report);
+                }
+                Err(other) => return Err(other),
+            };
+        let ty = component.component_type();
+        report.imports = ty
+            .imports(&engine.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        report.exports = ty
+            .exports(&engine.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        let mut versions: Vec<String> = report
+            .imports
+            .iter()
+            .filter_map(|i| i.strip_prefix("kiln:plugin/"))
+            .filter_map(|i| i.split_once('@').map(|(_, v)| v.to_owned()))
+            .collect();
+        versions.sort();
+        versions.dedup();
+        report.package_versions = versions;
+        match pre_instantiate(&engine, &component) {
+            Ok(_) => report.world = Some("job"),
+            Err(problems) => report.problems = problems,
+        }
+        Ok(report)
+    }
+
+    /// Compiles a plugin for the default limits and returns a [`WasmExecutor`] for it:
+    /// the short way for embedders and tests.
+    pub async fn job_executor(
+        &self,
+        name: &str,
+        wasm: &[u8],
+        limits: Limits,
+        grants: Grants,
+    ) -> Result<WasmExecutor, WasmError> {
+        let plugin = self.load_job(name, Arc::from(wasm), &limits).await?;
+        WasmExecutor::new(plugin, limits, grants)
+    }
+}
+
+fn new_engine(stack_bytes: usize, max_instances: u32) -> Result<EngineCtx, WasmError> {
+    let n = max_instances.max(1);
+    let mut pool = PoolingAllocationConfig::default();
+    // A component from a Rust guest holds a handful of core instances and tables and
+    // one memory; other toolchains use a few more.
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(8))
+        .total_memories(n.saturating_mul(2))
+        .total_tables(n.saturating_mul(8))
+        .total_stacks(n)
+        .max_memory_size(limits::MAX_MEMORY_BYTES);
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(stack_bytes)
+        .async_stack_size(stack_bytes + ASYNC_STACK_MARGIN)
+        .memory_reservation(limits::MAX_MEMORY_BYTES as u64)
+        .wasm_backtrace_details(WasmBacktraceDetails::Disable)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    let engine = Engine::new(&config).map_err(|e| WasmError::Engine(e.to_string()))?;
+    let mut linker = Linker::new(&engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .map_err(|e| WasmError::Engine(e.to_string()))?;
+    Job::add_to_linker::<_, HasSelf<JobState>>(&mut linker, |s| s)
+        .map_err(|e| WasmError::Engine(e.to_string()))?;
+    let ticking = Arc::new(AtomicBool::new(true));
+    spawn_ticker(engine.weak(), ticking.clone())?;
+    Ok(EngineCtx {
+        engine,
+        linker,
+        ticking,
+    })
+}
+
+/// Advances the engine's epoch every tick until the engine is dropped.
+fn spawn_ticker(engine: wasmtime::EngineWeak, ticking: Arc<AtomicBool>) -> Result<(), WasmError> {
+    std::thread::Builder::new()
+        .name("kiln-epoch".into())
+        .spawn(move || {
+            while ticking.load(Ordering::Relaxed) {
+                std::thread::sleep(limits::EPOCH_TICK);
+                match engine.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| WasmError::Engine(format!("cannot start the epoch ticker: {e}")))
+}
+
+/// Compiles bytes that must be a component, naming what they are when they are not.
+fn compile_checked(
+    engine: &EngineCtx,
+    name: &str,
+    wasm: &[u8],
+    cache_dir: Option<&std::path::Path>,
+) -> Result<Component, WasmError> {
+    let problem = |p: String| WasmError::Plugin {
+        plugin: name.to_owned(),
+        problems: vec![p],
+    };
+    match check::kind(wasm) {
+        WasmKind::NotWasm => return Err(problem("it is not WebAssembly (no \\0asm header)".into())),
+        WasmKind::CoreModule => {
+            return Err(problem(
+                "it is a core WebAssembly module, not a component: build it for wasm32-wasip2, or wrap it with `wasm-tools component new`".into(),
+            ))
+        }
+        WasmKind::Component => {}
+    }
+    cache::compile(&engine.engine, wasm, cache_dir)
+        .map_err(|e| problem(format!("it is not a valid component: {e:#}")))
+}
+
+/// Pre-instantiates a component as a job, or lists why it is not one.
+fn pre_instantiate(
+    engine: &EngineCtx,
+    component: &Component,
+) -> Result<JobPre<JobState>, Vec<String>> {
+    let problems = check::job_world_problems(&engine.engine, component);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let instance = engine
+        .linker
+        .instantiate_pre(component)
+        .map_err(|e| vec![format!("it does not link against the job world: {e:#}")])?;
+    JobPre::new(instance).map_err(|e| vec![format!("it does not match the job world: {e:#}")])
+}

@@ -1,0 +1,285 @@
+//! The state of one sandboxed build and the host functions its job calls.
+//!
+//! Logs, progress and the state string are buffered and written in batches (every
+//! [`FLUSH_RECORDS`] records or [`FLUSH_INTERVAL`], and at the end), so that a chatty
+//! job costs few database writes. Every host call counts against the build's budget.
+
+use std::time::Instant;
+
+use tracing::warn;
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::kiln::plugin::{host, types};
+use super::limits::Limits;
+use crate::executor::BuildContext;
+use crate::model::{LogLevel, LogRecord, ProgressReport};
+
+/// Buffered log records are written when this many have gathered...
+pub(crate) const FLUSH_RECORDS: usize = 256;
+/// ...or when the oldest unwritten one is this old, at the next host call.
+pub(crate) const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+/// The most elements a wasm table may grow to.
+pub(crate) const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Refuses memory growth beyond the build's limit and remembers that it did, so that
+/// the trap that usually follows is reported as what it is.
+pub(crate) struct MemoryLimiter {
+    limit: usize,
+    pub(crate) refused: Option<usize>,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.refused = Some(desired);
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// Everything a store of one build holds.
+pub(crate) struct JobState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    /// The build; `None` when a component runs outside the engine (benchmarks).
+    build: Option<BuildContext>,
+    pub(crate) limiter: MemoryLimiter,
+    pub(crate) limits: Limits,
+    /// Why the host stopped the guest, when it did (a limit or an interruption).
+    pub(crate) interrupt: Option<String>,
+    /// When the build's deadline passes.
+    pub(crate) deadline: Instant,
+    host_calls: u64,
+    log_bytes: usize,
+    logs: Vec<LogRecord>,
+    /// The latest report per group, in the order groups first reported.
+    progress: Vec<ProgressReport>,
+    state: Option<String>,
+    last_flush: Instant,
+}
+
+impl JobState {
+    pub(crate) fn new(wasi: WasiCtx, build: Option<BuildContext>, limits: Limits) -> Self {
+        let now = Instant::now();
+        JobState {
+            wasi,
+            table: ResourceTable::new(),
+            build,
+            limiter: MemoryLimiter {
+                limit: limits.memory_bytes,
+                refused: None,
+            },
+            limits,
+            interrupt: None,
+            deadline: now + limits.deadline,
+            host_calls: 0,
+            log_bytes: 0,
+            logs: Vec::new(),
+            progress: Vec::new(),
+            state: None,
+            last_flush: now,
+        }
+    }
+
+    /// Whether the build was asked to stop.
+    pub(crate) fn stop_requested(&self) -> bool {
+        self.build.as_ref().is_some_and(BuildContext::cancelled)
+    }
+
+    /// Stops the guest with a reason that becomes the build's error.
+    fn refuse(&mut self, reason: String) -> wasmtime::Error {
+        let error = wasmtime::format_err!("{reason}");
+        self.interrupt = Some(reason);
+        error
+    }
+
+    fn count_call(&mut self) -> wasmtime::Result<()> {
+        self.host_calls += 1;
+        if self.host_calls > self.limits.host_calls {
+            let limit = self.limits.host_calls;
+            return Err(self.refuse(format!(
+                "host call limit exceeded: more than {limit} calls into the Kiln host"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Adds a record to the log buffer (captured output goes through here too).
+    pub(crate) fn push_log(
+        &mut self,
+        level: LogLevel,
+        message: String,
+        fields: serde_json::Map<String, serde_json::Value>,
+    ) {
+        self.logs.push(LogRecord {
+            at: crate::model::now(),
+            level,
+            message,
+            fields,
+        });
+    }
+
+    async fn maybe_flush(&mut self) {
+        if self.logs.len() >= FLUSH_RECORDS || self.last_flush.elapsed() >= FLUSH_INTERVAL {
+            self.flush().await;
+        }
+    }
+
+    /// Writes buffered logs, progress and state to the store. A database failure here
+    /// costs the build some of its log, never its result.
+    pub(crate) async fn flush(&mut self) {
+        self.last_flush = Instant::now();
+        let Some(build) = &self.build else {
+            self.logs.clear();
+            self.progress.clear();
+            self.state = None;
+            return;
+        };
+        let store = build.store().clone();
+        let id = build.build_id();
+        if !self.logs.is_empty() {
+            let logs = std::mem::take(&mut self.logs);
+            if let Err(e) = store.log_append(id, &logs).await {
+                warn!(build = %id, error = %e, "could not store {} log records", logs.len());
+            }
+        }
+        let now = crate::model::now();
+        for report in std::mem::take(&mut self.progress) {
+            if let Err(e) = store.progress_report(id, &report, now).await {
+                warn!(build = %id, error = %e, "could not store a progress report");
+            }
+        }
+        if let Some(state) = self.state.take()
+            && let Err(e) = store.build_set_state(id, &state).await
+        {
+            warn!(build = %id, error = %e, "could not store the state string");
+        }
+    }
+}
+
+impl WasiView for JobState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for JobState {}
+
+fn level(level: types::LogLevel) -> LogLevel {
+    match level {
+        types::LogLevel::Debug => LogLevel::Debug,
+        types::LogLevel::Info => LogLevel::Info,
+        types::LogLevel::Warning => LogLevel::Warning,
+        types::LogLevel::Error => LogLevel::Error,
+        types::LogLevel::Critical => LogLevel::Critical,
+    }
+}
+
+impl host::Host for JobState {
+    async fn log(&mut self, level_: types::LogLevel, message: String) -> wasmtime::Result<()> {
+        self.count_call()?;
+        self.log_bytes = self.log_bytes.saturating_add(message.len());
+        if self.log_bytes > self.limits.log_bytes {
+            let limit = self.limits.log_bytes;
+            return Err(self.refuse(format!(
+                "log volume limit exceeded: more than {limit} bytes of log messages"
+            )));
+        }
+        self.push_log(level(level_), message, serde_json::Map::new());
+        self.maybe_flush().await;
+        Ok(())
+    }
+
+    async fn progress(
+        &mut self,
+        group: Vec<String>,
+        current: u64,
+        total: u64,
+        status: String,
+    ) -> wasmtime::Result<()> {
+        self.count_call()?;
+        if group.iter().any(String::is_empty) {
+            return Err(self.refuse(format!("progress group {group:?} has an empty name")));
+        }
+        let report = ProgressReport {
+            group,
+            current,
+            total,
+            status,
+        };
+        match self.progress.iter_mut().find(|r| r.group == report.group) {
+            Some(pending) => *pending = report,
+            None => self.progress.push(report),
+        }
+        self.maybe_flush().await;
+        Ok(())
+    }
+
+    async fn set_state(&mut self, state: String) -> wasmtime::Result<()> {
+        self.count_call()?;
+        self.state = Some(state);
+        self.maybe_flush().await;
+        Ok(())
+    }
+
+    async fn get_property(&mut self, name: String) -> wasmtime::Result<Option<types::Property>> {
+        self.count_call()?;
+        let found = self.build.as_ref().and_then(|b| b.get_property(&name));
+        Ok(found.map(|p| types::Property {
+            name,
+            value: p.value.to_string(),
+            source: p.source,
+        }))
+    }
+
+    async fn set_property(
+        &mut self,
+        name: String,
+        value: String,
+        source: String,
+    ) -> wasmtime::Result<Result<(), String>> {
+        self.count_call()?;
+        if name.trim().is_empty() {
+            return Ok(Err("a property name must not be empty".into()));
+        }
+        let value: serde_json::Value = match serde_json::from_str(&value) {
+            Ok(v) => v,
+            Err(e) => {
+                return Ok(Err(format!(
+                    "property {name:?}: the value is not JSON: {e}"
+                )));
+            }
+        };
+        let Some(build) = &self.build else {
+            return Ok(Ok(()));
+        };
+        Ok(build
+            .set_property(&name, value, &source)
+            .await
+            .map_err(|e| e.to_string()))
+    }
+
+    async fn cancelled(&mut self) -> wasmtime::Result<bool> {
+        self.count_call()?;
+        Ok(self.stop_requested())
+    }
+}
