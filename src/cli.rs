@@ -22,6 +22,17 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a pipeline file: register its WASM builders, submit its buildsets, show them
+    /// live, print a summary, exit non-zero if any build failed.
+    Run {
+        /// The pipeline file (TOML); see the README for its format.
+        pipeline: std::path::PathBuf,
+    },
+    /// Work with plugin components.
+    Plugin {
+        #[command(subcommand)]
+        what: PluginWhat,
+    },
     /// Submit a buildset: one build request per builder.
     Submit(SubmitArgs),
     /// List buildsets, build requests, builds, builders or masters.
@@ -216,5 +227,14 @@ pub enum CancelWhat {
     Buildset {
         /// The buildset id.
         id: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginWhat {
+    /// Say which Kiln world a component satisfies, or exactly why it satisfies none.
+    Check {
+        /// A .wasm file, or bundled:<name>.
+        file: String,
     },
 }

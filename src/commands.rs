@@ -15,10 +15,19 @@ use kiln_engine::{Client, Submission};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::cli::{CancelWhat, ClaimState, Cli, Command, ListWhat, LogsArgs, ShowWhat, SubmitArgs};
+use crate::cli::{
+    CancelWhat, ClaimState, Cli, Command, ListWhat, LogsArgs, PluginWhat, ShowWhat, SubmitArgs,
+};
 use crate::render::{self, Table};
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Run { pipeline } => return crate::run::run(pipeline, &cli.db, cli.json).await,
+        Command::Plugin {
+            what: PluginWhat::Check { file },
+        } => return plugin_check(file, cli.json),
+        _ => {}
+    }
     // Commands never create a database: a mistyped path must be an error, not an empty file.
     let options = StoreOptions {
         create_if_missing: false,
@@ -32,6 +41,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Show { what } => show(&client, &out, what).await?,
         Command::Logs(args) => logs(&client, &out, args).await?,
         Command::Cancel { what } => cancel(&client, &out, what).await?,
+        Command::Run { .. } | Command::Plugin { .. } => unreachable_command()?,
         Command::Rebuild { build } => {
             let build = find_build(&client, &build).await?;
             let submitted = client.rebuild(build.id).await?;
@@ -44,6 +54,61 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Commands handled before the database is opened never reach the table below.
+fn unreachable_command() -> Result<()> {
+    bail!("internal error: this command is handled elsewhere")
+}
+
+/// `kiln plugin check`: which world a component satisfies, or why none.
+fn plugin_check(file: &str, json_out: bool) -> Result<ExitCode> {
+    let bytes = match file.strip_prefix("bundled:") {
+        Some(name) => kiln_bundled::get(name)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| anyhow!("there is no bundled plugin {name:?}"))?,
+        None => std::fs::read(file).with_context(|| format!("cannot read {file}"))?,
+    };
+    let host = kiln_engine::wasm::WasmHost::new(kiln_engine::wasm::WasmHostConfig::default());
+    let report = host.check(&bytes)?;
+    if json_out {
+        let value = json!({
+            "file": file,
+            "world": report.world,
+            "package": "kiln:plugin",
+            "package_versions": report.package_versions,
+            "imports": report.imports,
+            "exports": report.exports,
+            "problems": report.problems,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        match report.world {
+            Some(world) => {
+                let versions = if report.package_versions.is_empty() {
+                    "?".to_owned()
+                } else {
+                    report.package_versions.join(", ")
+                };
+                println!("{file}: a `{world}` component, built against kiln:plugin@{versions}");
+            }
+            None => println!("{file}: not a Kiln plugin"),
+        }
+        for problem in &report.problems {
+            println!("  - {problem}");
+        }
+        if !report.imports.is_empty() {
+            println!("imports: {}", report.imports.join(", "));
+        }
+        if !report.exports.is_empty() {
+            println!("exports: {}", report.exports.join(", "));
+        }
+    }
+    Ok(if report.world.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 struct Out {

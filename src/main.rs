@@ -3,7 +3,9 @@
 
 mod cli;
 mod commands;
+mod pipeline;
 mod render;
+mod run;
 
 use std::process::ExitCode;
 

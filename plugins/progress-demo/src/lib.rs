@@ -12,6 +12,8 @@ fn checksum(seed: u64, rounds: u64) -> u64 {
 impl Guest for ProgressDemo {
     fn run(ctx: BuildContext) -> Result<Outcome, JobError> {
         let steps = ctx.kwarg("steps").and_then(|v| v.as_u64()).unwrap_or(4).clamp(1, 1_000);
+        // An optional pause per step, so that people can watch the bars move.
+        let pause = std::time::Duration::from_millis(ctx.kwarg("step_ms").and_then(|v| v.as_u64()).unwrap_or(0).min(10_000));
         let groups = [("fetch", 2u64), ("compile", 3), ("test", 2)];
         let mut sum = 0u64;
         for (group, parts) in groups {
@@ -20,6 +22,9 @@ impl Guest for ProgressDemo {
                 let name = format!("part-{part}");
                 for step in 1..=steps {
                     sum = checksum(sum ^ step, 20_000);
+                    if !pause.is_zero() {
+                        std::thread::sleep(pause);
+                    }
                     kiln_guest::progress(&[group, &name], step, steps, &format!("{name} {step}/{steps}"));
                 }
             }

@@ -1,0 +1,323 @@
+//! `kiln run <pipeline.toml>`: run a pipeline on an embedded database, show it live,
+//! summarise it, exit non-zero if anything failed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use kiln_engine::model::{BuildId, BuildsetId, ProgressNode, ResultCode};
+use kiln_engine::storage::BuildFilter;
+use kiln_engine::wasm::{WasmHost, WasmHostConfig, default_cache_dir};
+use kiln_engine::{Engine, EngineConfig, Event};
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::pipeline::{self, resolve};
+use crate::render::{self, Table};
+
+/// How often the live view redraws.
+const REDRAW: Duration = Duration::from_millis(100);
+/// Running builds whose progress trees the live view shows at once.
+const LIVE_TREES: usize = 8;
+/// Finished builds the live view keeps on screen.
+const LIVE_FINISHED: usize = 12;
+/// Artifact paths the summary lists per build.
+const SUMMARY_ARTIFACTS: usize = 5;
+
+struct Line {
+    builder: String,
+    number: i64,
+    results: Option<ResultCode>,
+}
+
+/// Runs the pipeline at `path`; `db` is the CLI's database unless the file names one.
+pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
+    let (base, file) = pipeline::read(path)?;
+    let database = file
+        .run
+        .database
+        .as_ref()
+        .map(|p| resolve(&base, p))
+        .unwrap_or_else(|| PathBuf::from(db));
+    let results_dir = file
+        .run
+        .results_dir
+        .as_ref()
+        .map(|p| resolve(&base, p))
+        .unwrap_or_else(|| {
+            database
+                .parent()
+                .unwrap_or(Path::new(""))
+                .join("kiln-results")
+        });
+    let cache_dir = file
+        .run
+        .cache_dir
+        .as_ref()
+        .map(|p| resolve(&base, p))
+        .or_else(default_cache_dir);
+    let host = WasmHost::new(WasmHostConfig {
+        cache_dir,
+        ..WasmHostConfig::default()
+    });
+    let pipeline = pipeline::load(base, file, &host).await?;
+
+    let url = format!("sqlite://{}", database.display());
+    let engine = Engine::open(EngineConfig::new(url).results_dir(&results_dir))
+        .await
+        .with_context(|| format!("opening {}", database.display()))?;
+    for (config, executor) in pipeline.builders {
+        engine.register_builder(config, executor).await?;
+    }
+    let mut events = engine.subscribe();
+    let submitted = engine.submit_many(&pipeline.submissions).await?;
+    let mut open: BTreeSet<BuildsetId> = submitted.iter().map(|s| s.buildset_id).collect();
+    let ours = open.clone();
+    if !json_out {
+        println!(
+            "kiln run: {} buildset{} on {}, results in {}",
+            open.len(),
+            if open.len() == 1 { "" } else { "s" },
+            database.display(),
+            results_dir.display()
+        );
+    }
+
+    let live = !json_out && std::io::stdout().is_terminal();
+    let mut lines: BTreeMap<BuildId, Line> = BTreeMap::new();
+    let mut drawn = 0usize;
+    let mut interrupted = false;
+    let mut redraw = tokio::time::interval(REDRAW);
+    redraw.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    // Buildsets that completed before we subscribed, or in another process.
+    for id in ours.iter() {
+        if engine.client().buildset(*id).await?.complete {
+            open.remove(id);
+        }
+    }
+    while !open.is_empty() {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(Event::BuildStarted { build_id, builder, number, buildset_id, .. }) if ours.contains(&buildset_id) => {
+                    if !live && !json_out {
+                        println!("  started  {builder} #{number}");
+                    }
+                    lines.insert(build_id, Line { builder, number, results: None });
+                }
+                Ok(Event::BuildFinished { build_id, builder, number, results, buildset_id, .. }) if ours.contains(&buildset_id) => {
+                    if !live && !json_out {
+                        println!("  finished {builder} #{number}: {results}");
+                    }
+                    lines.insert(build_id, Line { builder, number, results: Some(results) });
+                }
+                Ok(Event::BuildsetComplete { buildset_id, .. }) => {
+                    open.remove(&buildset_id);
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => {
+                    for id in open.clone() {
+                        if engine.client().buildset(id).await?.complete {
+                            open.remove(&id);
+                        }
+                    }
+                }
+                Err(RecvError::Closed) => break,
+            },
+            _ = redraw.tick(), if live => {
+                drawn = draw(&engine, &lines, drawn).await;
+            }
+            _ = &mut ctrl_c, if !interrupted => {
+                interrupted = true;
+                eprintln!("\ninterrupted: cancelling the pipeline's buildsets");
+                for id in &open {
+                    engine.cancel_buildset(*id).await?;
+                }
+            }
+        }
+    }
+    if live {
+        clear(drawn);
+    }
+    let code = summary(&engine, &ours, json_out).await?;
+    engine.shutdown().await;
+    Ok(if interrupted {
+        ExitCode::from(130)
+    } else {
+        code
+    })
+}
+
+/// Redraws the live view in place; returns how many lines it drew.
+async fn draw(engine: &Engine, lines: &BTreeMap<BuildId, Line>, previous: usize) -> usize {
+    let width = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse::<usize>().ok())
+        .unwrap_or(100)
+        .max(40);
+    let mut out: Vec<String> = Vec::new();
+    let finished: Vec<_> = lines.iter().filter(|(_, l)| l.results.is_some()).collect();
+    for (_, line) in finished.iter().rev().take(LIVE_FINISHED).rev() {
+        out.push(format!(
+            "  {:<24} {}",
+            format!("{} #{}", line.builder, line.number),
+            render::results(line.results)
+        ));
+    }
+    let running: Vec<_> = lines.iter().filter(|(_, l)| l.results.is_none()).collect();
+    for (id, line) in running.iter().take(LIVE_TREES) {
+        let tree = engine.client().progress(**id).await.ok();
+        let label = format!("{} #{}", line.builder, line.number);
+        match tree {
+            Some(tree) => {
+                out.push(format!("  {label:<24} {}", bar(&tree)));
+                tree_lines(&tree, 1, &mut out);
+            }
+            None => out.push(format!("  {label:<24} running")),
+        }
+    }
+    if running.len() > LIVE_TREES {
+        out.push(format!(
+            "  ... and {} more running",
+            running.len() - LIVE_TREES
+        ));
+    }
+    let mut stdout = std::io::stdout().lock();
+    if previous > 0 {
+        let _ = write!(stdout, "\x1b[{previous}A\x1b[J");
+    }
+    for line in &out {
+        let cut: String = line.chars().take(width - 1).collect();
+        let _ = writeln!(stdout, "{cut}");
+    }
+    let _ = stdout.flush();
+    out.len()
+}
+
+fn clear(drawn: usize) {
+    if drawn > 0 {
+        print!("\x1b[{drawn}A\x1b[J");
+        let _ = std::io::stdout().flush();
+    }
+}
+
+fn bar(node: &ProgressNode) -> String {
+    const WIDTH: usize = 20;
+    match node.fraction() {
+        Some(f) => {
+            let filled = (f * WIDTH as f64).round() as usize;
+            format!(
+                "[{}{}] {:>3}% {}",
+                "#".repeat(filled),
+                ".".repeat(WIDTH - filled),
+                (f * 100.0).round(),
+                node.status.as_deref().unwrap_or("")
+            )
+        }
+        None => format!("[{}] running", ".".repeat(WIDTH)),
+    }
+}
+
+fn tree_lines(node: &ProgressNode, depth: usize, out: &mut Vec<String>) {
+    for child in &node.children {
+        out.push(format!(
+            "  {:indent$}{:<width$} {}",
+            "",
+            child.name,
+            bar(child),
+            indent = depth * 2,
+            width = 22 - (depth * 2).min(20)
+        ));
+        tree_lines(child, depth + 1, out);
+    }
+}
+
+/// Prints the summary and returns the exit code: 0 unless a buildset ended worse than
+/// WARNINGS.
+async fn summary(engine: &Engine, ours: &BTreeSet<BuildsetId>, json_out: bool) -> Result<ExitCode> {
+    let client = engine.client();
+    let names: BTreeMap<i64, String> = client
+        .builders()
+        .await?
+        .into_iter()
+        .map(|b| (b.id.0, b.name))
+        .collect();
+    let mut worst: Option<ResultCode> = None;
+    let mut rows = Vec::new();
+    let mut table = Table::new(&[
+        "builder",
+        "build",
+        "result",
+        "duration",
+        "artifacts",
+        "error",
+    ]);
+    let mut listed = Vec::new();
+    for id in ours {
+        let buildset = client.buildset(*id).await?;
+        worst = ResultCode::worst_of(worst.into_iter().chain(buildset.results));
+        for build in client
+            .builds(&BuildFilter {
+                buildset_id: Some(*id),
+                ..Default::default()
+            })
+            .await?
+        {
+            let artifacts = client.store().build_artifacts(build.id).await?;
+            let builder = names.get(&build.builder_id.0).cloned().unwrap_or_default();
+            table.row(vec![
+                builder.clone(),
+                format!("#{}", build.number),
+                render::results(build.results),
+                render::duration(build.started_at, build.complete_at),
+                artifacts.len().to_string(),
+                build
+                    .error
+                    .clone()
+                    .map(|e| e.lines().next().unwrap_or_default().to_owned())
+                    .unwrap_or_default(),
+            ]);
+            for a in artifacts.iter().take(SUMMARY_ARTIFACTS) {
+                listed.push(format!("  {builder} #{}: {}", build.number, a.location));
+            }
+            if artifacts.len() > SUMMARY_ARTIFACTS {
+                listed.push(format!(
+                    "  {builder} #{}: ... and {} more",
+                    build.number,
+                    artifacts.len() - SUMMARY_ARTIFACTS
+                ));
+            }
+            rows.push(json!({"builder": builder, "build": build, "artifacts": artifacts}));
+        }
+    }
+    let ok = worst.is_none_or(|r| {
+        matches!(
+            r,
+            ResultCode::Success | ResultCode::Warnings | ResultCode::Skipped
+        )
+    });
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"results": worst, "builds": rows}))?
+        );
+    } else {
+        table.print();
+        if !listed.is_empty() {
+            println!("artifacts:");
+            for line in &listed {
+                println!("{line}");
+            }
+        }
+        println!("result: {}", render::results(worst));
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
