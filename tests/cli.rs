@@ -354,3 +354,135 @@ fn the_embedding_example_runs_and_the_cli_reads_its_database() -> Result<()> {
     );
     Ok(())
 }
+
+// ---- kiln run and kiln plugin check ----
+
+fn kiln_in(dir: &Path, args: &[&str]) -> Result<Run> {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .current_dir(dir)
+        .args(args)
+        .env_remove("KILN_DATABASE")
+        .env("RUST_LOG", "off")
+        .env("XDG_CACHE_HOME", dir.join("cache"))
+        .output()?;
+    Ok(from_output(out))
+}
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join("pipeline.toml")
+}
+
+#[test]
+fn the_example_pipeline_runs_and_its_builds_are_in_the_database() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run = kiln_in(dir.path(), &["run", &example().display().to_string()])?.ok()?;
+    ensure!(run.stdout.contains("result: SUCCESS"), "{}", run.stdout);
+    for builder in ["echo", "fib", "progress", "artifacts", "nap", "inspect"] {
+        ensure!(run.stdout.contains(&format!("finished {builder} #1: SUCCESS")), "{builder}: {}", run.stdout);
+    }
+    ensure!(run.stdout.contains("kiln-results/artifacts/1/summary.json"), "artifact paths: {}", run.stdout);
+    ensure!(dir.path().join("kiln-results/artifacts/1/summary.json").exists());
+    let db = dir.path().join("kiln.db");
+    let inspect = kiln(&db, &["show", "build", "inspect/1", "--json"])?.ok()?.json()?;
+    ensure!(inspect["build"]["return_value"]["env"] == json!({"PIPELINE": "example"}), "{inspect}");
+    let builds = kiln(&db, &["list", "builds", "--json"])?.ok()?.json()?;
+    ensure!(builds["builds"].as_array().map(Vec::len) == Some(9), "6 builders plus 3 more naps");
+    Ok(())
+}
+
+#[test]
+fn a_pipeline_with_a_failing_build_exits_non_zero_with_a_summary() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = r#"
+[[builder]]
+name = "good"
+plugin = "bundled:echo"
+
+[[builder]]
+name = "bad"
+plugin = "bundled:fail"
+kwargs = { message = "broken on purpose" }
+
+[[builder]]
+name = "bomb"
+plugin = "bundled:memory-bomb"
+[builder.limits]
+memory_mib = 16
+
+[[submit]]
+builders = ["good", "bad", "bomb"]
+"#;
+    std::fs::write(dir.path().join("p.toml"), config)?;
+    let run = kiln_in(dir.path(), &["run", "p.toml", "--json"])?;
+    ensure!(run.code == 1, "exit {}: {}", run.code, run.stderr);
+    let summary = run.json()?;
+    ensure!(summary["results"] == "EXCEPTION", "{summary}");
+    let by_builder = |name: &str| summary["builds"].as_array().and_then(|b| b.iter().find(|x| x["builder"] == name).cloned());
+    ensure!(by_builder("good").is_some_and(|b| b["build"]["results"] == "SUCCESS"));
+    ensure!(by_builder("bad").is_some_and(|b| b["build"]["error"] == "broken on purpose"));
+    ensure!(by_builder("bomb").is_some_and(|b| b["build"]["error"].as_str().is_some_and(|e| e.contains("memory limit exceeded"))));
+    Ok(())
+}
+
+#[test]
+fn a_bad_pipeline_reports_every_problem_together_and_runs_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("not.wasm"), b"\0asm\x01\0\0\0")?;
+    let config = r#"
+[[builder]]
+name = "a"
+plugin = "bundled:no-such-plugin"
+
+[[builder]]
+name = "b"
+plugin = "not.wasm"
+
+[[builder]]
+name = "c"
+plugin = "bundled:not-a-job"
+
+[[builder]]
+name = "d"
+plugin = "bundled:echo"
+[builder.limits]
+stack_kib = 1
+[builder.grants]
+dirs = [{ host = "missing", guest = "/m" }]
+
+[[submit]]
+builders = ["a", "ghost"]
+"#;
+    std::fs::write(dir.path().join("bad.toml"), config)?;
+    let run = kiln_in(dir.path(), &["run", "bad.toml"])?;
+    ensure!(run.code != 0, "{}", run.stdout);
+    for expected in [
+        "no bundled plugin \"no-such-plugin\"",
+        "core WebAssembly module, not a component",
+        "does not export `run",
+        "stack",
+        "names builder \"ghost\"",
+    ] {
+        ensure!(run.stderr.contains(expected), "expected {expected:?} in: {}", run.stderr);
+    }
+    ensure!(!dir.path().join("kiln.db").exists(), "nothing ran, no database was made");
+
+    std::fs::write(dir.path().join("typo.toml"), "[[builder]]\nname = \"x\"\nplugin = \"bundled:echo\"\nmax_concurent = 2\n")?;
+    kiln_in(dir.path(), &["run", "typo.toml"])?.fails_with("unknown field `max_concurent`")?;
+    kiln_in(dir.path(), &["run", "nowhere.toml"])?.fails_with("cannot read nowhere.toml")?;
+    Ok(())
+}
+
+#[test]
+fn plugin_check_names_the_world_or_says_why_not() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let good = kiln_in(dir.path(), &["plugin", "check", "bundled:echo"])?.ok()?;
+    ensure!(good.stdout.contains("a `job` component, built against kiln:plugin@0.1.0"), "{}", good.stdout);
+    let report = kiln_in(dir.path(), &["plugin", "check", "bundled:fib", "--json"])?.ok()?.json()?;
+    ensure!(report["world"] == "job" && report["exports"] == json!(["run"]), "{report}");
+    let bad = kiln_in(dir.path(), &["plugin", "check", "bundled:not-a-job"])?;
+    ensure!(bad.code == 1 && bad.stdout.contains("not a Kiln plugin") && bad.stdout.contains("does not export `run"), "{}", bad.stdout);
+    std::fs::write(dir.path().join("x.wasm"), "plain text")?;
+    let text = kiln_in(dir.path(), &["plugin", "check", "x.wasm"])?;
+    ensure!(text.code == 1 && text.stdout.contains("not WebAssembly"), "{}", text.stdout);
+    Ok(())
+}
