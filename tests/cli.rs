@@ -369,7 +369,9 @@ fn kiln_in(dir: &Path, args: &[&str]) -> Result<Run> {
 }
 
 fn example() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join("pipeline.toml")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join("pipeline.toml")
 }
 
 #[test]
@@ -378,15 +380,36 @@ fn the_example_pipeline_runs_and_its_builds_are_in_the_database() -> Result<()> 
     let run = kiln_in(dir.path(), &["run", &example().display().to_string()])?.ok()?;
     ensure!(run.stdout.contains("result: SUCCESS"), "{}", run.stdout);
     for builder in ["echo", "fib", "progress", "artifacts", "nap", "inspect"] {
-        ensure!(run.stdout.contains(&format!("finished {builder} #1: SUCCESS")), "{builder}: {}", run.stdout);
+        ensure!(
+            run.stdout
+                .contains(&format!("finished {builder} #1: SUCCESS")),
+            "{builder}: {}",
+            run.stdout
+        );
     }
-    ensure!(run.stdout.contains("kiln-results/artifacts/1/summary.json"), "artifact paths: {}", run.stdout);
-    ensure!(dir.path().join("kiln-results/artifacts/1/summary.json").exists());
+    ensure!(
+        run.stdout.contains("kiln-results/artifacts/1/summary.json"),
+        "artifact paths: {}",
+        run.stdout
+    );
+    ensure!(
+        dir.path()
+            .join("kiln-results/artifacts/1/summary.json")
+            .exists()
+    );
     let db = dir.path().join("kiln.db");
-    let inspect = kiln(&db, &["show", "build", "inspect/1", "--json"])?.ok()?.json()?;
-    ensure!(inspect["build"]["return_value"]["env"] == json!({"PIPELINE": "example"}), "{inspect}");
+    let inspect = kiln(&db, &["show", "build", "inspect/1", "--json"])?
+        .ok()?
+        .json()?;
+    ensure!(
+        inspect["build"]["return_value"]["env"] == json!({"PIPELINE": "example"}),
+        "{inspect}"
+    );
     let builds = kiln(&db, &["list", "builds", "--json"])?.ok()?.json()?;
-    ensure!(builds["builds"].as_array().map(Vec::len) == Some(9), "6 builders plus 3 more naps");
+    ensure!(
+        builds["builds"].as_array().map(Vec::len) == Some(9),
+        "6 builders plus 3 more naps"
+    );
     Ok(())
 }
 
@@ -417,10 +440,18 @@ builders = ["good", "bad", "bomb"]
     ensure!(run.code == 1, "exit {}: {}", run.code, run.stderr);
     let summary = run.json()?;
     ensure!(summary["results"] == "EXCEPTION", "{summary}");
-    let by_builder = |name: &str| summary["builds"].as_array().and_then(|b| b.iter().find(|x| x["builder"] == name).cloned());
+    let by_builder = |name: &str| {
+        summary["builds"]
+            .as_array()
+            .and_then(|b| b.iter().find(|x| x["builder"] == name).cloned())
+    };
     ensure!(by_builder("good").is_some_and(|b| b["build"]["results"] == "SUCCESS"));
     ensure!(by_builder("bad").is_some_and(|b| b["build"]["error"] == "broken on purpose"));
-    ensure!(by_builder("bomb").is_some_and(|b| b["build"]["error"].as_str().is_some_and(|e| e.contains("memory limit exceeded"))));
+    ensure!(by_builder("bomb").is_some_and(|b| {
+        b["build"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("memory limit exceeded"))
+    }));
     Ok(())
 }
 
@@ -462,11 +493,21 @@ builders = ["a", "ghost"]
         "stack",
         "names builder \"ghost\"",
     ] {
-        ensure!(run.stderr.contains(expected), "expected {expected:?} in: {}", run.stderr);
+        ensure!(
+            run.stderr.contains(expected),
+            "expected {expected:?} in: {}",
+            run.stderr
+        );
     }
-    ensure!(!dir.path().join("kiln.db").exists(), "nothing ran, no database was made");
+    ensure!(
+        !dir.path().join("kiln.db").exists(),
+        "nothing ran, no database was made"
+    );
 
-    std::fs::write(dir.path().join("typo.toml"), "[[builder]]\nname = \"x\"\nplugin = \"bundled:echo\"\nmax_concurent = 2\n")?;
+    std::fs::write(
+        dir.path().join("typo.toml"),
+        "[[builder]]\nname = \"x\"\nplugin = \"bundled:echo\"\nmax_concurent = 2\n",
+    )?;
     kiln_in(dir.path(), &["run", "typo.toml"])?.fails_with("unknown field `max_concurent`")?;
     kiln_in(dir.path(), &["run", "nowhere.toml"])?.fails_with("cannot read nowhere.toml")?;
     Ok(())
@@ -476,13 +517,33 @@ builders = ["a", "ghost"]
 fn plugin_check_names_the_world_or_says_why_not() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let good = kiln_in(dir.path(), &["plugin", "check", "bundled:echo"])?.ok()?;
-    ensure!(good.stdout.contains("a `job` component, built against kiln:plugin@0.1.0"), "{}", good.stdout);
-    let report = kiln_in(dir.path(), &["plugin", "check", "bundled:fib", "--json"])?.ok()?.json()?;
-    ensure!(report["world"] == "job" && report["exports"] == json!(["run"]), "{report}");
+    ensure!(
+        good.stdout
+            .contains("a `job` component, built against kiln:plugin@0.1.0"),
+        "{}",
+        good.stdout
+    );
+    let report = kiln_in(dir.path(), &["plugin", "check", "bundled:fib", "--json"])?
+        .ok()?
+        .json()?;
+    ensure!(
+        report["world"] == "job" && report["exports"] == json!(["run"]),
+        "{report}"
+    );
     let bad = kiln_in(dir.path(), &["plugin", "check", "bundled:not-a-job"])?;
-    ensure!(bad.code == 1 && bad.stdout.contains("not a Kiln plugin") && bad.stdout.contains("does not export `run"), "{}", bad.stdout);
+    ensure!(
+        bad.code == 1
+            && bad.stdout.contains("not a Kiln plugin")
+            && bad.stdout.contains("does not export `run"),
+        "{}",
+        bad.stdout
+    );
     std::fs::write(dir.path().join("x.wasm"), "plain text")?;
     let text = kiln_in(dir.path(), &["plugin", "check", "x.wasm"])?;
-    ensure!(text.code == 1 && text.stdout.contains("not WebAssembly"), "{}", text.stdout);
+    ensure!(
+        text.code == 1 && text.stdout.contains("not WebAssembly"),
+        "{}",
+        text.stdout
+    );
     Ok(())
 }

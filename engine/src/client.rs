@@ -154,21 +154,40 @@ impl Client {
     /// Submits several buildsets in one transaction: all of them, or none if any is
     /// refused. The result is in the order given.
     pub async fn submit_many(&self, submissions: &[Submission]) -> Result<Vec<Submitted>> {
-        self.submit_buildsets(submissions, None).await
+        self.submit_buildsets(submissions, None, &BTreeMap::new())
+            .await
+    }
+
+    /// Like [`Client::submit_many`], resolving builder names from `cached` first and
+    /// reading the database only when a name is missing there.
+    pub(crate) async fn submit_many_known(
+        &self,
+        submissions: &[Submission],
+        cached: &BTreeMap<String, BuilderId>,
+    ) -> Result<Vec<Submitted>> {
+        self.submit_buildsets(submissions, None, cached).await
     }
 
     async fn submit_buildsets(
         &self,
         submissions: &[Submission],
         rebuilt: Option<BuildId>,
+        cached: &BTreeMap<String, BuilderId>,
     ) -> Result<Vec<Submitted>> {
-        let known: BTreeMap<String, BuilderId> = self
-            .store
-            .builder_list()
-            .await?
-            .into_iter()
-            .map(|b| (b.name, b.id))
-            .collect();
+        let all_cached = submissions
+            .iter()
+            .flat_map(|s| &s.builders)
+            .all(|n| cached.contains_key(n));
+        let known: BTreeMap<String, BuilderId> = if all_cached {
+            cached.clone()
+        } else {
+            self.store
+                .builder_list()
+                .await?
+                .into_iter()
+                .map(|b| (b.name, b.id))
+                .collect()
+        };
         let mut params = Vec::with_capacity(submissions.len());
         for s in submissions {
             if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&s.priority) {
@@ -320,7 +339,11 @@ impl Client {
             external_idstring: original.external_idstring,
         };
         let mut submitted = self
-            .submit_buildsets(std::slice::from_ref(&submission), Some(id))
+            .submit_buildsets(
+                std::slice::from_ref(&submission),
+                Some(id),
+                &BTreeMap::new(),
+            )
             .await?;
         submitted
             .pop()

@@ -279,7 +279,8 @@ impl Engine {
 
     /// Submits several buildsets in one transaction (all or none), in the order given.
     pub async fn submit_many(&self, submissions: &[Submission]) -> Result<Vec<Submitted>> {
-        let submitted = self.client.submit_many(submissions).await?;
+        let known = self.scheduler.builder_ids();
+        let submitted = self.client.submit_many_known(submissions, &known).await?;
         let shared = &self.scheduler.shared;
         for (submission, s) in submissions.iter().zip(&submitted) {
             shared.emit(Event::BuildsetSubmitted {

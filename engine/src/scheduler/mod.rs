@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 use crate::engine::{BuilderConfig, EngineConfig};
 use crate::events::Event;
 use crate::executor::{Executor, StopReason};
-use crate::model::{BuildId, BuilderId, BuildsetId, MasterId, RequestId, ResultCode};
+use crate::model::{BuildId, BuilderId, MasterId, RequestId, ResultCode};
 use crate::storage::{StartAvailable, Store};
 
 /// A builder registered on this engine, with its executor and slot bookkeeping.
@@ -198,6 +198,19 @@ impl Scheduler {
         true
     }
 
+    /// The builders registered here, by name.
+    pub(crate) fn builder_ids(&self) -> std::collections::BTreeMap<String, BuilderId> {
+        let builders = self
+            .shared
+            .builders
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        builders
+            .values()
+            .map(|b| (b.config.name.clone(), b.id))
+            .collect()
+    }
+
     /// Wakes the claim loop (new work may be there).
     pub(crate) fn wake(&self) {
         self.shared.wake.notify_one();
@@ -339,19 +352,6 @@ async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
     if outcome.started.is_empty() {
         return Ok(outcome.cancelled.len());
     }
-    let buildsets: Vec<BuildsetId> = outcome
-        .started
-        .iter()
-        .map(|s| s.request.buildset_id)
-        .collect();
-    let contexts = match shared.store.buildset_contexts(&buildsets).await {
-        Ok(contexts) => contexts,
-        Err(e) => {
-            // The builds exist already; without their context they end as EXCEPTION.
-            warn!(error = %e, "could not load buildset contexts for started builds");
-            Default::default()
-        }
-    };
     let taken = outcome.started.len() + outcome.cancelled.len();
     shared
         .in_flight
@@ -373,12 +373,18 @@ async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
                 stop: stop_tx,
             },
         );
-        let context = contexts.get(&started.request.buildset_id).cloned();
+        // Emitted here, as soon as the build exists, not when its task first runs.
+        shared.emit(Event::BuildStarted {
+            build_id: started.build.id,
+            number: started.build.number,
+            builder: builder.config.name.clone(),
+            request_id: started.request.id,
+            buildset_id: started.request.buildset_id,
+        });
         tokio::spawn(run::run_build(
             shared.clone(),
             builder,
             started,
-            context,
             slot,
             stop_rx,
         ));

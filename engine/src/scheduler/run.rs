@@ -16,7 +16,7 @@ use super::{RegisteredBuilder, Shared, artifacts};
 use crate::events::Event;
 use crate::executor::{BuildContext, ContextInner, Outcome, StopReason};
 use crate::model::{Properties, ResultCode};
-use crate::storage::{BuildEnd, BuildsetContext, CompletedBuildset, StartedBuild};
+use crate::storage::{BuildEnd, CompletedBuildset, StartedBuild};
 
 /// The most finished builds recorded in one transaction.
 pub(super) const FINISH_BATCH: usize = 512;
@@ -40,46 +40,31 @@ pub(super) async fn run_build(
     shared: Arc<Shared>,
     builder: Arc<RegisteredBuilder>,
     started: StartedBuild,
-    context: Option<BuildsetContext>,
     slot: i64,
     stop: watch::Receiver<Option<StopReason>>,
 ) {
     let build = &started.build;
-    shared.emit(Event::BuildStarted {
-        build_id: build.id,
-        number: build.number,
-        builder: builder.config.name.clone(),
-        request_id: started.request.id,
-        buildset_id: started.request.buildset_id,
-    });
     debug!(build = %build.id, builder = %builder.config.name, number = build.number, "build started");
     let result_dir = match &shared.config.results_dir {
         Some(root) => artifacts::prepare(root, &builder.config.name, build.number).await,
         None => None,
     };
-    let outcome = match context {
-        Some(context) => {
-            let ctx = BuildContext::new(ContextInner {
-                build: build.clone(),
-                builder: builder.config.name.clone(),
-                buildset_id: started.request.buildset_id,
-                reason: context.reason,
-                args: builder.config.args.clone(),
-                kwargs: builder.config.kwargs.clone(),
-                buildset_properties: context.properties,
-                build_properties: Mutex::new(Properties::new()),
-                sourcestamps: context.sourcestamps,
-                store: shared.store.clone(),
-                stop: stop.clone(),
-                result_dir: result_dir.clone(),
-            });
-            execute(&shared, &builder, ctx, stop.clone()).await
-        }
-        None => Outcome::exception(
-            "could not load the build's buildset from the database",
-            None,
-        ),
-    };
+    let context = started.context.clone();
+    let ctx = BuildContext::new(ContextInner {
+        build: build.clone(),
+        builder: builder.config.name.clone(),
+        buildset_id: started.request.buildset_id,
+        reason: context.reason,
+        args: builder.config.args.clone(),
+        kwargs: builder.config.kwargs.clone(),
+        buildset_properties: context.properties,
+        build_properties: Mutex::new(Properties::new()),
+        sourcestamps: context.sourcestamps,
+        store: shared.store.clone(),
+        stop: stop.clone(),
+        result_dir: result_dir.clone(),
+    });
+    let outcome = execute(&shared, &builder, ctx, stop.clone()).await;
     let outcome = match *stop.borrow() {
         Some(StopReason::Cancelled) => Outcome {
             results: ResultCode::Cancelled,
@@ -223,8 +208,8 @@ pub(super) fn emit_completed(shared: &Shared, completed: Vec<CompletedBuildset>)
     }
 }
 
-/// Runs the executor in its own task so that a panic becomes EXCEPTION, and aborts it if
-/// it ignores a stop request for longer than the cancel grace period.
+/// Runs the executor so that a panic becomes EXCEPTION, and drops it if it ignores a
+/// stop request for longer than the cancel grace period.
 async fn execute(
     shared: &Shared,
     builder: &RegisteredBuilder,
@@ -232,7 +217,9 @@ async fn execute(
     mut stop: watch::Receiver<Option<StopReason>>,
 ) -> Outcome {
     let executor = builder.executor.clone();
-    let mut task = tokio::spawn(async move { executor.execute(ctx).await });
+    // Polled in place under catch_unwind: a task of its own per build cost a spawn and
+    // a wake-up per job for nothing but panic isolation.
+    let job = CatchUnwind(executor.execute(ctx));
     let grace = shared.config.cancel_grace;
     let stopped_and_ignored = async {
         // The sender lives in the running map until this build is recorded; if it were
@@ -243,14 +230,31 @@ async fn execute(
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        joined = &mut task => match joined {
+        finished = job => match finished {
             Ok(outcome) => outcome,
-            Err(e) if e.is_panic() => Outcome::exception(format!("the job panicked: {}", panic_message(e.into_panic())), None),
-            Err(e) => Outcome::exception(format!("the job's task failed: {e}"), None),
+            Err(panic) => Outcome::exception(format!("the job panicked: {}", panic_message(panic)), None),
         },
-        () = stopped_and_ignored => {
-            task.abort();
-            Outcome::with_results(ResultCode::Cancelled, None)
+        () = stopped_and_ignored => Outcome::with_results(ResultCode::Cancelled, None),
+    }
+}
+
+/// A future that turns a panic while polling into an error value.
+struct CatchUnwind<F>(F);
+
+impl<F: std::future::Future + Unpin> std::future::Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            std::pin::Pin::new(inner).poll(cx)
+        })) {
+            Ok(std::task::Poll::Ready(value)) => std::task::Poll::Ready(Ok(value)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
         }
     }
 }

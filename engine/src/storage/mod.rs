@@ -59,6 +59,19 @@ pub struct StoreOptions {
     /// Whether to create the database when it does not exist (tools that only read or
     /// control existing work turn this off, so that a mistyped path is an error).
     pub create_if_missing: bool,
+    /// How hard a commit works to survive a power cut.
+    pub durability: Durability,
+}
+
+/// How hard a commit works to survive a power cut (SQLite's `synchronous`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// The default: in WAL mode nothing is lost when a process dies, but a power cut or
+    /// an OS crash may lose the last commits. Commits cost no disk flush.
+    #[default]
+    Normal,
+    /// Every commit waits for the disk: survives a power cut, costs a flush per commit.
+    Full,
 }
 
 /// How long a SQLite write waits for another writer: long enough to ride out a burst of
@@ -73,6 +86,7 @@ impl Default for StoreOptions {
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             create_if_missing: true,
+            durability: Durability::Normal,
         }
     }
 }
@@ -249,6 +263,8 @@ pub struct StartedBuild {
     pub request: BuildRequest,
     /// Its new build.
     pub build: Build,
+    /// What the build needs to know about its buildset.
+    pub context: BuildsetContext,
 }
 
 /// What [`Store::build_start_available`] did.
@@ -434,12 +450,6 @@ pub trait Store: Send + Sync + 'static {
     /// Adds several buildsets, each with one request per builder, in one transaction:
     /// all of them or, if any is refused, none. The result is in the order given.
     async fn buildset_add_many(&self, params: &[NewBuildset]) -> Result<Vec<AddedBuildset>>;
-    /// Reason, properties and sourcestamps of several buildsets at once (unknown ids are
-    /// left out).
-    async fn buildset_contexts(
-        &self,
-        ids: &[BuildsetId],
-    ) -> Result<BTreeMap<BuildsetId, BuildsetContext>>;
     /// One buildset.
     async fn buildset_get(&self, id: BuildsetId) -> Result<Buildset>;
     /// Buildsets, newest first.

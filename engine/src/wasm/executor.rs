@@ -397,3 +397,26 @@ fn capture(state: &mut JobState, bytes: Vec<u8>, stream: &str, level: LogLevel, 
         );
     }
 }
+
+impl JobPlugin {
+    /// Runs the job once outside any engine, with empty arguments: a fresh store,
+    /// instantiation, the call and the drop, as every build pays them. Host calls write
+    /// nothing. For benchmarks and smoke tests.
+    pub async fn run_once(&self, limits: &Limits) -> Result<Outcome, WasmError> {
+        let context = wit::BuildContext {
+            build_id: 0,
+            number: 0,
+            builder: self.name.clone(),
+            buildset_id: 0,
+            reason: String::new(),
+            args: "null".into(),
+            kwargs: "null".into(),
+            properties: Vec::new(),
+            sourcestamps: Vec::new(),
+            dependencies: Vec::new(),
+        };
+        run_sandboxed(self, limits, &Grants::default(), None, context)
+            .await
+            .map_err(|e| WasmError::Engine(format!("{e:#}")))
+    }
+}

@@ -44,6 +44,15 @@ use state::JobState;
 pub const DEFAULT_MAX_INSTANCES: u32 = 4_096;
 /// Room on a build's async stack beyond its wasm stack, for host functions.
 const ASYNC_STACK_MARGIN: usize = 1 << 20;
+/// Finished instances whose memory is handed back to the kernel in one call. Each
+/// `madvise` flushes the TLBs of every core running this process; measured here, one
+/// per job cost a third of the lifecycle's time.
+const DECOMMIT_BATCH: usize = 64;
+/// Bytes of each linear memory (and each table) kept resident between builds and reset
+/// with `memset` (only the dirtied pages, where the kernel can tell: Linux 6.7+)
+/// instead of being handed back to the kernel. Covers a small guest's stack, data and
+/// first heap pages.
+const KEEP_RESIDENT: usize = 2 << 20;
 
 /// What can go wrong in the plugin host (a failing job is an outcome, not this).
 #[derive(Debug, thiserror::Error)]
@@ -237,7 +246,11 @@ fn new_engine(stack_bytes: usize, max_instances: u32) -> Result<EngineCtx, WasmE
         .total_memories(n.saturating_mul(2))
         .total_tables(n.saturating_mul(8))
         .total_stacks(n)
-        .max_memory_size(limits::MAX_MEMORY_BYTES);
+        .max_memory_size(limits::MAX_MEMORY_BYTES)
+        .decommit_batch_size(DECOMMIT_BATCH)
+        .linear_memory_keep_resident(KEEP_RESIDENT)
+        .table_keep_resident(KEEP_RESIDENT)
+        .pagemap_scan(wasmtime::Enabled::Auto);
     let mut config = Config::new();
     config
         .wasm_component_model(true)

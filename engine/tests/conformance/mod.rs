@@ -78,7 +78,6 @@ macro_rules! conformance_tests {
             invalid_input_is_refused_with_typed_errors,
             unknown_ids_are_not_found,
             adding_many_buildsets_is_all_or_nothing_and_keeps_their_order,
-            buildset_contexts_gather_reasons_properties_and_stamps,
             starting_available_work_claims_and_numbers_builds_in_their_slots,
             starting_available_work_completes_cancel_flagged_requests_instead,
             concurrent_starts_from_several_masters_never_start_a_request_twice,
@@ -1920,33 +1919,6 @@ pub async fn adding_many_buildsets_is_all_or_nothing_and_keeps_their_order(
     Ok(())
 }
 
-pub async fn buildset_contexts_gather_reasons_properties_and_stamps(h: &Harness) -> Result<()> {
-    let s = &*h.store;
-    let b = builders(s, &["a"]).await?;
-    let mut props = BTreeMap::new();
-    props.insert("k".to_string(), Property::new(json!([1, 2]), "src"));
-    let (one, _) = buildset_with(
-        s,
-        NewBuildset {
-            builder_ids: b.clone(),
-            properties: props.clone(),
-            sourcestamps: vec![stamp("z", "main", "2"), stamp("a", "dev", "1")],
-            ..Default::default()
-        },
-    )
-    .await?;
-    let (two, _) = buildset(s, &b, t(1)).await?;
-    let contexts = s.buildset_contexts(&[one, two, BuildsetId(999)]).await?;
-    ensure!(contexts.len() == 2, "unknown ids are left out");
-    ensure!(contexts[&one].reason == "test" && contexts[&one].properties == props);
-    ensure!(
-        contexts[&one].sourcestamps == vec![stamp("a", "dev", "1"), stamp("z", "main", "2")],
-        "sorted"
-    );
-    ensure!(contexts[&two].properties.is_empty() && contexts[&two].sourcestamps.is_empty());
-    Ok(())
-}
-
 pub async fn starting_available_work_claims_and_numbers_builds_in_their_slots(
     h: &Harness,
 ) -> Result<()> {
@@ -1969,7 +1941,19 @@ pub async fn starting_available_work_claims_and_numbers_builds_in_their_slots(
         .await?;
         a.push(r[0]);
     }
-    let (_, rb) = buildset(s, &[b[1]], t(0)).await?;
+    let mut props = BTreeMap::new();
+    props.insert("k".to_string(), Property::new(json!([1, 2]), "src"));
+    let (_, rb) = buildset_with(
+        s,
+        NewBuildset {
+            builder_ids: vec![b[1]],
+            properties: props.clone(),
+            sourcestamps: vec![stamp("z", "main", "2"), stamp("a", "dev", "1")],
+            submitted_at: t(0),
+            ..Default::default()
+        },
+    )
+    .await?;
     let outcome = s
         .build_start_available(&start_all(
             m,
@@ -2018,6 +2002,22 @@ pub async fn starting_available_work_claims_and_numbers_builds_in_their_slots(
         .await?;
     let got: Vec<RequestId> = again.started.iter().map(|sb| sb.request.id).collect();
     ensure!(got == [a[0], rb[0]] || got == [rb[0], a[0]], "{got:?}");
+    let with_context = again
+        .started
+        .iter()
+        .find(|sb| sb.request.id == rb[0])
+        .ok_or_else(|| anyhow!("the stamped request did not start"))?;
+    ensure!(with_context.context.reason == "test" && with_context.context.properties == props);
+    ensure!(
+        with_context.context.sourcestamps == vec![stamp("a", "dev", "1"), stamp("z", "main", "2")],
+        "each build gets its buildset's stamps, sorted"
+    );
+    ensure!(
+        outcome
+            .started
+            .iter()
+            .all(|sb| sb.context.properties.is_empty() && sb.context.sourcestamps.is_empty())
+    );
     let none = s
         .build_start_available(&start_all(m, vec![(b[0], vec![0])], t(22)))
         .await?;

@@ -12,16 +12,18 @@ use serde_json::{Value, json};
 use sqlx::{Connection, Row};
 
 use super::rows::{
-    BUILD_JSON, REQUEST_JSON, builds_from_json, from_json, json_ids, property, requests_from_json,
-    sourcestamp, us,
+    BUILD_JSON, CONTEXT_JSON, REQUEST_JSON, from_json, json_ids, started_from_json, us,
 };
 use super::{SqliteStore, complete_buildsets, fk_to_not_found, validate_buildset};
-use crate::model::{Build, BuildsetId, ResultCode};
 use crate::model::{BuilderId, MasterId, RequestId};
+use crate::model::{BuildsetId, ResultCode};
 use crate::storage::{
-    AddedBuildset, BuildEnd, BuildsetContext, NewBuildset, Result, Settled, StartAvailable,
-    StartOutcome, StartedBuild, StorageError,
+    AddedBuildset, BuildEnd, NewBuildset, Result, Settled, StartAvailable, StartOutcome,
+    StartedBuild, StorageError,
 };
+
+/// A request about to be claimed: id, cancel_requested, buildset id.
+type Candidate = (i64, i64, i64);
 
 impl SqliteStore {
     pub(super) async fn add_buildsets(&self, params: &[NewBuildset]) -> Result<Vec<AddedBuildset>> {
@@ -169,62 +171,19 @@ impl SqliteStore {
         Ok(added)
     }
 
-    pub(super) async fn contexts(
-        &self,
-        ids: &[BuildsetId],
-    ) -> Result<BTreeMap<BuildsetId, BuildsetContext>> {
-        // One statement, one row: reasons, properties and stamps of every buildset.
-        let found: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(bs.id, bs.reason,
-                 json((SELECT json_group_array(json_array(p.name, p.value, p.source))
-                       FROM buildset_properties p WHERE p.buildset_id = bs.id)),
-                 json((SELECT json_group_array(json_array(s.codebase, s.repository, s.branch, s.revision, s.project))
-                       FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id
-                       WHERE bss.buildset_id = bs.id))))
-             FROM buildsets bs WHERE bs.id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(json_ids(ids.iter().map(|b| b.0)))
-        .fetch_one(&self.reader)
-        .await?;
-        /// codebase, repository, branch, revision, project
-        type Stamp = (String, String, String, String, String);
-        /// name, JSON value, source
-        type Prop = (String, String, String);
-        let found: Vec<(i64, String, Vec<Prop>, Vec<Stamp>)> = from_json(&found)?;
-        let mut contexts = BTreeMap::new();
-        for (id, reason, properties, stamps) in found {
-            let properties = properties
-                .into_iter()
-                .map(|(name, value, source)| property(name, &value, source))
-                .collect::<Result<_>>()?;
-            let mut sourcestamps: Vec<_> = stamps
-                .into_iter()
-                .map(|(c, r, b, rev, p)| sourcestamp(c, r, b, rev, p))
-                .collect();
-            sourcestamps.sort();
-            contexts.insert(
-                BuildsetId(id),
-                BuildsetContext {
-                    reason,
-                    properties,
-                    sourcestamps,
-                },
-            );
-        }
-        Ok(contexts)
-    }
-
     pub(super) async fn start_available(&self, params: &StartAvailable) -> Result<StartOutcome> {
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let mut claimed: Vec<(BuilderId, Vec<i64>)> = Vec::new();
+        // Per builder, the most urgent requests.
+        let mut claimed: Vec<(BuilderId, Vec<Candidate>)> = Vec::new();
         for (builder, slots) in &params.free_slots {
             if slots.is_empty() {
                 continue;
             }
-            let ids: String = sqlx::query_scalar(
-                "SELECT json_group_array(id ORDER BY priority DESC, submitted_at ASC, id ASC) FROM (
-                     SELECT r.id, r.priority, r.submitted_at FROM buildrequests r
+            let found: String = sqlx::query_scalar(
+                "SELECT json_group_array(json_array(id, cancel_requested, buildset_id)
+                                         ORDER BY priority DESC, submitted_at ASC, id ASC) FROM (
+                     SELECT r.id, r.cancel_requested, r.buildset_id, r.priority, r.submitted_at FROM buildrequests r
                      WHERE r.builder_id = ? AND r.complete = 0
                        AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
                      ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC LIMIT ?)",
@@ -233,16 +192,20 @@ impl SqliteStore {
             .bind(slots.len() as i64)
             .fetch_one(&mut *tx)
             .await?;
-            let ids: Vec<i64> = from_json(&ids)?;
-            if !ids.is_empty() {
-                claimed.push((*builder, ids));
+            let found: Vec<Candidate> = from_json(&found)?;
+            if !found.is_empty() {
+                claimed.push((*builder, found));
             }
         }
         if claimed.is_empty() {
             tx.rollback().await?;
             return Ok(StartOutcome::default());
         }
-        let all = json_ids(claimed.iter().flat_map(|(_, ids)| ids.iter().copied()));
+        let all = json_ids(
+            claimed
+                .iter()
+                .flat_map(|(_, found)| found.iter().map(|(id, _, _)| *id)),
+        );
         sqlx::query("INSERT INTO buildrequest_claims (request_id, master_id, claimed_at) SELECT value, ?, ? FROM json_each(?)")
             .bind(params.master_id.0)
             .bind(us(params.now))
@@ -252,26 +215,24 @@ impl SqliteStore {
             .map_err(|e| fk_to_not_found(e, "master", Some(params.master_id)))?;
 
         // Requests cancelled while an earlier (now released) claim held them end here.
-        let flagged: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(id, buildset_id)) FROM buildrequests
-             WHERE id IN (SELECT value FROM json_each(?)) AND cancel_requested = 1",
-        )
-        .bind(&all)
-        .fetch_one(&mut *tx)
-        .await?;
-        let flagged: Vec<(i64, i64)> = from_json(&flagged)?;
         let mut outcome = StartOutcome::default();
+        let flagged: Vec<(i64, i64)> = claimed
+            .iter()
+            .flat_map(|(_, found)| {
+                found
+                    .iter()
+                    .filter(|(_, cancel, _)| *cancel != 0)
+                    .map(|(id, _, bs)| (*id, *bs))
+            })
+            .collect();
         if !flagged.is_empty() {
             sqlx::query(
                 "UPDATE buildrequests SET complete = 1, complete_at = ?, results = ?
-                 WHERE id IN (SELECT value ->> 0 FROM json_each(?))",
+                 WHERE id IN (SELECT value FROM json_each(?))",
             )
             .bind(us(params.now))
             .bind(ResultCode::Cancelled.code())
-            .bind(
-                serde_json::to_string(&flagged)
-                    .map_err(|e| StorageError::Invalid(e.to_string()))?,
-            )
+            .bind(json_ids(flagged.iter().map(|(id, _)| *id)))
             .execute(&mut *tx)
             .await?;
             outcome.cancelled = flagged.iter().map(|(id, _)| RequestId(*id)).collect();
@@ -282,18 +243,18 @@ impl SqliteStore {
         }
 
         let mut runnable = Vec::new();
-        for (builder, ids) in &claimed {
+        for (builder, found) in &claimed {
             let slots = params
                 .free_slots
                 .iter()
                 .find(|(b, _)| b == builder)
                 .map(|(_, s)| s.as_slice())
                 .unwrap_or(&[]);
-            let pairs: Vec<Value> = ids
+            let pairs: Vec<Value> = found
                 .iter()
-                .filter(|id| !outcome.cancelled.contains(&RequestId(**id)))
+                .filter(|(_, cancel, _)| *cancel == 0)
                 .zip(slots)
-                .map(|(id, slot)| json!([id, slot]))
+                .map(|((id, _, _), slot)| json!([id, slot]))
                 .collect();
             if pairs.is_empty() {
                 continue;
@@ -317,36 +278,28 @@ impl SqliteStore {
             tx.commit().await?;
             return Ok(outcome);
         }
-        let runnable = json_ids(runnable);
+        // The new builds with their claimed requests and their buildsets' contexts, in
+        // claim order, in one row.
         let sql = format!(
-            "SELECT json_group_array({BUILD_JSON}) FROM builds b
+            "SELECT json_group_array(json_array({BUILD_JSON}, {REQUEST_JSON}, {CONTEXT_JSON})
+                                     ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC)
+             FROM builds b JOIN buildrequests r ON r.id = b.buildrequest_id
+             JOIN buildsets bs ON bs.id = r.buildset_id
+             LEFT JOIN buildrequest_claims c ON c.request_id = r.id
              WHERE b.buildrequest_id IN (SELECT value FROM json_each(?)) AND b.master_id = ? AND b.complete_at IS NULL"
         );
-        let builds: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .bind(&runnable)
+        let started: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(json_ids(runnable))
             .bind(params.master_id.0)
             .fetch_one(&mut *tx)
             .await?;
-        let sql = format!(
-            "SELECT json_group_array({REQUEST_JSON} ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC)
-             FROM buildrequests r LEFT JOIN buildrequest_claims c ON c.request_id = r.id
-             WHERE r.id IN (SELECT value FROM json_each(?))"
-        );
-        let requests: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .bind(&runnable)
-            .fetch_one(&mut *tx)
-            .await?;
         tx.commit().await?;
-        let mut builds: BTreeMap<RequestId, Build> = builds_from_json(&builds)?
+        outcome.started = started_from_json(&started)?
             .into_iter()
-            .map(|b| (b.request_id, b))
-            .collect();
-        outcome.started = requests_from_json(&requests)?
-            .into_iter()
-            .filter_map(|request| {
-                builds
-                    .remove(&request.id)
-                    .map(|build| StartedBuild { request, build })
+            .map(|(build, request, context)| StartedBuild {
+                request,
+                build,
+                context,
             })
             .collect();
         Ok(outcome)

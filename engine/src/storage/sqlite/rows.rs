@@ -9,7 +9,7 @@ use crate::model::{
     LogRecord, Master, MasterId, ProgressRecord, ProgressReport, Properties, Property, RequestId,
     ResultCode, SourceStamp, Timestamp,
 };
-use crate::storage::{Result, StorageError};
+use crate::storage::{BuildsetContext, Result, StorageError};
 
 /// The columns of a build, with `b` as the table alias.
 pub(super) const BUILD_COLUMNS: &str = "b.id, b.number, b.builder_id, b.buildrequest_id, b.master_id, b.worker_slot, \
@@ -165,13 +165,6 @@ pub(super) fn request_from_row(row: &SqliteRow) -> Result<BuildRequest> {
     RawRequest::from_row(row)?.into_model()
 }
 
-/// Requests from a JSON array of [`REQUEST_JSON`] objects.
-pub(super) fn requests_from_json(text: &str) -> Result<Vec<BuildRequest>> {
-    let raw: Vec<RawRequest> = serde_json::from_str(text)
-        .map_err(|e| StorageError::Corrupt(format!("request rows: {e}")))?;
-    raw.into_iter().map(RawRequest::into_model).collect()
-}
-
 /// A build as stored, filled from a row of [`BUILD_COLUMNS`] or from a JSON object made
 /// with [`BUILD_JSON`]; one conversion serves both.
 #[derive(Deserialize)]
@@ -243,11 +236,51 @@ pub(super) fn build_from_row(row: &SqliteRow) -> Result<Build> {
     RawBuild::from_row(row)?.into_model()
 }
 
-/// Builds from a JSON array of [`BUILD_JSON`] objects.
-pub(super) fn builds_from_json(text: &str) -> Result<Vec<Build>> {
-    let raw: Vec<RawBuild> = serde_json::from_str(text)
-        .map_err(|e| StorageError::Corrupt(format!("build rows: {e}")))?;
-    raw.into_iter().map(RawBuild::into_model).collect()
+/// A buildset's reason, properties and stamps as one JSON array, with `bs` as the alias
+/// of `buildsets`.
+pub(super) const CONTEXT_JSON: &str = "json_array(bs.reason, \
+     json((SELECT json_group_array(json_array(p.name, p.value, p.source)) \
+           FROM buildset_properties p WHERE p.buildset_id = bs.id)), \
+     json((SELECT json_group_array(json_array(s.codebase, s.repository, s.branch, s.revision, s.project)) \
+           FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id \
+           WHERE bss.buildset_id = bs.id)))";
+
+/// name, JSON value, source
+type RawProperty = (String, String, String);
+/// codebase, repository, branch, revision, project
+type RawStamp = (String, String, String, String, String);
+
+fn context_from_raw(
+    (reason, properties, stamps): (String, Vec<RawProperty>, Vec<RawStamp>),
+) -> Result<BuildsetContext> {
+    let properties = properties
+        .into_iter()
+        .map(|(name, value, source)| property(name, &value, source))
+        .collect::<Result<_>>()?;
+    let mut sourcestamps: Vec<SourceStamp> = stamps
+        .into_iter()
+        .map(|(c, r, b, rev, p)| sourcestamp(c, r, b, rev, p))
+        .collect();
+    sourcestamps.sort();
+    Ok(BuildsetContext {
+        reason,
+        properties,
+        sourcestamps,
+    })
+}
+
+/// Started builds from a JSON array of `[BUILD_JSON, REQUEST_JSON, CONTEXT_JSON]`.
+pub(super) fn started_from_json(text: &str) -> Result<Vec<(Build, BuildRequest, BuildsetContext)>> {
+    type Raw = (
+        RawBuild,
+        RawRequest,
+        (String, Vec<RawProperty>, Vec<RawStamp>),
+    );
+    let raw: Vec<Raw> = serde_json::from_str(text)
+        .map_err(|e| StorageError::Corrupt(format!("started builds: {e}")))?;
+    raw.into_iter()
+        .map(|(b, r, c)| Ok((b.into_model()?, r.into_model()?, context_from_raw(c)?)))
+        .collect()
 }
 
 /// Decodes a JSON value made by SQLite's JSON functions.

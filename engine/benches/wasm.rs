@@ -1,0 +1,266 @@
+//! WASM benchmarks. `cargo bench -p kiln-engine --bench wasm [-- WHICH]`, WHICH one of
+//! `memory`, `sandbox`, `lifecycle`, `latency` (default: all, in that order, memory
+//! first so that its peak RSS is not inflated by the others).
+//!
+//! - memory: peak RSS with 2,000 builds sleeping concurrently in WASM;
+//! - sandbox: cost per job of a fresh store + instantiate + call + drop of a no-op job
+//!   (pooling allocator, precompiled component);
+//! - lifecycle: 20,000 buildsets, each one request running the no-op WASM job, submitted
+//!   at once to an engine on a SQLite file (WAL); jobs/s from the submit to the last
+//!   buildset complete, with synchronous=NORMAL and with FULL;
+//! - latency: submit-to-start on an idle engine, p50 and p99 over 1,000 submissions.
+//!
+//! It measures and prints; it asserts nothing about speed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow};
+use kiln_engine::storage::{Durability, StoreOptions};
+use kiln_engine::wasm::{Grants, Limits, WasmHost, WasmHostConfig};
+use kiln_engine::{BuilderConfig, Engine, EngineConfig, Event, Submission};
+use serde_json::json;
+use tokio::sync::broadcast;
+
+fn bundled(name: &str) -> Result<&'static [u8]> {
+    kiln_bundled::get(name).ok_or_else(|| anyhow!("no bundled plugin {name}"))
+}
+
+fn host(dir: &tempfile::TempDir) -> WasmHost {
+    WasmHost::new(WasmHostConfig {
+        cache_dir: Some(dir.path().join("cache")),
+        ..WasmHostConfig::default()
+    })
+}
+
+async fn engine(dir: &tempfile::TempDir, name: &str, durability: Durability) -> Result<Engine> {
+    let url = format!(
+        "sqlite://{}",
+        dir.path().join(format!("{name}.db")).display()
+    );
+    let mut config = EngineConfig::new(url).master_name(name);
+    config.event_capacity = 1 << 20;
+    if let Some(batch) = std::env::var("KILN_BENCH_CLAIM_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config.claim_batch = batch;
+    }
+    config.store = StoreOptions {
+        durability,
+        ..StoreOptions::default()
+    };
+    Ok(Engine::open(config).await?)
+}
+
+async fn count(
+    events: &mut broadcast::Receiver<Event>,
+    n: usize,
+    pick: impl Fn(&Event) -> bool,
+) -> Result<()> {
+    let mut seen = 0;
+    while seen < n {
+        let event = events
+            .recv()
+            .await
+            .map_err(|e| anyhow!("event stream: {e}"))?;
+        if pick(&event) {
+            seen += 1;
+        }
+    }
+    Ok(())
+}
+
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+async fn memory() -> Result<()> {
+    const SLEEPERS: usize = 2_000;
+    let dir = tempfile::tempdir()?;
+    let engine = engine(&dir, "memory", Durability::Normal).await?;
+    let host = host(&dir);
+    let executor = host
+        .job_executor(
+            "sleep",
+            bundled("sleep")?,
+            Limits::default(),
+            Grants::default(),
+        )
+        .await?;
+    engine
+        .register_builder(
+            BuilderConfig::new("sleep").kwargs(json!({"seconds": 600})),
+            executor,
+        )
+        .await?;
+    let before = status_kib("VmRSS:").unwrap_or(0);
+    let threads_before = status_kib("Threads:").unwrap_or(0);
+    let mut events = engine.subscribe();
+    let batch = vec![Submission::new("sleep").builder("sleep"); SLEEPERS];
+    let start = Instant::now();
+    let submitted = engine.submit_many(&batch).await?;
+    count(&mut events, SLEEPERS, |e| {
+        matches!(e, Event::BuildStarted { .. })
+    })
+    .await?;
+    let all_started = start.elapsed();
+    let peak = status_kib("VmHWM:").unwrap_or(0);
+    let rss = status_kib("VmRSS:").unwrap_or(0);
+    let threads = status_kib("Threads:").unwrap_or(0);
+    println!(
+        "memory: {SLEEPERS} builds sleeping in WASM at once (all started after {all_started:.2?})"
+    );
+    println!(
+        "  RSS before {} MiB, now {} MiB, peak {} MiB",
+        before / 1024,
+        rss / 1024,
+        peak / 1024
+    );
+    println!(
+        "  {:.1} KiB per sleeping build; OS threads {threads_before} -> {threads}",
+        (rss.saturating_sub(before)) as f64 / SLEEPERS as f64
+    );
+    for s in &submitted {
+        engine.cancel_buildset(s.buildset_id).await?;
+    }
+    engine.shutdown().await;
+    Ok(())
+}
+
+async fn sandbox() -> Result<()> {
+    const RUNS: usize = 20_000;
+    let dir = tempfile::tempdir()?;
+    let host = host(&dir);
+    let limits = Limits::default();
+    let plugin = host
+        .load_job("noop", Arc::from(bundled("noop")?), &limits)
+        .await?;
+    for _ in 0..1_000 {
+        plugin.run_once(&limits).await?;
+    }
+    let mut took = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        let start = Instant::now();
+        plugin.run_once(&limits).await?;
+        took.push(start.elapsed());
+    }
+    took.sort();
+    let mean = took.iter().sum::<Duration>() / RUNS as u32;
+    println!(
+        "sandbox: fresh store + instantiate + call + drop of a no-op job, {RUNS} runs: median {:?}, p99 {:?}, mean {mean:?}",
+        percentile(&took, 0.5),
+        percentile(&took, 0.99)
+    );
+    Ok(())
+}
+
+async fn lifecycle(durability: Durability) -> Result<f64> {
+    const JOBS: usize = 20_000;
+    let dir = tempfile::tempdir()?;
+    let engine = engine(&dir, "lifecycle", durability).await?;
+    let host = host(&dir);
+    let executor = host
+        .job_executor(
+            "noop",
+            bundled("noop")?,
+            Limits::default(),
+            Grants::default(),
+        )
+        .await?;
+    engine
+        .register_builder(BuilderConfig::new("noop"), executor)
+        .await?;
+    let mut events = engine.subscribe();
+    let batch = vec![Submission::new("bench").builder("noop"); JOBS];
+    let start = Instant::now();
+    engine.submit_many(&batch).await?;
+    let submitted = start.elapsed();
+    count(&mut events, JOBS, |e| {
+        matches!(e, Event::BuildsetComplete { .. })
+    })
+    .await?;
+    let rate = JOBS as f64 / start.elapsed().as_secs_f64();
+    println!("  ({durability:?}: the submit of all {JOBS} took {submitted:.0?})");
+    engine.shutdown().await;
+    Ok(rate)
+}
+
+async fn latency() -> Result<()> {
+    const SAMPLES: usize = 1_000;
+    let dir = tempfile::tempdir()?;
+    let engine = engine(&dir, "latency", Durability::Normal).await?;
+    let host = host(&dir);
+    let executor = host
+        .job_executor(
+            "noop",
+            bundled("noop")?,
+            Limits::default(),
+            Grants::default(),
+        )
+        .await?;
+    engine
+        .register_builder(BuilderConfig::new("noop"), executor)
+        .await?;
+    let mut events = engine.subscribe();
+    let mut took = Vec::with_capacity(SAMPLES);
+    for _ in 0..SAMPLES {
+        let start = Instant::now();
+        engine
+            .submit(&Submission::new("bench").builder("noop"))
+            .await?;
+        count(&mut events, 1, |e| matches!(e, Event::BuildStarted { .. })).await?;
+        took.push(start.elapsed());
+        count(&mut events, 1, |e| {
+            matches!(e, Event::BuildsetComplete { .. })
+        })
+        .await?;
+    }
+    took.sort();
+    println!(
+        "latency: submit-to-start on an idle engine, {SAMPLES} submissions: p50 {:?}, p99 {:?}",
+        percentile(&took, 0.5),
+        percentile(&took, 0.99)
+    );
+    engine.shutdown().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    // Benchmarks must not pay for backtrace capture on every error value.
+    // SAFETY: set before any other thread reads the environment.
+    unsafe { std::env::set_var("RUST_BACKTRACE", "0") };
+    let which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wants = |name: &str| which.is_empty() || which.iter().any(|w| w == name);
+    if wants("memory") {
+        memory().await?;
+    }
+    if wants("sandbox") {
+        sandbox().await?;
+    }
+    if wants("lifecycle") {
+        println!("lifecycle: 20,000 no-op WASM jobs submitted at once, SQLite WAL");
+        println!(
+            "  synchronous=NORMAL: {:>8.0} jobs/s",
+            lifecycle(Durability::Normal).await?
+        );
+        println!(
+            "  synchronous=FULL:   {:>8.0} jobs/s",
+            lifecycle(Durability::Full).await?
+        );
+    }
+    if wants("latency") {
+        latency().await?;
+    }
+    Ok(())
+}
