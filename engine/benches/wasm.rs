@@ -188,6 +188,21 @@ async fn lifecycle(durability: Durability) -> Result<f64> {
     .await?;
     let rate = JOBS as f64 / start.elapsed().as_secs_f64();
     println!("  ({durability:?}: the submit of all {JOBS} took {submitted:.0?})");
+    let builds = engine.client().builds(&Default::default()).await?;
+    let failed = builds
+        .iter()
+        .filter(|b| b.results != Some(kiln_engine::model::ResultCode::Success))
+        .count();
+    if failed > 0 {
+        let example = builds
+            .iter()
+            .find_map(|b| b.error.clone())
+            .unwrap_or_default();
+        println!(
+            "  !! {failed} of {} builds did not succeed, e.g.: {example}",
+            builds.len()
+        );
+    }
     engine.shutdown().await;
     Ok(rate)
 }

@@ -30,6 +30,11 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(5);
 /// The most requests one builder claims in one transaction.
 pub const DEFAULT_CLAIM_BATCH: u32 = 256;
+/// The most builds one engine runs at once, over all builders: beyond it requests stay
+/// queued. Equal to the WASM host's default sandbox slots
+/// ([`DEFAULT_MAX_INSTANCES`](crate::wasm::DEFAULT_MAX_INSTANCES)), so that builds wait
+/// for a slot in the queue instead of failing to get one.
+pub const DEFAULT_MAX_RUNNING_BUILDS: u32 = crate::wasm::DEFAULT_MAX_INSTANCES;
 
 /// How an engine runs.
 #[derive(Clone, Debug)]
@@ -51,6 +56,8 @@ pub struct EngineConfig {
     pub cancel_grace: Duration,
     /// See [`DEFAULT_CLAIM_BATCH`].
     pub claim_batch: u32,
+    /// See [`DEFAULT_MAX_RUNNING_BUILDS`].
+    pub max_running_builds: u32,
     /// See [`DEFAULT_EVENT_CAPACITY`].
     pub event_capacity: usize,
     /// Database connection tuning.
@@ -72,6 +79,7 @@ impl EngineConfig {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             cancel_grace: DEFAULT_CANCEL_GRACE,
             claim_batch: DEFAULT_CLAIM_BATCH,
+            max_running_builds: DEFAULT_MAX_RUNNING_BUILDS,
             event_capacity: DEFAULT_EVENT_CAPACITY,
             store: StoreOptions::default(),
             results_dir: None,

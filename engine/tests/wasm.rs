@@ -859,3 +859,44 @@ async fn compiled_components_are_cached_on_disk_and_a_broken_entry_is_recompiled
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_builds_than_sandbox_slots_wait_for_a_slot_instead_of_failing() -> Result<()> {
+    const SLOTS_HERE: u32 = 4;
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}", dir.path().join("kiln.db").display());
+    let mut config = EngineConfig::new(url).master_name("slots");
+    config.max_running_builds = SLOTS_HERE;
+    let engine = Engine::open(config).await?;
+    let host = WasmHost::new(WasmHostConfig {
+        cache_dir: None,
+        max_instances: SLOTS_HERE,
+    });
+    let executor = host
+        .job_executor(
+            "sleep",
+            plugin("sleep")?,
+            Limits::default(),
+            Grants::default(),
+        )
+        .await?;
+    engine
+        .register_builder(
+            BuilderConfig::new("sleep").kwargs(json!({"seconds": 0.1})),
+            executor,
+        )
+        .await?;
+    let batch: Vec<Submission> = (0..12)
+        .map(|i| Submission::new(format!("nap {i}")).builder("sleep"))
+        .collect();
+    let submitted = engine.submit_many(&batch).await?;
+    for s in &submitted {
+        let done = guard("a nap", engine.wait_buildset(s.buildset_id)).await??;
+        ensure!(
+            done.results == Some(ResultCode::Success),
+            "a build waited for a slot rather than failing: {done:?}"
+        );
+    }
+    engine.shutdown().await;
+    Ok(())
+}

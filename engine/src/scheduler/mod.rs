@@ -325,11 +325,18 @@ async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
         .values()
         .cloned()
         .collect();
-    let free_slots: Vec<(BuilderId, Vec<i64>)> = builders
-        .iter()
-        .map(|b| (b.id, b.free_slots(shared.config.claim_batch)))
-        .filter(|(_, slots)| !slots.is_empty())
-        .collect();
+    // Room under the engine-wide cap, shared out over the builders' free slots.
+    let mut room =
+        (shared.config.max_running_builds as usize).saturating_sub(*shared.in_flight.borrow());
+    let mut free_slots: Vec<(BuilderId, Vec<i64>)> = Vec::new();
+    for builder in &builders {
+        let mut slots = builder.free_slots(shared.config.claim_batch);
+        slots.truncate(room);
+        room -= slots.len();
+        if !slots.is_empty() {
+            free_slots.push((builder.id, slots));
+        }
+    }
     if free_slots.is_empty() {
         return Ok(0);
     }
