@@ -554,7 +554,11 @@ async fn show(client: &Client, out: &Out, what: ShowWhat) -> Result<()> {
                 properties_table(&properties).print();
                 if !progress.children.is_empty() || progress.total > 0 {
                     println!("progress:");
-                    render::progress(&progress, 0);
+                    let mut lines = Vec::new();
+                    render::progress_lines(&progress, 0, &mut lines);
+                    for line in lines {
+                        println!("{line}");
+                    }
                 }
             })
         }

@@ -80,31 +80,40 @@ pub fn duration(start: Timestamp, end: Option<Timestamp>) -> String {
     }
 }
 
-/// Prints a progress tree as indented bars.
-pub fn progress(node: &ProgressNode, depth: usize) {
-    const BAR: usize = 20;
+/// A progress bar with counts and status: `[#####...............] 5/20 status`.
+pub fn bar(node: &ProgressNode) -> String {
+    const WIDTH: usize = 20;
+    let filled = node
+        .fraction()
+        .map_or(0, |f| (f * WIDTH as f64).round() as usize);
+    format!(
+        "[{}{}] {}/{} {}",
+        "#".repeat(filled),
+        ".".repeat(WIDTH - filled),
+        node.current,
+        node.total,
+        node.status.as_deref().unwrap_or("")
+    )
+}
+
+/// A progress tree as indented lines, one per group; the root (the build as a whole)
+/// is shown at depth 0 only when it has a total of its own.
+pub fn progress_lines(node: &ProgressNode, depth: usize, out: &mut Vec<String>) {
     if depth > 0 || node.total > 0 {
-        let filled = node
-            .fraction()
-            .map_or(0, |f| (f * BAR as f64).round() as usize);
         let name = if node.name.is_empty() {
             "(build)"
         } else {
             node.name.as_str()
         };
-        println!(
-            "  {:indent$}{name:<20} [{}{}] {}/{} {}",
+        out.push(format!(
+            "  {:indent$}{name:<20} {}",
             "",
-            "#".repeat(filled),
-            ".".repeat(BAR - filled),
-            node.current,
-            node.total,
-            node.status.as_deref().unwrap_or(""),
-            indent = depth.saturating_sub(1) * 2,
-        );
+            bar(node),
+            indent = depth.saturating_sub(1) * 2
+        ));
     }
     for child in &node.children {
-        progress(child, depth + 1);
+        progress_lines(child, depth + 1, out);
     }
 }
 

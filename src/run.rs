@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use kiln_engine::model::{BuildId, BuildsetId, ProgressNode, ResultCode};
+use kiln_engine::model::{BuildId, BuildsetId, ResultCode};
 use kiln_engine::storage::BuildFilter;
 use kiln_engine::wasm::{WasmHost, WasmHostConfig, default_cache_dir};
 use kiln_engine::{Engine, EngineConfig, Event};
@@ -174,8 +174,10 @@ async fn draw(engine: &Engine, lines: &BTreeMap<BuildId, Line>, previous: usize)
         let label = format!("{} #{}", line.builder, line.number);
         match tree {
             Some(tree) => {
-                out.push(format!("  {label:<24} {}", bar(&tree)));
-                tree_lines(&tree, 1, &mut out);
+                out.push(format!("  {label:<24} {}", render::bar(&tree)));
+                for group in &tree.children {
+                    render::progress_lines(group, 2, &mut out);
+                }
             }
             None => out.push(format!("  {label:<24} running")),
         }
@@ -202,37 +204,6 @@ fn clear(drawn: usize) {
     if drawn > 0 {
         print!("\x1b[{drawn}A\x1b[J");
         let _ = std::io::stdout().flush();
-    }
-}
-
-fn bar(node: &ProgressNode) -> String {
-    const WIDTH: usize = 20;
-    match node.fraction() {
-        Some(f) => {
-            let filled = (f * WIDTH as f64).round() as usize;
-            format!(
-                "[{}{}] {:>3}% {}",
-                "#".repeat(filled),
-                ".".repeat(WIDTH - filled),
-                (f * 100.0).round(),
-                node.status.as_deref().unwrap_or("")
-            )
-        }
-        None => format!("[{}] running", ".".repeat(WIDTH)),
-    }
-}
-
-fn tree_lines(node: &ProgressNode, depth: usize, out: &mut Vec<String>) {
-    for child in &node.children {
-        out.push(format!(
-            "  {:indent$}{:<width$} {}",
-            "",
-            child.name,
-            bar(child),
-            indent = depth * 2,
-            width = 22 - (depth * 2).min(20)
-        ));
-        tree_lines(child, depth + 1, out);
     }
 }
 

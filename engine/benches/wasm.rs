@@ -53,6 +53,27 @@ async fn engine(dir: &tempfile::TempDir, name: &str, durability: Durability) -> 
     Ok(Engine::open(config).await?)
 }
 
+/// An engine with one builder, "noop", running the no-op WASM job.
+async fn noop_engine(
+    dir: &tempfile::TempDir,
+    name: &str,
+    durability: Durability,
+) -> Result<Engine> {
+    let engine = engine(dir, name, durability).await?;
+    let executor = host(dir)
+        .job_executor(
+            "noop",
+            bundled("noop")?,
+            Limits::default(),
+            Grants::default(),
+        )
+        .await?;
+    engine
+        .register_builder(BuilderConfig::new("noop"), executor)
+        .await?;
+    Ok(engine)
+}
+
 async fn count(
     events: &mut broadcast::Receiver<Event>,
     n: usize,
@@ -164,19 +185,7 @@ async fn sandbox() -> Result<()> {
 async fn lifecycle(durability: Durability) -> Result<f64> {
     const JOBS: usize = 20_000;
     let dir = tempfile::tempdir()?;
-    let engine = engine(&dir, "lifecycle", durability).await?;
-    let host = host(&dir);
-    let executor = host
-        .job_executor(
-            "noop",
-            bundled("noop")?,
-            Limits::default(),
-            Grants::default(),
-        )
-        .await?;
-    engine
-        .register_builder(BuilderConfig::new("noop"), executor)
-        .await?;
+    let engine = noop_engine(&dir, "lifecycle", durability).await?;
     let mut events = engine.subscribe();
     let batch = vec![Submission::new("bench").builder("noop"); JOBS];
     let start = Instant::now();
@@ -210,19 +219,7 @@ async fn lifecycle(durability: Durability) -> Result<f64> {
 async fn latency() -> Result<()> {
     const SAMPLES: usize = 1_000;
     let dir = tempfile::tempdir()?;
-    let engine = engine(&dir, "latency", Durability::Normal).await?;
-    let host = host(&dir);
-    let executor = host
-        .job_executor(
-            "noop",
-            bundled("noop")?,
-            Limits::default(),
-            Grants::default(),
-        )
-        .await?;
-    engine
-        .register_builder(BuilderConfig::new("noop"), executor)
-        .await?;
+    let engine = noop_engine(&dir, "latency", Durability::Normal).await?;
     let mut events = engine.subscribe();
     let mut took = Vec::with_capacity(SAMPLES);
     for _ in 0..SAMPLES {

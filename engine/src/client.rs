@@ -145,10 +145,7 @@ impl Client {
 
     /// Submits a buildset. Every builder must already be known to the database.
     pub async fn submit(&self, submission: &Submission) -> Result<Submitted> {
-        let mut submitted = self.submit_many(std::slice::from_ref(submission)).await?;
-        submitted
-            .pop()
-            .ok_or_else(|| EngineError::Invalid("submitting one buildset returned none".into()))
+        only(self.submit_many(std::slice::from_ref(submission)).await?)
     }
 
     /// Submits several buildsets in one transaction: all of them, or none if any is
@@ -338,15 +335,23 @@ impl Client {
             priority: request.priority,
             external_idstring: original.external_idstring,
         };
-        let mut submitted = self
-            .submit_buildsets(
+        only(
+            self.submit_buildsets(
                 std::slice::from_ref(&submission),
                 Some(id),
                 &BTreeMap::new(),
             )
-            .await?;
-        submitted
-            .pop()
-            .ok_or_else(|| EngineError::Invalid("rebuilding returned no buildset".into()))
+            .await?,
+        )
+    }
+}
+
+/// The one result of a batch of one.
+pub(crate) fn only(mut submitted: Vec<Submitted>) -> Result<Submitted> {
+    match (submitted.pop(), submitted.is_empty()) {
+        (Some(one), true) => Ok(one),
+        _ => Err(EngineError::Invalid(
+            "a batch of one buildset did not give exactly one result".into(),
+        )),
     }
 }

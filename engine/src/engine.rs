@@ -279,10 +279,7 @@ impl Engine {
 
     /// Submits a buildset; its requests start at once if this engine runs their builders.
     pub async fn submit(&self, submission: &Submission) -> Result<Submitted> {
-        let mut submitted = self.submit_many(std::slice::from_ref(submission)).await?;
-        submitted
-            .pop()
-            .ok_or_else(|| EngineError::Invalid("submitting one buildset returned none".into()))
+        crate::client::only(self.submit_many(std::slice::from_ref(submission)).await?)
     }
 
     /// Submits several buildsets in one transaction (all or none), in the order given.

@@ -15,7 +15,7 @@ use tracing::{debug, error, warn};
 use super::{RegisteredBuilder, Shared, artifacts};
 use crate::events::Event;
 use crate::executor::{BuildContext, ContextInner, Outcome, StopReason};
-use crate::model::{Properties, ResultCode};
+use crate::model::{Build, BuildRequest, Properties, ResultCode};
 use crate::storage::{BuildEnd, CompletedBuildset, StartedBuild};
 
 /// The most finished builds recorded in one transaction.
@@ -31,7 +31,8 @@ const FINISH_RETRY_MAX: Duration = Duration::from_secs(5);
 pub(super) struct Finished {
     builder: Arc<RegisteredBuilder>,
     slot: i64,
-    started: StartedBuild,
+    build: Build,
+    request: BuildRequest,
     end: BuildEnd,
 }
 
@@ -43,17 +44,20 @@ pub(super) async fn run_build(
     slot: i64,
     stop: watch::Receiver<Option<StopReason>>,
 ) {
-    let build = &started.build;
+    let StartedBuild {
+        request,
+        build,
+        context,
+    } = started;
     debug!(build = %build.id, builder = %builder.config.name, number = build.number, "build started");
     let result_dir = match &shared.config.results_dir {
         Some(root) => artifacts::prepare(root, &builder.config.name, build.number).await,
         None => None,
     };
-    let context = started.context.clone();
     let ctx = BuildContext::new(ContextInner {
         build: build.clone(),
         builder: builder.config.name.clone(),
-        buildset_id: started.request.buildset_id,
+        buildset_id: request.buildset_id,
         reason: context.reason,
         args: builder.config.args.clone(),
         kwargs: builder.config.kwargs.clone(),
@@ -83,7 +87,7 @@ pub(super) async fn run_build(
     };
     let end = BuildEnd {
         build_id: build.id,
-        request_id: started.request.id,
+        request_id: request.id,
         results: outcome.results,
         state_string: Some(final_state(&outcome)),
         return_value: outcome.return_value,
@@ -95,7 +99,8 @@ pub(super) async fn run_build(
     let finished = Finished {
         builder,
         slot,
-        started,
+        build,
+        request,
         end,
     };
     if let Err(mpsc::error::SendError(lost)) = shared.finished.send(finished) {
@@ -153,10 +158,10 @@ async fn settle(shared: &Shared, batch: Vec<Finished>) {
             debug!(build = %f.end.build_id, builder = %f.builder.config.name, results = %f.end.results, "build finished");
             shared.emit(Event::BuildFinished {
                 build_id: f.end.build_id,
-                number: f.started.build.number,
+                number: f.build.number,
                 builder: f.builder.config.name.clone(),
-                request_id: f.started.request.id,
-                buildset_id: f.started.request.buildset_id,
+                request_id: f.request.id,
+                buildset_id: f.request.buildset_id,
                 results: f.end.results,
             });
         }
