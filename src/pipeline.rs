@@ -8,9 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use kiln_engine::model::EventKind;
 use kiln_engine::model::{Property, SourceStamp};
-use kiln_engine::wasm::{DirGrant, Grants, Limits, WasmExecutor, WasmHost};
-use kiln_engine::{BuilderConfig, Submission};
+use kiln_engine::relations::{Dependency, MissingDependency, find_cycle};
+use kiln_engine::wasm::{
+    DirGrant, Grants, HttpGrant, Limits, WasmExecutor, WasmHost, WasmPolicy, WasmReporter,
+};
+use kiln_engine::{BuilderConfig, ReporterConfig, Submission};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -30,6 +34,12 @@ pub struct PipelineFile {
     /// What to submit.
     #[serde(default, rename = "submit")]
     pub submits: Vec<SubmitSection>,
+    /// Relationship name → policy plugin (`bundled:<name>` or a path).
+    #[serde(default)]
+    pub relationships: BTreeMap<String, String>,
+    /// Result reporters.
+    #[serde(default, rename = "reporter")]
+    pub reporters: Vec<ReporterSection>,
 }
 
 /// `[run]`
@@ -127,6 +137,55 @@ pub struct BuilderSection {
     /// What its jobs may see.
     #[serde(default)]
     pub grants: GrantsSection,
+    /// Builders it depends on: names, or `{ builder = "...", build = N }` to pin a build.
+    #[serde(default)]
+    pub depends_on: Vec<DependencySection>,
+    /// `fail` (the default) or `build`: what a build does when a dependency has no
+    /// successful build.
+    #[serde(default)]
+    pub on_missing_dependency: MissingDependency,
+}
+
+/// One entry of `depends_on`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum DependencySection {
+    /// The latest successful build of a builder.
+    Latest(String),
+    /// A pinned build.
+    Pinned(Dependency),
+}
+
+/// `[[reporter]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReporterSection {
+    /// Its unique name: its place in the outbox is kept under it.
+    pub name: String,
+    /// `bundled:<name>` or a path to a `.wasm` component.
+    pub plugin: String,
+    /// The events it wants (default all): buildset_submitted, build_started,
+    /// build_finished, buildset_complete.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// The builders whose events it wants (default all).
+    #[serde(default)]
+    pub builders: Vec<String>,
+    /// Its configuration, handed to every call.
+    #[serde(default)]
+    pub kwargs: Option<toml::Value>,
+    /// Delivery attempts per event before it is dropped.
+    pub max_attempts: Option<u32>,
+    /// The first pause after a failed delivery, in seconds (it doubles each time).
+    pub retry_first_s: Option<f64>,
+    /// The longest pause, in seconds.
+    pub retry_max_s: Option<f64>,
+    /// Limits (deadline, memory, ...) beyond the reporter defaults.
+    #[serde(default)]
+    pub limits: LimitsSection,
+    /// What it may see and reach.
+    #[serde(default)]
+    pub grants: GrantsSection,
 }
 
 /// `[builder.grants]`
@@ -139,6 +198,9 @@ pub struct GrantsSection {
     /// Directories.
     #[serde(default)]
     pub dirs: Vec<DirSection>,
+    /// Hosts (`name` or `name:port`) a reporter may reach over HTTP; reporters only.
+    #[serde(default)]
+    pub http: Vec<String>,
 }
 
 /// One granted directory.
@@ -152,6 +214,9 @@ pub struct DirSection {
     /// Whether the job may write there.
     #[serde(default)]
     pub writable: bool,
+    /// Create the host directory if it does not exist.
+    #[serde(default)]
+    pub create: bool,
 }
 
 /// `[[submit]]`
@@ -189,6 +254,10 @@ const MAX_COUNT: u32 = 1_000_000;
 pub struct Pipeline {
     /// Each builder with its executor, in file order.
     pub builders: Vec<(BuilderConfig, WasmExecutor)>,
+    /// Relationship policies by relationship name.
+    pub policies: Vec<(String, WasmPolicy)>,
+    /// Reporters, in file order.
+    pub reporters: Vec<(ReporterConfig, WasmReporter)>,
     /// The buildsets to submit, in file order.
     pub submissions: Vec<Submission>,
 }
@@ -257,38 +326,19 @@ pub async fn load(base: PathBuf, file: PipelineFile, host: &WasmHost) -> Result<
                 continue;
             }
         };
-        let grants = Grants {
-            env: b
-                .grants
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            dirs: b
-                .grants
-                .dirs
-                .iter()
-                .map(|d| DirGrant {
-                    host: resolve(&base, &d.host),
-                    guest: d.guest.clone(),
-                    writable: d.writable,
-                })
-                .collect(),
-        };
-        let bytes: Result<Vec<u8>, String> = match b.plugin.strip_prefix("bundled:") {
-            Some(name) => kiln_bundled::get(name).map(<[u8]>::to_vec).ok_or_else(|| {
-                format!(
-                    "{here}: there is no bundled plugin {name:?} (bundled: {})",
-                    kiln_bundled::names().collect::<Vec<_>>().join(", ")
-                )
-            }),
-            None => {
-                let path = resolve(&base, Path::new(&b.plugin));
-                std::fs::read(&path)
-                    .map_err(|e| format!("{here}: cannot read plugin {}: {e}", path.display()))
+        if !b.grants.http.is_empty() {
+            problems.push(format!(
+                "{here}: http grants are for reporters; jobs get no network"
+            ));
+        }
+        let grants = match b.grants.to_grants(&base) {
+            Ok(g) => g,
+            Err(e) => {
+                problems.push(format!("{here}: {e}"));
+                continue;
             }
         };
-        match bytes {
+        match plugin_bytes(&base, &b.plugin, &here) {
             Ok(bytes) => loading.push((b, limits, grants, bytes)),
             Err(e) => problems.push(e),
         }
@@ -303,11 +353,45 @@ pub async fn load(base: PathBuf, file: PipelineFile, host: &WasmHost) -> Result<
                 config.max_concurrent = b.max_concurrent;
                 config.args = b.args.as_ref().map(json).unwrap_or(Value::Null);
                 config.kwargs = b.kwargs.as_ref().map(json).unwrap_or(Value::Null);
+                config.depends_on = b
+                    .depends_on
+                    .iter()
+                    .map(|d| match d {
+                        DependencySection::Latest(name) => Dependency::latest(name),
+                        DependencySection::Pinned(dep) => dep.clone(),
+                    })
+                    .collect();
+                config.on_missing_dependency = b.on_missing_dependency;
+                if let Err(e) = config.check_dependencies() {
+                    problems.push(e.to_string());
+                }
+                for dep in &config.depends_on {
+                    if !names.contains(&dep.builder) {
+                        problems.push(format!(
+                            "builder {:?} depends on {:?}, which the file does not declare",
+                            b.name, dep.builder
+                        ));
+                    }
+                }
                 builders.push((config, executor));
             }
             Err(e) => problems.push(format!("builder {:?}: {e}", b.name)),
         }
     }
+    let graph: BTreeMap<String, Vec<String>> = builders
+        .iter()
+        .map(|(c, _)| {
+            (
+                c.name.clone(),
+                c.depends_on.iter().map(|d| d.builder.clone()).collect(),
+            )
+        })
+        .collect();
+    if let Some(cycle) = find_cycle(&graph) {
+        problems.push(format!("dependency cycle: {}", cycle.join(" -> ")));
+    }
+    let policies = load_policies(&base, &file.relationships, host, &mut problems).await;
+    let reporters = load_reporters(&base, &file.reporters, host, &names, &mut problems).await;
     let mut submissions = Vec::new();
     for (i, s) in file.submits.iter().enumerate() {
         let here = format!("submit #{}", i + 1);
@@ -358,6 +442,179 @@ pub async fn load(base: PathBuf, file: PipelineFile, host: &WasmHost) -> Result<
     }
     Ok(Pipeline {
         builders,
+        policies,
+        reporters,
         submissions,
     })
+}
+
+impl GrantsSection {
+    /// The grants, with host paths resolved against the config file's directory and
+    /// directories marked `create` created.
+    fn to_grants(&self, base: &Path) -> Result<Grants, String> {
+        let mut dirs = Vec::new();
+        for d in &self.dirs {
+            let host = resolve(base, &d.host);
+            if d.create {
+                std::fs::create_dir_all(&host)
+                    .map_err(|e| format!("cannot create {}: {e}", host.display()))?;
+            }
+            dirs.push(DirGrant {
+                host,
+                guest: d.guest.clone(),
+                writable: d.writable,
+            });
+        }
+        Ok(Grants {
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            dirs,
+        })
+    }
+}
+
+/// A plugin's bytes: `bundled:<name>` or a path relative to the config file.
+fn plugin_bytes(base: &Path, spec: &str, here: &str) -> Result<Vec<u8>, String> {
+    match spec.strip_prefix("bundled:") {
+        Some(name) => kiln_bundled::get(name).map(<[u8]>::to_vec).ok_or_else(|| {
+            format!(
+                "{here}: there is no bundled plugin {name:?} (bundled: {})",
+                kiln_bundled::names().collect::<Vec<_>>().join(", ")
+            )
+        }),
+        None => {
+            let path = resolve(base, Path::new(spec));
+            std::fs::read(&path)
+                .map_err(|e| format!("{here}: cannot read plugin {}: {e}", path.display()))
+        }
+    }
+}
+
+async fn load_policies(
+    base: &Path,
+    relationships: &BTreeMap<String, String>,
+    host: &WasmHost,
+    problems: &mut Vec<String>,
+) -> Vec<(String, WasmPolicy)> {
+    let mut policies = Vec::new();
+    for (name, plugin) in relationships {
+        let here = format!("relationship {name:?}");
+        if name.trim().is_empty() {
+            problems.push("a relationship has an empty name".into());
+            continue;
+        }
+        let bytes = match plugin_bytes(base, plugin, &here) {
+            Ok(b) => b,
+            Err(e) => {
+                problems.push(e);
+                continue;
+            }
+        };
+        let loaded = host.load_policy(plugin, Arc::from(bytes)).await;
+        match loaded.and_then(|p| WasmPolicy::new(p, Limits::policy())) {
+            Ok(policy) => policies.push((name.clone(), policy)),
+            Err(e) => problems.push(format!("{here}: {e}")),
+        }
+    }
+    policies
+}
+
+fn seconds(v: Option<f64>, name: &str, default: Duration) -> Result<Duration, String> {
+    match v {
+        None => Ok(default),
+        Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+        Some(s) => Err(format!(
+            "{name} = {s} must be more than 0 and at most a day"
+        )),
+    }
+}
+
+async fn load_reporters(
+    base: &Path,
+    sections: &[ReporterSection],
+    host: &WasmHost,
+    builders: &BTreeSet<String>,
+    problems: &mut Vec<String>,
+) -> Vec<(ReporterConfig, WasmReporter)> {
+    let mut reporters = Vec::new();
+    let mut names = BTreeSet::new();
+    for r in sections {
+        let here = format!("reporter {:?}", r.name);
+        if !names.insert(r.name.clone()) {
+            problems.push(format!("{here} is declared twice"));
+        }
+        let mut config = ReporterConfig::new(&r.name);
+        let mut ok = true;
+        for kind in &r.events {
+            match kind.parse::<EventKind>() {
+                Ok(k) => {
+                    config.events.insert(k);
+                }
+                Err(e) => {
+                    problems.push(format!("{here}: {e}"));
+                    ok = false;
+                }
+            }
+        }
+        for b in &r.builders {
+            if !builders.contains(b) {
+                problems.push(format!(
+                    "{here} listens to builder {b:?}, which the file does not declare"
+                ));
+                ok = false;
+            }
+        }
+        config.builders = r.builders.iter().cloned().collect();
+        if let Some(n) = r.max_attempts {
+            config.max_attempts = n;
+        }
+        match (
+            seconds(r.retry_first_s, "retry_first_s", config.retry_first),
+            seconds(r.retry_max_s, "retry_max_s", config.retry_max),
+        ) {
+            (Ok(first), Ok(max)) => {
+                config.retry_first = first;
+                config.retry_max = max.max(first);
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                problems.push(format!("{here}: {e}"));
+                ok = false;
+            }
+        }
+        let limits = match r.limits.apply(Limits::reporter()) {
+            Ok(l) => l,
+            Err(e) => {
+                problems.push(format!("{here}: {e}"));
+                continue;
+            }
+        };
+        let grants = match r.grants.to_grants(base) {
+            Ok(g) => g,
+            Err(e) => {
+                problems.push(format!("{here}: {e}"));
+                continue;
+            }
+        };
+        let bytes = match plugin_bytes(base, &r.plugin, &here) {
+            Ok(b) => b,
+            Err(e) => {
+                problems.push(e);
+                continue;
+            }
+        };
+        let kwargs = r.kwargs.as_ref().map(json).unwrap_or(Value::Null);
+        let http = HttpGrant {
+            hosts: r.grants.http.clone(),
+        };
+        let loaded = host.load_reporter(&r.plugin, Arc::from(bytes)).await;
+        match loaded.and_then(|p| WasmReporter::new(p, kwargs, limits, grants, http)) {
+            Ok(reporter) if ok => reporters.push((config, reporter)),
+            Ok(_) => {}
+            Err(e) => problems.push(format!("{here}: {e}")),
+        }
+    }
+    reporters
 }

@@ -24,6 +24,8 @@ const REDRAW: Duration = Duration::from_millis(100);
 const LIVE_TREES: usize = 8;
 /// Finished builds the live view keeps on screen.
 const LIVE_FINISHED: usize = 12;
+/// How long `kiln run` waits at the end for reporters to deliver the last events.
+const REPORTER_GRACE: Duration = Duration::from_secs(10);
 /// Artifact paths the summary lists per build.
 const SUMMARY_ARTIFACTS: usize = 5;
 
@@ -71,6 +73,17 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
         .with_context(|| format!("opening {}", database.display()))?;
     for (config, executor) in pipeline.builders {
         engine.register_builder(config, executor).await?;
+    }
+    for (relationship, policy) in pipeline.policies {
+        engine.set_policy(relationship, policy);
+    }
+    let reporter_names: Vec<String> = pipeline
+        .reporters
+        .iter()
+        .map(|(c, _)| c.name.clone())
+        .collect();
+    for (config, reporter) in pipeline.reporters {
+        engine.register_reporter(config, reporter).await?;
     }
     let mut events = engine.subscribe();
     let submitted = engine.submit_many(&pipeline.submissions).await?;
@@ -144,6 +157,19 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
         clear(drawn);
     }
     let code = summary(&engine, &ours, json_out).await?;
+    if !reporter_names.is_empty() && !interrupted {
+        // Give reporters a moment to deliver the last events; what they do not deliver
+        // stays in the outbox for the next run on this database.
+        if !engine
+            .reporters_caught_up(&reporter_names, REPORTER_GRACE)
+            .await
+            && !json_out
+        {
+            println!(
+                "reporters: some events are still undelivered; they stay in the outbox for the next run"
+            );
+        }
+    }
     engine.shutdown().await;
     Ok(if interrupted {
         ExitCode::from(130)

@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 use crate::model::{
-    Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry, LogQuery,
-    MAX_PRIORITY, MIN_PRIORITY, Master, ProgressNode, Properties, Property, RequestId, SourceStamp,
+    Build, BuildId, BuildRequest, Builder, BuilderId, BuilderStatus, Buildset, BuildsetId,
+    LogEntry, LogQuery, MAX_PRIORITY, MIN_PRIORITY, Master, ProgressNode, Properties, Property,
+    RequestId, ResultCode, SourceStamp,
 };
 use crate::storage::{
     self, BuildFilter, BuildsetFilter, CancelOutcome, NewBuildset, RequestFilter, Store,
@@ -343,6 +344,98 @@ impl Client {
             )
             .await?,
         )
+    }
+}
+
+impl Client {
+    /// Resubmits a buildset (Copr): a new buildset with the same reason, sourcestamps,
+    /// properties and priority, for the builders whose requests failed, ended in an
+    /// exception or were cancelled, or for every builder when `all` is set. Refused while
+    /// the buildset is still running, and when there is nothing to run again.
+    pub async fn resubmit(&self, id: BuildsetId, all: bool) -> Result<Submitted> {
+        let original = self.store.buildset_get(id).await?;
+        if !original.complete {
+            return Err(EngineError::Invalid(format!(
+                "buildset {id} is still running; cancel it or wait before resubmitting"
+            )));
+        }
+        let requests = self
+            .store
+            .request_list(&RequestFilter {
+                buildset_id: Some(id),
+                ..RequestFilter::default()
+            })
+            .await?;
+        let names: BTreeMap<BuilderId, String> = self
+            .store
+            .builder_list()
+            .await?
+            .into_iter()
+            .map(|b| (b.id, b.name))
+            .collect();
+        let builders: Vec<String> = requests
+            .iter()
+            .filter(|r| {
+                all || matches!(
+                    r.results,
+                    Some(ResultCode::Failure | ResultCode::Exception | ResultCode::Cancelled)
+                )
+            })
+            .filter_map(|r| names.get(&r.builder_id).cloned())
+            .collect();
+        if builders.is_empty() {
+            return Err(EngineError::Invalid(format!(
+                "nothing in buildset {id} failed or was cancelled; resubmit it with all builders to run it again"
+            )));
+        }
+        let mut properties = self.store.buildset_properties(id).await?;
+        properties.insert(
+            "resubmitted_from".into(),
+            Property::new(serde_json::json!(id.0), "resubmit"),
+        );
+        let submission = Submission {
+            reason: format!("resubmit of buildset {id}: {}", original.reason),
+            builders,
+            properties,
+            sourcestamps: self.store.buildset_sourcestamps(id).await?,
+            priority: requests.first().map_or(0, |r| r.priority),
+            external_idstring: original.external_idstring,
+        };
+        self.submit(&submission).await
+    }
+
+    /// A builder's status (jobcontrol): not built, failed, success, or outdated when a
+    /// direct dependency has succeeded more recently than the builder's latest success.
+    /// RETRY and SKIPPED builds never count, so SKIPPED never makes anything outdated.
+    pub async fn builder_status(&self, builder: &Builder) -> Result<BuilderStatus> {
+        let counted = [
+            ResultCode::Success,
+            ResultCode::Warnings,
+            ResultCode::Failure,
+            ResultCode::Exception,
+            ResultCode::Cancelled,
+        ];
+        let Some(latest) = self.store.build_latest_with(builder.id, &counted).await? else {
+            return Ok(BuilderStatus::NotBuilt);
+        };
+        if !latest.results.is_some_and(ResultCode::is_successful) {
+            return Ok(BuilderStatus::Failed);
+        }
+        for dep in &builder.depends_on {
+            let Some(dep) = self.store.builder_get_by_name(dep).await? else {
+                continue;
+            };
+            let newer = self
+                .store
+                .build_latest_successful(dep.id)
+                .await?
+                .and_then(|b| b.complete_at)
+                .is_some_and(|at| latest.complete_at.is_some_and(|mine| at > mine));
+            if newer {
+                return Ok(BuilderStatus::Outdated);
+            }
+        }
+        Ok(BuilderStatus::Success)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The embedding API: open an engine, register builders, submit, wait, subscribe, shut down.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,8 @@ use crate::error::{EngineError, Result};
 use crate::events::{DEFAULT_EVENT_CAPACITY, Event};
 use crate::executor::Executor;
 use crate::model::{BuildId, BuilderId, Buildset, BuildsetId, MasterId, RequestId};
+use crate::relations::{Dependency, MissingDependency, Policy, find_cycle, retval_references};
+use crate::reporting::{Reporter, ReporterConfig};
 use crate::scheduler::Scheduler;
 use crate::storage::{self, CancelOutcome, StoreOptions};
 
@@ -21,6 +24,8 @@ use crate::storage::{self, CancelOutcome, StoreOptions};
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a master records that it is alive.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// How often [`Engine::reporters_caught_up`] looks at the reporters' cursors.
+const REPORTER_CHECK: Duration = Duration::from_millis(20);
 /// How long a master may stay silent before another expires it and re-queues its work;
 /// several heartbeats, so that one slow transaction does not cost a master its builds.
 pub const DEFAULT_MASTER_EXPIRY: Duration = Duration::from_secs(60);
@@ -152,6 +157,11 @@ pub struct BuilderConfig {
     pub args: Value,
     /// Keyword arguments handed to every build (JSON).
     pub kwargs: Value,
+    /// The builders it depends on: their return values may be referenced in `args` and
+    /// `kwargs` as `{"$retval": "<builder>"}`.
+    pub depends_on: Vec<Dependency>,
+    /// What a build does when a dependency has no successful build.
+    pub on_missing_dependency: MissingDependency,
 }
 
 impl BuilderConfig {
@@ -163,7 +173,49 @@ impl BuilderConfig {
             max_concurrent: None,
             args: Value::Null,
             kwargs: Value::Null,
+            depends_on: Vec::new(),
+            on_missing_dependency: MissingDependency::Fail,
         }
+    }
+
+    /// Adds a dependency on the latest successful build of another builder.
+    pub fn depends_on(mut self, builder: impl Into<String>) -> Self {
+        self.depends_on.push(Dependency::latest(builder));
+        self
+    }
+
+    /// Builds missing dependencies first instead of failing.
+    pub fn build_missing_dependencies(mut self) -> Self {
+        self.on_missing_dependency = MissingDependency::Build;
+        self
+    }
+
+    /// Checks the dependencies: no builder twice, not itself, and every `$retval`
+    /// reference names a declared dependency.
+    pub fn check_dependencies(&self) -> Result<()> {
+        let here = format!("builder {:?}", self.name);
+        let mut declared = BTreeSet::new();
+        for dep in &self.depends_on {
+            if dep.builder == self.name {
+                return Err(EngineError::Invalid(format!("{here} depends on itself")));
+            }
+            if !declared.insert(dep.builder.as_str()) {
+                return Err(EngineError::Invalid(format!(
+                    "{here} lists dependency {:?} twice",
+                    dep.builder
+                )));
+            }
+        }
+        for (what, value) in [("args", &self.args), ("kwargs", &self.kwargs)] {
+            let refs = retval_references(value)
+                .map_err(|e| EngineError::Invalid(format!("{here}: {what}: {e}")))?;
+            if let Some(undeclared) = refs.iter().find(|r| !declared.contains(r.as_str())) {
+                return Err(EngineError::Invalid(format!(
+                    "{here}: {what} reference the return value of {undeclared:?}, which is not in its depends_on"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Limits how many builds run at once on this engine.
@@ -260,10 +312,46 @@ impl Engine {
                 config.name
             )));
         }
+        config.check_dependencies()?;
+        let mut graph: BTreeMap<String, Vec<String>> = self
+            .scheduler
+            .builder_configs()
+            .into_iter()
+            .map(|b| {
+                (
+                    b.name,
+                    b.depends_on.into_iter().map(|d| d.builder).collect(),
+                )
+            })
+            .collect();
+        graph.insert(
+            config.name.clone(),
+            config
+                .depends_on
+                .iter()
+                .map(|d| d.builder.clone())
+                .collect(),
+        );
+        if let Some(cycle) = find_cycle(&graph) {
+            return Err(EngineError::Invalid(format!(
+                "builder {:?} would close a dependency cycle: {}",
+                config.name,
+                cycle.join(" -> ")
+            )));
+        }
         let id = self
             .client
             .store()
             .builder_ensure(&config.name, config.description.as_deref())
+            .await?;
+        let depends_on: Vec<String> = config
+            .depends_on
+            .iter()
+            .map(|d| d.builder.clone())
+            .collect();
+        self.client
+            .store()
+            .builder_set_depends_on(id, &depends_on)
             .await?;
         let name = config.name.clone();
         if !self.scheduler.register(id, config, executor) {
@@ -346,19 +434,7 @@ impl Engine {
     }
 
     fn after_cancel(&self, outcome: &CancelOutcome) {
-        self.scheduler.cancel_local(&outcome.flagged);
-        for request_id in &outcome.completed {
-            self.scheduler.shared.emit(Event::RequestCompleted {
-                request_id: *request_id,
-                results: crate::model::ResultCode::Cancelled,
-            });
-        }
-        for bs in &outcome.buildsets_completed {
-            self.scheduler.shared.emit(Event::BuildsetComplete {
-                buildset_id: bs.buildset_id,
-                results: bs.results,
-            });
-        }
+        self.scheduler.shared.after_cancel(outcome);
     }
 
     /// Rebuilds a build (see [`Client::rebuild`]).
@@ -366,6 +442,80 @@ impl Engine {
         let submitted = self.client.rebuild(id).await?;
         self.scheduler.wake();
         Ok(submitted)
+    }
+
+    /// Resubmits a buildset (see [`Client::resubmit`]).
+    pub async fn resubmit(&self, id: BuildsetId, all: bool) -> Result<Submitted> {
+        let submitted = self.client.resubmit(id, all).await?;
+        self.scheduler.wake();
+        Ok(submitted)
+    }
+
+    /// Sets the policy for a relationship name; builds triggering under that name are
+    /// decided by it. "triggers" and "dependency" use the bundled worst-of until set.
+    pub fn set_policy(&self, relationship: impl Into<String>, policy: impl Policy) {
+        self.set_policy_arc(relationship, Arc::new(policy));
+    }
+
+    /// Like [`Engine::set_policy`], with a shared policy.
+    pub fn set_policy_arc(&self, relationship: impl Into<String>, policy: Arc<dyn Policy>) {
+        self.scheduler.set_policy(relationship.into(), policy);
+    }
+
+    /// Registers a reporter: from now on every lifecycle event is written to the outbox
+    /// with the change it describes, and this engine delivers the ones the reporter wants
+    /// (while it holds the reporter's lease; another master takes over if this one dies).
+    /// A reporter known to the database resumes where it stopped. Register reporters
+    /// before submitting work whose events they should hear.
+    pub async fn register_reporter(
+        &self,
+        config: ReporterConfig,
+        reporter: impl Reporter,
+    ) -> Result<()> {
+        self.register_reporter_arc(config, Arc::new(reporter)).await
+    }
+
+    /// Like [`Engine::register_reporter`], with a shared reporter.
+    pub async fn register_reporter_arc(
+        &self,
+        config: ReporterConfig,
+        reporter: Arc<dyn Reporter>,
+    ) -> Result<()> {
+        config.validate().map_err(EngineError::Invalid)?;
+        self.client.store().reporter_register(&config.name).await?;
+        self.scheduler
+            .spawn_service(crate::scheduler::reporters::deliver_loop(
+                self.scheduler.shared.clone(),
+                config,
+                reporter,
+            ));
+        Ok(())
+    }
+
+    /// Waits until the named reporters have dealt with every event in the outbox, at most
+    /// `timeout`; says whether they got there.
+    pub async fn reporters_caught_up(&self, names: &[String], timeout: Duration) -> bool {
+        let store = self.client.store().clone();
+        let check = async {
+            loop {
+                let mut behind = false;
+                for name in names {
+                    let caught_up = match store.reporter_get(name).await {
+                        Ok(state) => {
+                            matches!(store.outbox_read(state.cursor, 1).await, Ok(e) if e.is_empty())
+                        }
+                        Err(_) => true,
+                    };
+                    behind |= !caught_up;
+                }
+                if !behind {
+                    return;
+                }
+                // Delivery runs in its own task; look again shortly.
+                tokio::time::sleep(REPORTER_CHECK).await;
+            }
+        };
+        tokio::time::timeout(timeout, check).await.is_ok()
     }
 
     /// Stops claiming work, lets running builds finish within the shutdown grace period,

@@ -6,17 +6,20 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use serde_json::Value;
-use tokio::sync::watch;
 
 use crate::error::Result;
 use crate::model::{
     Build, BuildId, BuildsetId, LogLevel, LogRecord, ProgressReport, Properties, Property,
     RequestId, ResultCode, SourceStamp,
 };
+use crate::relations::{ResolvedDependency, TriggerError, Triggered};
+use crate::scheduler::Shared;
+use crate::scheduler::relations::{Parent, TriggerSpec};
 use crate::storage::Store;
 
 /// How a build ended, as the scheduler records it.
@@ -176,12 +179,19 @@ pub(crate) struct ContextInner {
     pub(crate) reason: String,
     pub(crate) args: Value,
     pub(crate) kwargs: Value,
+    pub(crate) dependencies: Vec<ResolvedDependency>,
     pub(crate) buildset_properties: Properties,
     pub(crate) build_properties: Mutex<Properties>,
-    pub(crate) sourcestamps: Vec<SourceStamp>,
     pub(crate) store: Arc<dyn Store>,
-    pub(crate) stop: watch::Receiver<Option<StopReason>>,
     pub(crate) result_dir: Option<std::path::PathBuf>,
+    pub(crate) shared: Arc<Shared>,
+    /// The build as a parent of child buildsets (also holds its sourcestamps and its
+    /// stop signal).
+    pub(crate) parent: Parent,
+    /// Triggers so far: numbers each trigger's children, the same on every run.
+    pub(crate) triggers: AtomicU32,
+    /// The worst verdict of the policies this build waited on, with the relationship.
+    pub(crate) verdict: Mutex<Option<(ResultCode, String)>>,
 }
 
 impl BuildContext {
@@ -233,7 +243,68 @@ impl BuildContext {
 
     /// The buildset's sourcestamps.
     pub fn sourcestamps(&self) -> &[SourceStamp] {
-        &self.inner.sourcestamps
+        &self.inner.parent.sourcestamps
+    }
+
+    /// The return values of the builds this one depends on, as resolved when it started.
+    pub fn dependencies(&self) -> &[ResolvedDependency] {
+        &self.inner.dependencies
+    }
+
+    /// Starts one child buildset per entry of `builders` (a builder may repeat) with this
+    /// build's priority and sourcestamps, `properties`, and this build as parent under
+    /// `relationship` (`""` means "triggers"). With `wait`, returns once the
+    /// relationship's policy lets this build go on; the build then ends with the worse of
+    /// the policy's verdict and its own result.
+    ///
+    /// Triggers are numbered in the order a build makes them: if this build's master dies
+    /// and its request runs again, the same trigger adopts the children the first run
+    /// started instead of starting them again.
+    pub async fn trigger(
+        &self,
+        builders: &[&str],
+        properties: Properties,
+        wait: bool,
+        relationship: &str,
+    ) -> Result<Triggered, TriggerError> {
+        let n = self.inner.triggers.fetch_add(1, Ordering::Relaxed);
+        let spec = TriggerSpec {
+            builders: builders.iter().map(|b| (*b).to_owned()).collect(),
+            properties,
+            wait,
+            relationship: relationship.to_owned(),
+            key_prefix: format!("t{n}"),
+        };
+        let triggered = self.inner.shared.trigger(&self.inner.parent, spec).await?;
+        if wait {
+            let relationship = if relationship.trim().is_empty() {
+                crate::model::TRIGGERS
+            } else {
+                relationship
+            };
+            let mut verdict = self
+                .inner
+                .verdict
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let worse = verdict
+                .as_ref()
+                .is_none_or(|(v, _)| v.worst(triggered.verdict) != *v);
+            if worse {
+                *verdict = Some((triggered.verdict, relationship.to_owned()));
+            }
+        }
+        Ok(triggered)
+    }
+
+    /// The worst verdict of the policies this build waited on so far, with its
+    /// relationship.
+    pub(crate) fn verdict(&self) -> Option<(ResultCode, String)> {
+        self.inner
+            .verdict
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// This build's own result directory, if the engine gives builds one: files left
@@ -342,18 +413,18 @@ impl BuildContext {
 
     /// Whether the build has been asked to stop.
     pub fn cancelled(&self) -> bool {
-        self.inner.stop.borrow().is_some()
+        self.inner.parent.stop.borrow().is_some()
     }
 
     /// Why the build was asked to stop, if it was.
     pub fn stop_reason(&self) -> Option<StopReason> {
-        *self.inner.stop.borrow()
+        *self.inner.parent.stop.borrow()
     }
 
     /// Resolves when the build is asked to stop; use it in `tokio::select!` to stop
     /// waiting work promptly.
     pub async fn stopped(&self) -> StopReason {
-        let mut rx = self.inner.stop.clone();
+        let mut rx = self.inner.parent.stop.clone();
         loop {
             if let Some(reason) = *rx.borrow_and_update() {
                 return reason;

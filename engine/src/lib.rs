@@ -12,7 +12,10 @@
 //! - [`executor`]: how a build's work runs ([`Executor`]), with Rust async functions as
 //!   the first kind of executor.
 //! - [`wasm`]: the plugin host; WebAssembly job components run sandboxed by wasmtime.
-//! - [`scheduler`]: claims requests, runs builds, heartbeats and expires masters.
+//! - [`relations`]: parent/child buildsets, their policies, and builder dependencies.
+//! - [`reporting`]: result reporters and the durable outbox they are delivered from.
+//! - [`scheduler`]: claims requests, runs builds, waits on children, delivers to
+//!   reporters, heartbeats and expires masters.
 //! - [`client`] and [`engine`]: the embedding API.
 //! - [`events`]: lifecycle events.
 //! - [`error`]: the engine's error type.
@@ -23,6 +26,8 @@ pub mod error;
 pub mod events;
 pub mod executor;
 pub mod model;
+pub mod relations;
+pub mod reporting;
 pub mod scheduler;
 pub mod storage;
 pub mod wasm;
@@ -32,3 +37,5 @@ pub use engine::{BuilderConfig, Engine, EngineConfig};
 pub use error::{EngineError, Result};
 pub use events::Event;
 pub use executor::{BuildContext, Executor, FnExecutor, JobError, Outcome};
+pub use relations::{Decision, Policy, Triggered};
+pub use reporting::{Reporter, ReporterConfig};

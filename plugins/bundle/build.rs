@@ -13,6 +13,7 @@ use std::process::Command;
 /// Every bundled plugin: (name in configs, cargo package directory under plugins/).
 const PLUGINS: &[(&str, &str)] = &[
     ("echo", "echo"),
+    ("fan-out", "fan-out"),
     ("noop", "noop"),
     ("sleep", "sleep"),
     ("fail", "fail"),
@@ -28,6 +29,12 @@ const PLUGINS: &[(&str, &str)] = &[
     ("huge-return", "hostile/huge-return"),
     ("trap", "hostile/trap"),
     ("not-a-job", "hostile/not-a-job"),
+    ("worst-of", "policies/worst-of"),
+    ("fail-fast", "policies/fail-fast"),
+    ("best-effort", "policies/best-effort"),
+    ("any-success", "policies/any-success"),
+    ("webhook", "reporters/webhook"),
+    ("jsonl", "reporters/jsonl"),
 ];
 
 const TARGET: &str = "wasm32-wasip2";
@@ -52,7 +59,7 @@ fn main() {
         .unwrap_or_else(|| root.join("target"));
     let plugin_target = target_dir.join("plugins");
 
-    for path in ["Cargo.toml", "Cargo.lock", "guest"]
+    for path in ["Cargo.toml", "Cargo.lock", "guest", "policy-logic"]
         .iter()
         .map(|p| plugins.join(p))
     {

@@ -2,6 +2,7 @@
 
 mod log;
 mod progress;
+mod relations;
 mod results;
 
 use std::collections::BTreeMap;
@@ -11,6 +12,10 @@ use serde::{Deserialize, Serialize};
 
 pub use log::{LogEntry, LogLevel, LogQuery, LogRecord, UnknownLevel};
 pub use progress::{ProgressNode, ProgressRecord, ProgressReport};
+pub use relations::{
+    BuilderStatus, ChildBuildset, DEPENDENCY, EventKind, OutboxEvent, ReporterState, TRIGGERS,
+    UnknownEventKind,
+};
 pub use results::{ResultCode, UnknownResult};
 
 /// A point in time. Stored with microsecond precision.
@@ -120,6 +125,9 @@ pub struct Builder {
     pub name: String,
     /// A human description.
     pub description: Option<String>,
+    /// The builders it depends on (jobcontrol's dependencies), by name.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
 }
 
 /// One running (or once-running) engine process.

@@ -14,6 +14,8 @@
 
 mod artifacts;
 mod masters;
+pub(crate) mod relations;
+pub(crate) mod reporters;
 mod run;
 
 use std::collections::{BTreeSet, HashMap};
@@ -28,7 +30,8 @@ use crate::engine::{BuilderConfig, EngineConfig};
 use crate::events::Event;
 use crate::executor::{Executor, StopReason};
 use crate::model::{BuildId, BuilderId, MasterId, RequestId, ResultCode};
-use crate::storage::{StartAvailable, Store};
+use crate::relations::Policy;
+use crate::storage::{CancelOutcome, StartAvailable, Store};
 
 /// A builder registered on this engine, with its executor and slot bookkeeping.
 pub(crate) struct RegisteredBuilder {
@@ -79,6 +82,8 @@ pub(crate) struct Shared {
     pub(crate) master: MasterId,
     pub(crate) config: EngineConfig,
     builders: RwLock<HashMap<BuilderId, Arc<RegisteredBuilder>>>,
+    /// Relationship policies by relationship name.
+    pub(crate) policies: RwLock<HashMap<String, Arc<dyn Policy>>>,
     running: Mutex<HashMap<BuildId, RunningBuild>>,
     /// Started builds not yet recorded as finished.
     in_flight: watch::Sender<usize>,
@@ -129,6 +134,30 @@ impl Shared {
     fn is_stopping(&self) -> bool {
         *self.stopping.borrow()
     }
+
+    /// Cancels requests (and, in the store, their waited-for children, recursively):
+    /// builds of them running here are told to stop at once, the rest complete as
+    /// CANCELLED or are stopped by their masters.
+    pub(crate) async fn cancel_requests(
+        &self,
+        ids: &[RequestId],
+    ) -> crate::storage::Result<CancelOutcome> {
+        let outcome = self.store.request_cancel(ids, crate::model::now()).await?;
+        self.after_cancel(&outcome);
+        Ok(outcome)
+    }
+
+    /// Stops local builds and tells subscribers what a cancellation did.
+    pub(crate) fn after_cancel(&self, outcome: &CancelOutcome) {
+        self.stop_builds(StopReason::Cancelled, |r| outcome.flagged.contains(&r));
+        for request_id in &outcome.completed {
+            self.emit(Event::RequestCompleted {
+                request_id: *request_id,
+                results: ResultCode::Cancelled,
+            });
+        }
+        run::emit_completed(self, outcome.buildsets_completed.clone());
+    }
 }
 
 /// The scheduler of one engine.
@@ -151,6 +180,7 @@ impl Scheduler {
             master,
             config,
             builders: RwLock::new(HashMap::new()),
+            policies: RwLock::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             in_flight: watch::channel(0).0,
             finished,
@@ -211,15 +241,40 @@ impl Scheduler {
             .collect()
     }
 
+    /// The configs of the builders registered here.
+    pub(crate) fn builder_configs(&self) -> Vec<BuilderConfig> {
+        let builders = self
+            .shared
+            .builders
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        builders.values().map(|b| b.config.clone()).collect()
+    }
+
+    /// Runs a service task until the engine stops.
+    pub(crate) fn spawn_service(
+        &self,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let handle = tokio::spawn(task);
+        self.tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(handle);
+    }
+
+    /// Sets the policy of a relationship.
+    pub(crate) fn set_policy(&self, relationship: String, policy: Arc<dyn Policy>) {
+        self.shared
+            .policies
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(relationship, policy);
+    }
+
     /// Wakes the claim loop (new work may be there).
     pub(crate) fn wake(&self) {
         self.shared.wake.notify_one();
-    }
-
-    /// Asks this engine's builds of the given requests to stop as CANCELLED.
-    pub(crate) fn cancel_local(&self, requests: &[RequestId]) -> usize {
-        self.shared
-            .stop_builds(StopReason::Cancelled, |r| requests.contains(&r))
     }
 
     /// Stops claiming, lets running builds finish within the grace period, stops the rest

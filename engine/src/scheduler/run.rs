@@ -6,12 +6,14 @@
 //! ([`Store::build_finish_and_settle`](crate::storage::Store::build_finish_and_settle)):
 //! under load many builds share a commit, when idle a build is recorded at once.
 
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, warn};
 
+use super::relations::{self, Parent};
 use super::{RegisteredBuilder, Shared, artifacts};
 use crate::events::Event;
 use crate::executor::{BuildContext, ContextInner, Outcome, StopReason};
@@ -54,21 +56,37 @@ pub(super) async fn run_build(
         Some(root) => artifacts::prepare(root, &builder.config.name, build.number).await,
         None => None,
     };
-    let ctx = BuildContext::new(ContextInner {
+    let parent = Parent {
         build: build.clone(),
         builder: builder.config.name.clone(),
-        buildset_id: request.buildset_id,
-        reason: context.reason,
-        args: builder.config.args.clone(),
-        kwargs: builder.config.kwargs.clone(),
-        buildset_properties: context.properties,
-        build_properties: Mutex::new(Properties::new()),
+        priority: request.priority,
         sourcestamps: context.sourcestamps,
-        store: shared.store.clone(),
         stop: stop.clone(),
-        result_dir: result_dir.clone(),
-    });
-    let outcome = execute(&shared, &builder, ctx, stop.clone()).await;
+    };
+    let outcome = match relations::resolve_dependencies(&shared, &builder, &parent).await {
+        Ok(resolved) => {
+            let ctx = BuildContext::new(ContextInner {
+                build: build.clone(),
+                builder: builder.config.name.clone(),
+                buildset_id: request.buildset_id,
+                reason: context.reason,
+                args: resolved.args,
+                kwargs: resolved.kwargs,
+                dependencies: resolved.dependencies,
+                buildset_properties: context.properties,
+                build_properties: Mutex::new(Properties::new()),
+                store: shared.store.clone(),
+                result_dir: result_dir.clone(),
+                shared: shared.clone(),
+                parent,
+                triggers: AtomicU32::new(0),
+                verdict: Mutex::new(None),
+            });
+            let outcome = execute(&shared, &builder, ctx.clone(), stop.clone()).await;
+            with_verdict(outcome, ctx.verdict())
+        }
+        Err(outcome) => outcome,
+    };
     let outcome = match *stop.borrow() {
         Some(StopReason::Cancelled) => Outcome {
             results: ResultCode::Cancelled,
@@ -179,6 +197,27 @@ async fn settle(shared: &Shared, batch: Vec<Finished>) {
     shared.wake.notify_one();
 }
 
+/// A job's outcome combined with the verdicts of the policies it waited on: the worse
+/// result wins, as a Buildbot build takes the worst of its steps.
+fn with_verdict(outcome: Outcome, verdict: Option<(ResultCode, String)>) -> Outcome {
+    let Some((verdict, relationship)) = verdict else {
+        return outcome;
+    };
+    let results = outcome.results.worst(verdict);
+    if results == outcome.results {
+        return outcome;
+    }
+    Outcome {
+        results,
+        error: outcome.error.or_else(|| {
+            Some(format!(
+                "its children ended {verdict} under the {relationship} policy"
+            ))
+        }),
+        ..outcome
+    }
+}
+
 /// The state string a finished build shows, as Buildbot's "build successful".
 fn final_state(outcome: &Outcome) -> String {
     let first_line = outcome
@@ -244,7 +283,7 @@ async fn execute(
 }
 
 /// A future that turns a panic while polling into an error value.
-struct CatchUnwind<F>(F);
+pub(super) struct CatchUnwind<F>(pub(super) F);
 
 impl<F: std::future::Future + Unpin> std::future::Future for CatchUnwind<F> {
     type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
@@ -264,7 +303,7 @@ impl<F: std::future::Future + Unpin> std::future::Future for CatchUnwind<F> {
     }
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+pub(super) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {

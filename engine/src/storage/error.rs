@@ -43,6 +43,14 @@ pub enum StorageError {
         /// The master that tried to start a build.
         master: MasterId,
     },
+    /// Another master holds the reporter's delivery lease now.
+    #[error("reporter {reporter:?} is not leased to master {master}: the write was refused")]
+    LeaseLost {
+        /// The reporter.
+        reporter: String,
+        /// The master that tried to write.
+        master: MasterId,
+    },
     /// The master was expired by another master (or shut down) and must re-register.
     #[error("master {0} is no longer active (it was expired or shut down)")]
     MasterInactive(MasterId),

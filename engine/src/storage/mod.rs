@@ -17,9 +17,10 @@ use async_trait::async_trait;
 pub use error::{Result, StorageError};
 
 use crate::model::{
-    Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry,
-    LogLevel, LogQuery, LogRecord, Master, MasterId, ProgressRecord, ProgressReport, Properties,
-    Property, RequestId, ResultCode, SourceStamp, SourceStampId, Timestamp,
+    Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId,
+    ChildBuildset, LogEntry, LogLevel, LogQuery, LogRecord, Master, MasterId, OutboxEvent,
+    ProgressRecord, ProgressReport, Properties, Property, ReporterState, RequestId, ResultCode,
+    SourceStamp, SourceStampId, Timestamp,
 };
 
 /// Opens the store named by a database URL and brings its schema up to date.
@@ -113,6 +114,11 @@ pub struct NewBuildset {
     pub parent_buildid: Option<BuildId>,
     /// The relationship to the parent.
     pub parent_relationship: Option<String>,
+    /// The request of the build that starts it: a re-run of that request (after its
+    /// master died) finds the children by it instead of starting them again.
+    pub parent_request_id: Option<RequestId>,
+    /// Which trigger of the parent request made it, unique per parent request.
+    pub trigger_key: Option<String>,
     /// The build that this rebuilds.
     pub rebuilt_buildid: Option<BuildId>,
     /// The submission time.
@@ -401,6 +407,31 @@ pub struct RegisteredMaster {
     pub retried_builds: Vec<BuildId>,
 }
 
+/// What a reporter's deliverer has done since it last wrote, for
+/// [`Store::reporter_progress`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReporterProgress {
+    /// The reporter.
+    pub name: String,
+    /// The master delivering; refused with
+    /// [`StorageError::LeaseLost`] when it no longer holds the lease.
+    pub master: MasterId,
+    /// The last seq dealt with: everything up to it was delivered, filtered out or dropped.
+    pub cursor: i64,
+    /// Events delivered since the last write.
+    pub delivered: u64,
+    /// Events given up on since the last write: (seq, attempts, last error).
+    pub dropped: Vec<(i64, u32, String)>,
+    /// Failed attempts at the event after `cursor`.
+    pub attempts: u32,
+    /// The latest delivery error, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// The lease, extended to this time.
+    pub lease_until: Timestamp,
+    /// When this is written.
+    pub now: Timestamp,
+}
+
 /// The storage seam. One implementation per database; see the module docs.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -437,6 +468,8 @@ pub trait Store: Send + Sync + 'static {
     async fn builder_get(&self, id: BuilderId) -> Result<Builder>;
     /// All builders, by name.
     async fn builder_list(&self) -> Result<Vec<Builder>>;
+    /// Records the builders a builder depends on, by name (replacing the old list).
+    async fn builder_set_depends_on(&self, id: BuilderId, depends_on: &[String]) -> Result<()>;
 
     // ---- buildsets ----
 
@@ -460,6 +493,12 @@ pub trait Store: Send + Sync + 'static {
     async fn buildset_sourcestamps(&self, id: BuildsetId) -> Result<Vec<SourceStamp>>;
     /// The ids of a buildset's stored sourcestamps, ascending (equal stamps share an id).
     async fn buildset_sourcestamp_ids(&self, id: BuildsetId) -> Result<Vec<SourceStampId>>;
+    /// The child buildsets a parent request's builds started, one entry per child
+    /// request, oldest first, each with its latest build and return value.
+    async fn buildset_children(&self, parent_request: RequestId) -> Result<Vec<ChildBuildset>>;
+    /// Hangs child buildsets from a new build of their parent request (a re-run adopts
+    /// the children its earlier build started).
+    async fn buildset_adopt(&self, ids: &[BuildsetId], parent_build: BuildId) -> Result<()>;
 
     // ---- build requests ----
 
@@ -488,7 +527,9 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<Vec<CompletedBuildset>>;
     /// Cancels requests: unclaimed ones complete as CANCELLED, claimed ones are flagged
-    /// for their master to stop. Complete and unknown ids are ignored.
+    /// for their master to stop. Complete and unknown ids are ignored. The requests of
+    /// waited-for child buildsets these requests' builds started are cancelled too,
+    /// recursively.
     async fn request_cancel(&self, ids: &[RequestId], now: Timestamp) -> Result<CancelOutcome>;
     /// Requests claimed by this master that somebody asked to cancel.
     async fn request_cancel_pending(&self, master: MasterId) -> Result<Vec<RequestId>>;
@@ -528,6 +569,12 @@ pub trait Store: Send + Sync + 'static {
     async fn build_previous_successful(&self, id: BuildId) -> Result<Option<Build>>;
     /// The most recently finished SUCCESS or WARNINGS build of a builder (never SKIPPED).
     async fn build_latest_successful(&self, builder: BuilderId) -> Result<Option<Build>>;
+    /// The most recently finished build of a builder whose result is one of `results`.
+    async fn build_latest_with(
+        &self,
+        builder: BuilderId,
+        results: &[ResultCode],
+    ) -> Result<Option<Build>>;
     /// Deletes a finished build with its properties, logs and progress.
     async fn build_delete(&self, id: BuildId) -> Result<()>;
     /// Sets one build property.
@@ -558,4 +605,36 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes records written before `older_than` whose level is below `below`;
     /// returns how many went.
     async fn log_prune(&self, older_than: Timestamp, below: LogLevel) -> Result<u64>;
+
+    // ---- the reporters' outbox ----
+    //
+    // While at least one reporter is registered, every change that the four lifecycle
+    // events describe (buildset submitted, build started, build finished, buildset
+    // complete) writes its event into the outbox in the same transaction.
+
+    /// Registers a reporter; a new one starts at the end of the outbox (it hears events
+    /// from now on), a known one keeps its place.
+    async fn reporter_register(&self, name: &str) -> Result<ReporterState>;
+    /// One reporter's state.
+    async fn reporter_get(&self, name: &str) -> Result<ReporterState>;
+    /// Every reporter, by name.
+    async fn reporter_list(&self) -> Result<Vec<ReporterState>>;
+    /// Forgets a reporter: its undelivered events no longer keep the outbox from pruning.
+    async fn reporter_remove(&self, name: &str) -> Result<()>;
+    /// Takes or extends the lease to deliver a reporter's events: granted when nobody
+    /// holds it, the master already does, or the holder's lease ran out before `now`.
+    /// Returns the state under the lease, or `None` when another master holds it.
+    async fn reporter_lease(
+        &self,
+        name: &str,
+        master: MasterId,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<Option<ReporterState>>;
+    /// Records delivery progress under the lease.
+    async fn reporter_progress(&self, progress: &ReporterProgress) -> Result<()>;
+    /// Events after `after`, oldest first, at most `limit`.
+    async fn outbox_read(&self, after: i64, limit: u32) -> Result<Vec<OutboxEvent>>;
+    /// Deletes events every registered reporter has dealt with; returns how many went.
+    async fn outbox_prune(&self) -> Result<u64>;
 }

@@ -33,32 +33,93 @@ pub fn kind(bytes: &[u8]) -> WasmKind {
     }
 }
 
-/// Problems that stop a component from being a job, by name and kind of its imports
-/// and exports. An empty list means the names fit; the types are checked when the
-/// component is pre-instantiated.
-pub(crate) fn job_world_problems(engine: &wasmtime::Engine, component: &Component) -> Vec<String> {
+/// Kiln's plugin worlds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum World {
+    /// A job function.
+    Job,
+    /// A relationship policy.
+    Policy,
+    /// A result reporter.
+    Reporter,
+}
+
+impl World {
+    /// Every world, in the order `kiln plugin check` tries them.
+    pub const ALL: [World; 3] = [World::Job, World::Policy, World::Reporter];
+
+    /// The world's name in the WIT package.
+    pub fn name(self) -> &'static str {
+        match self {
+            World::Job => "job",
+            World::Policy => "policy",
+            World::Reporter => "reporter",
+        }
+    }
+
+    /// The function the world's components export, with its signature.
+    fn export(self) -> (&'static str, &'static str) {
+        match self {
+            World::Job => (
+                "run",
+                "run: func(ctx: build-context) -> result<outcome, job-error>",
+            ),
+            World::Policy => (
+                "decide",
+                "decide: func(parent: parent-build, children: list<child>) -> decision",
+            ),
+            World::Reporter => (
+                "report",
+                "report: func(config: json, event: event) -> result<_, string>",
+            ),
+        }
+    }
+}
+
+/// Problems that stop a component from belonging to `world`, by name and kind of its
+/// imports and exports. An empty list means the names fit; the types are checked when
+/// the component is pre-instantiated.
+pub(crate) fn world_problems(
+    world: World,
+    engine: &wasmtime::Engine,
+    component: &Component,
+) -> Vec<String> {
     let ty = component.component_type();
     let mut problems = Vec::new();
     let exports: Vec<(String, ComponentItem)> = ty
         .exports(engine)
         .map(|(n, e)| (n.to_owned(), e.ty))
         .collect();
-    match exports.iter().find(|(name, _)| name == "run") {
+    let (export, signature) = world.export();
+    match exports.iter().find(|(name, _)| name == export) {
         Some((_, ComponentItem::ComponentFunc(_))) => {}
         Some((_, other)) => problems.push(format!(
-            "its `run` export is {}, not a function",
+            "its `{export}` export is {}, not a function",
             item_kind(other)
         )),
         None => {
             let names: Vec<&str> = exports.iter().map(|(n, _)| n.as_str()).collect();
             problems.push(format!(
-                "it does not export `run: func(ctx: build-context) -> result<outcome, job-error>` (it exports: {})",
-                if names.is_empty() { "nothing".to_owned() } else { names.join(", ") }
+                "it does not export `{signature}` (it exports: {})",
+                if names.is_empty() {
+                    "nothing".to_owned()
+                } else {
+                    names.join(", ")
+                }
             ));
         }
     }
     for (name, _) in ty.imports(engine) {
-        if name.starts_with("wasi:") || name == HOST_INTERFACE || name == TYPES_INTERFACE {
+        if name.starts_with("wasi:") || name == TYPES_INTERFACE {
+            continue;
+        }
+        if name == HOST_INTERFACE {
+            if world != World::Job {
+                problems.push(format!(
+                    "it imports {name}, which only jobs may use (a {} gets no host interface)",
+                    world.name()
+                ));
+            }
             continue;
         }
         if name.starts_with("kiln:plugin/") {
@@ -67,11 +128,21 @@ pub(crate) fn job_world_problems(engine: &wasmtime::Engine, component: &Componen
             ));
         } else {
             problems.push(format!(
-                "it imports {name}, which the job world does not offer"
+                "it imports {name}, which the {} world does not offer",
+                world.name()
             ));
         }
     }
     problems
+}
+
+/// The world whose export a component has, if any: the one to report problems against.
+pub(crate) fn likely_world(engine: &wasmtime::Engine, component: &Component) -> Option<World> {
+    let ty = component.component_type();
+    let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_owned()).collect();
+    World::ALL
+        .into_iter()
+        .find(|w| exports.iter().any(|e| e == w.export().0))
 }
 
 fn item_kind(item: &ComponentItem) -> &'static str {

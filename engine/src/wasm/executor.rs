@@ -47,7 +47,7 @@ pub struct Grants {
 }
 
 impl Grants {
-    fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         for dir in &self.dirs {
             if !dir.host.is_dir() {
                 return Err(format!(
@@ -134,7 +134,8 @@ pub(crate) async fn run_sandboxed(
 ) -> wasmtime::Result<Outcome> {
     let stdout = CappedOutput::new(limits.output_bytes);
     let stderr = CappedOutput::new(limits.output_bytes);
-    let wasi = wasi_ctx(grants, build.as_ref(), &stdout, &stderr)?;
+    let result_dir = build.as_ref().and_then(BuildContext::result_dir);
+    let wasi = wasi_ctx(grants, result_dir, &stdout, &stderr)?;
     let mut store = Store::new(
         &plugin.engine.engine,
         JobState::new(wasi, build.clone(), *limits),
@@ -236,9 +237,9 @@ async fn stopped(build: Option<&BuildContext>) {
 
 /// The WASI context: nothing ambient; only what the builder grants, the build's own
 /// result directory, and captured stdout/stderr.
-fn wasi_ctx(
+pub(crate) fn wasi_ctx(
     grants: &Grants,
-    build: Option<&BuildContext>,
+    result_dir: Option<&std::path::Path>,
     stdout: &CappedOutput,
     stderr: &CappedOutput,
 ) -> wasmtime::Result<WasiCtx> {
@@ -255,7 +256,7 @@ fn wasi_ctx(
         };
         wasi.preopened_dir(&dir.host, &dir.guest, perms)?;
     }
-    if let Some(dir) = build.and_then(BuildContext::result_dir) {
+    if let Some(dir) = result_dir {
         wasi.preopened_dir(dir, RESULTS_GUEST_DIR, FsPerms::ReadWrite)?;
     }
     Ok(wasi.build())
@@ -291,7 +292,15 @@ pub(crate) fn wit_context(ctx: &BuildContext) -> wit::BuildContext {
                 project: s.project.clone(),
             })
             .collect(),
-        dependencies: Vec::new(),
+        dependencies: ctx
+            .dependencies()
+            .iter()
+            .map(|d| wit::Dependency {
+                builder: d.builder.clone(),
+                build_id: d.build_id.0,
+                return_value: d.return_value.to_string(),
+            })
+            .collect(),
     }
 }
 

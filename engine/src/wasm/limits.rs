@@ -23,6 +23,13 @@ pub const DEFAULT_RETURN_BYTES: usize = 1 << 20;
 /// within every other limit.
 pub const DEFAULT_HOST_CALLS: u64 = 1_000_000;
 
+/// Wall-clock time one policy decision may take: policies only look at a list.
+pub const DEFAULT_POLICY_DEADLINE: Duration = Duration::from_secs(1);
+/// Linear memory of a policy.
+pub const DEFAULT_POLICY_MEMORY_BYTES: usize = 16 << 20;
+/// Wall-clock time one reporter delivery may take, network included.
+pub const DEFAULT_REPORTER_DEADLINE: Duration = Duration::from_secs(30);
+
 /// How often the engine's epoch advances. A running guest checks for cancellation and
 /// its deadline, and yields its thread, once per tick.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -71,6 +78,24 @@ pub const MAX_WASM_STACK_BYTES: usize = 64 << 20;
 pub const MAX_MEMORY_BYTES: usize = 1 << 30;
 
 impl Limits {
+    /// The defaults for a relationship policy: [`DEFAULT_POLICY_DEADLINE`] and
+    /// [`DEFAULT_POLICY_MEMORY_BYTES`].
+    pub fn policy() -> Limits {
+        Limits {
+            deadline: DEFAULT_POLICY_DEADLINE,
+            memory_bytes: DEFAULT_POLICY_MEMORY_BYTES,
+            ..Limits::default()
+        }
+    }
+
+    /// The defaults for a reporter: [`DEFAULT_REPORTER_DEADLINE`], otherwise a job's.
+    pub fn reporter() -> Limits {
+        Limits {
+            deadline: DEFAULT_REPORTER_DEADLINE,
+            ..Limits::default()
+        }
+    }
+
     /// Checks that the limits are usable, naming the first one that is not.
     pub fn validate(&self) -> Result<(), String> {
         if self.deadline.is_zero() {

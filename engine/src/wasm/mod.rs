@@ -19,6 +19,8 @@ pub mod check;
 pub mod executor;
 pub mod limits;
 mod output;
+pub mod policy;
+pub mod reporter;
 mod state;
 
 use std::collections::BTreeMap;
@@ -32,9 +34,11 @@ use wasmtime::{
 };
 
 pub use cache::default_cache_dir;
-pub use check::{WasmKind, WorldReport};
+pub use check::{WasmKind, World, WorldReport};
 pub use executor::{DirGrant, Grants, RESULTS_GUEST_DIR, WasmExecutor};
 pub use limits::Limits;
+pub use policy::{PolicyPlugin, WasmPolicy};
+pub use reporter::{HttpGrant, ReporterPlugin, WasmReporter};
 
 use bindings::{Job, JobPre};
 use state::JobState;
@@ -95,6 +99,7 @@ impl Default for WasmHostConfig {
 pub(crate) struct EngineCtx {
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<JobState>,
+    pub(crate) reporter_linker: Linker<reporter::ReporterState>,
     ticking: Arc<AtomicBool>,
 }
 
@@ -178,6 +183,54 @@ impl WasmHost {
             .map_err(|e| WasmError::Engine(format!("compiling {name} failed: {e}")))?
     }
 
+    /// Checks, compiles (or loads from the cache) and pre-instantiates a plugin for a
+    /// world other than `job`, off the async threads.
+    async fn load_other<P: Send + 'static>(
+        &self,
+        name: &str,
+        wasm: Arc<[u8]>,
+        make: impl FnOnce(String, Arc<EngineCtx>, &Component) -> Result<P, Vec<String>> + Send + 'static,
+    ) -> Result<P, WasmError> {
+        let engine = self.engine_for(limits::DEFAULT_WASM_STACK_BYTES)?;
+        let cache_dir = self.config.cache_dir.clone();
+        let owned_name = name.to_owned();
+        let task = tokio::task::spawn_blocking(move || {
+            let component = compile_checked(&engine, &owned_name, &wasm, cache_dir.as_deref())?;
+            make(owned_name.clone(), engine, &component).map_err(|problems| WasmError::Plugin {
+                plugin: owned_name,
+                problems,
+            })
+        });
+        task.await
+            .map_err(|e| WasmError::Engine(format!("compiling {name} failed: {e}")))?
+    }
+
+    /// Checks, compiles and pre-instantiates a relationship policy plugin.
+    pub async fn load_policy(
+        &self,
+        name: &str,
+        wasm: Arc<[u8]>,
+    ) -> Result<Arc<PolicyPlugin>, WasmError> {
+        self.load_other(name, wasm, |name, engine, component| {
+            let pre = policy::pre_instantiate(&engine, component)?;
+            Ok(Arc::new(policy::plugin(name, engine, pre)))
+        })
+        .await
+    }
+
+    /// Checks, compiles and pre-instantiates a reporter plugin.
+    pub async fn load_reporter(
+        &self,
+        name: &str,
+        wasm: Arc<[u8]>,
+    ) -> Result<Arc<ReporterPlugin>, WasmError> {
+        self.load_other(name, wasm, |name, engine, component| {
+            let pre = reporter::pre_instantiate(&engine, component)?;
+            Ok(Arc::new(ReporterPlugin::new(name, engine, pre)))
+        })
+        .await
+    }
+
     /// Says which world a component satisfies, or exactly why it satisfies none.
     pub fn check(&self, wasm: &[u8]) -> Result<WorldReport, WasmError> {
         let engine = self.engine_for(limits::DEFAULT_WASM_STACK_BYTES)?;
@@ -215,10 +268,18 @@ impl WasmHost {
         versions.sort();
         versions.dedup();
         report.package_versions = versions;
-        match pre_instantiate(&engine, &component) {
-            Ok(_) => report.world = Some("job"),
-            Err(problems) => report.problems = problems,
+        let fits = |world: World| match world {
+            World::Job => pre_instantiate(&engine, &component).map(|_| ()),
+            World::Policy => policy::pre_instantiate(&engine, &component).map(|_| ()),
+            World::Reporter => reporter::pre_instantiate(&engine, &component).map(|_| ()),
+        };
+        if let Some(world) = World::ALL.into_iter().find(|w| fits(*w).is_ok()) {
+            report.world = Some(world.name());
+            return Ok(report);
         }
+        // Report against the world whose export it has, or the job world.
+        let likely = check::likely_world(&engine.engine, &component).unwrap_or(World::Job);
+        report.problems = fits(likely).err().unwrap_or_default();
         Ok(report)
     }
 
@@ -266,11 +327,13 @@ fn new_engine(stack_bytes: usize, max_instances: u32) -> Result<EngineCtx, WasmE
         .map_err(|e| WasmError::Engine(e.to_string()))?;
     Job::add_to_linker::<_, HasSelf<JobState>>(&mut linker, |s| s)
         .map_err(|e| WasmError::Engine(e.to_string()))?;
+    let reporter_linker = reporter::linker(&engine)?;
     let ticking = Arc::new(AtomicBool::new(true));
     spawn_ticker(engine.weak(), ticking.clone())?;
     Ok(EngineCtx {
         engine,
         linker,
+        reporter_linker,
         ticking,
     })
 }
@@ -321,7 +384,7 @@ fn pre_instantiate(
     engine: &EngineCtx,
     component: &Component,
 ) -> Result<JobPre<JobState>, Vec<String>> {
-    let problems = check::job_world_problems(&engine.engine, component);
+    let problems = check::world_problems(World::Job, &engine.engine, component);
     if !problems.is_empty() {
         return Err(problems);
     }

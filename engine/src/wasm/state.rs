@@ -13,7 +13,9 @@ use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
 use super::bindings::kiln::plugin::{host, types};
 use super::limits::Limits;
 use crate::executor::BuildContext;
-use crate::model::{LogLevel, LogRecord, ProgressReport};
+use crate::model::{
+    ChildBuildset, LogLevel, LogRecord, ProgressReport, Properties, Property, ResultCode,
+};
 
 /// Buffered log records are written when this many have gathered...
 pub(crate) const FLUSH_RECORDS: usize = 256;
@@ -27,6 +29,16 @@ pub(crate) const MAX_TABLE_ELEMENTS: usize = 100_000;
 pub(crate) struct MemoryLimiter {
     limit: usize,
     pub(crate) refused: Option<usize>,
+}
+
+impl MemoryLimiter {
+    /// A limiter allowing `limit` bytes of linear memory.
+    pub(crate) fn new(limit: usize) -> Self {
+        MemoryLimiter {
+            limit,
+            refused: None,
+        }
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -81,10 +93,7 @@ impl JobState {
             wasi,
             table: ResourceTable::new(),
             build,
-            limiter: MemoryLimiter {
-                limit: limits.memory_bytes,
-                refused: None,
-            },
+            limiter: MemoryLimiter::new(limits.memory_bytes),
             limits,
             interrupt: None,
             deadline: now + limits.deadline,
@@ -281,5 +290,72 @@ impl host::Host for JobState {
     async fn cancelled(&mut self) -> wasmtime::Result<bool> {
         self.count_call()?;
         Ok(self.stop_requested())
+    }
+
+    async fn trigger(
+        &mut self,
+        builders: Vec<String>,
+        properties: Vec<types::Property>,
+        wait: bool,
+        relationship: String,
+    ) -> wasmtime::Result<Result<host::Triggered, String>> {
+        self.count_call()?;
+        let Some(build) = self.build.clone() else {
+            return Ok(Err(
+                "trigger needs a build: it is not available outside the engine".into(),
+            ));
+        };
+        let mut props = Properties::new();
+        for p in properties {
+            match serde_json::from_str(&p.value) {
+                Ok(value) => {
+                    props.insert(p.name, Property::new(value, p.source));
+                }
+                Err(e) => {
+                    return Ok(Err(format!(
+                        "property {:?}: the value is not JSON: {e}",
+                        p.name
+                    )));
+                }
+            }
+        }
+        // What the job logged so far is stored before it waits, possibly for long.
+        self.flush().await;
+        let names: Vec<&str> = builders.iter().map(String::as_str).collect();
+        Ok(build
+            .trigger(&names, props, wait, &relationship)
+            .await
+            .map(|t| host::Triggered {
+                verdict: wit_code(t.verdict),
+                children: t.children.iter().map(wit_child).collect(),
+            })
+            .map_err(|e| e.to_string()))
+    }
+}
+
+/// A result code as the WIT types spell it.
+pub(crate) fn wit_code(code: ResultCode) -> types::ResultCode {
+    match code {
+        ResultCode::Success => types::ResultCode::Success,
+        ResultCode::Warnings => types::ResultCode::Warnings,
+        ResultCode::Failure => types::ResultCode::Failure,
+        ResultCode::Skipped => types::ResultCode::Skipped,
+        ResultCode::Exception => types::ResultCode::Exception,
+        ResultCode::Retry => types::ResultCode::Retry,
+        ResultCode::Cancelled => types::ResultCode::Cancelled,
+    }
+}
+
+fn wit_child(c: &ChildBuildset) -> types::Child {
+    types::Child {
+        builder: c.builder.clone(),
+        buildset_id: c.buildset_id.0,
+        complete: c.complete,
+        results: c.results.map(wit_code),
+        build_id: c.build_id.map(|b| b.0),
+        return_value: c
+            .return_value
+            .as_ref()
+            .map_or_else(|| "null".to_owned(), ToString::to_string),
     }
 }

@@ -19,6 +19,9 @@
 //!
 //! Build it with `cargo build --release --target wasm32-wasip2` as a `cdylib`; the
 //! `.wasm` file is a component for Kiln's `job` world. See `plugins/README.md`.
+//!
+//! Relationship policies use [`policy`] and [`export_policy!`]; result reporters use
+//! [`reporter`] and [`export_reporter!`].
 
 /// The generated bindings. They live in a module because a `#[macro_export]`ed export
 /// macro and wit-bindgen's own re-export of it would collide at the crate root.
@@ -34,8 +37,89 @@ pub mod bindings {
 }
 
 pub use bindings::kiln::plugin::host;
-pub use bindings::kiln::plugin::types::{Dependency, JobResult, LogLevel, Property, Sourcestamp};
+pub use bindings::kiln::plugin::host::Triggered;
+pub use bindings::kiln::plugin::types::{
+    Child, Dependency, JobResult, LogLevel, Property, ResultCode, Sourcestamp,
+};
 pub use bindings::{BuildContext, Guest, JobError, Outcome, export_job};
+pub use policy::bindings::export_policy;
+pub use reporter::bindings::export_reporter;
+
+/// Relationship policies: the `policy` world.
+pub mod policy {
+    /// The generated bindings of the `policy` world.
+    #[doc(hidden)]
+    pub mod bindings {
+        wit_bindgen::generate!({
+            path: "../../wit",
+            world: "policy",
+            default_bindings_module: "kiln_guest::policy::bindings",
+            pub_export_macro: true,
+            export_macro_name: "export_policy",
+        });
+    }
+
+    pub use bindings::Guest;
+    pub use bindings::kiln::plugin::types::{Child, Decision, ParentBuild, ResultCode};
+    use kiln_policy_logic as logic;
+
+    fn to_logic(code: ResultCode) -> logic::Code {
+        match code {
+            ResultCode::Success => logic::Code::Success,
+            ResultCode::Warnings => logic::Code::Warnings,
+            ResultCode::Failure => logic::Code::Failure,
+            ResultCode::Skipped => logic::Code::Skipped,
+            ResultCode::Exception => logic::Code::Exception,
+            ResultCode::Retry => logic::Code::Retry,
+            ResultCode::Cancelled => logic::Code::Cancelled,
+        }
+    }
+
+    fn from_logic(code: logic::Code) -> ResultCode {
+        match code {
+            logic::Code::Success => ResultCode::Success,
+            logic::Code::Warnings => ResultCode::Warnings,
+            logic::Code::Failure => ResultCode::Failure,
+            logic::Code::Skipped => ResultCode::Skipped,
+            logic::Code::Exception => ResultCode::Exception,
+            logic::Code::Retry => ResultCode::Retry,
+            logic::Code::Cancelled => ResultCode::Cancelled,
+        }
+    }
+
+    /// Runs one of Kiln's bundled policies by name (`worst-of`, `fail-fast`,
+    /// `best-effort`, `any-success`); an unknown name waits for every child and takes
+    /// the worst, as `worst-of` does.
+    pub fn bundled(name: &str, children: &[Child]) -> Decision {
+        let children: Vec<logic::Child> = children
+            .iter()
+            .map(|c| logic::Child { complete: c.complete, result: c.results.map(to_logic) })
+            .collect();
+        match logic::decide(name, &children).unwrap_or_else(|| logic::worst_of(&children)) {
+            logic::Decision::Wait => Decision::Wait,
+            logic::Decision::Finish(code) => Decision::Finish(from_logic(code)),
+            logic::Decision::CancelRest(code) => Decision::CancelRest(from_logic(code)),
+        }
+    }
+}
+
+/// Result reporters: the `reporter` world.
+pub mod reporter {
+    /// The generated bindings of the `reporter` world.
+    #[doc(hidden)]
+    pub mod bindings {
+        wit_bindgen::generate!({
+            path: "../../wit",
+            world: "reporter",
+            default_bindings_module: "kiln_guest::reporter::bindings",
+            pub_export_macro: true,
+            export_macro_name: "export_reporter",
+        });
+    }
+
+    pub use bindings::Guest;
+    pub use bindings::kiln::plugin::types::{Event, EventKind, ResultCode};
+}
 
 use serde_json::Value;
 
@@ -125,4 +209,29 @@ pub fn set_property(name: &str, value: &Value, source: &str) -> Result<(), Strin
 /// A property's JSON value as the build sees it (its own, else the buildset's).
 pub fn get_property(name: &str) -> Option<Value> {
     host::get_property(name).and_then(|p| serde_json::from_str(&p.value).ok())
+}
+
+/// Starts one child buildset per builder under the default relationship ("triggers");
+/// with `wait`, returns once its policy lets this build go on.
+pub fn trigger(builders: &[&str], wait: bool) -> Result<Triggered, String> {
+    trigger_as("", builders, &[], wait)
+}
+
+/// Starts child buildsets under a named relationship, with properties.
+pub fn trigger_as(
+    relationship: &str,
+    builders: &[&str],
+    properties: &[(&str, Value)],
+    wait: bool,
+) -> Result<Triggered, String> {
+    let builders: Vec<String> = builders.iter().map(|b| (*b).to_owned()).collect();
+    let properties: Vec<Property> = properties
+        .iter()
+        .map(|(name, value)| Property {
+            name: (*name).to_owned(),
+            value: value.to_string(),
+            source: "trigger".into(),
+        })
+        .collect();
+    host::trigger(&builders, &properties, wait, relationship)
 }

@@ -14,7 +14,7 @@ use sqlx::{Connection, Row};
 use super::rows::{
     BUILD_JSON, CONTEXT_JSON, REQUEST_JSON, from_json, json_ids, started_from_json, us,
 };
-use super::{SqliteStore, complete_buildsets, fk_to_not_found, validate_buildset};
+use super::{SqliteStore, complete_buildsets, fk_to_not_found, outbox, validate_buildset};
 use crate::model::{BuilderId, MasterId, RequestId};
 use crate::model::{BuildsetId, ResultCode};
 use crate::storage::{
@@ -78,6 +78,8 @@ impl SqliteStore {
                 p.parent_buildid.map(|b| b.0),
                 p.parent_relationship,
                 p.rebuilt_buildid.map(|b| b.0),
+                p.parent_request_id.map(|r| r.0),
+                p.trigger_key,
             ]));
             let mut by_builder = BTreeMap::new();
             for builder in &p.builder_ids {
@@ -118,15 +120,26 @@ impl SqliteStore {
 
         sqlx::query(
             "INSERT INTO buildsets (id, reason, external_idstring, submitted_at, complete, complete_at, results,
-                                    parent_buildid, parent_relationship, rebuilt_buildid)
+                                    parent_buildid, parent_relationship, rebuilt_buildid, parent_request_id, trigger_key)
              SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-                    value ->> 7, value ->> 8, value ->> 9
+                    value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11
              FROM json_each(?)",
         )
         .bind(Value::from(buildsets).to_string())
         .execute(&mut *tx)
         .await
-        .map_err(|e| fk_to_not_found(e, "build", params.iter().find_map(|p| p.parent_buildid.or(p.rebuilt_buildid))))?;
+        .map_err(|e| {
+            fk_to_not_found(
+                e,
+                "build or request",
+                params.iter().find_map(|p| {
+                    p.parent_buildid
+                        .or(p.rebuilt_buildid)
+                        .map(|b| b.0)
+                        .or(p.parent_request_id.map(|r| r.0))
+                }),
+            )
+        })?;
         if !requests.is_empty() {
             sqlx::query(
                 "INSERT INTO buildrequests (id, buildset_id, builder_id, priority, submitted_at, waited_for)
@@ -166,6 +179,16 @@ impl SqliteStore {
             .bind(Value::from(properties).to_string())
             .execute(&mut *tx)
             .await?;
+        }
+        let new_ids = json_ids(added.iter().map(|a| a.buildset_id.0));
+        outbox::record_submitted(&mut tx, &new_ids).await?;
+        let empty: Vec<i64> = added
+            .iter()
+            .filter(|a| a.requests.is_empty())
+            .map(|a| a.buildset_id.0)
+            .collect();
+        if !empty.is_empty() {
+            outbox::record_complete(&mut tx, &json_ids(empty)).await?;
         }
         tx.commit().await?;
         Ok(added)
@@ -293,8 +316,10 @@ impl SqliteStore {
             .bind(params.master_id.0)
             .fetch_one(&mut *tx)
             .await?;
+        let started = started_from_json(&started)?;
+        outbox::record_started(&mut tx, &json_ids(started.iter().map(|(b, _, _)| b.id.0))).await?;
         tx.commit().await?;
-        outcome.started = started_from_json(&started)?
+        outcome.started = started
             .into_iter()
             .map(|(build, request, context)| StartedBuild {
                 request,
@@ -364,6 +389,7 @@ impl SqliteStore {
         .bind(&values)
         .execute(&mut *tx)
         .await?;
+        outbox::record_finished(&mut tx, &json_ids(running.iter().copied())).await?;
         let mut complete = Vec::new();
         let mut release = Vec::new();
         for e in ends {

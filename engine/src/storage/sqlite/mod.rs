@@ -6,6 +6,7 @@
 //! keeps statements fixed and their prepared forms cached.
 
 mod batch;
+mod outbox;
 mod rows;
 
 use std::collections::BTreeSet;
@@ -26,14 +27,14 @@ use self::rows::{
 use super::{
     AddedBuildset, BuildEnd, BuildFilter, BuildsetFilter, CancelOutcome, ClaimFilter,
     CompletedBuildset, Durability, ExpireMasters, ExpiredMaster, FinishBuild, NewBuild,
-    NewBuildset, RegisteredMaster, RequestFilter, RequestOrderField, Result, Settled,
-    StartAvailable, StartOutcome, StorageError, Store, StoreOptions,
+    NewBuildset, RegisteredMaster, ReporterProgress, RequestFilter, RequestOrderField, Result,
+    Settled, StartAvailable, StartOutcome, StorageError, Store, StoreOptions,
 };
 use crate::model::{
-    Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry,
-    LogLevel, LogQuery, LogRecord, MAX_PRIORITY, MIN_PRIORITY, Master, MasterId, ProgressRecord,
-    ProgressReport, Properties, Property, RequestId, ResultCode, SourceStamp, SourceStampId,
-    Timestamp,
+    Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId,
+    ChildBuildset, LogEntry, LogLevel, LogQuery, LogRecord, MAX_PRIORITY, MIN_PRIORITY, Master,
+    MasterId, OutboxEvent, ProgressRecord, ProgressReport, Properties, Property, ReporterState,
+    RequestId, ResultCode, SourceStamp, SourceStampId, Timestamp,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -207,6 +208,7 @@ async fn take_back(
     .bind(master.0)
     .fetch_all(&mut *tx)
     .await?;
+    outbox::record_finished(&mut *tx, &json_ids(retried.iter().copied())).await?;
     let mut released: Vec<RequestId> = released.into_iter().map(RequestId).collect();
     released.sort();
     let mut retried: Vec<BuildId> = retried.into_iter().map(BuildId).collect();
@@ -263,6 +265,7 @@ async fn complete_buildsets(
     .bind(serde_json::to_string(&found).map_err(|e| StorageError::Invalid(e.to_string()))?)
     .execute(&mut *tx)
     .await?;
+    outbox::record_complete(&mut *tx, &json_ids(found.iter().map(|(id, _)| *id))).await?;
     found
         .into_iter()
         .map(|(id, results)| {
@@ -434,27 +437,41 @@ impl Store for SqliteStore {
     }
 
     async fn builder_get_by_name(&self, name: &str) -> Result<Option<Builder>> {
-        let row = sqlx::query("SELECT id, name, description FROM builders WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.reader)
-            .await?;
+        let row =
+            sqlx::query("SELECT id, name, description, depends_on FROM builders WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.reader)
+                .await?;
         row.map(|r| rows::builder_from_row(&r)).transpose()
     }
 
     async fn builder_get(&self, id: BuilderId) -> Result<Builder> {
-        let row = sqlx::query("SELECT id, name, description FROM builders WHERE id = ?")
-            .bind(id.0)
-            .fetch_optional(&self.reader)
-            .await?
-            .ok_or_else(|| StorageError::not_found("builder", id))?;
+        let row =
+            sqlx::query("SELECT id, name, description, depends_on FROM builders WHERE id = ?")
+                .bind(id.0)
+                .fetch_optional(&self.reader)
+                .await?
+                .ok_or_else(|| StorageError::not_found("builder", id))?;
         rows::builder_from_row(&row)
     }
 
     async fn builder_list(&self) -> Result<Vec<Builder>> {
-        let rows = sqlx::query("SELECT id, name, description FROM builders ORDER BY name")
-            .fetch_all(&self.reader)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, name, description, depends_on FROM builders ORDER BY name")
+                .fetch_all(&self.reader)
+                .await?;
         rows.iter().map(rows::builder_from_row).collect()
+    }
+
+    async fn builder_set_depends_on(&self, id: BuilderId, depends_on: &[String]) -> Result<()> {
+        let list =
+            serde_json::to_string(depends_on).map_err(|e| StorageError::Invalid(e.to_string()))?;
+        let done = sqlx::query("UPDATE builders SET depends_on = ? WHERE id = ?")
+            .bind(list)
+            .bind(id.0)
+            .execute(&mut *self.writer.lock().await)
+            .await?;
+        found_or(done.rows_affected(), "builder", id)
     }
 
     async fn buildset_add_many(&self, params: &[NewBuildset]) -> Result<Vec<AddedBuildset>> {
@@ -520,6 +537,81 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         Ok(ids.into_iter().map(SourceStampId).collect())
+    }
+
+    async fn buildset_children(&self, parent_request: RequestId) -> Result<Vec<ChildBuildset>> {
+        let found: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(bs.id, bs.trigger_key, bs.parent_relationship, r.waited_for,
+                                                bs.parent_buildid, r.id, r.builder_id, bl.name, r.complete, r.results,
+                                                lb.id, lb.return_value) ORDER BY bs.id, r.id)
+             FROM buildsets bs JOIN buildrequests r ON r.buildset_id = bs.id
+             JOIN builders bl ON bl.id = r.builder_id
+             LEFT JOIN builds lb ON lb.id = (SELECT MAX(b.id) FROM builds b WHERE b.buildrequest_id = r.id)
+             WHERE bs.parent_request_id = ?",
+        )
+        .bind(parent_request.0)
+        .fetch_one(&self.reader)
+        .await?;
+        type Row = (
+            i64,
+            Option<String>,
+            Option<String>,
+            bool,
+            Option<i64>,
+            i64,
+            i64,
+            String,
+            bool,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = rows::from_json(&found)?;
+        rows.into_iter()
+            .map(
+                |(
+                    bs,
+                    key,
+                    rel,
+                    waited,
+                    parent,
+                    req,
+                    builder_id,
+                    builder,
+                    complete,
+                    results,
+                    build,
+                    rv,
+                )| {
+                    Ok(ChildBuildset {
+                        buildset_id: BuildsetId(bs),
+                        trigger_key: key,
+                        relationship: rel,
+                        waited_for: waited,
+                        parent_buildid: parent.map(BuildId),
+                        request_id: RequestId(req),
+                        builder_id: BuilderId(builder_id),
+                        builder,
+                        complete,
+                        results: result_code(results)?,
+                        build_id: build.map(BuildId),
+                        return_value: rv.as_deref().map(rows::from_json).transpose()?,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    async fn buildset_adopt(&self, ids: &[BuildsetId], parent_build: BuildId) -> Result<()> {
+        sqlx::query(
+            "UPDATE buildsets SET parent_buildid = ? WHERE id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(parent_build.0)
+        .bind(json_ids(ids.iter().map(|b| b.0)))
+        .execute(&mut *self.writer.lock().await)
+        .await
+        .map_err(|e| fk_to_not_found(e, "build", Some(parent_build)))?;
+        Ok(())
     }
 
     async fn request_get(&self, id: RequestId) -> Result<BuildRequest> {
@@ -701,10 +793,17 @@ impl Store for SqliteStore {
         let list = json_ids(ids.iter().map(|r| r.0));
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        // The requests asked for and, recursively, those of the waited-for child
+        // buildsets their builds started.
         let rows = sqlx::query(
-            "SELECT r.id, r.buildset_id, c.master_id FROM buildrequests r
+            "WITH RECURSIVE tree (id) AS (
+                 SELECT value FROM json_each(?)
+                 UNION
+                 SELECT r.id FROM tree t JOIN buildsets bs ON bs.parent_request_id = t.id
+                 JOIN buildrequests r ON r.buildset_id = bs.id WHERE r.waited_for = 1)
+             SELECT r.id, r.buildset_id, c.master_id FROM buildrequests r
              LEFT JOIN buildrequest_claims c ON c.request_id = r.id
-             WHERE r.complete = 0 AND r.id IN (SELECT value FROM json_each(?)) ORDER BY r.id",
+             WHERE r.complete = 0 AND r.id IN (SELECT id FROM tree) ORDER BY r.id",
         )
         .bind(&list)
         .fetch_all(&mut *tx)
@@ -797,6 +896,7 @@ impl Store for SqliteStore {
             .fetch_one(&mut *tx)
             .await?;
         let build = build_from_row(&row)?;
+        outbox::record_started(&mut tx, &json_ids([build.id.0])).await?;
         tx.commit().await?;
         Ok(build)
     }
@@ -884,6 +984,8 @@ impl Store for SqliteStore {
     }
 
     async fn build_finish(&self, params: &FinishBuild) -> Result<()> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         let updated = sqlx::query(
             "UPDATE builds SET complete_at = ?, results = ?, return_value = ?, error = ?, traceback = ?,
                                state_string = COALESCE(?, state_string)
@@ -897,11 +999,15 @@ impl Store for SqliteStore {
         .bind(&params.state_string)
         .bind(params.build_id.0)
         .bind(params.master_id.0)
-        .execute(&mut *self.writer.lock().await)
+        .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 1 {
+            outbox::record_finished(&mut tx, &json_ids([params.build_id.0])).await?;
+            tx.commit().await?;
             return Ok(());
         }
+        tx.rollback().await?;
+        drop(conn);
         self.build_get(params.build_id).await?;
         Err(StorageError::NotOwner {
             build: params.build_id,
@@ -943,6 +1049,24 @@ impl Store for SqliteStore {
             .bind(builder.0)
             .bind(ResultCode::Success.code())
             .bind(ResultCode::Warnings.code())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| build_from_row(&r)).transpose()
+    }
+
+    async fn build_latest_with(
+        &self,
+        builder: BuilderId,
+        results: &[ResultCode],
+    ) -> Result<Option<Build>> {
+        let sql = format!(
+            "SELECT {BUILD_COLUMNS} FROM builds b
+             WHERE b.builder_id = ? AND b.complete_at IS NOT NULL AND b.results IN (SELECT value FROM json_each(?))
+             ORDER BY b.complete_at DESC, b.id DESC LIMIT 1"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(builder.0)
+            .bind(json_ids(results.iter().map(|r| i64::from(r.code()))))
             .fetch_optional(&self.reader)
             .await?;
         row.map(|r| build_from_row(&r)).transpose()
@@ -1112,6 +1236,44 @@ impl Store for SqliteStore {
             .execute(&mut *self.writer.lock().await)
             .await?;
         Ok(deleted.rows_affected())
+    }
+
+    async fn reporter_register(&self, name: &str) -> Result<ReporterState> {
+        self.reporter_register_impl(name).await
+    }
+
+    async fn reporter_get(&self, name: &str) -> Result<ReporterState> {
+        self.reporter_get_impl(name).await
+    }
+
+    async fn reporter_list(&self) -> Result<Vec<ReporterState>> {
+        self.reporter_list_impl().await
+    }
+
+    async fn reporter_remove(&self, name: &str) -> Result<()> {
+        self.reporter_remove_impl(name).await
+    }
+
+    async fn reporter_lease(
+        &self,
+        name: &str,
+        master: MasterId,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<Option<ReporterState>> {
+        self.reporter_lease_impl(name, master, now, until).await
+    }
+
+    async fn reporter_progress(&self, progress: &ReporterProgress) -> Result<()> {
+        self.reporter_progress_impl(progress).await
+    }
+
+    async fn outbox_read(&self, after: i64, limit: u32) -> Result<Vec<OutboxEvent>> {
+        self.outbox_read_impl(after, limit).await
+    }
+
+    async fn outbox_prune(&self) -> Result<u64> {
+        self.outbox_prune_impl().await
     }
 }
 

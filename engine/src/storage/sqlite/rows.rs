@@ -69,6 +69,7 @@ pub(super) fn builder_from_row(row: &SqliteRow) -> Result<Builder> {
         id: BuilderId(row.try_get("id")?),
         name: row.try_get("name")?,
         description: row.try_get("description")?,
+        depends_on: from_json(&row.try_get::<String, _>("depends_on")?)?,
     })
 }
 

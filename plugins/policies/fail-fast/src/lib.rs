@@ -1,0 +1,13 @@
+//! The `fail-fast` relationship policy (see kiln-policy-logic for what it decides).
+
+use kiln_guest::policy::{Child, Decision, Guest, ParentBuild};
+
+struct Policy;
+
+impl Guest for Policy {
+    fn decide(_parent: ParentBuild, children: Vec<Child>) -> Decision {
+        kiln_guest::policy::bundled("fail-fast", &children)
+    }
+}
+
+kiln_guest::export_policy!(Policy);
