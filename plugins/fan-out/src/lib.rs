@@ -43,14 +43,14 @@ impl Guest for FanOut {
                 json!({
                     "builder": c.builder,
                     "buildset_id": c.buildset_id,
-                    "results": c.results.map(|r| format!("{r:?}").to_uppercase()),
+                    "results": c.results.map(|r| r.name()),
                     "return_value": serde_json::from_str::<Value>(&c.return_value).unwrap_or(Value::Null),
                 })
             })
             .collect();
-        kiln_guest::info(&format!("the policy's verdict: {:?}", triggered.verdict));
+        kiln_guest::info(&format!("the policy's verdict: {}", triggered.verdict.name()));
         Ok(Outcome::success_json(json!({
-            "verdict": format!("{:?}", triggered.verdict).to_uppercase(),
+            "verdict": triggered.verdict.name(),
             "children": children,
         })))
     }

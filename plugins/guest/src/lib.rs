@@ -175,6 +175,21 @@ impl BuildContext {
     }
 }
 
+impl ResultCode {
+    /// The upper-case name Kiln shows ("SUCCESS", "FAILURE", ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            ResultCode::Success => "SUCCESS",
+            ResultCode::Warnings => "WARNINGS",
+            ResultCode::Failure => "FAILURE",
+            ResultCode::Skipped => "SKIPPED",
+            ResultCode::Exception => "EXCEPTION",
+            ResultCode::Retry => "RETRY",
+            ResultCode::Cancelled => "CANCELLED",
+        }
+    }
+}
+
 /// Logs at debug level.
 pub fn debug(message: &str) {
     host::log(LogLevel::Debug, message);
