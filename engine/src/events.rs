@@ -62,6 +62,19 @@ pub enum Event {
         /// The worst of its requests' results.
         results: ResultCode,
     },
+    /// This engine recorded delivery progress for a reporter.
+    ReporterProgress {
+        /// The reporter.
+        reporter: String,
+        /// The last outbox seq it has dealt with.
+        cursor: i64,
+        /// Events delivered since the previous progress event.
+        delivered: u64,
+        /// Events given up on since the previous progress event.
+        dropped: u64,
+        /// The latest delivery error, when the last attempt failed.
+        last_error: Option<String>,
+    },
     /// This engine expired another master that stopped heartbeating.
     MasterExpired {
         /// The expired master.

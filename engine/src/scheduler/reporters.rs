@@ -8,6 +8,7 @@ use tokio::sync::broadcast;
 use tracing::{debug, error, warn};
 
 use super::Shared;
+use crate::events::Event;
 use super::run::{CatchUnwind, panic_message};
 use crate::model::{ReporterState, Timestamp};
 use crate::reporting::{OUTBOX_BATCH, PRUNE_INTERVAL, Reporter, ReporterConfig};
@@ -158,6 +159,16 @@ async fn deliver(
             warn!(reporter = %config.name, error = %e, "could not record delivery progress");
             return Pass::Backoff(config.lease / 2);
         }
+        shared.emit(Event::ReporterProgress {
+            reporter: config.name.clone(),
+            cursor: progress.cursor,
+            delivered: progress.delivered,
+            dropped: progress.dropped.len() as u64,
+            last_error: progress
+                .last_error
+                .clone()
+                .or_else(|| progress.dropped.last().map(|(_, _, e)| e.clone())),
+        });
         cursor = progress.cursor;
         attempts = progress.attempts;
         if let Some(pause) = failed {

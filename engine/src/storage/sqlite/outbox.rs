@@ -26,6 +26,10 @@ fn insert(select: &str) -> String {
     )
 }
 
+/// The names of a buildset's builders (alias `bs`), as a JSON array.
+const BUILDERS_OF_BS: &str = "(SELECT json_group_array(bl.name) FROM buildrequests r
+     JOIN builders bl ON bl.id = r.builder_id WHERE r.buildset_id = bs.id)";
+
 /// Records `buildset_submitted` for a JSON array of buildset ids.
 pub(super) async fn record_submitted(tx: &mut SqliteConnection, ids: &str) -> Result<()> {
     let sql = insert(&format!(
@@ -33,8 +37,7 @@ pub(super) async fn record_submitted(tx: &mut SqliteConnection, ids: &str) -> Re
                 json_object('event', 'buildset_submitted', 'buildset_id', bs.id, 'reason', bs.reason,
                             'external_idstring', bs.external_idstring, 'submitted_at', {},
                             'parent_buildid', bs.parent_buildid, 'parent_relationship', bs.parent_relationship,
-                            'builders', (SELECT json_group_array(bl.name) FROM buildrequests r
-                                         JOIN builders bl ON bl.id = r.builder_id WHERE r.buildset_id = bs.id))
+                            'builders', {BUILDERS_OF_BS})
          FROM buildsets bs
          WHERE bs.id IN (SELECT value FROM json_each(?)) AND EXISTS (SELECT 1 FROM reporters)
          ORDER BY bs.id",
@@ -102,7 +105,7 @@ pub(super) async fn record_complete(tx: &mut SqliteConnection, ids: &str) -> Res
                 json_object('event', 'buildset_complete', 'buildset_id', bs.id, 'reason', bs.reason,
                             'external_idstring', bs.external_idstring, 'results', bs.results,
                             'submitted_at', {}, 'complete_at', {}, 'duration_s', {},
-                            'parent_buildid', bs.parent_buildid)
+                            'parent_buildid', bs.parent_buildid, 'builders', {BUILDERS_OF_BS})
          FROM buildsets bs
          WHERE bs.id IN (SELECT value FROM json_each(?)) AND EXISTS (SELECT 1 FROM reporters)
          ORDER BY bs.id",

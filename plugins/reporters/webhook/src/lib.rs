@@ -29,6 +29,8 @@ impl Guest for Webhook {
                 headers.push((name.to_lowercase(), value.to_owned()));
             }
         }
+        // A declared length spares small receivers chunked transfer encoding.
+        headers.push(("content-length".to_owned(), event.payload.len().to_string()));
         let status = post(url, &headers, event.payload.as_bytes())?;
         if (200..300).contains(&status) {
             Ok(())
