@@ -5,8 +5,8 @@
 
 use std::future::Future;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, ensure};
@@ -90,11 +90,19 @@ async fn a_reporter_hears_each_lifecycle_event_in_order_with_its_details() -> Re
             },
         )
         .await?;
-    engine.register_builder(BuilderConfig::new("b"), echo()).await?;
-    let submitted = engine.submit(&Submission::new("hello").builder("b")).await?;
+    engine
+        .register_builder(BuilderConfig::new("b"), echo())
+        .await?;
+    let submitted = engine
+        .submit(&Submission::new("hello").builder("b"))
+        .await?;
     let mut got = Vec::new();
     while got.len() < 4 {
-        got.push(guard("an event", rx.recv()).await?.ok_or_else(|| anyhow!("closed"))?);
+        got.push(
+            guard("an event", rx.recv())
+                .await?
+                .ok_or_else(|| anyhow!("closed"))?,
+        );
     }
     let kinds: Vec<EventKind> = got.iter().map(|e| e.kind).collect();
     ensure!(
@@ -110,12 +118,17 @@ async fn a_reporter_hears_each_lifecycle_event_in_order_with_its_details() -> Re
     ensure!(got.windows(2).all(|w| w[0].seq < w[1].seq));
     ensure!(got.iter().all(|e| e.buildset_id == submitted.buildset_id));
     let submitted_payload = &got[0].payload;
-    ensure!(submitted_payload["reason"] == "hello" && submitted_payload["builders"] == json!(["b"]));
+    ensure!(
+        submitted_payload["reason"] == "hello" && submitted_payload["builders"] == json!(["b"])
+    );
     let finished = &got[2];
     ensure!(finished.results == Some(ResultCode::Success));
     ensure!(finished.builder.as_deref() == Some("b"));
     let p = &finished.payload;
-    ensure!(p["event"] == "build_finished" && p["results"] == 0 && p["number"] == 1, "{p}");
+    ensure!(
+        p["event"] == "build_finished" && p["results"] == 0 && p["number"] == 1,
+        "{p}"
+    );
     ensure!(p["return_value"] == json!({"n": 1}) && p["state_string"] == "build successful");
     ensure!(p["duration_s"].as_f64().is_some_and(|d| d >= 0.0));
     ensure!(got[3].payload["results"] == 0);
@@ -141,13 +154,20 @@ async fn a_failing_reporter_is_retried_and_never_changes_a_builds_result() -> Re
             },
         )
         .await?;
-    engine.register_builder(BuilderConfig::new("b"), echo()).await?;
+    engine
+        .register_builder(BuilderConfig::new("b"), echo())
+        .await?;
     let submitted = engine.submit(&Submission::new("x").builder("b")).await?;
     let bs = guard("the buildset", engine.wait_buildset(submitted.buildset_id)).await??;
     ensure!(bs.results == Some(ResultCode::Success));
     let mut failures = 0;
     progress_until(&mut events, "the delivery", |e| {
-        if let Event::ReporterProgress { last_error: Some(_), delivered: 0, .. } = e {
+        if let Event::ReporterProgress {
+            last_error: Some(_),
+            delivered: 0,
+            ..
+        } = e
+        {
             failures += 1;
         }
         matches!(e, Event::ReporterProgress { delivered: 1, .. })
@@ -157,7 +177,10 @@ async fn a_failing_reporter_is_retried_and_never_changes_a_builds_result() -> Re
     let delivered = rx.try_recv()?;
     ensure!(delivered.kind == EventKind::BuildFinished);
     let state = engine.client().store().reporter_get("flaky").await?;
-    ensure!(state.delivered == 1 && state.attempts == 0 && state.dropped == 0, "{state:?}");
+    ensure!(
+        state.delivered == 1 && state.attempts == 0 && state.dropped == 0,
+        "{state:?}"
+    );
     engine.shutdown().await;
     Ok(())
 }
@@ -180,7 +203,9 @@ async fn an_event_is_dropped_after_the_last_attempt_and_delivery_goes_on() -> Re
             },
         )
         .await?;
-    engine.register_builder(BuilderConfig::new("b"), echo()).await?;
+    engine
+        .register_builder(BuilderConfig::new("b"), echo())
+        .await?;
     engine.submit(&Submission::new("x").builder("b")).await?;
     progress_until(&mut events, "the drop and the next delivery", |e| {
         matches!(e, Event::ReporterProgress { delivered: 1, .. })
@@ -243,7 +268,8 @@ async fn server(status: u16) -> Result<Server> {
                 {
                     let _ = tx.send(value);
                 }
-                let reply = format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let reply =
+                    format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
                 let _ = write.write_all(reply.as_bytes()).await;
                 let _ = write.shutdown().await;
             });
@@ -284,26 +310,50 @@ async fn the_webhook_reporter_posts_each_event_as_json_to_a_granted_host() -> Re
     let engine = open(&dir).await?;
     let mut server = server(200).await?;
     let host = host();
-    let reporter = webhook(&host, format!("http://127.0.0.1:{}/hook", server.port), &["127.0.0.1"]).await?;
+    let reporter = webhook(
+        &host,
+        format!("http://127.0.0.1:{}/hook", server.port),
+        &["127.0.0.1"],
+    )
+    .await?;
     engine
         .register_reporter(ReporterConfig::new("hook").builders(["b"]), reporter)
         .await?;
-    engine.register_builder(BuilderConfig::new("b"), echo()).await?;
-    engine.register_builder(BuilderConfig::new("other"), echo()).await?;
+    engine
+        .register_builder(BuilderConfig::new("b"), echo())
+        .await?;
+    engine
+        .register_builder(BuilderConfig::new("other"), echo())
+        .await?;
     let mine = engine.submit(&Submission::new("mine").builder("b")).await?;
-    engine.submit(&Submission::new("not mine").builder("other")).await?;
+    engine
+        .submit(&Submission::new("not mine").builder("other"))
+        .await?;
     let mut got = Vec::new();
     while got.len() < 4 {
-        got.push(guard("a POST", server.bodies.recv()).await?.ok_or_else(|| anyhow!("closed"))?);
+        got.push(
+            guard("a POST", server.bodies.recv())
+                .await?
+                .ok_or_else(|| anyhow!("closed"))?,
+        );
     }
     let kinds: Vec<&str> = got.iter().filter_map(|b| b["event"].as_str()).collect();
     ensure!(
-        kinds == ["buildset_submitted", "build_started", "build_finished", "buildset_complete"],
+        kinds
+            == [
+                "buildset_submitted",
+                "build_started",
+                "build_finished",
+                "buildset_complete"
+            ],
         "{kinds:?}"
     );
     ensure!(got.iter().all(|b| b["buildset_id"] == mine.buildset_id.0));
     engine.shutdown().await;
-    ensure!(server.bodies.try_recv().is_err(), "events of another builder were posted");
+    ensure!(
+        server.bodies.try_recv().is_err(),
+        "events of another builder were posted"
+    );
     Ok(())
 }
 
@@ -329,11 +379,17 @@ async fn a_reporter_trying_a_host_it_was_not_granted_is_refused() -> Result<()> 
             reporter,
         )
         .await?;
-    engine.register_builder(BuilderConfig::new("b"), echo()).await?;
+    engine
+        .register_builder(BuilderConfig::new("b"), echo())
+        .await?;
     engine.submit(&Submission::new("x").builder("b")).await?;
     let mut error = None;
     progress_until(&mut events, "the refusal", |e| match e {
-        Event::ReporterProgress { dropped: 1, last_error, .. } => {
+        Event::ReporterProgress {
+            dropped: 1,
+            last_error,
+            ..
+        } => {
             error = last_error.clone();
             true
         }
@@ -346,7 +402,10 @@ async fn a_reporter_trying_a_host_it_was_not_granted_is_refused() -> Result<()> 
             && error.contains("not in the reporter's http grant (hooks.example.invalid)"),
         "{error}"
     );
-    ensure!(server.seen.load(Ordering::SeqCst) == 0, "the request reached the server");
+    ensure!(
+        server.seen.load(Ordering::SeqCst) == 0,
+        "the request reached the server"
+    );
     engine.shutdown().await;
     Ok(())
 }
@@ -374,8 +433,12 @@ async fn the_jsonl_reporter_appends_every_event_to_a_granted_file() -> Result<()
         },
         HttpGrant::default(),
     )?;
-    engine.register_reporter(ReporterConfig::new("file"), reporter).await?;
-    engine.register_builder(BuilderConfig::new("b"), echo()).await?;
+    engine
+        .register_reporter(ReporterConfig::new("file"), reporter)
+        .await?;
+    engine
+        .register_builder(BuilderConfig::new("b"), echo())
+        .await?;
     engine.submit(&Submission::new("one").builder("b")).await?;
     let mut delivered = 0;
     progress_until(&mut events, "four events in the file", |e| {
@@ -412,16 +475,23 @@ async fn child_engine_process() -> Result<()> {
     };
     let url = std::env::var("KILN_TEST_CHILD_HOOK")?;
     let submit = std::env::var("KILN_TEST_CHILD_SUBMIT").is_ok();
-    let engine = Engine::open(EngineConfig::new(format!("sqlite://{db}")).master_name("child")).await?;
+    let engine =
+        Engine::open(EngineConfig::new(format!("sqlite://{db}")).master_name("child")).await?;
     let host = host();
     let reporter = webhook(&host, url, &["127.0.0.1"]).await?;
     engine
         .register_reporter(
-            ReporterConfig::new("hook").retries(1_000, Duration::from_millis(20), Duration::from_millis(100)),
+            ReporterConfig::new("hook").retries(
+                1_000,
+                Duration::from_millis(20),
+                Duration::from_millis(100),
+            ),
             reporter,
         )
         .await?;
-    engine.register_builder(BuilderConfig::new("b"), echo()).await?;
+    engine
+        .register_builder(BuilderConfig::new("b"), echo())
+        .await?;
     if submit {
         let batch: Vec<Submission> = (0..CHILD_BUILDSETS)
             .map(|i| Submission::new(format!("before the crash {i}")).builder("b"))
@@ -438,13 +508,18 @@ async fn child_engine_process() -> Result<()> {
 /// Starts the child engine process and waits until it says it is ready.
 async fn spawn_child(db: &str, hook: &str, submit: bool) -> Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
-    cmd.args(["child_engine_process", "--exact", "--ignored", "--nocapture"])
-        .env(CHILD_ENV, db)
-        .env("KILN_TEST_CHILD_HOOK", hook)
-        .env("RUST_BACKTRACE", "0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
+    cmd.args([
+        "child_engine_process",
+        "--exact",
+        "--ignored",
+        "--nocapture",
+    ])
+    .env(CHILD_ENV, db)
+    .env("KILN_TEST_CHILD_HOOK", hook)
+    .env("RUST_BACKTRACE", "0")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .kill_on_drop(true);
     if submit {
         cmd.env("KILN_TEST_CHILD_SUBMIT", "1");
     }

@@ -8,8 +8,8 @@ use tokio::sync::broadcast;
 use tracing::{debug, error, warn};
 
 use super::Shared;
-use crate::events::Event;
 use super::run::{CatchUnwind, panic_message};
+use crate::events::Event;
 use crate::model::{ReporterState, Timestamp};
 use crate::reporting::{OUTBOX_BATCH, PRUNE_INTERVAL, Reporter, ReporterConfig};
 use crate::storage::ReporterProgress;

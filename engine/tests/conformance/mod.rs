@@ -10,13 +10,13 @@ use std::sync::Arc;
 use anyhow::{Result, anyhow, ensure};
 use chrono::TimeDelta;
 use kiln_engine::model::{
-    BuildId, BuilderId, BuildsetId, LogLevel, LogQuery, LogRecord, MasterId, ProgressNode,
-    ProgressReport, Property, RequestId, ResultCode, SourceStamp, Timestamp,
+    BuildId, BuilderId, BuildsetId, EventKind, LogLevel, LogQuery, LogRecord, MasterId,
+    ProgressNode, ProgressReport, Property, RequestId, ResultCode, SourceStamp, Timestamp,
 };
 use kiln_engine::storage::{
     BuildEnd, BuildFilter, BuildsetFilter, ClaimFilter, ExpireMasters, FinishBuild, NewBuild,
-    NewBuildset, RequestFilter, RequestOrder, RequestOrderField, StartAvailable, StorageError,
-    Store,
+    NewBuildset, ReporterProgress, RequestFilter, RequestOrder, RequestOrderField, StartAvailable,
+    StorageError, Store,
 };
 use serde_json::json;
 
@@ -82,6 +82,16 @@ macro_rules! conformance_tests {
             starting_available_work_completes_cancel_flagged_requests_instead,
             concurrent_starts_from_several_masters_never_start_a_request_twice,
             finishing_and_settling_completes_or_releases_requests_and_refuses_foreign_builds,
+            builders_record_their_dependencies,
+            the_latest_build_with_given_results_is_found_by_completion_time,
+            children_are_found_by_their_parent_request_and_adopted_by_a_new_build,
+            cancelling_a_request_cancels_its_waited_for_children_recursively,
+            nothing_is_written_to_the_outbox_while_no_reporter_is_registered,
+            every_lifecycle_change_writes_its_event_in_the_same_transaction,
+            a_new_reporter_starts_at_the_end_of_the_outbox_and_a_known_one_keeps_its_place,
+            only_one_master_holds_a_reporters_lease_until_it_runs_out,
+            delivery_progress_is_refused_without_the_lease,
+            pruning_the_outbox_keeps_what_any_reporter_still_needs,
         );
     };
     (@each $open:path; $($name:ident),* $(,)?) => {
@@ -2263,5 +2273,431 @@ pub async fn finishing_and_settling_completes_or_releases_requests_and_refuses_f
     ensure!(last.buildsets_completed[0].results == ResultCode::Warnings);
     let done = s.buildset_get(bs1).await?;
     ensure!(done.complete_at == Some(t(8)) && done.results == Some(ResultCode::Warnings));
+    Ok(())
+}
+
+// ---- relations ----
+
+pub async fn builders_record_their_dependencies(h: &Harness) -> Result<()> {
+    let s = &*h.store;
+    let [app, _lib] = builders(s, &["app", "lib"]).await?[..] else {
+        return Err(anyhow!("two builders"));
+    };
+    ensure!(s.builder_get(app).await?.depends_on.is_empty());
+    s.builder_set_depends_on(app, &["lib".to_owned(), "tools".to_owned()])
+        .await?;
+    ensure!(s.builder_get(app).await?.depends_on == ["lib", "tools"]);
+    let listed = s.builder_list().await?;
+    ensure!(
+        listed
+            .iter()
+            .find(|b| b.name == "app")
+            .map(|b| b.depends_on.len())
+            == Some(2)
+    );
+    s.builder_set_depends_on(app, &[]).await?;
+    ensure!(
+        s.builder_get_by_name("app")
+            .await?
+            .is_some_and(|b| b.depends_on.is_empty())
+    );
+    ensure!(matches!(
+        s.builder_set_depends_on(BuilderId(999), &[]).await,
+        Err(StorageError::NotFound { .. })
+    ));
+    Ok(())
+}
+
+pub async fn the_latest_build_with_given_results_is_found_by_completion_time(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["b"]).await?[0];
+    let m = master(s, "m").await?;
+    let failed = built(s, b, m, vec![], ResultCode::Failure, t(30)).await?;
+    let ok = built(s, b, m, vec![], ResultCode::Success, t(20)).await?;
+    built(s, b, m, vec![], ResultCode::Skipped, t(40)).await?;
+    let any = [ResultCode::Success, ResultCode::Failure];
+    ensure!(s.build_latest_with(b, &any).await?.map(|x| x.id) == Some(failed.id));
+    ensure!(
+        s.build_latest_with(b, &[ResultCode::Success])
+            .await?
+            .map(|x| x.id)
+            == Some(ok.id)
+    );
+    ensure!(
+        s.build_latest_with(b, &[ResultCode::Cancelled])
+            .await?
+            .is_none()
+    );
+    Ok(())
+}
+
+/// A parent build on `m` with two children keyed t0.0 and t0.1.
+async fn parent_with_children(
+    s: &dyn Store,
+    m: MasterId,
+    waited_for: bool,
+) -> Result<(RequestId, BuildId, Vec<(BuildsetId, RequestId)>)> {
+    let ids = builders(s, &["parent", "child"]).await?;
+    let (_, requests) = buildset(s, &ids[..1], t(0)).await?;
+    s.request_claim(&requests, m, t(1)).await?;
+    let build = start(s, requests[0], m).await?;
+    let mut children = Vec::new();
+    for i in 0..2 {
+        let (bs, reqs) = buildset_with(
+            s,
+            NewBuildset {
+                builder_ids: vec![ids[1]],
+                waited_for,
+                parent_buildid: Some(build.id),
+                parent_relationship: Some("triggers".into()),
+                parent_request_id: Some(requests[0]),
+                trigger_key: Some(format!("t0.{i}")),
+                submitted_at: t(2),
+                ..NewBuildset::default()
+            },
+        )
+        .await?;
+        children.push((bs, reqs[0]));
+    }
+    Ok((requests[0], build.id, children))
+}
+
+pub async fn children_are_found_by_their_parent_request_and_adopted_by_a_new_build(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    let m = master(s, "m").await?;
+    let (parent_request, parent_build, children) = parent_with_children(s, m, true).await?;
+    // The first child ran and returned a value.
+    s.request_claim(&[children[0].1], m, t(3)).await?;
+    let child_build = start(s, children[0].1, m).await?;
+    s.build_finish(&FinishBuild {
+        return_value: Some(json!({"ok": true})),
+        ..finish(child_build.id, m, ResultCode::Success, t(4))
+    })
+    .await?;
+    s.request_complete(&[children[0].1], ResultCode::Success, t(4))
+        .await?;
+
+    let found = s.buildset_children(parent_request).await?;
+    ensure!(found.len() == 2);
+    ensure!(found[0].trigger_key.as_deref() == Some("t0.0") && found[0].builder == "child");
+    ensure!(found[0].complete && found[0].results == Some(ResultCode::Success));
+    ensure!(found[0].build_id == Some(child_build.id));
+    ensure!(found[0].return_value == Some(json!({"ok": true})));
+    ensure!(!found[1].complete && found[1].build_id.is_none() && found[1].waited_for);
+    ensure!(found.iter().all(|c| c.parent_buildid == Some(parent_build)));
+    ensure!(found[1].relationship.as_deref() == Some("triggers"));
+
+    // The parent's master dies; a new build of the same request adopts the children.
+    s.request_unclaim(&[parent_request], m).await?;
+    let m2 = master(s, "m2").await?;
+    s.request_claim(&[parent_request], m2, t(5)).await?;
+    let rerun = start(s, parent_request, m2).await?;
+    let all: Vec<BuildsetId> = children.iter().map(|(bs, _)| *bs).collect();
+    s.buildset_adopt(&all, rerun.id).await?;
+    let found = s.buildset_children(parent_request).await?;
+    ensure!(found.iter().all(|c| c.parent_buildid == Some(rerun.id)));
+    ensure!(s.buildset_children(RequestId(999)).await?.is_empty());
+    Ok(())
+}
+
+pub async fn cancelling_a_request_cancels_its_waited_for_children_recursively(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    let m = master(s, "m").await?;
+    let (parent_request, _, children) = parent_with_children(s, m, true).await?;
+    // One child runs and has a waited-for grandchild of its own.
+    s.request_claim(&[children[0].1], m, t(3)).await?;
+    let child_build = start(s, children[0].1, m).await?;
+    let child_builder = s.build_get(child_build.id).await?.builder_id;
+    let (_, grandchild) = buildset_with(
+        s,
+        NewBuildset {
+            builder_ids: vec![child_builder],
+            waited_for: true,
+            parent_buildid: Some(child_build.id),
+            parent_request_id: Some(children[0].1),
+            trigger_key: Some("t0.0".into()),
+            submitted_at: t(4),
+            ..NewBuildset::default()
+        },
+    )
+    .await?;
+    // And an unwaited child of the parent is left alone.
+    let (_, unwaited) = buildset_with(
+        s,
+        NewBuildset {
+            builder_ids: vec![child_builder],
+            waited_for: false,
+            parent_request_id: Some(parent_request),
+            trigger_key: Some("t1.0".into()),
+            submitted_at: t(4),
+            ..NewBuildset::default()
+        },
+    )
+    .await?;
+    let outcome = s.request_cancel(&[parent_request], t(5)).await?;
+    ensure!(
+        outcome.flagged == [parent_request, children[0].1],
+        "flagged {:?}",
+        outcome.flagged
+    );
+    let mut completed = outcome.completed.clone();
+    completed.sort();
+    ensure!(
+        completed == [children[1].1, grandchild[0]],
+        "completed {completed:?}"
+    );
+    ensure!(!s.request_get(unwaited[0]).await?.complete);
+    Ok(())
+}
+
+// ---- the outbox ----
+
+pub async fn nothing_is_written_to_the_outbox_while_no_reporter_is_registered(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["b"]).await?[0];
+    let m = master(s, "m").await?;
+    built(s, b, m, vec![], ResultCode::Success, t(1)).await?;
+    ensure!(s.outbox_read(0, 100).await?.is_empty());
+    Ok(())
+}
+
+pub async fn every_lifecycle_change_writes_its_event_in_the_same_transaction(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    s.reporter_register("r").await?;
+    let b = builders(s, &["b"]).await?[0];
+    let m = master(s, "m").await?;
+    // The batch paths: add, start, finish and settle.
+    let (bs, requests) = buildset(s, &[b], t(1)).await?;
+    let started = s
+        .build_start_available(&StartAvailable {
+            master_id: m,
+            free_slots: vec![(b, vec![0])],
+            state_string: "starting".into(),
+            now: t(2),
+        })
+        .await?;
+    let build = started.started[0].build.id;
+    s.build_finish_and_settle(
+        m,
+        &[BuildEnd {
+            build_id: build,
+            request_id: requests[0],
+            results: ResultCode::Warnings,
+            return_value: Some(json!([1, 2])),
+            error: None,
+            traceback: None,
+            state_string: Some("done".into()),
+            artifacts: vec![],
+            complete_at: t(5),
+        }],
+    )
+    .await?;
+    // An empty buildset is submitted and complete at once; a cancel completes another.
+    buildset(s, &[], t(6)).await?;
+    let (cancelled, open) = buildset(s, &[b], t(7)).await?;
+    s.request_cancel(&open, t(8)).await?;
+
+    let events = s.outbox_read(0, 100).await?;
+    let kinds: Vec<(EventKind, BuildsetId)> =
+        events.iter().map(|e| (e.kind, e.buildset_id)).collect();
+    use EventKind::*;
+    ensure!(
+        kinds
+            == [
+                (BuildsetSubmitted, bs),
+                (BuildStarted, bs),
+                (BuildFinished, bs),
+                (BuildsetComplete, bs),
+                (BuildsetSubmitted, BuildsetId(bs.0 + 1)),
+                (BuildsetComplete, BuildsetId(bs.0 + 1)),
+                (BuildsetSubmitted, cancelled),
+                (BuildsetComplete, cancelled),
+            ],
+        "{kinds:?}"
+    );
+    ensure!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+    let finished = &events[2];
+    ensure!(finished.build_id == Some(build) && finished.builder.as_deref() == Some("b"));
+    ensure!(finished.results == Some(ResultCode::Warnings));
+    let p = &finished.payload;
+    ensure!(p["event"] == "build_finished" && p["results"] == 1 && p["state_string"] == "done");
+    ensure!(
+        p["return_value"] == json!([1, 2]) && p["duration_s"] == json!(3.0),
+        "{p}"
+    );
+    ensure!(events[7].payload["results"] == ResultCode::Cancelled.code());
+    ensure!(events[0].payload["builders"] == json!(["b"]));
+
+    // The single-row paths too: build_add and build_finish, and a master's expiry.
+    let (_, more) = buildset(s, &[b], t(9)).await?;
+    s.request_claim(&more, m, t(9)).await?;
+    let lone = start(s, more[0], m).await?;
+    let before = s.outbox_read(0, 100).await?.len();
+    s.build_finish(&finish(lone.id, m, ResultCode::Success, t(10)))
+        .await?;
+    let (_, last) = buildset(s, &[b], t(11)).await?;
+    s.request_claim(&last, m, t(11)).await?;
+    let orphan = start(s, last[0], m).await?;
+    s.master_expire_stale(&ExpireMasters {
+        by: master(s, "other").await?,
+        silent_since: t(1_000),
+        now: t(1_000),
+    })
+    .await?;
+    let after = s.outbox_read(0, 100).await?;
+    let tail: Vec<(EventKind, Option<BuildId>, Option<ResultCode>)> = after[before..]
+        .iter()
+        .map(|e| (e.kind, e.build_id, e.results))
+        .collect();
+    ensure!(
+        tail == [
+            (BuildFinished, Some(lone.id), Some(ResultCode::Success)),
+            (BuildsetSubmitted, None, None),
+            (BuildStarted, Some(orphan.id), None),
+            (BuildFinished, Some(orphan.id), Some(ResultCode::Retry)),
+        ],
+        "{tail:?}"
+    );
+    Ok(())
+}
+
+pub async fn a_new_reporter_starts_at_the_end_of_the_outbox_and_a_known_one_keeps_its_place(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    let first = s.reporter_register("first").await?;
+    ensure!(first.cursor == 0 && first.delivered == 0 && first.owner.is_none());
+    buildset(s, &[], t(1)).await?;
+    let events = s.outbox_read(0, 10).await?;
+    ensure!(events.len() == 2);
+    let second = s.reporter_register("second").await?;
+    ensure!(
+        second.cursor == events[1].seq,
+        "a new reporter hears only new events"
+    );
+    let again = s.reporter_register("first").await?;
+    ensure!(again.cursor == 0, "registering again keeps the place");
+    ensure!(s.reporter_list().await?.len() == 2);
+    s.reporter_remove("second").await?;
+    ensure!(matches!(
+        s.reporter_get("second").await,
+        Err(StorageError::NotFound { .. })
+    ));
+    ensure!(matches!(
+        s.reporter_remove("second").await,
+        Err(StorageError::NotFound { .. })
+    ));
+    ensure!(matches!(
+        s.reporter_register(" ").await,
+        Err(StorageError::Invalid(_))
+    ));
+    Ok(())
+}
+
+pub async fn only_one_master_holds_a_reporters_lease_until_it_runs_out(h: &Harness) -> Result<()> {
+    let s = &*h.store;
+    s.reporter_register("r").await?;
+    let (a, b) = (master(s, "a").await?, master(s, "b").await?);
+    ensure!(
+        s.reporter_lease("r", a, t(0), t(30))
+            .await?
+            .is_some_and(|r| r.owner == Some(a))
+    );
+    ensure!(s.reporter_lease("r", b, t(10), t(40)).await?.is_none());
+    ensure!(
+        s.reporter_lease("r", a, t(20), t(50)).await?.is_some(),
+        "the holder renews"
+    );
+    ensure!(s.reporter_lease("r", b, t(49), t(80)).await?.is_none());
+    let taken = s.reporter_lease("r", b, t(51), t(80)).await?;
+    ensure!(
+        taken.is_some_and(|r| r.owner == Some(b)),
+        "an expired lease is taken over"
+    );
+    ensure!(matches!(
+        s.reporter_lease("nope", a, t(0), t(1)).await,
+        Err(StorageError::NotFound { .. })
+    ));
+    Ok(())
+}
+
+fn progress(name: &str, master: MasterId, cursor: i64, now: Timestamp) -> ReporterProgress {
+    ReporterProgress {
+        name: name.into(),
+        master,
+        cursor,
+        delivered: 1,
+        dropped: vec![],
+        attempts: 0,
+        last_error: None,
+        lease_until: now + TimeDelta::seconds(30),
+        now,
+    }
+}
+
+pub async fn delivery_progress_is_refused_without_the_lease(h: &Harness) -> Result<()> {
+    let s = &*h.store;
+    s.reporter_register("r").await?;
+    let (a, b) = (master(s, "a").await?, master(s, "b").await?);
+    s.reporter_lease("r", a, t(0), t(30)).await?;
+    s.reporter_progress(&progress("r", a, 5, t(1))).await?;
+    ensure!(matches!(
+        s.reporter_progress(&progress("r", b, 9, t(2))).await,
+        Err(StorageError::LeaseLost { .. })
+    ));
+    s.reporter_progress(&ReporterProgress {
+        dropped: vec![(6, 3, "boom".into())],
+        delivered: 0,
+        attempts: 2,
+        last_error: Some("boom".into()),
+        ..progress("r", a, 6, t(3))
+    })
+    .await?;
+    let state = s.reporter_get("r").await?;
+    ensure!(
+        state.cursor == 6 && state.delivered == 1 && state.dropped == 1,
+        "{state:?}"
+    );
+    ensure!(state.attempts == 2 && state.last_error.as_deref() == Some("boom"));
+    // A cursor never moves back.
+    s.reporter_progress(&progress("r", a, 2, t(4))).await?;
+    ensure!(s.reporter_get("r").await?.cursor == 6);
+    // After the lease ran out, the old holder's writes are refused too.
+    ensure!(matches!(
+        s.reporter_progress(&progress("r", a, 7, t(100))).await,
+        Err(StorageError::LeaseLost { .. })
+    ));
+    Ok(())
+}
+
+pub async fn pruning_the_outbox_keeps_what_any_reporter_still_needs(h: &Harness) -> Result<()> {
+    let s = &*h.store;
+    s.reporter_register("slow").await?;
+    s.reporter_register("fast").await?;
+    let m = master(s, "m").await?;
+    for i in 0..3 {
+        buildset(s, &[], t(i)).await?;
+    }
+    let all = s.outbox_read(0, 100).await?;
+    ensure!(all.len() == 6);
+    s.reporter_lease("fast", m, t(0), t(30)).await?;
+    s.reporter_progress(&progress("fast", m, all[5].seq, t(1)))
+        .await?;
+    s.reporter_lease("slow", m, t(0), t(30)).await?;
+    s.reporter_progress(&progress("slow", m, all[1].seq, t(1)))
+        .await?;
+    ensure!(s.outbox_prune().await? == 2);
+    let left = s.outbox_read(0, 100).await?;
+    ensure!(left.len() == 4 && left[0].seq == all[2].seq);
     Ok(())
 }
