@@ -57,6 +57,15 @@ pub enum Command {
         /// The build: an id, or BUILDER/NUMBER.
         build: String,
     },
+    /// Submit a new buildset that runs again the builders of a buildset whose requests
+    /// failed or were cancelled (Copr's resubmit).
+    Resubmit {
+        /// The buildset id.
+        buildset: i64,
+        /// Run every builder of the buildset again, not only the failed ones.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -173,7 +182,8 @@ pub enum ListWhat {
         #[command(flatten)]
         page: Page,
     },
-    /// Builders, with their latest successful build.
+    /// Builders, with their status (not built, failed, success, outdated), dependencies
+    /// and latest successful build.
     Builders,
     /// Masters (engine processes).
     Masters,

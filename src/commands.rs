@@ -42,6 +42,19 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Logs(args) => logs(&client, &out, args).await?,
         Command::Cancel { what } => cancel(&client, &out, what).await?,
         Command::Run { .. } | Command::Plugin { .. } => unreachable_command()?,
+        Command::Resubmit { buildset, all } => {
+            let submitted = client
+                .resubmit(kiln_engine::model::BuildsetId(buildset), all)
+                .await?;
+            out.emit(&submitted, || {
+                let builders: Vec<&str> = submitted.requests.keys().map(String::as_str).collect();
+                println!(
+                    "submitted buildset {} resubmitting buildset {buildset} for {}",
+                    submitted.buildset_id,
+                    builders.join(", ")
+                );
+            })?;
+        }
         Command::Rebuild { build } => {
             let build = find_build(&client, &build).await?;
             let submitted = client.rebuild(build.id).await?;
@@ -343,20 +356,33 @@ async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<()> {
             let mut rows = Vec::new();
             for b in &builders {
                 let latest = client.store().build_latest_successful(b.id).await?;
-                rows.push(
-                    json!({"builder": b, "latest_successful_build": latest.as_ref().map(|l| l.id)}),
-                );
+                let status = client.builder_status(b).await?;
+                rows.push(json!({
+                    "builder": b,
+                    "status": status,
+                    "latest_successful_build": latest.as_ref().map(|l| l.id),
+                }));
             }
             out.emit(&json!({ "builders": rows }), || {
-                let mut table = Table::new(&["id", "name", "latest success", "description"]);
+                let mut table = Table::new(&[
+                    "id",
+                    "name",
+                    "status",
+                    "latest success",
+                    "depends on",
+                    "description",
+                ]);
                 for (b, row) in builders.iter().zip(&rows) {
                     let latest = row["latest_successful_build"]
                         .as_i64()
                         .map(|id| format!("build {id}"));
+                    let status = row["status"].as_str().unwrap_or_default().replace('_', " ");
                     table.row(vec![
                         b.id.to_string(),
                         b.name.clone(),
+                        status,
                         render::opt(latest),
+                        b.depends_on.join(", "),
                         render::opt(b.description.clone()),
                     ]);
                 }

@@ -71,9 +71,8 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
     let engine = Engine::open(EngineConfig::new(url).results_dir(&results_dir))
         .await
         .with_context(|| format!("opening {}", database.display()))?;
-    for (config, executor) in pipeline.builders {
-        engine.register_builder(config, executor).await?;
-    }
+    // Policies and reporters first: a builder may start queued work the moment it is
+    // registered, and that work must find its policies and have its events recorded.
     for (relationship, policy) in pipeline.policies {
         engine.set_policy(relationship, policy);
     }
@@ -84,6 +83,9 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
         .collect();
     for (config, reporter) in pipeline.reporters {
         engine.register_reporter(config, reporter).await?;
+    }
+    for (config, executor) in pipeline.builders {
+        engine.register_builder(config, executor).await?;
     }
     let mut events = engine.subscribe();
     let submitted = engine.submit_many(&pipeline.submissions).await?;
@@ -116,13 +118,15 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
     while !open.is_empty() {
         tokio::select! {
             event = events.recv() => match event {
-                Ok(Event::BuildStarted { build_id, builder, number, buildset_id, .. }) if ours.contains(&buildset_id) => {
+                // Every build this engine runs belongs to the run: its own buildsets and
+                // the children their builds trigger.
+                Ok(Event::BuildStarted { build_id, builder, number, .. }) => {
                     if !live && !json_out {
                         println!("  started  {builder} #{number}");
                     }
                     lines.insert(build_id, Line { builder, number, results: None });
                 }
-                Ok(Event::BuildFinished { build_id, builder, number, results, buildset_id, .. }) if ours.contains(&buildset_id) => {
+                Ok(Event::BuildFinished { build_id, builder, number, results, .. }) => {
                     if !live && !json_out {
                         println!("  finished {builder} #{number}: {results}");
                     }
@@ -254,20 +258,54 @@ async fn summary(engine: &Engine, ours: &BTreeSet<BuildsetId>, json_out: bool) -
         "error",
     ]);
     let mut listed = Vec::new();
-    for id in ours {
-        let buildset = client.buildset(*id).await?;
-        worst = ResultCode::worst_of(worst.into_iter().chain(buildset.results));
-        for build in client
-            .builds(&BuildFilter {
-                buildset_id: Some(*id),
-                ..Default::default()
-            })
-            .await?
+    // Each top-level buildset's builds, each followed by the child buildsets it
+    // triggered (depth first).
+    enum Item {
+        Buildset(BuildsetId, usize),
+        Build(Box<kiln_engine::model::Build>, usize),
+    }
+    let mut stack: Vec<Item> = ours.iter().rev().map(|id| Item::Buildset(*id, 0)).collect();
+    while let Some(item) = stack.pop() {
+        let (build, depth) = match item {
+            Item::Buildset(id, depth) => {
+                let buildset = client.buildset(id).await?;
+                if depth == 0 {
+                    worst = ResultCode::worst_of(worst.into_iter().chain(buildset.results));
+                }
+                let builds = client
+                    .builds(&BuildFilter {
+                        buildset_id: Some(id),
+                        ..Default::default()
+                    })
+                    .await?;
+                stack.extend(
+                    builds
+                        .into_iter()
+                        .rev()
+                        .map(|b| Item::Build(Box::new(b), depth)),
+                );
+                continue;
+            }
+            Item::Build(build, depth) => (*build, depth),
+        };
         {
+            let children = client
+                .buildsets(&kiln_engine::storage::BuildsetFilter {
+                    parent_buildid: Some(build.id),
+                    ..Default::default()
+                })
+                .await?;
+            // Listed newest first: pushing in that order pops the oldest first.
+            stack.extend(children.iter().map(|c| Item::Buildset(c.id, depth + 1)));
             let artifacts = client.store().build_artifacts(build.id).await?;
             let builder = names.get(&build.builder_id.0).cloned().unwrap_or_default();
+            let indent = if depth == 0 {
+                String::new()
+            } else {
+                format!("{}└ ", "  ".repeat(depth - 1))
+            };
             table.row(vec![
-                builder.clone(),
+                format!("{indent}{builder}"),
                 format!("#{}", build.number),
                 render::results(build.results),
                 render::duration(build.started_at, build.complete_at),
@@ -288,7 +326,9 @@ async fn summary(engine: &Engine, ours: &BTreeSet<BuildsetId>, json_out: bool) -
                     artifacts.len() - SUMMARY_ARTIFACTS
                 ));
             }
-            rows.push(json!({"builder": builder, "build": build, "artifacts": artifacts}));
+            rows.push(
+                json!({"builder": builder, "depth": depth, "build": build, "artifacts": artifacts}),
+            );
         }
     }
     let ok = worst.is_none_or(|r| {

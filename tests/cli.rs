@@ -377,7 +377,19 @@ fn example() -> PathBuf {
 #[test]
 fn the_example_pipeline_runs_and_its_builds_are_in_the_database() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let run = kiln_in(dir.path(), &["run", &example().display().to_string()])?.ok()?;
+    // A copy, so that the reporter's file lands in the temporary directory.
+    let examples = dir.path().join("examples");
+    std::fs::create_dir_all(examples.join("data"))?;
+    let source = example();
+    let source_dir = source
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("no examples dir"))?;
+    std::fs::copy(&source, examples.join("pipeline.toml"))?;
+    std::fs::copy(
+        source_dir.join("data/input.txt"),
+        examples.join("data/input.txt"),
+    )?;
+    let run = kiln_in(dir.path(), &["run", "examples/pipeline.toml"])?.ok()?;
     ensure!(run.stdout.contains("result: SUCCESS"), "{}", run.stdout);
     for builder in ["echo", "fib", "progress", "artifacts", "nap", "inspect"] {
         ensure!(
@@ -406,10 +418,143 @@ fn the_example_pipeline_runs_and_its_builds_are_in_the_database() -> Result<()> 
         "{inspect}"
     );
     let builds = kiln(&db, &["list", "builds", "--json"])?.ok()?.json()?;
+    // 8 builders, 3 more naps, fan-out's 3 children, and artifacts once more if summary
+    // started before it and built its dependency first.
+    let count = builds["builds"].as_array().map_or(0, Vec::len);
+    ensure!((14..=15).contains(&count), "{count} builds");
+    // The trigger: fan-out's children are listed under it and it saw their results.
+    ensure!(run.stdout.contains("└ echo"), "{}", run.stdout);
+    let fan_out = kiln(&db, &["show", "build", "fan-out/1", "--json"])?
+        .ok()?
+        .json()?;
+    let rv = &fan_out["build"]["return_value"];
     ensure!(
-        builds["builds"].as_array().map(Vec::len) == Some(9),
-        "6 builders plus 3 more naps"
+        rv["verdict"] == "SUCCESS" && rv["children"].as_array().map(Vec::len) == Some(3),
+        "{rv}"
     );
+    // The dependency: summary got artifacts' return value through $retval.
+    let summary = kiln(&db, &["show", "build", "summary/1", "--json"])?
+        .ok()?
+        .json()?;
+    let args = &summary["build"]["return_value"];
+    ensure!(
+        args[0] == "artifacts wrote" && args[1].as_array().is_some_and(|w| w.len() == 4),
+        "{args}"
+    );
+    // The reporter: every finished build and complete buildset, one JSON line each.
+    let log = std::fs::read_to_string(examples.join("reports/events.jsonl"))?;
+    let finished = log
+        .lines()
+        .filter(|l| l.contains("\"build_finished\""))
+        .count();
+    ensure!(
+        finished == count,
+        "{finished} build_finished lines for {count} builds"
+    );
+    let list = kiln(&db, &["list", "builders", "--json"])?.ok()?.json()?;
+    let status = list["builders"]
+        .as_array()
+        .and_then(|b| {
+            b.iter()
+                .find(|x| x["builder"]["name"] == "summary")
+                .cloned()
+        })
+        .ok_or_else(|| anyhow::anyhow!("no summary builder"))?;
+    ensure!(
+        status["status"] == "success" && status["builder"]["depends_on"] == json!(["artifacts"]),
+        "{status}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_pipelines_relations_are_checked_when_it_is_loaded() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = r#"
+[[builder]]
+name = "a"
+plugin = "bundled:echo"
+depends_on = ["b"]
+
+[[builder]]
+name = "b"
+plugin = "bundled:echo"
+depends_on = ["a"]
+
+[[builder]]
+name = "c"
+plugin = "bundled:echo"
+args = [{ "$retval" = "a" }]
+
+[[builder]]
+name = "d"
+plugin = "bundled:echo"
+depends_on = ["nobody"]
+
+[relationships]
+strict = "bundled:echo"
+
+[[reporter]]
+name = "r"
+plugin = "bundled:webhook"
+events = ["build_exploded"]
+[reporter.grants]
+http = ["http://example.invalid/"]
+
+[[submit]]
+builders = ["a"]
+"#;
+    std::fs::write(dir.path().join("rel.toml"), config)?;
+    let run = kiln_in(dir.path(), &["run", "rel.toml"])?;
+    ensure!(run.code != 0, "{}", run.stdout);
+    for expected in [
+        "dependency cycle: a -> b -> a",
+        "reference the return value of \"a\", which is not in its depends_on",
+        "depends on \"nobody\", which the file does not declare",
+        "relationship \"strict\"",
+        "does not export `decide",
+        "unknown event kind \"build_exploded\"",
+        "must be a host name or host:port",
+    ] {
+        ensure!(
+            run.stderr.contains(expected),
+            "expected {expected:?} in: {}",
+            run.stderr
+        );
+    }
+    ensure!(!dir.path().join("kiln.db").exists());
+    Ok(())
+}
+
+#[test]
+fn resubmit_runs_the_failed_builders_of_a_buildset_again() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = r#"
+[[builder]]
+name = "good"
+plugin = "bundled:echo"
+
+[[builder]]
+name = "bad"
+plugin = "bundled:fail"
+
+[[submit]]
+builders = ["good", "bad"]
+"#;
+    std::fs::write(dir.path().join("p.toml"), config)?;
+    ensure!(kiln_in(dir.path(), &["run", "p.toml"])?.code == 1);
+    let db = dir.path().join("kiln.db");
+    let again = kiln(&db, &["resubmit", "1", "--json"])?.ok()?.json()?;
+    ensure!(
+        again["requests"]
+            .as_object()
+            .map(|r| r.keys().cloned().collect::<Vec<_>>())
+            == Some(vec!["bad".to_owned()]),
+        "{again}"
+    );
+    let all = kiln(&db, &["resubmit", "1", "--all"])?.ok()?;
+    ensure!(all.stdout.contains("for bad, good"), "{}", all.stdout);
+    kiln(&db, &["resubmit", "99"])?.fails_with("buildset 99 not found")?;
     Ok(())
 }
 
@@ -538,6 +683,15 @@ fn plugin_check_names_the_world_or_says_why_not() -> Result<()> {
         "{}",
         bad.stdout
     );
+    for (plugin, world) in [
+        ("bundled:fail-fast", "policy"),
+        ("bundled:webhook", "reporter"),
+    ] {
+        let report = kiln_in(dir.path(), &["plugin", "check", plugin, "--json"])?
+            .ok()?
+            .json()?;
+        ensure!(report["world"] == world, "{plugin}: {report}");
+    }
     std::fs::write(dir.path().join("x.wasm"), "plain text")?;
     let text = kiln_in(dir.path(), &["plugin", "check", "x.wasm"])?;
     ensure!(

@@ -57,21 +57,16 @@ pub(crate) async fn deliver_loop(
             }
         }
         let wait = pause.unwrap_or(shared.config.poll_interval);
-        let sleep = tokio::time::sleep(wait);
-        tokio::pin!(sleep);
-        loop {
-            tokio::select! {
-                () = &mut sleep => break,
-                _ = stopping.wait_for(|s| *s) => return,
-                event = events.recv(), if pause.is_none() => match event {
-                    // New work may have written events: take everything queued, then read.
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        while events.try_recv().is_ok() {}
-                        break;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-            }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+            event = events.recv(), if pause.is_none() => match event {
+                // New work may have written events: take everything queued, then read.
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    while events.try_recv().is_ok() {}
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
         }
     }
 }

@@ -49,6 +49,7 @@ pub use reporter::bindings::export_reporter;
 pub mod policy {
     /// The generated bindings of the `policy` world.
     #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
     pub mod bindings {
         wit_bindgen::generate!({
             path: "../../wit",
@@ -107,6 +108,7 @@ pub mod policy {
 pub mod reporter {
     /// The generated bindings of the `reporter` world.
     #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
     pub mod bindings {
         wit_bindgen::generate!({
             path: "../../wit",
