@@ -2,7 +2,6 @@
 //! Tests wait on engine events; the only timeouts are guards that turn a hang into a
 //! failure.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,26 +18,8 @@ use serde_json::json;
 use tokio::sync::{Semaphore, broadcast, watch};
 
 /// Turns a hang into a failure; never a pacing device.
-const GUARD: Duration = Duration::from_secs(30);
-
-async fn guard<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
-    tokio::time::timeout(GUARD, fut)
-        .await
-        .map_err(|_| anyhow!("timed out waiting for {what}"))
-}
-
-struct Db {
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-fn db() -> Result<Db> {
-    let dir = tempfile::tempdir()?;
-    Ok(Db {
-        url: format!("sqlite://{}", dir.path().join("kiln.db").display()),
-        _dir: dir,
-    })
-}
+mod support;
+use support::{Db, db, guard};
 
 fn config(db: &Db, name: &str) -> EngineConfig {
     EngineConfig::new(&db.url).master_name(name)

@@ -2,7 +2,6 @@
 //! end to end on SQLite. Tests wait on engine events; timeouts only turn hangs into
 //! failures.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,26 +14,8 @@ use kiln_engine::{
 };
 use serde_json::json;
 
-const GUARD: Duration = Duration::from_secs(60);
-
-async fn guard<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
-    tokio::time::timeout(GUARD, fut)
-        .await
-        .map_err(|_| anyhow!("timed out waiting for {what}"))
-}
-
-struct Db {
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-fn db() -> Result<Db> {
-    let dir = tempfile::tempdir()?;
-    Ok(Db {
-        url: format!("sqlite://{}", dir.path().join("kiln.db").display()),
-        _dir: dir,
-    })
-}
+mod support;
+use support::{Db, db, guard};
 
 async fn engine(db: &Db) -> Result<Engine> {
     Ok(Engine::open(EngineConfig::new(&db.url).master_name("test")).await?)

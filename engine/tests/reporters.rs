@@ -3,7 +3,6 @@
 //! events, HTTP requests arriving, a child process's output); timeouts only turn hangs
 //! into failures.
 
-use std::future::Future;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
@@ -24,13 +23,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 
-const GUARD: Duration = Duration::from_secs(60);
-
-async fn guard<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
-    tokio::time::timeout(GUARD, fut)
-        .await
-        .map_err(|_| anyhow!("timed out waiting for {what}"))
-}
+mod support;
+use support::guard;
 
 fn echo() -> FnExecutor {
     FnExecutor::new(|ctx| async move { Ok(Outcome::success(json!({"n": ctx.number()}))) })

@@ -13,6 +13,43 @@
 //! data and the host functions; [`executor`] runs a build and turns what happened into
 //! an [`Outcome`](crate::Outcome); `output` captures stdout/stderr with a cap.
 
+/// Conversions between [`ResultCode`](crate::model::ResultCode) and the `result-code`
+/// of one world's generated bindings (each world's bindings have their own copy of the
+/// type): defines `to_wit` and `from_wit` in the calling module.
+macro_rules! result_code_conversions {
+    ($wit:path) => {
+        use $wit as wit_result;
+
+        #[allow(dead_code)]
+        pub(crate) fn to_wit(code: crate::model::ResultCode) -> wit_result::ResultCode {
+            use crate::model::ResultCode as R;
+            match code {
+                R::Success => wit_result::ResultCode::Success,
+                R::Warnings => wit_result::ResultCode::Warnings,
+                R::Failure => wit_result::ResultCode::Failure,
+                R::Skipped => wit_result::ResultCode::Skipped,
+                R::Exception => wit_result::ResultCode::Exception,
+                R::Retry => wit_result::ResultCode::Retry,
+                R::Cancelled => wit_result::ResultCode::Cancelled,
+            }
+        }
+
+        #[allow(dead_code)]
+        pub(crate) fn from_wit(code: wit_result::ResultCode) -> crate::model::ResultCode {
+            use crate::model::ResultCode as R;
+            match code {
+                wit_result::ResultCode::Success => R::Success,
+                wit_result::ResultCode::Warnings => R::Warnings,
+                wit_result::ResultCode::Failure => R::Failure,
+                wit_result::ResultCode::Skipped => R::Skipped,
+                wit_result::ResultCode::Exception => R::Exception,
+                wit_result::ResultCode::Retry => R::Retry,
+                wit_result::ResultCode::Cancelled => R::Cancelled,
+            }
+        }
+    };
+}
+
 mod bindings;
 mod cache;
 pub mod check;

@@ -15,7 +15,7 @@ use super::bindings::policy::{Policy as PolicyWorld, PolicyPre};
 use super::limits::{EPOCH_TICK, Limits};
 use super::state::MemoryLimiter;
 use super::{EngineCtx, WasmError};
-use crate::model::{ChildBuildset, ResultCode};
+use crate::model::ChildBuildset;
 use crate::relations::{Decision, ParentInfo, Policy, PolicyError};
 
 /// The store data of one decision.
@@ -81,29 +81,7 @@ impl WasmPolicy {
     }
 }
 
-fn wit_code(code: ResultCode) -> wit::ResultCode {
-    match code {
-        ResultCode::Success => wit::ResultCode::Success,
-        ResultCode::Warnings => wit::ResultCode::Warnings,
-        ResultCode::Failure => wit::ResultCode::Failure,
-        ResultCode::Skipped => wit::ResultCode::Skipped,
-        ResultCode::Exception => wit::ResultCode::Exception,
-        ResultCode::Retry => wit::ResultCode::Retry,
-        ResultCode::Cancelled => wit::ResultCode::Cancelled,
-    }
-}
-
-fn from_wit(code: wit::ResultCode) -> ResultCode {
-    match code {
-        wit::ResultCode::Success => ResultCode::Success,
-        wit::ResultCode::Warnings => ResultCode::Warnings,
-        wit::ResultCode::Failure => ResultCode::Failure,
-        wit::ResultCode::Skipped => ResultCode::Skipped,
-        wit::ResultCode::Exception => ResultCode::Exception,
-        wit::ResultCode::Retry => ResultCode::Retry,
-        wit::ResultCode::Cancelled => ResultCode::Cancelled,
-    }
-}
+result_code_conversions!(super::bindings::policy::kiln::plugin::types);
 
 #[async_trait]
 impl Policy for WasmPolicy {
@@ -138,7 +116,7 @@ impl Policy for WasmPolicy {
                 builder: c.builder.clone(),
                 buildset_id: c.buildset_id.0,
                 complete: c.complete,
-                results: c.results.map(wit_code),
+                results: c.results.map(to_wit),
                 build_id: c.build_id.map(|b| b.0),
                 return_value: c
                     .return_value

@@ -23,7 +23,7 @@ use super::limits::{EPOCH_TICK, Limits};
 use super::output::CappedOutput;
 use super::state::MemoryLimiter;
 use super::{EngineCtx, WasmError};
-use crate::model::{EventKind, OutboxEvent, ResultCode};
+use crate::model::{EventKind, OutboxEvent};
 use crate::reporting::Reporter;
 
 /// Hosts a reporter may reach over HTTP: `host` (any port) or `host:port`.
@@ -251,6 +251,15 @@ impl WasmReporter {
         };
         let backstop = self.limits.deadline + 2 * EPOCH_TICK;
         let outcome = tokio::time::timeout(backstop, call).await;
+        // A reporter has no build log: what it prints goes to the engine's log.
+        let printed = String::from_utf8_lossy(&stdout.take()).into_owned();
+        for line in printed.lines().filter(|l| !l.trim().is_empty()) {
+            tracing::info!(reporter = %self.plugin.name, "{line}");
+        }
+        let errors = String::from_utf8_lossy(&stderr.take()).into_owned();
+        for line in errors.lines().filter(|l| !l.trim().is_empty()) {
+            tracing::warn!(reporter = %self.plugin.name, "{line}");
+        }
         let refused = refused
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -269,7 +278,7 @@ impl WasmReporter {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(reason))) => Err(reason),
             Ok(Err(trap)) => {
-                let said = String::from_utf8_lossy(&stderr.take())
+                let said = errors
                     .lines()
                     .last()
                     .map(|l| format!(" (stderr: {l})"))
@@ -310,16 +319,9 @@ impl Reporter for WasmReporter {
     }
 }
 
+result_code_conversions!(super::bindings::reporter::kiln::plugin::types);
+
 fn wit_event(event: &OutboxEvent) -> wit::Event {
-    let code = |r: ResultCode| match r {
-        ResultCode::Success => wit::ResultCode::Success,
-        ResultCode::Warnings => wit::ResultCode::Warnings,
-        ResultCode::Failure => wit::ResultCode::Failure,
-        ResultCode::Skipped => wit::ResultCode::Skipped,
-        ResultCode::Exception => wit::ResultCode::Exception,
-        ResultCode::Retry => wit::ResultCode::Retry,
-        ResultCode::Cancelled => wit::ResultCode::Cancelled,
-    };
     wit::Event {
         seq: event.seq,
         kind: match event.kind {
@@ -331,7 +333,7 @@ fn wit_event(event: &OutboxEvent) -> wit::Event {
         buildset_id: event.buildset_id.0,
         build_id: event.build_id.map(|b| b.0),
         builder: event.builder.clone(),
-        results: event.results.map(code),
+        results: event.results.map(to_wit),
         payload: event.payload.to_string(),
     }
 }

@@ -13,9 +13,7 @@ use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
 use super::bindings::kiln::plugin::{host, types};
 use super::limits::Limits;
 use crate::executor::BuildContext;
-use crate::model::{
-    ChildBuildset, LogLevel, LogRecord, ProgressReport, Properties, Property, ResultCode,
-};
+use crate::model::{ChildBuildset, LogLevel, LogRecord, ProgressReport, Properties, Property};
 
 /// Buffered log records are written when this many have gathered...
 pub(crate) const FLUSH_RECORDS: usize = 256;
@@ -326,32 +324,21 @@ impl host::Host for JobState {
             .trigger(&names, props, wait, &relationship)
             .await
             .map(|t| host::Triggered {
-                verdict: wit_code(t.verdict),
+                verdict: to_wit(t.verdict),
                 children: t.children.iter().map(wit_child).collect(),
             })
             .map_err(|e| e.to_string()))
     }
 }
 
-/// A result code as the WIT types spell it.
-pub(crate) fn wit_code(code: ResultCode) -> types::ResultCode {
-    match code {
-        ResultCode::Success => types::ResultCode::Success,
-        ResultCode::Warnings => types::ResultCode::Warnings,
-        ResultCode::Failure => types::ResultCode::Failure,
-        ResultCode::Skipped => types::ResultCode::Skipped,
-        ResultCode::Exception => types::ResultCode::Exception,
-        ResultCode::Retry => types::ResultCode::Retry,
-        ResultCode::Cancelled => types::ResultCode::Cancelled,
-    }
-}
+result_code_conversions!(super::bindings::kiln::plugin::types);
 
 fn wit_child(c: &ChildBuildset) -> types::Child {
     types::Child {
         builder: c.builder.clone(),
         buildset_id: c.buildset_id.0,
         complete: c.complete,
-        results: c.results.map(wit_code),
+        results: c.results.map(to_wit),
         build_id: c.build_id.map(|b| b.0),
         return_value: c
             .return_value
