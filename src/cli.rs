@@ -187,6 +187,8 @@ pub enum ListWhat {
     Builders,
     /// Masters (engine processes).
     Masters,
+    /// Reporters: how far each got through the outbox, what it dropped, its last error.
+    Reporters,
 }
 
 #[derive(Debug, Subcommand)]

@@ -16,9 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
+use kiln_engine::model::OutboxEvent;
 use kiln_engine::storage::{Durability, StoreOptions};
 use kiln_engine::wasm::{Grants, Limits, WasmHost, WasmHostConfig};
-use kiln_engine::{BuilderConfig, Engine, EngineConfig, Event, Submission};
+use kiln_engine::{
+    BuilderConfig, Engine, EngineConfig, Event, Reporter, ReporterConfig, Submission,
+};
 use serde_json::json;
 use tokio::sync::broadcast;
 
@@ -182,10 +185,38 @@ async fn sandbox() -> Result<()> {
     Ok(())
 }
 
-async fn lifecycle(durability: Durability) -> Result<f64> {
+/// A reporter that counts what it is handed and signals when it has seen `want` events.
+struct Counting {
+    seen: std::sync::atomic::AtomicUsize,
+    want: usize,
+    done: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl Reporter for Counting {
+    async fn report(&self, _event: &OutboxEvent) -> Result<(), String> {
+        let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if n == self.want {
+            self.done.notify_one();
+        }
+        Ok(())
+    }
+}
+
+async fn lifecycle(durability: Durability, with_reporter: bool) -> Result<f64> {
     const JOBS: usize = 20_000;
     let dir = tempfile::tempdir()?;
     let engine = noop_engine(&dir, "lifecycle", durability).await?;
+    let counting = Arc::new(Counting {
+        seen: Default::default(),
+        want: 4 * JOBS,
+        done: tokio::sync::Notify::new(),
+    });
+    if with_reporter {
+        engine
+            .register_reporter_arc(ReporterConfig::new("count"), counting.clone())
+            .await?;
+    }
     let mut events = engine.subscribe();
     let batch = vec![Submission::new("bench").builder("noop"); JOBS];
     let start = Instant::now();
@@ -197,6 +228,14 @@ async fn lifecycle(durability: Durability) -> Result<f64> {
     .await?;
     let rate = JOBS as f64 / start.elapsed().as_secs_f64();
     println!("  ({durability:?}: the submit of all {JOBS} took {submitted:.0?})");
+    if with_reporter {
+        counting.done.notified().await;
+        println!(
+            "  (the reporter had all {} events {:.2?} after the submit)",
+            4 * JOBS,
+            start.elapsed()
+        );
+    }
     let builds = engine.client().builds(&Default::default()).await?;
     let failed = builds
         .iter()
@@ -264,11 +303,15 @@ async fn main() -> Result<()> {
         println!("lifecycle: 20,000 no-op WASM jobs submitted at once, SQLite WAL");
         println!(
             "  synchronous=NORMAL: {:>8.0} jobs/s",
-            lifecycle(Durability::Normal).await?
+            lifecycle(Durability::Normal, false).await?
         );
         println!(
             "  synchronous=FULL:   {:>8.0} jobs/s",
-            lifecycle(Durability::Full).await?
+            lifecycle(Durability::Full, false).await?
+        );
+        println!(
+            "  NORMAL, a reporter hearing all 4 events per job (outbox on): {:>8.0} jobs/s",
+            lifecycle(Durability::Normal, true).await?
         );
     }
     if wants("latency") {

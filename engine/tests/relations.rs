@@ -681,8 +681,20 @@ async fn builder_status_goes_from_not_built_to_success_outdated_and_failed() -> 
     let engine = engine(&db).await?;
     let fail_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = fail_next.clone();
+    let skip_dep = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let skip = skip_dep.clone();
     engine
-        .register_builder(BuilderConfig::new("dep"), returns(json!(1)))
+        .register_builder(
+            BuilderConfig::new("dep"),
+            FnExecutor::new(move |_| {
+                let results = if skip.load(std::sync::atomic::Ordering::SeqCst) {
+                    ResultCode::Skipped
+                } else {
+                    ResultCode::Success
+                };
+                async move { Ok(Outcome::with_results(results, None)) }
+            }),
+        )
         .await?;
     engine
         .register_builder(
@@ -729,6 +741,12 @@ async fn builder_status_goes_from_not_built_to_success_outdated_and_failed() -> 
         status("skipper").await? == BuilderStatus::NotBuilt,
         "SKIPPED counts as built"
     );
+    // A newer SKIPPED build of the dependency never makes anything outdated...
+    skip_dep.store(true, std::sync::atomic::Ordering::SeqCst);
+    run("dep").await?;
+    ensure!(status("app").await? == BuilderStatus::Success);
+    // ...a newer success does.
+    skip_dep.store(false, std::sync::atomic::Ordering::SeqCst);
     run("dep").await?;
     ensure!(status("app").await? == BuilderStatus::Outdated);
     fail_next.store(true, std::sync::atomic::Ordering::SeqCst);
