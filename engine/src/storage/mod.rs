@@ -448,10 +448,11 @@ pub trait Store: Send + Sync + 'static {
     /// was expired or shut down meanwhile.
     async fn master_heartbeat(&self, id: MasterId, now: Timestamp) -> Result<()>;
     /// Marks a master inactive (clean shutdown) and releases any claims it still holds
-    /// on incomplete requests.
+    /// on incomplete requests, and its reporter leases.
     async fn master_deactivate(&self, id: MasterId) -> Result<Vec<RequestId>>;
     /// Expires active masters silent since before `silent_since`: marks them inactive,
-    /// releases their claims and finishes their unfinished builds as RETRY.
+    /// releases their claims and reporter leases and finishes their unfinished builds as
+    /// RETRY.
     async fn master_expire_stale(&self, params: &ExpireMasters) -> Result<Vec<ExpiredMaster>>;
     /// One master.
     async fn master_get(&self, id: MasterId) -> Result<Master>;

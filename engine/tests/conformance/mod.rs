@@ -2624,6 +2624,14 @@ pub async fn only_one_master_holds_a_reporters_lease_until_it_runs_out(h: &Harne
         taken.is_some_and(|r| r.owner == Some(b)),
         "an expired lease is taken over"
     );
+    // A master that shuts down gives its leases up at once.
+    s.master_deactivate(b).await?;
+    let state = s.reporter_get("r").await?;
+    ensure!(
+        state.owner.is_none() && state.lease_until.is_none(),
+        "{state:?}"
+    );
+    ensure!(s.reporter_lease("r", a, t(52), t(90)).await?.is_some());
     ensure!(matches!(
         s.reporter_lease("nope", a, t(0), t(1)).await,
         Err(StorageError::NotFound { .. })

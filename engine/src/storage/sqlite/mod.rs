@@ -209,6 +209,11 @@ async fn take_back(
     .fetch_all(&mut *tx)
     .await?;
     outbox::record_finished(&mut *tx, &json_ids(retried.iter().copied())).await?;
+    // Its reporter leases go too, so that another master delivers at once.
+    sqlx::query("UPDATE reporters SET owner = NULL, lease_until = NULL WHERE owner = ?")
+        .bind(master.0)
+        .execute(&mut *tx)
+        .await?;
     let mut released: Vec<RequestId> = released.into_iter().map(RequestId).collect();
     released.sort();
     let mut retried: Vec<BuildId> = retried.into_iter().map(BuildId).collect();
