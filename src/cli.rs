@@ -33,6 +33,11 @@ pub enum Command {
         #[command(subcommand)]
         what: PluginWhat,
     },
+    /// Manage reporters registered in the database.
+    Reporter {
+        #[command(subcommand)]
+        what: ReporterWhat,
+    },
     /// Submit a buildset: one build request per builder.
     Submit(SubmitArgs),
     /// List buildsets, build requests, builds, builders or masters.
@@ -239,6 +244,16 @@ pub enum CancelWhat {
     Buildset {
         /// The buildset id.
         id: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReporterWhat {
+    /// Forget a reporter that no config uses any more: its undelivered events stop
+    /// holding the outbox back. A config that names it again starts it afresh.
+    Remove {
+        /// The reporter's name.
+        name: String,
     },
 }
 

@@ -16,7 +16,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::cli::{
-    CancelWhat, ClaimState, Cli, Command, ListWhat, LogsArgs, PluginWhat, ShowWhat, SubmitArgs,
+    CancelWhat, ClaimState, Cli, Command, ListWhat, LogsArgs, PluginWhat, ReporterWhat, ShowWhat,
+    SubmitArgs,
 };
 use crate::render::{self, Table};
 
@@ -42,6 +43,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Logs(args) => logs(&client, &out, args).await?,
         Command::Cancel { what } => cancel(&client, &out, what).await?,
         Command::Run { .. } | Command::Plugin { .. } => unreachable_command()?,
+        Command::Reporter {
+            what: ReporterWhat::Remove { name },
+        } => {
+            client.store().reporter_remove(&name).await?;
+            out.emit(&json!({ "removed": name }), || {
+                println!("removed reporter {name}");
+            })?;
+        }
         Command::Resubmit { buildset, all } => {
             let submitted = client
                 .resubmit(kiln_engine::model::BuildsetId(buildset), all)

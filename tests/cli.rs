@@ -451,6 +451,15 @@ fn the_example_pipeline_runs_and_its_builds_are_in_the_database() -> Result<()> 
         finished == count,
         "{finished} build_finished lines for {count} builds"
     );
+    let reporters = kiln(&db, &["list", "reporters", "--json"])?.ok()?.json()?;
+    let events_log = &reporters["reporters"][0];
+    ensure!(
+        events_log["reporter"]["name"] == "events-log" && events_log["pending"] == 0,
+        "{reporters}"
+    );
+    kiln(&db, &["reporter", "remove", "events-log"])?.ok()?;
+    kiln(&db, &["reporter", "remove", "events-log"])?
+        .fails_with("reporter events-log not found")?;
     let list = kiln(&db, &["list", "builders", "--json"])?.ok()?.json()?;
     let status = list["builders"]
         .as_array()
