@@ -6,6 +6,7 @@
 //! Every backend must pass the conformance suite in `engine/tests/conformance/`.
 
 mod error;
+pub mod query;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use error::{Result, StorageError};
+pub use query::{Collection, FieldType, Filter, FilterValue, Op, Page, Query};
 
 use crate::model::{
     Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId,
@@ -638,4 +640,20 @@ pub trait Store: Send + Sync + 'static {
     async fn outbox_read(&self, after: i64, limit: u32) -> Result<Vec<OutboxEvent>>;
     /// Deletes events every registered reporter has dealt with; returns how many went.
     async fn outbox_prune(&self) -> Result<u64>;
+
+    // ---- collection queries (the HTTP API) ----
+    //
+    // Filters, ordering and paging run in the database; the total counts every match
+    // before paging. A field a collection does not have is `StorageError::Invalid`.
+
+    /// Buildsets matching a query.
+    async fn query_buildsets(&self, q: &Query) -> Result<Page<Buildset>>;
+    /// Build requests matching a query.
+    async fn query_requests(&self, q: &Query) -> Result<Page<BuildRequest>>;
+    /// Builds matching a query.
+    async fn query_builds(&self, q: &Query) -> Result<Page<Build>>;
+    /// Builders matching a query.
+    async fn query_builders(&self, q: &Query) -> Result<Page<Builder>>;
+    /// Masters matching a query.
+    async fn query_masters(&self, q: &Query) -> Result<Page<Master>>;
 }

@@ -18,6 +18,7 @@ use kiln_engine::storage::{
     NewBuildset, ReporterProgress, RequestFilter, RequestOrder, RequestOrderField, StartAvailable,
     StorageError, Store,
 };
+use kiln_engine::storage::{Filter, FilterValue, Op, Query};
 use serde_json::json;
 
 /// A store under test, plus a way to open more connections to the same database (as
@@ -92,6 +93,7 @@ macro_rules! conformance_tests {
             only_one_master_holds_a_reporters_lease_until_it_runs_out,
             delivery_progress_is_refused_without_the_lease,
             pruning_the_outbox_keeps_what_any_reporter_still_needs,
+            collection_queries_filter_order_and_page_in_the_database,
         );
     };
     (@each $open:path; $($name:ident),* $(,)?) => {
@@ -2707,5 +2709,201 @@ pub async fn pruning_the_outbox_keeps_what_any_reporter_still_needs(h: &Harness)
     ensure!(s.outbox_prune().await? == 2);
     let left = s.outbox_read(0, 100).await?;
     ensure!(left.len() == 4 && left[0].seq == all[2].seq);
+    Ok(())
+}
+
+// ---- collection queries ----
+
+fn filter(field: &str, op: Op, values: Vec<FilterValue>) -> Filter {
+    Filter {
+        field: field.into(),
+        op,
+        values,
+    }
+}
+
+pub async fn collection_queries_filter_order_and_page_in_the_database(h: &Harness) -> Result<()> {
+    let s = &*h.store;
+    let ids = builders(s, &["alpha", "beta"]).await?;
+    let m = master(s, "m").await?;
+    // Five buildsets submitted at t(0)..t(4); the first three complete with SUCCESS,
+    // FAILURE, SUCCESS; the fourth has an external id.
+    let mut sets = Vec::new();
+    for i in 0..5 {
+        let (bs, reqs) = buildset_with(
+            s,
+            NewBuildset {
+                builder_ids: vec![ids[i % 2]],
+                external_idstring: (i == 3).then(|| "ext-3".to_owned()),
+                submitted_at: t(i as i64),
+                ..NewBuildset::default()
+            },
+        )
+        .await?;
+        sets.push((bs, reqs[0]));
+    }
+    for (i, results) in [
+        ResultCode::Success,
+        ResultCode::Failure,
+        ResultCode::Success,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let req = sets[i].1;
+        s.request_claim(&[req], m, t(10)).await?;
+        let b = start(s, req, m).await?;
+        s.build_finish(&finish(b.id, m, results, t(20 + i as i64)))
+            .await?;
+        s.request_complete(&[req], results, t(20 + i as i64))
+            .await?;
+    }
+    let q = |filters: Vec<Filter>| Query {
+        filters,
+        ..Query::default()
+    };
+    let bsids = |page: &kiln_engine::storage::Page<kiln_engine::model::Buildset>| -> Vec<i64> {
+        page.items.iter().map(|b| b.id.0).collect()
+    };
+    let all: Vec<i64> = sets.iter().map(|(b, _)| b.0).collect();
+
+    let done = s
+        .query_buildsets(&q(vec![filter(
+            "complete",
+            Op::Eq,
+            vec![FilterValue::Bool(true)],
+        )]))
+        .await?;
+    ensure!(bsids(&done) == all[..3] && done.total == 3);
+    let failed = s
+        .query_buildsets(&q(vec![filter(
+            "results",
+            Op::Eq,
+            vec![FilterValue::Result(ResultCode::Failure)],
+        )]))
+        .await?;
+    ensure!(bsids(&failed) == [all[1]]);
+    let not_failed = s
+        .query_buildsets(&q(vec![filter(
+            "results",
+            Op::Ne,
+            vec![FilterValue::Result(ResultCode::Failure)],
+        )]))
+        .await?;
+    ensure!(
+        bsids(&not_failed) == [all[0], all[2], all[3], all[4]],
+        "ne counts a missing value as different"
+    );
+    let either = s
+        .query_buildsets(&q(vec![filter(
+            "bsid",
+            Op::Eq,
+            vec![FilterValue::Int(all[1]), FilterValue::Int(all[4])],
+        )]))
+        .await?;
+    ensure!(
+        bsids(&either) == [all[1], all[4]],
+        "repeated values mean any of"
+    );
+    let no_ext = s
+        .query_buildsets(&q(vec![filter(
+            "external_idstring",
+            Op::Eq,
+            vec![FilterValue::Null],
+        )]))
+        .await?;
+    ensure!(no_ext.total == 4);
+    let ext = s
+        .query_buildsets(&q(vec![filter(
+            "external_idstring",
+            Op::Contains,
+            vec![FilterValue::Text("xt-".into())],
+        )]))
+        .await?;
+    ensure!(bsids(&ext) == [all[3]]);
+    let window = s
+        .query_buildsets(&q(vec![
+            filter("submitted_at", Op::Ge, vec![FilterValue::Time(t(1))]),
+            filter("submitted_at", Op::Lt, vec![FilterValue::Time(t(4))]),
+        ]))
+        .await?;
+    ensure!(bsids(&window) == all[1..4]);
+    let not_in = s
+        .query_buildsets(&q(vec![filter(
+            "bsid",
+            Op::NotIn,
+            vec![FilterValue::Int(all[0]), FilterValue::Int(all[1])],
+        )]))
+        .await?;
+    ensure!(bsids(&not_in) == all[2..]);
+
+    // Ordering, paging, and the total before paging.
+    let page = s
+        .query_buildsets(&Query {
+            order: vec![("submitted_at".into(), true)],
+            limit: Some(2),
+            offset: Some(1),
+            ..Query::default()
+        })
+        .await?;
+    ensure!(
+        bsids(&page) == [all[3], all[2]] && page.total == 5,
+        "{page:?}"
+    );
+
+    // The other collections.
+    let alpha_builds = s
+        .query_builds(&q(vec![filter(
+            "builderid",
+            Op::Eq,
+            vec![FilterValue::Int(ids[0].0)],
+        )]))
+        .await?;
+    ensure!(alpha_builds.total == 2);
+    let in_set = s
+        .query_builds(&q(vec![filter(
+            "buildsetid",
+            Op::Eq,
+            vec![FilterValue::Int(all[1])],
+        )]))
+        .await?;
+    ensure!(in_set.items.len() == 1 && in_set.items[0].results == Some(ResultCode::Failure));
+    let open = s
+        .query_requests(&q(vec![filter(
+            "complete",
+            Op::Eq,
+            vec![FilterValue::Bool(false)],
+        )]))
+        .await?;
+    ensure!(open.total == 2);
+    let claimed = s
+        .query_requests(&q(vec![filter(
+            "claimed",
+            Op::Eq,
+            vec![FilterValue::Bool(true)],
+        )]))
+        .await?;
+    ensure!(
+        claimed.total == 3,
+        "a completed request keeps the claim it ran under"
+    );
+    let named = s
+        .query_builders(&Query {
+            filters: vec![filter(
+                "name",
+                Op::Contains,
+                vec![FilterValue::Text("et".into())],
+            )],
+            ..Query::default()
+        })
+        .await?;
+    ensure!(named.items.len() == 1 && named.items[0].name == "beta");
+    let masters = s.query_masters(&Query::default()).await?;
+    ensure!(masters.total == 1);
+    ensure!(matches!(
+        s.query_builds(&q(vec![filter("nope", Op::Eq, vec![FilterValue::Int(1)])]))
+            .await,
+        Err(StorageError::Invalid(_))
+    ));
     Ok(())
 }

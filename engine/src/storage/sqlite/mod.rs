@@ -7,6 +7,7 @@
 
 mod batch;
 mod outbox;
+mod query;
 mod rows;
 
 use std::collections::BTreeSet;
@@ -29,6 +30,7 @@ use super::{
     CompletedBuildset, Durability, ExpireMasters, ExpiredMaster, FinishBuild, NewBuild,
     NewBuildset, RegisteredMaster, ReporterProgress, RequestFilter, RequestOrderField, Result,
     Settled, StartAvailable, StartOutcome, StorageError, Store, StoreOptions,
+    query::{Page, Query},
 };
 use crate::model::{
     Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId,
@@ -1279,6 +1281,26 @@ impl Store for SqliteStore {
 
     async fn outbox_prune(&self) -> Result<u64> {
         self.outbox_prune_impl().await
+    }
+
+    async fn query_buildsets(&self, q: &Query) -> Result<Page<Buildset>> {
+        self.query_buildsets_impl(q).await
+    }
+
+    async fn query_requests(&self, q: &Query) -> Result<Page<BuildRequest>> {
+        self.query_requests_impl(q).await
+    }
+
+    async fn query_builds(&self, q: &Query) -> Result<Page<Build>> {
+        self.query_builds_impl(q).await
+    }
+
+    async fn query_builders(&self, q: &Query) -> Result<Page<Builder>> {
+        self.query_builders_impl(q).await
+    }
+
+    async fn query_masters(&self, q: &Query) -> Result<Page<Master>> {
+        self.query_masters_impl(q).await
     }
 }
 
