@@ -228,10 +228,11 @@ impl FilterValue {
             FieldType::Time => {
                 if let Ok(secs) = text.parse::<f64>() {
                     let micros = (secs * 1e6).round();
-                    if micros.is_finite() && micros.abs() < 1e17 {
-                        if let Some(t) = chrono::DateTime::from_timestamp_micros(micros as i64) {
-                            return Ok(FilterValue::Time(t));
-                        }
+                    if micros.is_finite()
+                        && micros.abs() < 1e17
+                        && let Some(t) = chrono::DateTime::from_timestamp_micros(micros as i64)
+                    {
+                        return Ok(FilterValue::Time(t));
                     }
                     return Err(format!("{text:?} is out of range for a time"));
                 }

@@ -117,7 +117,7 @@ fn push_value(qb: &mut QueryBuilder<Sqlite>, value: &FilterValue) {
 
 /// `col IN (v, ...)` over the non-null values, OR-ed with `col IS NULL` when asked.
 fn push_in(qb: &mut QueryBuilder<Sqlite>, col: &str, values: &[FilterValue], negate: bool) {
-    let has_null = values.iter().any(|v| *v == FilterValue::Null);
+    let has_null = values.contains(&FilterValue::Null);
     let concrete: Vec<&FilterValue> = values.iter().filter(|v| **v != FilterValue::Null).collect();
     qb.push("(");
     let mut first = true;
