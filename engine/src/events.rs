@@ -62,6 +62,18 @@ pub enum Event {
         /// The worst of its requests' results.
         results: ResultCode,
     },
+    /// A build running on this engine wrote log records.
+    BuildLog {
+        /// The build.
+        build_id: BuildId,
+        /// How many records were written.
+        records: usize,
+    },
+    /// A build running on this engine reported progress or changed its state string.
+    BuildProgress {
+        /// The build.
+        build_id: BuildId,
+    },
     /// This engine recorded delivery progress for a reporter.
     ReporterProgress {
         /// The reporter.

@@ -378,6 +378,7 @@ impl BuildContext {
             .store
             .log_append(self.build_id(), std::slice::from_ref(&record))
             .await?;
+        self.notify_output(1, false);
         Ok(())
     }
 
@@ -399,6 +400,7 @@ impl BuildContext {
             .store
             .progress_report(self.build_id(), &report, crate::model::now())
             .await?;
+        self.notify_output(0, true);
         Ok(())
     }
 
@@ -408,7 +410,24 @@ impl BuildContext {
             .store
             .build_set_state(self.build_id(), state)
             .await?;
+        self.notify_output(0, true);
         Ok(())
+    }
+
+    /// Tells subscribers (the dashboard's live view) that this build wrote `records` log
+    /// records and, if `progress`, progress or a state string.
+    pub(crate) fn notify_output(&self, records: usize, progress: bool) {
+        let build_id = self.build_id();
+        if records > 0 {
+            self.inner
+                .shared
+                .emit(crate::events::Event::BuildLog { build_id, records });
+        }
+        if progress {
+            self.inner
+                .shared
+                .emit(crate::events::Event::BuildProgress { build_id });
+        }
     }
 
     /// Whether the build has been asked to stop.

@@ -534,6 +534,10 @@ pub trait Store: Send + Sync + 'static {
     /// waited-for child buildsets these requests' builds started are cancelled too,
     /// recursively.
     async fn request_cancel(&self, ids: &[RequestId], now: Timestamp) -> Result<CancelOutcome>;
+    /// Changes the priority of an incomplete request (it decides the order among
+    /// requests not claimed yet). A complete request or a priority out of range is
+    /// [`StorageError::Invalid`]; a missing one is `NotFound`.
+    async fn request_set_priority(&self, id: RequestId, priority: i32) -> Result<()>;
     /// Requests claimed by this master that somebody asked to cancel.
     async fn request_cancel_pending(&self, master: MasterId) -> Result<Vec<RequestId>>;
 

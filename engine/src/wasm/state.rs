@@ -160,6 +160,8 @@ impl JobState {
         };
         let store = build.store().clone();
         let id = build.build_id();
+        let records = self.logs.len();
+        let progressed = !self.progress.is_empty() || self.state.is_some();
         if !self.logs.is_empty() {
             let logs = std::mem::take(&mut self.logs);
             if let Err(e) = store.log_append(id, &logs).await {
@@ -177,6 +179,7 @@ impl JobState {
         {
             warn!(build = %id, error = %e, "could not store the state string");
         }
+        build.notify_output(records, progressed);
     }
 }
 

@@ -94,6 +94,7 @@ macro_rules! conformance_tests {
             delivery_progress_is_refused_without_the_lease,
             pruning_the_outbox_keeps_what_any_reporter_still_needs,
             collection_queries_filter_order_and_page_in_the_database,
+            the_priority_of_an_open_request_can_change,
         );
     };
     (@each $open:path; $($name:ident),* $(,)?) => {
@@ -2904,6 +2905,28 @@ pub async fn collection_queries_filter_order_and_page_in_the_database(h: &Harnes
         s.query_builds(&q(vec![filter("nope", Op::Eq, vec![FilterValue::Int(1)])]))
             .await,
         Err(StorageError::Invalid(_))
+    ));
+    Ok(())
+}
+
+pub async fn the_priority_of_an_open_request_can_change(h: &Harness) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["b"]).await?[0];
+    let (_, reqs) = buildset(s, &[b], t(0)).await?;
+    s.request_set_priority(reqs[0], 50).await?;
+    ensure!(s.request_get(reqs[0]).await?.priority == 50);
+    ensure!(matches!(
+        s.request_set_priority(reqs[0], 5_000).await,
+        Err(StorageError::Invalid(_))
+    ));
+    s.request_complete(&reqs, ResultCode::Success, t(1)).await?;
+    ensure!(matches!(
+        s.request_set_priority(reqs[0], 1).await,
+        Err(StorageError::Invalid(_))
+    ));
+    ensure!(matches!(
+        s.request_set_priority(RequestId(999), 1).await,
+        Err(StorageError::NotFound { .. })
     ));
     Ok(())
 }

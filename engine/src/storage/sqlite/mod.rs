@@ -750,6 +750,26 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn request_set_priority(&self, id: RequestId, priority: i32) -> Result<()> {
+        if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&priority) {
+            return Err(StorageError::Invalid(format!(
+                "priority {priority} is outside {MIN_PRIORITY}..={MAX_PRIORITY}"
+            )));
+        }
+        let done = sqlx::query("UPDATE buildrequests SET priority = ? WHERE id = ? AND complete = 0")
+            .bind(priority)
+            .bind(id.0)
+            .execute(&mut *self.writer.lock().await)
+            .await?;
+        if done.rows_affected() == 0 {
+            self.request_get(id).await?;
+            return Err(StorageError::Invalid(format!(
+                "build request {id} is complete; its priority no longer matters"
+            )));
+        }
+        Ok(())
+    }
+
     async fn request_complete(
         &self,
         ids: &[RequestId],

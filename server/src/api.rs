@@ -1,0 +1,545 @@
+//! The read endpoints.
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use kiln_engine::model::{
+    BuildId, Builder, BuildsetId, LogLevel, LogQuery, MasterId, RequestId,
+};
+use kiln_engine::storage::{BuildFilter, BuildsetFilter, Collection, FilterValue, Op, Query};
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::control::authorize;
+use crate::error::{ApiError, ApiResult};
+use crate::json::{self, id};
+use crate::query::{pairs, parse_collection, parse_entity};
+
+type Reply = ApiResult<Json<Value>>;
+
+/// How deep `/buildsets/{id}/tree` follows children.
+const TREE_DEPTH: usize = 8;
+/// Log records one request returns at most.
+const MAX_LOG_RECORDS: u32 = 10_000;
+
+fn read(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    if state.config.private_reads {
+        authorize(state, headers)?;
+    }
+    Ok(())
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint; see /api/v2/openapi.json".into())
+}
+
+/// Adds a filter on `field = value` to a parsed collection query (sub-collections).
+fn scoped(mut query: Query, field: &str, value: i64) -> Query {
+    query.filters.push(kiln_engine::storage::Filter {
+        field: field.into(),
+        op: Op::Eq,
+        values: vec![FilterValue::Int(value)],
+    });
+    query
+}
+
+// ---- buildsets ----
+
+pub async fn buildsets(State(s): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Reply {
+    read(&s, &headers)?;
+    let q = parse_collection(Collection::Buildsets, raw.as_deref(), json::BUILDSET_FIELDS)?;
+    let page = s.engine.client().store().query_buildsets(&q.query).await?;
+    let items = page.items.iter().map(json::buildset).collect();
+    Ok(Json(json::collection("buildsets", items, page.total, &q.fields)))
+}
+
+pub async fn buildset(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bsid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    let fields = parse_entity(raw.as_deref(), json::BUILDSET_FIELDS)?;
+    let id = BuildsetId(id("buildset", &bsid)?);
+    let store = s.engine.client().store();
+    let bs = store.buildset_get(id).await?;
+    let mut value = json::buildset(&bs);
+    value["sourcestamps"] = json::sourcestamps(&store.buildset_sourcestamps(id).await?);
+    value["properties"] = json::properties(&store.buildset_properties(id).await?);
+    Ok(Json(json::entity("buildsets", value, &fields)))
+}
+
+pub async fn buildset_properties(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bsid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    parse_entity(raw.as_deref(), &[])?;
+    let props = s
+        .engine
+        .client()
+        .store()
+        .buildset_properties(BuildsetId(id("buildset", &bsid)?))
+        .await?;
+    Ok(Json(json!({ "properties": [json::properties(&props)], "meta": {"total": 1} })))
+}
+
+pub async fn buildset_sourcestamps(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bsid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    parse_entity(raw.as_deref(), &[])?;
+    let stamps = s
+        .engine
+        .client()
+        .store()
+        .buildset_sourcestamps(BuildsetId(id("buildset", &bsid)?))
+        .await?;
+    let total = stamps.len();
+    Ok(Json(json!({ "sourcestamps": json::sourcestamps(&stamps), "meta": {"total": total} })))
+}
+
+pub async fn buildset_requests(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bsid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    let bsid = id("buildset", &bsid)?;
+    s.engine.client().store().buildset_get(BuildsetId(bsid)).await?;
+    let q = parse_collection(Collection::BuildRequests, raw.as_deref(), json::REQUEST_FIELDS)?;
+    let page = s
+        .engine
+        .client()
+        .store()
+        .query_requests(&scoped(q.query, "buildsetid", bsid))
+        .await?;
+    let items = page.items.iter().map(json::request).collect();
+    Ok(Json(json::collection("buildrequests", items, page.total, &q.fields)))
+}
+
+pub async fn buildset_builds(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bsid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    let bsid = id("buildset", &bsid)?;
+    s.engine.client().store().buildset_get(BuildsetId(bsid)).await?;
+    let q = parse_collection(Collection::Builds, raw.as_deref(), json::BUILD_FIELDS)?;
+    builds_page(&s, scoped(q.query, "buildsetid", bsid), &q.fields).await
+}
+
+/// A buildset with its builds and, under each build, the buildsets it triggered.
+pub async fn buildset_tree(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bsid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    parse_entity(raw.as_deref(), &[])?;
+    let root = BuildsetId(id("buildset", &bsid)?);
+    let tree = tree(&s, root, 0).await?;
+    Ok(Json(json!({ "tree": tree })))
+}
+
+fn tree<'a>(
+    s: &'a AppState,
+    bsid: BuildsetId,
+    depth: usize,
+) -> std::pin::Pin<Box<dyn Future<Output = ApiResult<Value>> + Send + 'a>> {
+    Box::pin(async move {
+        let client = s.engine.client();
+        let bs = client.buildset(bsid).await?;
+        let names = builder_names(s).await?;
+        let mut builds = Vec::new();
+        for b in client
+            .builds(&BuildFilter {
+                buildset_id: Some(bsid),
+                ..BuildFilter::default()
+            })
+            .await?
+        {
+            let mut node = json::build(&b);
+            node["builder"] = json!(names.iter().find(|(id, _)| *id == b.builder_id.0).map(|(_, n)| n));
+            let mut children = Vec::new();
+            if depth < TREE_DEPTH {
+                for child in client
+                    .buildsets(&BuildsetFilter {
+                        parent_buildid: Some(b.id),
+                        ..BuildsetFilter::default()
+                    })
+                    .await?
+                    .into_iter()
+                    .rev()
+                {
+                    children.push(tree(s, child.id, depth + 1).await?);
+                }
+            }
+            node["children"] = Value::Array(children);
+            builds.push(node);
+        }
+        let mut value = json::buildset(&bs);
+        value["builds"] = Value::Array(builds);
+        Ok(value)
+    })
+}
+
+async fn builder_names(s: &AppState) -> ApiResult<Vec<(i64, String)>> {
+    Ok(s.engine
+        .client()
+        .builders()
+        .await?
+        .into_iter()
+        .map(|b| (b.id.0, b.name))
+        .collect())
+}
+
+// ---- build requests ----
+
+pub async fn requests(State(s): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Reply {
+    read(&s, &headers)?;
+    let q = parse_collection(Collection::BuildRequests, raw.as_deref(), json::REQUEST_FIELDS)?;
+    let page = s.engine.client().store().query_requests(&q.query).await?;
+    let items = page.items.iter().map(json::request).collect();
+    Ok(Json(json::collection("buildrequests", items, page.total, &q.fields)))
+}
+
+pub async fn request(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(rid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    let fields = parse_entity(raw.as_deref(), json::REQUEST_FIELDS)?;
+    let r = s
+        .engine
+        .client()
+        .request(RequestId(id("build request", &rid)?))
+        .await?;
+    Ok(Json(json::entity("buildrequests", json::request(&r), &fields)))
+}
+
+pub async fn request_builds(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(rid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    let rid = id("build request", &rid)?;
+    s.engine.client().request(RequestId(rid)).await?;
+    let q = parse_collection(Collection::Builds, raw.as_deref(), json::BUILD_FIELDS)?;
+    builds_page(&s, scoped(q.query, "buildrequestid", rid), &q.fields).await
+}
+
+// ---- builds ----
+
+async fn builds_page(s: &AppState, query: Query, fields: &[String]) -> Reply {
+    let page = s.engine.client().store().query_builds(&query).await?;
+    let items = page.items.iter().map(json::build).collect();
+    Ok(Json(json::collection("builds", items, page.total, fields)))
+}
+
+pub async fn builds(State(s): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Reply {
+    read(&s, &headers)?;
+    let q = parse_collection(Collection::Builds, raw.as_deref(), json::BUILD_FIELDS)?;
+    builds_page(&s, q.query, &q.fields).await
+}
+
+async fn build_reply(s: &AppState, build: kiln_engine::model::Build, fields: &[String]) -> Reply {
+    let mut value = json::build(&build);
+    value["properties"] = json::properties(&s.engine.client().store().build_properties(build.id).await?);
+    Ok(Json(json::entity("builds", value, fields)))
+}
+
+pub async fn build(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    let fields = parse_entity(raw.as_deref(), json::BUILD_FIELDS)?;
+    let b = s.engine.client().build(BuildId(id("build", &bid)?)).await?;
+    build_reply(&s, b, &fields).await
+}
+
+pub async fn build_properties(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    parse_entity(raw.as_deref(), &[])?;
+    let build = BuildId(id("build", &bid)?);
+    let store = s.engine.client().store();
+    store.build_get(build).await?;
+    let props = store.build_properties(build).await?;
+    Ok(Json(json!({ "properties": [json::properties(&props)], "meta": {"total": 1} })))
+}
+
+/// `?level=warning` (at least), `?after=<record id>` (for a live tail), `?limit=N`.
+pub async fn build_logs(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    let build = BuildId(id("build", &bid)?);
+    let mut query = LogQuery {
+        build_id: Some(build),
+        limit: Some(MAX_LOG_RECORDS),
+        ..LogQuery::default()
+    };
+    for (key, value) in pairs(raw.as_deref())? {
+        match key.as_str() {
+            "level" => {
+                query.min_level = Some(value.parse::<LogLevel>().map_err(|e| {
+                    ApiError::BadRequest(format!("level={value:?}: {e}"))
+                })?)
+            }
+            "after" => {
+                query.after_id = Some(value.parse().map_err(|_| {
+                    ApiError::BadRequest(format!("after={value:?}: expected a record id"))
+                })?)
+            }
+            "limit" => {
+                let n: u32 = value.parse().map_err(|_| {
+                    ApiError::BadRequest(format!("limit={value:?}: expected a whole number"))
+                })?;
+                query.limit = Some(n.clamp(1, MAX_LOG_RECORDS));
+            }
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown parameter {key:?}: logs take level, after and limit"
+                )));
+            }
+        }
+    }
+    let store = s.engine.client().store();
+    store.build_get(build).await?;
+    let entries = store.log_list(&query).await?;
+    let logs: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            json!({
+                "id": e.id,
+                "at": json::time(e.record.at),
+                "level": e.record.level,
+                "message": e.record.message,
+                "fields": e.record.fields,
+            })
+        })
+        .collect();
+    let total = logs.len();
+    Ok(Json(json!({ "logs": logs, "meta": {"total": total} })))
+}
+
+pub async fn build_progress(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    parse_entity(raw.as_deref(), &[])?;
+    let tree = s.engine.client().progress(BuildId(id("build", &bid)?)).await?;
+    Ok(Json(json!({ "progress": [tree], "meta": {"total": 1} })))
+}
+
+pub async fn build_artifacts(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    parse_entity(raw.as_deref(), &[])?;
+    let build = BuildId(id("build", &bid)?);
+    let store = s.engine.client().store();
+    store.build_get(build).await?;
+    let artifacts: Vec<Value> = store
+        .build_artifacts(build)
+        .await?
+        .into_iter()
+        .map(|a| {
+            json!({
+                "path": a.path,
+                "size": a.size,
+                "url": format!("{}/builds/{}/artifacts/{}", crate::PREFIX, build.0, a.path),
+            })
+        })
+        .collect();
+    let total = artifacts.len();
+    Ok(Json(json!({ "artifacts": artifacts, "meta": {"total": total} })))
+}
+
+/// The content of one artifact, if it lies on this server.
+pub async fn build_artifact_file(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((bid, path)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    read(&s, &headers)?;
+    let build = BuildId(id("build", &bid)?);
+    let store = s.engine.client().store();
+    store.build_get(build).await?;
+    // Only paths the database lists are served: nothing else on the disk is reachable.
+    let artifact = store
+        .build_artifacts(build)
+        .await?
+        .into_iter()
+        .find(|a| a.path == path)
+        .ok_or_else(|| ApiError::NotFound(format!("build {build} has no artifact {path:?}")))?;
+    let bytes = tokio::fs::read(&artifact.location).await.map_err(|_| {
+        ApiError::NotFound(format!(
+            "artifact {path:?} of build {build} is not on this server"
+        ))
+    })?;
+    let kind = match path.rsplit('.').next() {
+        Some("json") => "application/json",
+        Some("txt" | "log" | "md" | "csv") => "text/plain; charset=utf-8",
+        Some("html") => "text/plain; charset=utf-8",
+        _ => "application/octet-stream",
+    };
+    Ok(([(header::CONTENT_TYPE, kind)], bytes).into_response())
+}
+
+pub async fn build_triggered(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    let bid = id("build", &bid)?;
+    s.engine.client().build(BuildId(bid)).await?;
+    let q = parse_collection(Collection::Buildsets, raw.as_deref(), json::BUILDSET_FIELDS)?;
+    let page = s
+        .engine
+        .client()
+        .store()
+        .query_buildsets(&scoped(q.query, "parent_buildid", bid))
+        .await?;
+    let items = page.items.iter().map(json::buildset).collect();
+    Ok(Json(json::collection("buildsets", items, page.total, &q.fields)))
+}
+
+// ---- builders ----
+
+async fn builder_value(s: &AppState, b: &Builder) -> ApiResult<Value> {
+    let client = s.engine.client();
+    let status = client.builder_status(b).await?;
+    let latest = client.store().build_latest_successful(b.id).await?;
+    Ok(json::builder(b, status, latest.as_ref()))
+}
+
+async fn find_builder(s: &AppState, key: &str) -> ApiResult<Builder> {
+    let client = s.engine.client();
+    match key.parse::<i64>() {
+        Ok(n) => Ok(client
+            .store()
+            .builder_get(kiln_engine::model::BuilderId(n))
+            .await?),
+        Err(_) => Ok(client.builder_named(key).await.map_err(|_| {
+            ApiError::NotFound(format!("builder {key:?} not found"))
+        })?),
+    }
+}
+
+pub async fn builders(State(s): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Reply {
+    read(&s, &headers)?;
+    let q = parse_collection(Collection::Builders, raw.as_deref(), json::BUILDER_FIELDS)?;
+    let page = s.engine.client().store().query_builders(&q.query).await?;
+    let mut items = Vec::with_capacity(page.items.len());
+    for b in &page.items {
+        items.push(builder_value(&s, b).await?);
+    }
+    Ok(Json(json::collection("builders", items, page.total, &q.fields)))
+}
+
+pub async fn builder(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    let fields = parse_entity(raw.as_deref(), json::BUILDER_FIELDS)?;
+    let b = find_builder(&s, &key).await?;
+    Ok(Json(json::entity("builders", builder_value(&s, &b).await?, &fields)))
+}
+
+pub async fn builder_builds(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    let b = find_builder(&s, &key).await?;
+    let q = parse_collection(Collection::Builds, raw.as_deref(), json::BUILD_FIELDS)?;
+    builds_page(&s, scoped(q.query, "builderid", b.id.0), &q.fields).await
+}
+
+pub async fn builder_build(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((key, number)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    let fields = parse_entity(raw.as_deref(), json::BUILD_FIELDS)?;
+    let b = find_builder(&s, &key).await?;
+    let number: i64 = number
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("build number {number:?} is not a number")))?;
+    let build = s
+        .engine
+        .client()
+        .store()
+        .build_get_by_number(b.id, number)
+        .await?;
+    build_reply(&s, build, &fields).await
+}
+
+// ---- masters ----
+
+pub async fn masters(State(s): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Reply {
+    read(&s, &headers)?;
+    let q = parse_collection(Collection::Masters, raw.as_deref(), json::MASTER_FIELDS)?;
+    let page = s.engine.client().store().query_masters(&q.query).await?;
+    let items = page.items.iter().map(json::master).collect();
+    Ok(Json(json::collection("masters", items, page.total, &q.fields)))
+}
+
+pub async fn master(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(mid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    read(&s, &headers)?;
+    let fields = parse_entity(raw.as_deref(), json::MASTER_FIELDS)?;
+    let m = s
+        .engine
+        .client()
+        .store()
+        .master_get(MasterId(id("master", &mid)?))
+        .await?;
+    Ok(Json(json::entity("masters", json::master(&m), &fields)))
+}

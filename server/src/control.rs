@@ -1,0 +1,327 @@
+//! The write endpoints: submitting buildsets, JSON-RPC control actions, plugin upload.
+//! Every one needs the server's bearer token.
+//!
+//! Control actions are JSON-RPC 2.0 POSTs to the entity, answered with
+//! `{"jsonrpc": "2.0", "result": ..., "id": ...}`; a refused action is an HTTP error
+//! with `{"error": "..."}`:
+//!
+//! | entity | methods |
+//! | --- | --- |
+//! | `/buildrequests/{id}` | `cancel`, `set_priority {priority}` |
+//! | `/buildsets/{id}` | `cancel`, `resubmit {all}` |
+//! | `/builds/{id}` | `stop`, `rebuild` |
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use kiln_engine::Submission;
+use kiln_engine::model::{BuildId, BuildsetId, Property, RequestId, SourceStamp};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::json::id;
+use crate::query::pairs;
+
+/// Checks the bearer token.
+pub fn authorize(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(expected) = &state.config.token else {
+        return Err(ApiError::Unauthorized(
+            "this server takes no writes: it was started without a token (kiln serve --token)"
+                .into(),
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compared in full, without an early exit on the first differing byte.
+    let matches = given.is_some_and(|g| {
+        g.len() == expected.len()
+            && g.bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if matches {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized(
+            "a bearer token is needed: Authorization: Bearer <token>".into(),
+        ))
+    }
+}
+
+/// A property in a submission: a bare JSON value, or `[value, source]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PropertyBody {
+    WithSource(Value, String),
+    Bare(Value),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitBody {
+    reason: Option<String>,
+    builders: Vec<String>,
+    #[serde(default)]
+    properties: BTreeMap<String, PropertyBody>,
+    #[serde(default)]
+    sourcestamps: Vec<SourceStamp>,
+    #[serde(default)]
+    priority: i32,
+    external_idstring: Option<String>,
+}
+
+fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::BadRequest(format!("the request body is not what it should be: {e}")))
+}
+
+/// `POST /buildsets`: submits a buildset; answers 201 with its id and requests.
+pub async fn submit(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    authorize(&s, &headers)?;
+    let b: SubmitBody = body(&bytes)?;
+    if b.builders.is_empty() {
+        return Err(ApiError::BadRequest("builders: name at least one builder".into()));
+    }
+    let mut submission = Submission::new(b.reason.unwrap_or_else(|| "submitted through the API".into()))
+        .priority(b.priority);
+    submission.builders = b.builders;
+    submission.sourcestamps = b.sourcestamps;
+    submission.external_idstring = b.external_idstring;
+    for (name, p) in b.properties {
+        let property = match p {
+            PropertyBody::WithSource(value, source) => Property::new(value, source),
+            PropertyBody::Bare(value) => Property::new(value, "api"),
+        };
+        submission.properties.insert(name, property);
+    }
+    let submitted = s.engine.submit(&submission).await?;
+    let brids: BTreeMap<&String, i64> = submitted.requests.iter().map(|(k, v)| (k, v.0)).collect();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "bsid": submitted.buildset_id.0, "brids": brids })),
+    ))
+}
+
+#[derive(Deserialize)]
+struct Rpc {
+    jsonrpc: Option<String>,
+    method: String,
+    #[serde(default)]
+    params: Value,
+    #[serde(default)]
+    id: Value,
+}
+
+fn rpc(bytes: &Bytes) -> ApiResult<Rpc> {
+    let call: Rpc = body(bytes)?;
+    if call.jsonrpc.as_deref().is_some_and(|v| v != "2.0") {
+        return Err(ApiError::BadRequest("jsonrpc must be \"2.0\"".into()));
+    }
+    Ok(call)
+}
+
+fn reply(call: &Rpc, result: Value) -> Json<Value> {
+    Json(json!({ "jsonrpc": "2.0", "result": result, "id": call.id }))
+}
+
+fn unknown_method(call: &Rpc, known: &str) -> ApiError {
+    ApiError::BadRequest(format!(
+        "unknown method {:?} (methods here: {known})",
+        call.method
+    ))
+}
+
+fn no_query(raw: Option<&str>) -> ApiResult<()> {
+    match pairs(raw)?.first() {
+        Some((k, _)) => Err(ApiError::BadRequest(format!(
+            "{k:?}: control actions take no query parameters"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn cancel_result(outcome: &kiln_engine::storage::CancelOutcome) -> Value {
+    json!({
+        "completed": outcome.completed.iter().map(|r| r.0).collect::<Vec<_>>(),
+        "stopping": outcome.flagged.iter().map(|r| r.0).collect::<Vec<_>>(),
+    })
+}
+
+/// `POST /buildrequests/{id}`: `cancel`, `set_priority {priority}`.
+pub async fn request_rpc(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(rid): Path<String>,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> ApiResult<Json<Value>> {
+    authorize(&s, &headers)?;
+    no_query(raw.as_deref())?;
+    let rid = RequestId(id("build request", &rid)?);
+    let call = rpc(&bytes)?;
+    match call.method.as_str() {
+        "cancel" => {
+            let request = s.engine.client().request(rid).await?;
+            if request.complete {
+                return Err(ApiError::Conflict(format!("build request {rid} is already complete")));
+            }
+            let outcome = s.engine.cancel_request(rid).await?;
+            Ok(reply(&call, cancel_result(&outcome)))
+        }
+        "set_priority" => {
+            let priority = call
+                .params
+                .get("priority")
+                .and_then(Value::as_i64)
+                .and_then(|p| i32::try_from(p).ok())
+                .ok_or_else(|| ApiError::BadRequest("set_priority needs params.priority, a whole number".into()))?;
+            let store = s.engine.client().store();
+            store.request_get(rid).await?;
+            store.request_set_priority(rid, priority).await?;
+            Ok(reply(&call, json!({ "priority": priority })))
+        }
+        _ => Err(unknown_method(&call, "cancel, set_priority")),
+    }
+}
+
+/// `POST /buildsets/{id}`: `cancel`, `resubmit {all}`.
+pub async fn buildset_rpc(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bsid): Path<String>,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> ApiResult<Json<Value>> {
+    authorize(&s, &headers)?;
+    no_query(raw.as_deref())?;
+    let bsid = BuildsetId(id("buildset", &bsid)?);
+    let call = rpc(&bytes)?;
+    match call.method.as_str() {
+        "cancel" => {
+            let outcome = s.engine.cancel_buildset(bsid).await?;
+            Ok(reply(&call, cancel_result(&outcome)))
+        }
+        "resubmit" => {
+            let all = call.params.get("all").and_then(Value::as_bool).unwrap_or(false);
+            let submitted = s.engine.resubmit(bsid, all).await?;
+            let brids: BTreeMap<&String, i64> =
+                submitted.requests.iter().map(|(k, v)| (k, v.0)).collect();
+            Ok(reply(&call, json!({ "bsid": submitted.buildset_id.0, "brids": brids })))
+        }
+        _ => Err(unknown_method(&call, "cancel, resubmit")),
+    }
+}
+
+/// `POST /builds/{id}`: `stop`, `rebuild`.
+pub async fn build_rpc(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bid): Path<String>,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> ApiResult<Json<Value>> {
+    authorize(&s, &headers)?;
+    no_query(raw.as_deref())?;
+    let bid = BuildId(id("build", &bid)?);
+    let call = rpc(&bytes)?;
+    match call.method.as_str() {
+        "stop" => {
+            let build = s.engine.client().build(bid).await?;
+            if build.complete_at.is_some() {
+                return Err(ApiError::Conflict(format!("build {bid} has already finished")));
+            }
+            let outcome = s.engine.cancel_request(build.request_id).await?;
+            Ok(reply(&call, cancel_result(&outcome)))
+        }
+        "rebuild" => {
+            let submitted = s.engine.rebuild(bid).await?;
+            let brids: BTreeMap<&String, i64> =
+                submitted.requests.iter().map(|(k, v)| (k, v.0)).collect();
+            Ok(reply(&call, json!({ "bsid": submitted.buildset_id.0, "brids": brids })))
+        }
+        _ => Err(unknown_method(&call, "stop, rebuild")),
+    }
+}
+
+/// `POST /plugins?name=NAME` with the component as the body: checked against Kiln's
+/// worlds, and kept in the plugins directory only if it fits one.
+pub async fn upload_plugin(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    authorize(&s, &headers)?;
+    let mut name = None;
+    for (key, value) in pairs(raw.as_deref())? {
+        match key.as_str() {
+            "name" => name = Some(value),
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown parameter {key:?}: uploads take name"
+                )));
+            }
+        }
+    }
+    let name = name.ok_or_else(|| ApiError::BadRequest("name the plugin: ?name=NAME".into()))?;
+    if name.is_empty()
+        || name.len() > 64
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(ApiError::BadRequest(format!(
+            "plugin name {name:?}: use 1 to 64 letters, digits, - and _"
+        )));
+    }
+    let Some(dir) = s.config.plugins_dir.clone() else {
+        return Err(ApiError::Conflict(
+            "this server keeps no plugins: start it with --plugins-dir".into(),
+        ));
+    };
+    if bytes.len() > crate::MAX_PLUGIN_BYTES {
+        return Err(ApiError::TooLarge(format!(
+            "the plugin is {} bytes; at most {} are accepted",
+            bytes.len(),
+            crate::MAX_PLUGIN_BYTES
+        )));
+    }
+    let host = s.host.clone();
+    let wasm = bytes.to_vec();
+    let report = tokio::task::spawn_blocking(move || host.check(&wasm))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let Some(world) = report.world else {
+        return Err(ApiError::BadRequest(format!(
+            "not a Kiln plugin: {}",
+            report.problems.join("; ")
+        )));
+    };
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| ApiError::Internal(format!("creating {}: {e}", dir.display())))?;
+    let path = dir.join(format!("{name}.wasm"));
+    tokio::fs::write(&path, &bytes)
+        .await
+        .map_err(|e| ApiError::Internal(format!("writing {}: {e}", path.display())))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "name": name,
+            "world": world,
+            "package_versions": report.package_versions,
+            "size": bytes.len(),
+        })),
+    ))
+}

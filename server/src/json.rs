@@ -1,0 +1,222 @@
+//! Entities as the API shows them, in Buildbot's spelling (`bsid`, `buildrequestid`,
+//! `builderid`, ...): times are seconds since the Unix epoch, results are Buildbot's
+//! numbers.
+
+use kiln_engine::model::{
+    Build, BuildRequest, Builder, BuilderStatus, Buildset, Master, Properties, ResultCode,
+    SourceStamp, Timestamp,
+};
+use serde_json::{Map, Value, json};
+
+use crate::error::ApiError;
+
+/// Seconds since the epoch, with microseconds.
+pub fn time(t: Timestamp) -> Value {
+    json!(t.timestamp_micros() as f64 / 1e6)
+}
+
+fn opt_time(t: Option<Timestamp>) -> Value {
+    t.map_or(Value::Null, time)
+}
+
+fn results(r: Option<ResultCode>) -> Value {
+    r.map_or(Value::Null, |r| json!(r.code()))
+}
+
+/// The output fields of a buildset.
+pub const BUILDSET_FIELDS: &[&str] = &[
+    "bsid",
+    "reason",
+    "external_idstring",
+    "submitted_at",
+    "complete",
+    "complete_at",
+    "results",
+    "parent_buildid",
+    "parent_relationship",
+    "rebuilt_buildid",
+    "sourcestamps",
+    "properties",
+];
+
+pub fn buildset(b: &Buildset) -> Value {
+    json!({
+        "bsid": b.id.0,
+        "reason": b.reason,
+        "external_idstring": b.external_idstring,
+        "submitted_at": time(b.submitted_at),
+        "complete": b.complete,
+        "complete_at": opt_time(b.complete_at),
+        "results": results(b.results),
+        "parent_buildid": b.parent_buildid.map(|x| x.0),
+        "parent_relationship": b.parent_relationship,
+        "rebuilt_buildid": b.rebuilt_buildid.map(|x| x.0),
+    })
+}
+
+pub fn sourcestamps(stamps: &[SourceStamp]) -> Value {
+    Value::Array(
+        stamps
+            .iter()
+            .map(|s| {
+                json!({
+                    "codebase": s.codebase,
+                    "repository": s.repository,
+                    "branch": s.branch,
+                    "revision": s.revision,
+                    "project": s.project,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Properties as Buildbot shows them: name → [value, source].
+pub fn properties(props: &Properties) -> Value {
+    Value::Object(
+        props
+            .iter()
+            .map(|(name, p)| (name.clone(), json!([p.value, p.source])))
+            .collect(),
+    )
+}
+
+/// The output fields of a build request.
+pub const REQUEST_FIELDS: &[&str] = &[
+    "buildrequestid",
+    "buildsetid",
+    "builderid",
+    "priority",
+    "submitted_at",
+    "waited_for",
+    "complete",
+    "complete_at",
+    "results",
+    "claimed",
+    "claimed_by_masterid",
+    "claimed_at",
+    "cancel_requested",
+];
+
+pub fn request(r: &BuildRequest) -> Value {
+    json!({
+        "buildrequestid": r.id.0,
+        "buildsetid": r.buildset_id.0,
+        "builderid": r.builder_id.0,
+        "priority": r.priority,
+        "submitted_at": time(r.submitted_at),
+        "waited_for": r.waited_for,
+        "complete": r.complete,
+        "complete_at": opt_time(r.complete_at),
+        "results": results(r.results),
+        "claimed": r.claimed_by.is_some(),
+        "claimed_by_masterid": r.claimed_by.map(|m| m.0),
+        "claimed_at": opt_time(r.claimed_at),
+        "cancel_requested": r.cancel_requested,
+    })
+}
+
+/// The output fields of a build.
+pub const BUILD_FIELDS: &[&str] = &[
+    "buildid",
+    "number",
+    "builderid",
+    "buildrequestid",
+    "masterid",
+    "workerslot",
+    "started_at",
+    "complete",
+    "complete_at",
+    "state_string",
+    "locks_duration_s",
+    "results",
+    "return_value",
+    "error",
+    "traceback",
+    "properties",
+];
+
+pub fn build(b: &Build) -> Value {
+    json!({
+        "buildid": b.id.0,
+        "number": b.number,
+        "builderid": b.builder_id.0,
+        "buildrequestid": b.request_id.0,
+        "masterid": b.master_id.0,
+        "workerslot": b.worker_slot,
+        "started_at": time(b.started_at),
+        "complete": b.complete_at.is_some(),
+        "complete_at": opt_time(b.complete_at),
+        "state_string": b.state_string,
+        "locks_duration_s": b.locks_duration_s,
+        "results": results(b.results),
+        "return_value": b.return_value,
+        "error": b.error,
+        "traceback": b.traceback,
+    })
+}
+
+/// The output fields of a builder.
+pub const BUILDER_FIELDS: &[&str] = &[
+    "builderid",
+    "name",
+    "description",
+    "depends_on",
+    "status",
+    "latest_successful_buildid",
+];
+
+pub fn builder(b: &Builder, status: BuilderStatus, latest: Option<&Build>) -> Value {
+    json!({
+        "builderid": b.id.0,
+        "name": b.name,
+        "description": b.description,
+        "depends_on": b.depends_on,
+        "status": status,
+        "latest_successful_buildid": latest.map(|l| l.id.0),
+    })
+}
+
+/// The output fields of a master.
+pub const MASTER_FIELDS: &[&str] = &["masterid", "name", "active", "last_active"];
+
+pub fn master(m: &Master) -> Value {
+    json!({
+        "masterid": m.id.0,
+        "name": m.name,
+        "active": m.active,
+        "last_active": time(m.last_active),
+    })
+}
+
+/// Keeps only the selected fields of an object (all when none are selected).
+pub fn select(value: Value, fields: &[String]) -> Value {
+    if fields.is_empty() {
+        return value;
+    }
+    match value {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .filter(|(k, _)| fields.iter().any(|f| f == k))
+                .collect::<Map<String, Value>>(),
+        ),
+        other => other,
+    }
+}
+
+/// A collection response: `{"<plural>": [...], "meta": {"total": N}}`.
+pub fn collection(plural: &str, items: Vec<Value>, total: u64, fields: &[String]) -> Value {
+    let items: Vec<Value> = items.into_iter().map(|v| select(v, fields)).collect();
+    json!({ plural: items, "meta": { "total": total } })
+}
+
+/// A single-entity response in the same shape, as Buildbot answers.
+pub fn entity(plural: &str, item: Value, fields: &[String]) -> Value {
+    json!({ plural: [select(item, fields)], "meta": { "total": 1 } })
+}
+
+/// Reads an id from a path segment.
+pub fn id(what: &str, text: &str) -> Result<i64, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::BadRequest(format!("{what} id {text:?} is not a number")))
+}

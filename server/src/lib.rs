@@ -1,0 +1,108 @@
+//! Kiln's HTTP edge: the data API under `/api/v2` in Buildbot's shape, a live event
+//! stream, the OpenAPI document, and the dashboard at `/`.
+//!
+//! [`router`] builds the whole service over a running [`Engine`]; `kiln serve` binds it
+//! to a socket and tests drive it in process. This crate is the only place that knows
+//! the HTTP wire formats.
+//!
+//! Layout: [`query`] reads Buildbot query strings into storage queries; `json` renders
+//! entities; `api` holds the read endpoints, `control` the writes (submit and JSON-RPC
+//! actions, plugin upload), `stream` the server-sent events, `openapi` the document and
+//! `dashboard` the static page.
+
+mod api;
+mod control;
+mod dashboard;
+mod error;
+mod json;
+mod openapi;
+pub mod query;
+mod stream;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+use kiln_engine::Engine;
+use kiln_engine::wasm::WasmHost;
+
+pub use error::ApiError;
+
+/// The API's version prefix.
+pub const PREFIX: &str = "/api/v2";
+/// The most items one collection request returns when it asks for no `limit`.
+pub const DEFAULT_LIMIT: u32 = 1_000;
+/// The largest plugin upload accepted.
+pub const MAX_PLUGIN_BYTES: usize = 64 << 20;
+
+/// How the server treats its clients.
+#[derive(Clone, Debug, Default)]
+pub struct ServerConfig {
+    /// The bearer token writes need. Without one, writes are refused.
+    pub token: Option<String>,
+    /// Whether reads need the token too.
+    pub private_reads: bool,
+    /// Where uploaded plugins are kept (`<dir>/<name>.wasm`). Without one, uploads are
+    /// refused.
+    pub plugins_dir: Option<PathBuf>,
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) engine: Arc<Engine>,
+    pub(crate) host: Arc<WasmHost>,
+    pub(crate) config: Arc<ServerConfig>,
+}
+
+impl AppState {
+    /// State over a running engine and the WASM host that checks uploaded plugins.
+    pub fn new(engine: Arc<Engine>, host: Arc<WasmHost>, config: ServerConfig) -> Self {
+        AppState {
+            engine,
+            host,
+            config: Arc::new(config),
+        }
+    }
+}
+
+/// The whole service: the API under [`PREFIX`], the event stream, the OpenAPI document
+/// and the dashboard.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/buildsets", get(api::buildsets).post(control::submit))
+        .route("/buildsets/{id}", get(api::buildset).post(control::buildset_rpc))
+        .route("/buildsets/{id}/properties", get(api::buildset_properties))
+        .route("/buildsets/{id}/sourcestamps", get(api::buildset_sourcestamps))
+        .route("/buildsets/{id}/buildrequests", get(api::buildset_requests))
+        .route("/buildsets/{id}/builds", get(api::buildset_builds))
+        .route("/buildsets/{id}/tree", get(api::buildset_tree))
+        .route("/buildrequests", get(api::requests))
+        .route("/buildrequests/{id}", get(api::request).post(control::request_rpc))
+        .route("/buildrequests/{id}/builds", get(api::request_builds))
+        .route("/builds", get(api::builds))
+        .route("/builds/{id}", get(api::build).post(control::build_rpc))
+        .route("/builds/{id}/properties", get(api::build_properties))
+        .route("/builds/{id}/logs", get(api::build_logs))
+        .route("/builds/{id}/progress", get(api::build_progress))
+        .route("/builds/{id}/artifacts", get(api::build_artifacts))
+        .route("/builds/{id}/artifacts/{*path}", get(api::build_artifact_file))
+        .route("/builds/{id}/triggered", get(api::build_triggered))
+        .route("/builders", get(api::builders))
+        .route("/builders/{builder}", get(api::builder))
+        .route("/builders/{builder}/builds", get(api::builder_builds))
+        .route("/builders/{builder}/builds/{number}", get(api::builder_build))
+        .route("/masters", get(api::masters))
+        .route("/masters/{id}", get(api::master))
+        .route("/plugins", post(control::upload_plugin))
+        .route("/events", get(stream::events))
+        .route("/openapi.json", get(openapi::document))
+        .fallback(api::not_found);
+    Router::new()
+        .nest(PREFIX, api)
+        .route("/", get(dashboard::index))
+        .route("/app.js", get(dashboard::script))
+        .route("/app.css", get(dashboard::style))
+        .with_state(state)
+}

@@ -1,0 +1,179 @@
+//! `GET /api/v2/openapi.json`: an OpenAPI 3.1 document of the whole API, built from the
+//! same field tables the query parser checks against, so that the two cannot drift.
+
+use axum::Json;
+use kiln_engine::storage::Collection;
+use serde_json::{Map, Value, json};
+
+use crate::json as shapes;
+
+fn error_responses() -> Value {
+    json!({
+        "400": {"description": "bad request: an unknown parameter, field or operator, a bad value, or a filter on a single entity", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+        "404": {"description": "no such entity", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+    })
+}
+
+fn collection_params(collection: Collection) -> Vec<Value> {
+    let mut params: Vec<Value> = collection
+        .fields()
+        .iter()
+        .map(|(name, ty)| {
+            json!({
+                "name": name, "in": "query", "required": false,
+                "description": format!(
+                    "filter ({ty:?}); also {name}__OP with OP one of eq, ne, lt, le, gt, ge, contains, in, notin; repeat for any of"
+                ),
+                "schema": {"type": "string"}
+            })
+        })
+        .collect();
+    params.push(json!({"name": "order", "in": "query", "description": "a field, - for descending; repeat for more keys", "schema": {"type": "string"}}));
+    params.push(json!({"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}));
+    params.push(json!({"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}));
+    params.push(json!({"name": "field", "in": "query", "description": "fields to keep in each result; repeat", "schema": {"type": "string"}}));
+    params
+}
+
+fn path_param(name: &str, description: &str) -> Value {
+    json!({"name": name, "in": "path", "required": true, "description": description, "schema": {"type": "string"}})
+}
+
+fn list(collection: Collection, summary: &str, path_params: &[Value]) -> Value {
+    let mut params = path_params.to_vec();
+    params.extend(collection_params(collection));
+    let plural = collection.plural();
+    json!({"get": {
+        "summary": summary,
+        "parameters": params,
+        "responses": {
+            "200": {"description": format!("{{\"{plural}\": [...], \"meta\": {{\"total\": N}}}}: the total counts every match before paging"),
+                    "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{plural}")}}}},
+            "400": error_responses()["400"].clone(),
+        }
+    }})
+}
+
+fn get(summary: &str, path_params: &[Value]) -> Value {
+    let mut responses = error_responses();
+    responses["200"] = json!({"description": "OK"});
+    json!({"get": {"summary": summary, "parameters": path_params, "responses": responses}})
+}
+
+fn rpc(methods: &str) -> Value {
+    json!({
+        "summary": format!("JSON-RPC 2.0 control action: {methods}; needs the bearer token"),
+        "security": [{"bearer": []}],
+        "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Rpc"}}}},
+        "responses": {
+            "200": {"description": "{\"jsonrpc\": \"2.0\", \"result\": ..., \"id\": ...}"},
+            "400": {"description": "unknown method or bad params"},
+            "401": {"description": "no or wrong token"},
+            "404": {"description": "no such entity"},
+            "409": {"description": "the entity's state forbids it (already complete, ...)"},
+        }
+    })
+}
+
+fn entity_schema(fields: &[&str]) -> Value {
+    let props: Map<String, Value> = fields
+        .iter()
+        .map(|f| ((*f).to_owned(), json!({})))
+        .collect();
+    json!({"type": "object", "properties": props})
+}
+
+fn collection_schema(plural: &str, fields: &[&str]) -> Value {
+    json!({"type": "object", "properties": {
+        plural: {"type": "array", "items": entity_schema(fields)},
+        "meta": {"type": "object", "properties": {"total": {"type": "integer"}}},
+    }})
+}
+
+/// The document.
+pub fn spec() -> Value {
+    let id = |what: &str| path_param("id", what);
+    let mut paths = Map::new();
+    let mut buildsets = list(Collection::Buildsets, "buildsets, newest last unless ordered", &[]);
+    buildsets["post"] = json!({
+        "summary": "submit a buildset: one request per builder; needs the bearer token",
+        "security": [{"bearer": []}],
+        "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Submission"}}}},
+        "responses": {"201": {"description": "{\"bsid\": N, \"brids\": {builder: id}}"}, "400": {"description": "bad submission or unknown builder"}, "401": {"description": "no or wrong token"}}
+    });
+    paths.insert("/buildsets".into(), buildsets);
+    let mut one = get("a buildset with its sourcestamps and properties", &[id("buildset id")]);
+    one["post"] = rpc("cancel, resubmit {all}");
+    paths.insert("/buildsets/{id}".into(), one);
+    paths.insert("/buildsets/{id}/properties".into(), get("a buildset's properties: name -> [value, source]", &[id("buildset id")]));
+    paths.insert("/buildsets/{id}/sourcestamps".into(), get("a buildset's sourcestamps", &[id("buildset id")]));
+    paths.insert("/buildsets/{id}/buildrequests".into(), list(Collection::BuildRequests, "a buildset's requests", &[id("buildset id")]));
+    paths.insert("/buildsets/{id}/builds".into(), list(Collection::Builds, "a buildset's builds", &[id("buildset id")]));
+    paths.insert("/buildsets/{id}/tree".into(), get("a buildset, its builds, and the buildsets they triggered, recursively", &[id("buildset id")]));
+    paths.insert("/buildrequests".into(), list(Collection::BuildRequests, "build requests", &[]));
+    let mut one = get("a build request", &[id("request id")]);
+    one["post"] = rpc("cancel, set_priority {priority}");
+    paths.insert("/buildrequests/{id}".into(), one);
+    paths.insert("/buildrequests/{id}/builds".into(), list(Collection::Builds, "a request's builds", &[id("request id")]));
+    paths.insert("/builds".into(), list(Collection::Builds, "builds", &[]));
+    let mut one = get("a build with its properties", &[id("build id")]);
+    one["post"] = rpc("stop, rebuild");
+    paths.insert("/builds/{id}".into(), one);
+    paths.insert("/builds/{id}/properties".into(), get("a build's properties", &[id("build id")]));
+    let mut logs = get("a build's log records, oldest first", &[id("build id")]);
+    if let Some(params) = logs["get"]["parameters"].as_array_mut() {
+        params.push(json!({"name": "level", "in": "query", "description": "debug, info, warning, error or critical: this level and above", "schema": {"type": "string"}}));
+        params.push(json!({"name": "after", "in": "query", "description": "only records after this record id (a live tail)", "schema": {"type": "integer"}}));
+        params.push(json!({"name": "limit", "in": "query", "schema": {"type": "integer"}}));
+    }
+    paths.insert("/builds/{id}/logs".into(), logs);
+    paths.insert("/builds/{id}/progress".into(), get("a build's progress tree", &[id("build id")]));
+    paths.insert("/builds/{id}/artifacts".into(), get("the files a build left in its result directory, with download URLs", &[id("build id")]));
+    paths.insert("/builds/{id}/artifacts/{path}".into(), get("one artifact's content", &[id("build id"), path_param("path", "the artifact's path")]));
+    paths.insert("/builds/{id}/triggered".into(), list(Collection::Buildsets, "the buildsets a build triggered", &[id("build id")]));
+    paths.insert("/builders".into(), list(Collection::Builders, "builders with their status and latest successful build", &[]));
+    paths.insert("/builders/{builder}".into(), get("a builder, by id or name", &[path_param("builder", "id or name")]));
+    paths.insert("/builders/{builder}/builds".into(), list(Collection::Builds, "a builder's builds", &[path_param("builder", "id or name")]));
+    paths.insert("/builders/{builder}/builds/{number}".into(), get("a build by builder and number", &[path_param("builder", "id or name"), path_param("number", "the build number")]));
+    paths.insert("/masters".into(), list(Collection::Masters, "masters (engine processes)", &[]));
+    paths.insert("/masters/{id}".into(), get("a master", &[id("master id")]));
+    paths.insert("/plugins".into(), json!({"post": {
+        "summary": "upload a plugin component (?name=NAME, the .wasm as the body); accepted only if it fits one of Kiln's worlds; needs the bearer token",
+        "security": [{"bearer": []}],
+        "requestBody": {"required": true, "content": {"application/wasm": {}}},
+        "responses": {"201": {"description": "{\"name\", \"world\", \"package_versions\", \"size\"}"}, "400": {"description": "not a Kiln plugin, with the reasons"}, "401": {"description": "no or wrong token"}}
+    }}));
+    paths.insert("/events".into(), json!({"get": {
+        "summary": "server-sent events: lifecycle events, build log and progress updates; named by kind",
+        "responses": {"200": {"description": "text/event-stream"}}
+    }}));
+    paths.insert("/openapi.json".into(), get("this document", &[]));
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Kiln data API", "version": "2", "description": "Buildbot's data API shape: collections answer {\"<plural>\": [...], \"meta\": {\"total\": N}}; times are seconds since the Unix epoch; results are Buildbot's numbers (SUCCESS 0 .. CANCELLED 6)."},
+        "servers": [{"url": crate::PREFIX}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "properties": {"error": {"type": "string"}}},
+                "Rpc": {"type": "object", "required": ["method"], "properties": {"jsonrpc": {"const": "2.0"}, "method": {"type": "string"}, "params": {"type": "object"}, "id": {}}},
+                "Submission": {"type": "object", "required": ["builders"], "properties": {
+                    "reason": {"type": "string"}, "builders": {"type": "array", "items": {"type": "string"}},
+                    "properties": {"type": "object", "description": "name -> value, or name -> [value, source]"},
+                    "sourcestamps": {"type": "array", "items": {"type": "object"}},
+                    "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
+                    "external_idstring": {"type": "string"}}},
+                "buildsets": collection_schema("buildsets", shapes::BUILDSET_FIELDS),
+                "buildrequests": collection_schema("buildrequests", shapes::REQUEST_FIELDS),
+                "builds": collection_schema("builds", shapes::BUILD_FIELDS),
+                "builders": collection_schema("builders", shapes::BUILDER_FIELDS),
+                "masters": collection_schema("masters", shapes::MASTER_FIELDS),
+            }
+        }
+    })
+}
+
+pub async fn document() -> Json<Value> {
+    Json(spec())
+}
