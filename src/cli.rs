@@ -28,6 +28,9 @@ pub enum Command {
         /// The pipeline file (TOML); see the README for its format.
         pipeline: std::path::PathBuf,
     },
+    /// Serve the HTTP API (/api/v2) and the dashboard (/) while running the builders,
+    /// policies and reporters of a pipeline file.
+    Serve(ServeArgs),
     /// Work with plugin components.
     Plugin {
         #[command(subcommand)]
@@ -71,6 +74,29 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A pipeline file whose builders, policies and reporters this server runs; without
+    /// one it serves the database and runs nothing.
+    pub config: Option<std::path::PathBuf>,
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:8010")]
+    pub listen: String,
+    /// The bearer token writes need (submit, cancel, rebuild, upload, ...); without one
+    /// the server is read-only.
+    #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Reads need the token too.
+    #[arg(long)]
+    pub private_reads: bool,
+    /// Where uploaded plugins are kept; without it uploads are refused.
+    #[arg(long)]
+    pub plugins_dir: Option<std::path::PathBuf>,
+    /// Also submit the config's [[submit]] entries when the server starts.
+    #[arg(long, requires = "config")]
+    pub submit: bool,
 }
 
 #[derive(Debug, Args)]

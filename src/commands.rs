@@ -27,6 +27,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Plugin {
             what: PluginWhat::Check { file },
         } => return plugin_check(file, cli.json),
+        Command::Serve(args) => return crate::serve::serve(args, &cli.db).await,
         _ => {}
     }
     // Commands never create a database: a mistyped path must be an error, not an empty file.
@@ -42,7 +43,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Show { what } => show(&client, &out, what).await?,
         Command::Logs(args) => logs(&client, &out, args).await?,
         Command::Cancel { what } => cancel(&client, &out, what).await?,
-        Command::Run { .. } | Command::Plugin { .. } => unreachable_command()?,
+        Command::Run { .. } | Command::Plugin { .. } | Command::Serve(_) => unreachable_command()?,
         Command::Reporter {
             what: ReporterWhat::Remove { name },
         } => {

@@ -6,6 +6,7 @@ mod commands;
 mod pipeline;
 mod render;
 mod run;
+mod serve;
 
 use std::process::ExitCode;
 

@@ -35,8 +35,20 @@ struct Line {
     results: Option<ResultCode>,
 }
 
-/// Runs the pipeline at `path`; `db` is the CLI's database unless the file names one.
-pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
+/// An engine opened for a pipeline file, with its builders, policies and reporters
+/// registered and its submissions ready.
+pub struct Started {
+    pub engine: Engine,
+    pub host: std::sync::Arc<WasmHost>,
+    pub database: PathBuf,
+    pub results_dir: PathBuf,
+    pub submissions: Vec<kiln_engine::Submission>,
+    pub reporters: Vec<String>,
+}
+
+/// Reads and checks a pipeline file, opens its database (the file's, else `db`) and
+/// registers everything it declares.
+pub async fn start(path: &Path, db: &str) -> Result<Started> {
     let (base, file) = pipeline::read(path)?;
     let database = file
         .run
@@ -61,10 +73,10 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
         .as_ref()
         .map(|p| resolve(&base, p))
         .or_else(default_cache_dir);
-    let host = WasmHost::new(WasmHostConfig {
+    let host = std::sync::Arc::new(WasmHost::new(WasmHostConfig {
         cache_dir,
         ..WasmHostConfig::default()
-    });
+    }));
     let pipeline = pipeline::load(base, file, &host).await?;
 
     let url = format!("sqlite://{}", database.display());
@@ -76,7 +88,7 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
     for (relationship, policy) in pipeline.policies {
         engine.set_policy(relationship, policy);
     }
-    let reporter_names: Vec<String> = pipeline
+    let reporters: Vec<String> = pipeline
         .reporters
         .iter()
         .map(|(c, _)| c.name.clone())
@@ -87,8 +99,28 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
     for (config, executor) in pipeline.builders {
         engine.register_builder(config, executor).await?;
     }
+    Ok(Started {
+        engine,
+        host,
+        database,
+        results_dir,
+        submissions: pipeline.submissions,
+        reporters,
+    })
+}
+
+/// Runs the pipeline at `path`; `db` is the CLI's database unless the file names one.
+pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
+    let Started {
+        engine,
+        database,
+        results_dir,
+        submissions,
+        reporters: reporter_names,
+        ..
+    } = start(path, db).await?;
     let mut events = engine.subscribe();
-    let submitted = engine.submit_many(&pipeline.submissions).await?;
+    let submitted = engine.submit_many(&submissions).await?;
     let mut open: BTreeSet<BuildsetId> = submitted.iter().map(|s| s.buildset_id).collect();
     let ours = open.clone();
     if !json_out {

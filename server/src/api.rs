@@ -4,9 +4,7 @@ use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
-use kiln_engine::model::{
-    BuildId, Builder, BuildsetId, LogLevel, LogQuery, MasterId, RequestId,
-};
+use kiln_engine::model::{BuildId, Builder, BuildsetId, LogLevel, LogQuery, MasterId, RequestId};
 use kiln_engine::storage::{BuildFilter, BuildsetFilter, Collection, FilterValue, Op, Query};
 use serde_json::{Value, json};
 
@@ -46,12 +44,21 @@ fn scoped(mut query: Query, field: &str, value: i64) -> Query {
 
 // ---- buildsets ----
 
-pub async fn buildsets(State(s): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Reply {
+pub async fn buildsets(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Reply {
     read(&s, &headers)?;
     let q = parse_collection(Collection::Buildsets, raw.as_deref(), json::BUILDSET_FIELDS)?;
     let page = s.engine.client().store().query_buildsets(&q.query).await?;
     let items = page.items.iter().map(json::buildset).collect();
-    Ok(Json(json::collection("buildsets", items, page.total, &q.fields)))
+    Ok(Json(json::collection(
+        "buildsets",
+        items,
+        page.total,
+        &q.fields,
+    )))
 }
 
 pub async fn buildset(
@@ -85,7 +92,9 @@ pub async fn buildset_properties(
         .store()
         .buildset_properties(BuildsetId(id("buildset", &bsid)?))
         .await?;
-    Ok(Json(json!({ "properties": [json::properties(&props)], "meta": {"total": 1} })))
+    Ok(Json(
+        json!({ "properties": [json::properties(&props)], "meta": {"total": 1} }),
+    ))
 }
 
 pub async fn buildset_sourcestamps(
@@ -103,7 +112,9 @@ pub async fn buildset_sourcestamps(
         .buildset_sourcestamps(BuildsetId(id("buildset", &bsid)?))
         .await?;
     let total = stamps.len();
-    Ok(Json(json!({ "sourcestamps": json::sourcestamps(&stamps), "meta": {"total": total} })))
+    Ok(Json(
+        json!({ "sourcestamps": json::sourcestamps(&stamps), "meta": {"total": total} }),
+    ))
 }
 
 pub async fn buildset_requests(
@@ -114,8 +125,16 @@ pub async fn buildset_requests(
 ) -> Reply {
     read(&s, &headers)?;
     let bsid = id("buildset", &bsid)?;
-    s.engine.client().store().buildset_get(BuildsetId(bsid)).await?;
-    let q = parse_collection(Collection::BuildRequests, raw.as_deref(), json::REQUEST_FIELDS)?;
+    s.engine
+        .client()
+        .store()
+        .buildset_get(BuildsetId(bsid))
+        .await?;
+    let q = parse_collection(
+        Collection::BuildRequests,
+        raw.as_deref(),
+        json::REQUEST_FIELDS,
+    )?;
     let page = s
         .engine
         .client()
@@ -123,7 +142,12 @@ pub async fn buildset_requests(
         .query_requests(&scoped(q.query, "buildsetid", bsid))
         .await?;
     let items = page.items.iter().map(json::request).collect();
-    Ok(Json(json::collection("buildrequests", items, page.total, &q.fields)))
+    Ok(Json(json::collection(
+        "buildrequests",
+        items,
+        page.total,
+        &q.fields,
+    )))
 }
 
 pub async fn buildset_builds(
@@ -134,7 +158,11 @@ pub async fn buildset_builds(
 ) -> Reply {
     read(&s, &headers)?;
     let bsid = id("buildset", &bsid)?;
-    s.engine.client().store().buildset_get(BuildsetId(bsid)).await?;
+    s.engine
+        .client()
+        .store()
+        .buildset_get(BuildsetId(bsid))
+        .await?;
     let q = parse_collection(Collection::Builds, raw.as_deref(), json::BUILD_FIELDS)?;
     builds_page(&s, scoped(q.query, "buildsetid", bsid), &q.fields).await
 }
@@ -171,7 +199,12 @@ fn tree<'a>(
             .await?
         {
             let mut node = json::build(&b);
-            node["builder"] = json!(names.iter().find(|(id, _)| *id == b.builder_id.0).map(|(_, n)| n));
+            node["builder"] = json!(
+                names
+                    .iter()
+                    .find(|(id, _)| *id == b.builder_id.0)
+                    .map(|(_, n)| n)
+            );
             let mut children = Vec::new();
             if depth < TREE_DEPTH {
                 for child in client
@@ -207,12 +240,25 @@ async fn builder_names(s: &AppState) -> ApiResult<Vec<(i64, String)>> {
 
 // ---- build requests ----
 
-pub async fn requests(State(s): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Reply {
+pub async fn requests(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Reply {
     read(&s, &headers)?;
-    let q = parse_collection(Collection::BuildRequests, raw.as_deref(), json::REQUEST_FIELDS)?;
+    let q = parse_collection(
+        Collection::BuildRequests,
+        raw.as_deref(),
+        json::REQUEST_FIELDS,
+    )?;
     let page = s.engine.client().store().query_requests(&q.query).await?;
     let items = page.items.iter().map(json::request).collect();
-    Ok(Json(json::collection("buildrequests", items, page.total, &q.fields)))
+    Ok(Json(json::collection(
+        "buildrequests",
+        items,
+        page.total,
+        &q.fields,
+    )))
 }
 
 pub async fn request(
@@ -228,7 +274,11 @@ pub async fn request(
         .client()
         .request(RequestId(id("build request", &rid)?))
         .await?;
-    Ok(Json(json::entity("buildrequests", json::request(&r), &fields)))
+    Ok(Json(json::entity(
+        "buildrequests",
+        json::request(&r),
+        &fields,
+    )))
 }
 
 pub async fn request_builds(
@@ -252,7 +302,11 @@ async fn builds_page(s: &AppState, query: Query, fields: &[String]) -> Reply {
     Ok(Json(json::collection("builds", items, page.total, fields)))
 }
 
-pub async fn builds(State(s): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Reply {
+pub async fn builds(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Reply {
     read(&s, &headers)?;
     let q = parse_collection(Collection::Builds, raw.as_deref(), json::BUILD_FIELDS)?;
     builds_page(&s, q.query, &q.fields).await
@@ -260,7 +314,8 @@ pub async fn builds(State(s): State<AppState>, headers: HeaderMap, RawQuery(raw)
 
 async fn build_reply(s: &AppState, build: kiln_engine::model::Build, fields: &[String]) -> Reply {
     let mut value = json::build(&build);
-    value["properties"] = json::properties(&s.engine.client().store().build_properties(build.id).await?);
+    value["properties"] =
+        json::properties(&s.engine.client().store().build_properties(build.id).await?);
     Ok(Json(json::entity("builds", value, fields)))
 }
 
@@ -288,7 +343,9 @@ pub async fn build_properties(
     let store = s.engine.client().store();
     store.build_get(build).await?;
     let props = store.build_properties(build).await?;
-    Ok(Json(json!({ "properties": [json::properties(&props)], "meta": {"total": 1} })))
+    Ok(Json(
+        json!({ "properties": [json::properties(&props)], "meta": {"total": 1} }),
+    ))
 }
 
 /// `?level=warning` (at least), `?after=<record id>` (for a live tail), `?limit=N`.
@@ -308,9 +365,11 @@ pub async fn build_logs(
     for (key, value) in pairs(raw.as_deref())? {
         match key.as_str() {
             "level" => {
-                query.min_level = Some(value.parse::<LogLevel>().map_err(|e| {
-                    ApiError::BadRequest(format!("level={value:?}: {e}"))
-                })?)
+                query.min_level = Some(
+                    value
+                        .parse::<LogLevel>()
+                        .map_err(|e| ApiError::BadRequest(format!("level={value:?}: {e}")))?,
+                )
             }
             "after" => {
                 query.after_id = Some(value.parse().map_err(|_| {
@@ -357,7 +416,11 @@ pub async fn build_progress(
 ) -> Reply {
     read(&s, &headers)?;
     parse_entity(raw.as_deref(), &[])?;
-    let tree = s.engine.client().progress(BuildId(id("build", &bid)?)).await?;
+    let tree = s
+        .engine
+        .client()
+        .progress(BuildId(id("build", &bid)?))
+        .await?;
     Ok(Json(json!({ "progress": [tree], "meta": {"total": 1} })))
 }
 
@@ -385,7 +448,9 @@ pub async fn build_artifacts(
         })
         .collect();
     let total = artifacts.len();
-    Ok(Json(json!({ "artifacts": artifacts, "meta": {"total": total} })))
+    Ok(Json(
+        json!({ "artifacts": artifacts, "meta": {"total": total} }),
+    ))
 }
 
 /// The content of one artifact, if it lies on this server.
@@ -436,7 +501,12 @@ pub async fn build_triggered(
         .query_buildsets(&scoped(q.query, "parent_buildid", bid))
         .await?;
     let items = page.items.iter().map(json::buildset).collect();
-    Ok(Json(json::collection("buildsets", items, page.total, &q.fields)))
+    Ok(Json(json::collection(
+        "buildsets",
+        items,
+        page.total,
+        &q.fields,
+    )))
 }
 
 // ---- builders ----
@@ -455,13 +525,18 @@ async fn find_builder(s: &AppState, key: &str) -> ApiResult<Builder> {
             .store()
             .builder_get(kiln_engine::model::BuilderId(n))
             .await?),
-        Err(_) => Ok(client.builder_named(key).await.map_err(|_| {
-            ApiError::NotFound(format!("builder {key:?} not found"))
-        })?),
+        Err(_) => Ok(client
+            .builder_named(key)
+            .await
+            .map_err(|_| ApiError::NotFound(format!("builder {key:?} not found")))?),
     }
 }
 
-pub async fn builders(State(s): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Reply {
+pub async fn builders(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Reply {
     read(&s, &headers)?;
     let q = parse_collection(Collection::Builders, raw.as_deref(), json::BUILDER_FIELDS)?;
     let page = s.engine.client().store().query_builders(&q.query).await?;
@@ -469,7 +544,9 @@ pub async fn builders(State(s): State<AppState>, headers: HeaderMap, RawQuery(ra
     for b in &page.items {
         items.push(builder_value(&s, b).await?);
     }
-    Ok(Json(json::collection("builders", items, page.total, &q.fields)))
+    Ok(Json(json::collection(
+        "builders", items, page.total, &q.fields,
+    )))
 }
 
 pub async fn builder(
@@ -481,7 +558,11 @@ pub async fn builder(
     read(&s, &headers)?;
     let fields = parse_entity(raw.as_deref(), json::BUILDER_FIELDS)?;
     let b = find_builder(&s, &key).await?;
-    Ok(Json(json::entity("builders", builder_value(&s, &b).await?, &fields)))
+    Ok(Json(json::entity(
+        "builders",
+        builder_value(&s, &b).await?,
+        &fields,
+    )))
 }
 
 pub async fn builder_builds(
@@ -519,12 +600,18 @@ pub async fn builder_build(
 
 // ---- masters ----
 
-pub async fn masters(State(s): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Reply {
+pub async fn masters(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Reply {
     read(&s, &headers)?;
     let q = parse_collection(Collection::Masters, raw.as_deref(), json::MASTER_FIELDS)?;
     let page = s.engine.client().store().query_masters(&q.query).await?;
     let items = page.items.iter().map(json::master).collect();
-    Ok(Json(json::collection("masters", items, page.total, &q.fields)))
+    Ok(Json(json::collection(
+        "masters", items, page.total, &q.fields,
+    )))
 }
 
 pub async fn master(

@@ -79,8 +79,9 @@ pub struct SubmitBody {
 }
 
 fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::BadRequest(format!("the request body is not what it should be: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::BadRequest(format!("the request body is not what it should be: {e}"))
+    })
 }
 
 /// `POST /buildsets`: submits a buildset; answers 201 with its id and requests.
@@ -92,10 +93,15 @@ pub async fn submit(
     authorize(&s, &headers)?;
     let b: SubmitBody = body(&bytes)?;
     if b.builders.is_empty() {
-        return Err(ApiError::BadRequest("builders: name at least one builder".into()));
+        return Err(ApiError::BadRequest(
+            "builders: name at least one builder".into(),
+        ));
     }
-    let mut submission = Submission::new(b.reason.unwrap_or_else(|| "submitted through the API".into()))
-        .priority(b.priority);
+    let mut submission = Submission::new(
+        b.reason
+            .unwrap_or_else(|| "submitted through the API".into()),
+    )
+    .priority(b.priority);
     submission.builders = b.builders;
     submission.sourcestamps = b.sourcestamps;
     submission.external_idstring = b.external_idstring;
@@ -175,7 +181,9 @@ pub async fn request_rpc(
         "cancel" => {
             let request = s.engine.client().request(rid).await?;
             if request.complete {
-                return Err(ApiError::Conflict(format!("build request {rid} is already complete")));
+                return Err(ApiError::Conflict(format!(
+                    "build request {rid} is already complete"
+                )));
             }
             let outcome = s.engine.cancel_request(rid).await?;
             Ok(reply(&call, cancel_result(&outcome)))
@@ -186,7 +194,11 @@ pub async fn request_rpc(
                 .get("priority")
                 .and_then(Value::as_i64)
                 .and_then(|p| i32::try_from(p).ok())
-                .ok_or_else(|| ApiError::BadRequest("set_priority needs params.priority, a whole number".into()))?;
+                .ok_or_else(|| {
+                    ApiError::BadRequest(
+                        "set_priority needs params.priority, a whole number".into(),
+                    )
+                })?;
             let store = s.engine.client().store();
             store.request_get(rid).await?;
             store.request_set_priority(rid, priority).await?;
@@ -214,11 +226,18 @@ pub async fn buildset_rpc(
             Ok(reply(&call, cancel_result(&outcome)))
         }
         "resubmit" => {
-            let all = call.params.get("all").and_then(Value::as_bool).unwrap_or(false);
+            let all = call
+                .params
+                .get("all")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
             let submitted = s.engine.resubmit(bsid, all).await?;
             let brids: BTreeMap<&String, i64> =
                 submitted.requests.iter().map(|(k, v)| (k, v.0)).collect();
-            Ok(reply(&call, json!({ "bsid": submitted.buildset_id.0, "brids": brids })))
+            Ok(reply(
+                &call,
+                json!({ "bsid": submitted.buildset_id.0, "brids": brids }),
+            ))
         }
         _ => Err(unknown_method(&call, "cancel, resubmit")),
     }
@@ -240,7 +259,9 @@ pub async fn build_rpc(
         "stop" => {
             let build = s.engine.client().build(bid).await?;
             if build.complete_at.is_some() {
-                return Err(ApiError::Conflict(format!("build {bid} has already finished")));
+                return Err(ApiError::Conflict(format!(
+                    "build {bid} has already finished"
+                )));
             }
             let outcome = s.engine.cancel_request(build.request_id).await?;
             Ok(reply(&call, cancel_result(&outcome)))
@@ -249,7 +270,10 @@ pub async fn build_rpc(
             let submitted = s.engine.rebuild(bid).await?;
             let brids: BTreeMap<&String, i64> =
                 submitted.requests.iter().map(|(k, v)| (k, v.0)).collect();
-            Ok(reply(&call, json!({ "bsid": submitted.buildset_id.0, "brids": brids })))
+            Ok(reply(
+                &call,
+                json!({ "bsid": submitted.buildset_id.0, "brids": brids }),
+            ))
         }
         _ => Err(unknown_method(&call, "stop, rebuild")),
     }
@@ -278,7 +302,9 @@ pub async fn upload_plugin(
     let name = name.ok_or_else(|| ApiError::BadRequest("name the plugin: ?name=NAME".into()))?;
     if name.is_empty()
         || name.len() > 64
-        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
         return Err(ApiError::BadRequest(format!(
             "plugin name {name:?}: use 1 to 64 letters, digits, - and _"

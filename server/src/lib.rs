@@ -72,14 +72,23 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/buildsets", get(api::buildsets).post(control::submit))
-        .route("/buildsets/{id}", get(api::buildset).post(control::buildset_rpc))
+        .route(
+            "/buildsets/{id}",
+            get(api::buildset).post(control::buildset_rpc),
+        )
         .route("/buildsets/{id}/properties", get(api::buildset_properties))
-        .route("/buildsets/{id}/sourcestamps", get(api::buildset_sourcestamps))
+        .route(
+            "/buildsets/{id}/sourcestamps",
+            get(api::buildset_sourcestamps),
+        )
         .route("/buildsets/{id}/buildrequests", get(api::buildset_requests))
         .route("/buildsets/{id}/builds", get(api::buildset_builds))
         .route("/buildsets/{id}/tree", get(api::buildset_tree))
         .route("/buildrequests", get(api::requests))
-        .route("/buildrequests/{id}", get(api::request).post(control::request_rpc))
+        .route(
+            "/buildrequests/{id}",
+            get(api::request).post(control::request_rpc),
+        )
         .route("/buildrequests/{id}/builds", get(api::request_builds))
         .route("/builds", get(api::builds))
         .route("/builds/{id}", get(api::build).post(control::build_rpc))
@@ -87,12 +96,18 @@ pub fn router(state: AppState) -> Router {
         .route("/builds/{id}/logs", get(api::build_logs))
         .route("/builds/{id}/progress", get(api::build_progress))
         .route("/builds/{id}/artifacts", get(api::build_artifacts))
-        .route("/builds/{id}/artifacts/{*path}", get(api::build_artifact_file))
+        .route(
+            "/builds/{id}/artifacts/{*path}",
+            get(api::build_artifact_file),
+        )
         .route("/builds/{id}/triggered", get(api::build_triggered))
         .route("/builders", get(api::builders))
         .route("/builders/{builder}", get(api::builder))
         .route("/builders/{builder}/builds", get(api::builder_builds))
-        .route("/builders/{builder}/builds/{number}", get(api::builder_build))
+        .route(
+            "/builders/{builder}/builds/{number}",
+            get(api::builder_build),
+        )
         .route("/masters", get(api::masters))
         .route("/masters/{id}", get(api::master))
         .route("/plugins", post(control::upload_plugin))

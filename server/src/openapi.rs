@@ -29,8 +29,11 @@ fn collection_params(collection: Collection) -> Vec<Value> {
         })
         .collect();
     params.push(json!({"name": "order", "in": "query", "description": "a field, - for descending; repeat for more keys", "schema": {"type": "string"}}));
-    params.push(json!({"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}));
-    params.push(json!({"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}));
+    params
+        .push(json!({"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}));
+    params.push(
+        json!({"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}),
+    );
     params.push(json!({"name": "field", "in": "query", "description": "fields to keep in each result; repeat", "schema": {"type": "string"}}));
     params
 }
@@ -94,7 +97,11 @@ fn collection_schema(plural: &str, fields: &[&str]) -> Value {
 pub fn spec() -> Value {
     let id = |what: &str| path_param("id", what);
     let mut paths = Map::new();
-    let mut buildsets = list(Collection::Buildsets, "buildsets, newest last unless ordered", &[]);
+    let mut buildsets = list(
+        Collection::Buildsets,
+        "buildsets, newest last unless ordered",
+        &[],
+    );
     buildsets["post"] = json!({
         "summary": "submit a buildset: one request per builder; needs the bearer token",
         "security": [{"bearer": []}],
@@ -102,24 +109,69 @@ pub fn spec() -> Value {
         "responses": {"201": {"description": "{\"bsid\": N, \"brids\": {builder: id}}"}, "400": {"description": "bad submission or unknown builder"}, "401": {"description": "no or wrong token"}}
     });
     paths.insert("/buildsets".into(), buildsets);
-    let mut one = get("a buildset with its sourcestamps and properties", &[id("buildset id")]);
+    let mut one = get(
+        "a buildset with its sourcestamps and properties",
+        &[id("buildset id")],
+    );
     one["post"] = rpc("cancel, resubmit {all}");
     paths.insert("/buildsets/{id}".into(), one);
-    paths.insert("/buildsets/{id}/properties".into(), get("a buildset's properties: name -> [value, source]", &[id("buildset id")]));
-    paths.insert("/buildsets/{id}/sourcestamps".into(), get("a buildset's sourcestamps", &[id("buildset id")]));
-    paths.insert("/buildsets/{id}/buildrequests".into(), list(Collection::BuildRequests, "a buildset's requests", &[id("buildset id")]));
-    paths.insert("/buildsets/{id}/builds".into(), list(Collection::Builds, "a buildset's builds", &[id("buildset id")]));
-    paths.insert("/buildsets/{id}/tree".into(), get("a buildset, its builds, and the buildsets they triggered, recursively", &[id("buildset id")]));
-    paths.insert("/buildrequests".into(), list(Collection::BuildRequests, "build requests", &[]));
+    paths.insert(
+        "/buildsets/{id}/properties".into(),
+        get(
+            "a buildset's properties: name -> [value, source]",
+            &[id("buildset id")],
+        ),
+    );
+    paths.insert(
+        "/buildsets/{id}/sourcestamps".into(),
+        get("a buildset's sourcestamps", &[id("buildset id")]),
+    );
+    paths.insert(
+        "/buildsets/{id}/buildrequests".into(),
+        list(
+            Collection::BuildRequests,
+            "a buildset's requests",
+            &[id("buildset id")],
+        ),
+    );
+    paths.insert(
+        "/buildsets/{id}/builds".into(),
+        list(
+            Collection::Builds,
+            "a buildset's builds",
+            &[id("buildset id")],
+        ),
+    );
+    paths.insert(
+        "/buildsets/{id}/tree".into(),
+        get(
+            "a buildset, its builds, and the buildsets they triggered, recursively",
+            &[id("buildset id")],
+        ),
+    );
+    paths.insert(
+        "/buildrequests".into(),
+        list(Collection::BuildRequests, "build requests", &[]),
+    );
     let mut one = get("a build request", &[id("request id")]);
     one["post"] = rpc("cancel, set_priority {priority}");
     paths.insert("/buildrequests/{id}".into(), one);
-    paths.insert("/buildrequests/{id}/builds".into(), list(Collection::Builds, "a request's builds", &[id("request id")]));
+    paths.insert(
+        "/buildrequests/{id}/builds".into(),
+        list(
+            Collection::Builds,
+            "a request's builds",
+            &[id("request id")],
+        ),
+    );
     paths.insert("/builds".into(), list(Collection::Builds, "builds", &[]));
     let mut one = get("a build with its properties", &[id("build id")]);
     one["post"] = rpc("stop, rebuild");
     paths.insert("/builds/{id}".into(), one);
-    paths.insert("/builds/{id}/properties".into(), get("a build's properties", &[id("build id")]));
+    paths.insert(
+        "/builds/{id}/properties".into(),
+        get("a build's properties", &[id("build id")]),
+    );
     let mut logs = get("a build's log records, oldest first", &[id("build id")]);
     if let Some(params) = logs["get"]["parameters"].as_array_mut() {
         params.push(json!({"name": "level", "in": "query", "description": "debug, info, warning, error or critical: this level and above", "schema": {"type": "string"}}));
@@ -127,15 +179,69 @@ pub fn spec() -> Value {
         params.push(json!({"name": "limit", "in": "query", "schema": {"type": "integer"}}));
     }
     paths.insert("/builds/{id}/logs".into(), logs);
-    paths.insert("/builds/{id}/progress".into(), get("a build's progress tree", &[id("build id")]));
-    paths.insert("/builds/{id}/artifacts".into(), get("the files a build left in its result directory, with download URLs", &[id("build id")]));
-    paths.insert("/builds/{id}/artifacts/{path}".into(), get("one artifact's content", &[id("build id"), path_param("path", "the artifact's path")]));
-    paths.insert("/builds/{id}/triggered".into(), list(Collection::Buildsets, "the buildsets a build triggered", &[id("build id")]));
-    paths.insert("/builders".into(), list(Collection::Builders, "builders with their status and latest successful build", &[]));
-    paths.insert("/builders/{builder}".into(), get("a builder, by id or name", &[path_param("builder", "id or name")]));
-    paths.insert("/builders/{builder}/builds".into(), list(Collection::Builds, "a builder's builds", &[path_param("builder", "id or name")]));
-    paths.insert("/builders/{builder}/builds/{number}".into(), get("a build by builder and number", &[path_param("builder", "id or name"), path_param("number", "the build number")]));
-    paths.insert("/masters".into(), list(Collection::Masters, "masters (engine processes)", &[]));
+    paths.insert(
+        "/builds/{id}/progress".into(),
+        get("a build's progress tree", &[id("build id")]),
+    );
+    paths.insert(
+        "/builds/{id}/artifacts".into(),
+        get(
+            "the files a build left in its result directory, with download URLs",
+            &[id("build id")],
+        ),
+    );
+    paths.insert(
+        "/builds/{id}/artifacts/{path}".into(),
+        get(
+            "one artifact's content",
+            &[id("build id"), path_param("path", "the artifact's path")],
+        ),
+    );
+    paths.insert(
+        "/builds/{id}/triggered".into(),
+        list(
+            Collection::Buildsets,
+            "the buildsets a build triggered",
+            &[id("build id")],
+        ),
+    );
+    paths.insert(
+        "/builders".into(),
+        list(
+            Collection::Builders,
+            "builders with their status and latest successful build",
+            &[],
+        ),
+    );
+    paths.insert(
+        "/builders/{builder}".into(),
+        get(
+            "a builder, by id or name",
+            &[path_param("builder", "id or name")],
+        ),
+    );
+    paths.insert(
+        "/builders/{builder}/builds".into(),
+        list(
+            Collection::Builds,
+            "a builder's builds",
+            &[path_param("builder", "id or name")],
+        ),
+    );
+    paths.insert(
+        "/builders/{builder}/builds/{number}".into(),
+        get(
+            "a build by builder and number",
+            &[
+                path_param("builder", "id or name"),
+                path_param("number", "the build number"),
+            ],
+        ),
+    );
+    paths.insert(
+        "/masters".into(),
+        list(Collection::Masters, "masters (engine processes)", &[]),
+    );
     paths.insert("/masters/{id}".into(), get("a master", &[id("master id")]));
     paths.insert("/plugins".into(), json!({"post": {
         "summary": "upload a plugin component (?name=NAME, the .wasm as the body); accepted only if it fits one of Kiln's worlds; needs the bearer token",

@@ -58,9 +58,9 @@ pub fn pairs(raw: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
 }
 
 fn number(key: &str, value: &str) -> Result<u32, ApiError> {
-    value.parse().map_err(|_| {
-        ApiError::BadRequest(format!("{key}={value:?}: expected a whole number ≥ 0"))
-    })
+    value
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("{key}={value:?}: expected a whole number ≥ 0")))
 }
 
 /// Reads a collection request. `outputs` are the field names results have (what

@@ -756,11 +756,12 @@ impl Store for SqliteStore {
                 "priority {priority} is outside {MIN_PRIORITY}..={MAX_PRIORITY}"
             )));
         }
-        let done = sqlx::query("UPDATE buildrequests SET priority = ? WHERE id = ? AND complete = 0")
-            .bind(priority)
-            .bind(id.0)
-            .execute(&mut *self.writer.lock().await)
-            .await?;
+        let done =
+            sqlx::query("UPDATE buildrequests SET priority = ? WHERE id = ? AND complete = 0")
+                .bind(priority)
+                .bind(id.0)
+                .execute(&mut *self.writer.lock().await)
+                .await?;
         if done.rows_affected() == 0 {
             self.request_get(id).await?;
             return Err(StorageError::Invalid(format!(

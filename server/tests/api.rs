@@ -1,0 +1,779 @@
+//! The HTTP API through the router, in process: every endpoint, the query syntax, the
+//! errors, the token, control actions, uploads and the event stream. Tests wait on
+//! engine events; timeouts only turn hangs into failures.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, ensure};
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use kiln_engine::model::{LogLevel, Properties};
+use kiln_engine::wasm::{WasmHost, WasmHostConfig};
+use kiln_engine::{BuilderConfig, Engine, EngineConfig, Event, FnExecutor, Outcome};
+use kiln_server::{AppState, ServerConfig, router};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const TOKEN: &str = "sesame";
+const GUARD: Duration = Duration::from_secs(60);
+
+struct Server {
+    app: Router,
+    engine: Arc<Engine>,
+    plugins: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+}
+
+async fn server_with(config: impl FnOnce(&std::path::Path) -> ServerConfig) -> Result<Server> {
+    let dir = tempfile::tempdir()?;
+    let plugins = tempfile::tempdir()?;
+    let url = format!("sqlite://{}", dir.path().join("kiln.db").display());
+    let engine = Engine::open(
+        EngineConfig::new(url)
+            .master_name("api")
+            .results_dir(dir.path().join("results")),
+    )
+    .await?;
+    engine
+        .register_builder(
+            BuilderConfig::new("compile").description("compiles"),
+            FnExecutor::new(|ctx| async move {
+                ctx.log(LogLevel::Info, "compiling").await?;
+                ctx.log(LogLevel::Warning, "a warning").await?;
+                ctx.progress(&["compile"], 1, 2, "half").await?;
+                ctx.set_property("version", json!("1.2"), "compile").await?;
+                if let Some(dir) = ctx.result_dir() {
+                    tokio::fs::write(dir.join("out.txt"), "built")
+                        .await
+                        .map_err(|e| kiln_engine::JobError::new(e.to_string()))?;
+                }
+                Ok(Outcome::success(json!({"binaries": 3})))
+            }),
+        )
+        .await?;
+    engine
+        .register_builder(
+            BuilderConfig::new("wait"),
+            FnExecutor::new(|ctx| async move {
+                ctx.stopped().await;
+                Ok(Outcome::success(json!(null)))
+            }),
+        )
+        .await?;
+    engine
+        .register_builder(
+            BuilderConfig::new("parent"),
+            FnExecutor::new(|ctx| async move {
+                ctx.trigger(&["compile"], Properties::new(), true, "")
+                    .await
+                    .map_err(|e| kiln_engine::JobError::new(e.to_string()))?;
+                Ok(Outcome::success(json!("done")))
+            }),
+        )
+        .await?;
+    let engine = Arc::new(engine);
+    let host = Arc::new(WasmHost::new(WasmHostConfig {
+        cache_dir: None,
+        max_instances: 16,
+    }));
+    let state = AppState::new(engine.clone(), host, config(plugins.path()));
+    Ok(Server {
+        app: router(state),
+        engine,
+        plugins,
+        _dir: dir,
+    })
+}
+
+async fn server() -> Result<Server> {
+    server_with(|plugins| ServerConfig {
+        token: Some(TOKEN.into()),
+        private_reads: false,
+        plugins_dir: Some(plugins.to_path_buf()),
+    })
+    .await
+}
+
+struct Reply {
+    status: StatusCode,
+    json: Value,
+    text: String,
+}
+
+impl Server {
+    async fn call(&self, request: Request<Body>) -> Result<Reply> {
+        let response = self.app.clone().oneshot(request).await?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Ok(Reply { status, json, text })
+    }
+
+    async fn get(&self, path: &str) -> Result<Reply> {
+        self.call(Request::get(path).body(Body::empty())?).await
+    }
+
+    async fn ok(&self, path: &str) -> Result<Value> {
+        let r = self.get(path).await?;
+        ensure!(
+            r.status == StatusCode::OK,
+            "GET {path}: {} {}",
+            r.status,
+            r.text
+        );
+        Ok(r.json)
+    }
+
+    async fn post(&self, path: &str, body: Value, token: Option<&str>) -> Result<Reply> {
+        let mut request = Request::post(path).header(header::CONTENT_TYPE, "application/json");
+        if let Some(t) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        self.call(request.body(Body::from(body.to_string()))?).await
+    }
+
+    async fn rpc(&self, path: &str, method: &str, params: Value) -> Result<Reply> {
+        self.post(
+            path,
+            json!({"jsonrpc": "2.0", "method": method, "params": params, "id": 7}),
+            Some(TOKEN),
+        )
+        .await
+    }
+
+    /// Submits through the API and waits for the buildset to complete.
+    async fn run(&self, builders: &[&str]) -> Result<i64> {
+        let r = self
+            .post(
+                "/api/v2/buildsets",
+                json!({"builders": builders}),
+                Some(TOKEN),
+            )
+            .await?;
+        ensure!(r.status == StatusCode::CREATED, "{}", r.text);
+        let bsid = r.json["bsid"].as_i64().ok_or_else(|| anyhow!("no bsid"))?;
+        tokio::time::timeout(
+            GUARD,
+            self.engine
+                .wait_buildset(kiln_engine::model::BuildsetId(bsid)),
+        )
+        .await??;
+        Ok(bsid)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collections_answer_in_buildbots_shape_with_the_total_before_paging() -> Result<()> {
+    let s = server().await?;
+    for _ in 0..3 {
+        s.run(&["compile"]).await?;
+    }
+    let page = s
+        .ok("/api/v2/buildsets?limit=2&offset=1&order=-bsid")
+        .await?;
+    ensure!(page["meta"]["total"] == 3, "{page}");
+    let ids: Vec<i64> = page["buildsets"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no list"))?
+        .iter()
+        .filter_map(|b| b["bsid"].as_i64())
+        .collect();
+    ensure!(ids == [2, 1], "{ids:?}");
+    let b = &page["buildsets"][0];
+    ensure!(b["complete"] == true && b["results"] == 0 && b["submitted_at"].is_f64());
+    for collection in ["buildrequests", "builds", "builders", "masters"] {
+        let all = s.ok(&format!("/api/v2/{collection}")).await?;
+        ensure!(
+            all["meta"]["total"].as_u64().is_some_and(|n| n >= 1),
+            "{collection}: {all}"
+        );
+        ensure!(all[collection].is_array());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_operators_ordering_and_field_selection_run_in_the_query() -> Result<()> {
+    let s = server().await?;
+    for _ in 0..3 {
+        s.run(&["compile"]).await?;
+    }
+    let some = s
+        .ok("/api/v2/builds?number__gt=1&order=-number&field=number&field=results")
+        .await?;
+    ensure!(
+        some["builds"] == json!([{"number": 3, "results": 0}, {"number": 2, "results": 0}]),
+        "{some}"
+    );
+    ensure!(some["meta"]["total"] == 2);
+    let any = s
+        .ok("/api/v2/builds?number=1&number=3&field=number")
+        .await?;
+    ensure!(
+        any["builds"] == json!([{"number": 1}, {"number": 3}]),
+        "repeated values: any of"
+    );
+    let none = s
+        .ok("/api/v2/builds?number__notin=1,2&field=number")
+        .await?;
+    ensure!(none["builds"] == json!([{"number": 3}]));
+    let by_name = s.ok("/api/v2/builds?results=SUCCESS&complete=true").await?;
+    ensure!(by_name["meta"]["total"] == 3);
+    let contains = s
+        .ok("/api/v2/builders?name__contains=omp&field=name")
+        .await?;
+    ensure!(contains["builders"] == json!([{"name": "compile"}]));
+    let ne = s
+        .ok("/api/v2/builders?name__ne=compile&order=name&field=name")
+        .await?;
+    ensure!(
+        ne["builders"] == json!([{"name": "parent"}, {"name": "wait"}]),
+        "{ne}"
+    );
+    let since = s
+        .ok("/api/v2/buildsets?submitted_at__ge=0&submitted_at__lt=99999999999")
+        .await?;
+    ensure!(since["meta"]["total"] == 3);
+    let reqs = s
+        .ok("/api/v2/buildrequests?buildsetid=2&claimed=true")
+        .await?;
+    ensure!(reqs["meta"]["total"] == 1 && reqs["buildrequests"][0]["claimed_by_masterid"] == 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_queries_are_400_with_a_message_that_says_which_part() -> Result<()> {
+    let s = server().await?;
+    s.run(&["compile"]).await?;
+    for (path, says) in [
+        ("/api/v2/builds?colour=red", "no field \"colour\""),
+        ("/api/v2/builds?number__like=1", "unknown operator \"like\""),
+        ("/api/v2/builds?number=one", "not a whole number"),
+        ("/api/v2/builds?results=GREAT", "not a result"),
+        ("/api/v2/builds?complete=maybe", "not true or false"),
+        ("/api/v2/builds?started_at__gt=yesterday", "not a time"),
+        ("/api/v2/builds?state_string__lt=a", "does not apply"),
+        ("/api/v2/builds?number__gt=null", "null can only"),
+        (
+            "/api/v2/builds?order=-colour",
+            "cannot order builds by \"colour\"",
+        ),
+        ("/api/v2/builds?limit=0", "limit must be at least 1"),
+        ("/api/v2/builds?field=colour", "no field \"colour\""),
+        (
+            "/api/v2/builds/1?number=1",
+            "apply to collections, not to a single entity",
+        ),
+        ("/api/v2/builds/abc", "is not a number"),
+        ("/api/v2/builds/1/logs?level=loud", "level=\"loud\""),
+        ("/api/v2/builds/1/logs?tail=1", "unknown parameter \"tail\""),
+    ] {
+        let r = s.get(path).await?;
+        ensure!(
+            r.status == StatusCode::BAD_REQUEST,
+            "{path}: {} {}",
+            r.status,
+            r.text
+        );
+        let error = r.json["error"].as_str().unwrap_or_default();
+        ensure!(error.contains(says), "{path}: {error}");
+    }
+    for path in [
+        "/api/v2/builds/99",
+        "/api/v2/buildsets/99/tree",
+        "/api/v2/builders/nope",
+        "/api/v2/nothing",
+    ] {
+        let r = s.get(path).await?;
+        ensure!(r.status == StatusCode::NOT_FOUND, "{path}: {}", r.status);
+        ensure!(r.json["error"].is_string());
+    }
+    // Nothing internal reaches a client: no SQL, no paths.
+    let r = s.get("/api/v2/builds?number=99999999999999999999").await?;
+    ensure!(
+        r.status == StatusCode::BAD_REQUEST
+            && !r.text.contains("SELECT")
+            && !r.text.contains("/tmp")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_entity_and_sub_resource_reads_back() -> Result<()> {
+    let s = server().await?;
+    let r = s
+        .post(
+            "/api/v2/buildsets",
+            json!({
+                "reason": "release",
+                "builders": ["parent"],
+                "properties": {"channel": "stable", "owner": ["ops", "form"]},
+                "sourcestamps": [{"codebase": "", "repository": "https://git.example/app", "branch": "main", "revision": "abc", "project": "app"}],
+                "priority": 5,
+                "external_idstring": "rel-1"
+            }),
+            Some(TOKEN),
+        )
+        .await?;
+    ensure!(r.status == StatusCode::CREATED, "{}", r.text);
+    let bsid = r.json["bsid"].as_i64().ok_or_else(|| anyhow!("no bsid"))?;
+    tokio::time::timeout(
+        GUARD,
+        s.engine.wait_buildset(kiln_engine::model::BuildsetId(bsid)),
+    )
+    .await??;
+
+    let bs = s.ok(&format!("/api/v2/buildsets/{bsid}")).await?;
+    let b = &bs["buildsets"][0];
+    ensure!(
+        b["reason"] == "release" && b["external_idstring"] == "rel-1",
+        "{bs}"
+    );
+    ensure!(b["properties"]["channel"] == json!(["stable", "api"]));
+    ensure!(b["properties"]["owner"] == json!(["ops", "form"]));
+    ensure!(b["sourcestamps"][0]["revision"] == "abc");
+    let only = s
+        .ok(&format!("/api/v2/buildsets/{bsid}?field=reason"))
+        .await?;
+    ensure!(only["buildsets"][0] == json!({"reason": "release"}));
+    ensure!(
+        s.ok(&format!("/api/v2/buildsets/{bsid}/properties"))
+            .await?["properties"][0]["channel"][0]
+            == "stable"
+    );
+    ensure!(
+        s.ok(&format!("/api/v2/buildsets/{bsid}/sourcestamps"))
+            .await?["meta"]["total"]
+            == 1
+    );
+    let reqs = s
+        .ok(&format!("/api/v2/buildsets/{bsid}/buildrequests"))
+        .await?;
+    ensure!(reqs["buildrequests"][0]["priority"] == 5);
+    let rid = reqs["buildrequests"][0]["buildrequestid"]
+        .as_i64()
+        .unwrap_or_default();
+    ensure!(
+        s.ok(&format!("/api/v2/buildrequests/{rid}")).await?["buildrequests"][0]["complete"]
+            == true
+    );
+    let parent_builds = s.ok(&format!("/api/v2/buildrequests/{rid}/builds")).await?;
+    let parent_id = parent_builds["builds"][0]["buildid"]
+        .as_i64()
+        .unwrap_or_default();
+    ensure!(s.ok(&format!("/api/v2/buildsets/{bsid}/builds")).await?["meta"]["total"] == 1);
+
+    // The tree: parent -> the compile buildset it triggered.
+    let tree = s.ok(&format!("/api/v2/buildsets/{bsid}/tree")).await?;
+    let child = &tree["tree"]["builds"][0]["children"][0];
+    ensure!(tree["tree"]["builds"][0]["builder"] == "parent", "{tree}");
+    ensure!(
+        child["parent_relationship"] == "triggers" && child["builds"][0]["builder"] == "compile"
+    );
+    let triggered = s
+        .ok(&format!("/api/v2/builds/{parent_id}/triggered"))
+        .await?;
+    ensure!(triggered["meta"]["total"] == 1);
+    let compile_id = child["builds"][0]["buildid"].as_i64().unwrap_or_default();
+
+    let build = s.ok(&format!("/api/v2/builds/{compile_id}")).await?;
+    let b = &build["builds"][0];
+    ensure!(
+        b["return_value"] == json!({"binaries": 3})
+            && b["properties"]["version"] == json!(["1.2", "compile"])
+    );
+    let by_number = s.ok("/api/v2/builders/compile/builds/1").await?;
+    ensure!(by_number["builds"][0]["buildid"] == compile_id);
+    ensure!(
+        s.ok(&format!("/api/v2/builds/{compile_id}/properties"))
+            .await?["properties"][0]["version"][0]
+            == "1.2"
+    );
+    let logs = s.ok(&format!("/api/v2/builds/{compile_id}/logs")).await?;
+    ensure!(logs["meta"]["total"] == 2);
+    let warnings = s
+        .ok(&format!("/api/v2/builds/{compile_id}/logs?level=warning"))
+        .await?;
+    ensure!(
+        warnings["logs"].as_array().map(Vec::len) == Some(1)
+            && warnings["logs"][0]["message"] == "a warning"
+    );
+    let first = logs["logs"][0]["id"].as_i64().unwrap_or_default();
+    let after = s
+        .ok(&format!("/api/v2/builds/{compile_id}/logs?after={first}"))
+        .await?;
+    ensure!(
+        after["meta"]["total"] == 1,
+        "a live tail reads what came after"
+    );
+    let progress = s
+        .ok(&format!("/api/v2/builds/{compile_id}/progress"))
+        .await?;
+    ensure!(
+        progress["progress"][0]["children"][0]["current"] == 1,
+        "{progress}"
+    );
+    let artifacts = s
+        .ok(&format!("/api/v2/builds/{compile_id}/artifacts"))
+        .await?;
+    let url = artifacts["artifacts"][0]["url"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(
+        artifacts["artifacts"][0]["path"] == "out.txt",
+        "{artifacts}"
+    );
+    let file = s.get(&url).await?;
+    ensure!(file.status == StatusCode::OK && file.text == "built");
+    ensure!(
+        s.get(&format!(
+            "/api/v2/builds/{compile_id}/artifacts/../../etc/passwd"
+        ))
+        .await?
+        .status
+            == StatusCode::NOT_FOUND
+    );
+
+    let builder = s.ok("/api/v2/builders/compile").await?;
+    ensure!(
+        builder["builders"][0]["status"] == "success"
+            && builder["builders"][0]["latest_successful_buildid"] == compile_id
+    );
+    let by_id = s.ok("/api/v2/builders/1").await?;
+    ensure!(by_id["builders"][0]["name"] == "compile");
+    ensure!(s.ok("/api/v2/builders/compile/builds").await?["meta"]["total"] == 1);
+    let master = s.ok("/api/v2/masters/1").await?;
+    ensure!(master["masters"][0]["name"] == "api" && master["masters"][0]["active"] == true);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_need_the_token_and_reads_may_too() -> Result<()> {
+    let s = server().await?;
+    let none = s
+        .post("/api/v2/buildsets", json!({"builders": ["compile"]}), None)
+        .await?;
+    ensure!(
+        none.status == StatusCode::UNAUTHORIZED
+            && none.json["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("Bearer"))
+    );
+    let wrong = s
+        .post(
+            "/api/v2/buildsets",
+            json!({"builders": ["compile"]}),
+            Some("guess"),
+        )
+        .await?;
+    ensure!(wrong.status == StatusCode::UNAUTHORIZED);
+    ensure!(
+        s.get("/api/v2/builds").await?.status == StatusCode::OK,
+        "reads are open by default"
+    );
+
+    let read_only = server_with(|_| ServerConfig::default()).await?;
+    let r = read_only
+        .post(
+            "/api/v2/buildsets",
+            json!({"builders": ["compile"]}),
+            Some(TOKEN),
+        )
+        .await?;
+    ensure!(r.status == StatusCode::UNAUTHORIZED && r.text.contains("without a token"));
+
+    let private = server_with(|_| ServerConfig {
+        token: Some(TOKEN.into()),
+        private_reads: true,
+        plugins_dir: None,
+    })
+    .await?;
+    ensure!(private.get("/api/v2/builds").await?.status == StatusCode::UNAUTHORIZED);
+    let authed = private
+        .call(
+            Request::get("/api/v2/builds")
+                .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+                .body(Body::empty())?,
+        )
+        .await?;
+    ensure!(authed.status == StatusCode::OK);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_and_every_control_action_work_through_json_rpc() -> Result<()> {
+    let s = server().await?;
+    let mut events = s.engine.subscribe();
+    let bad = s
+        .post(
+            "/api/v2/buildsets",
+            json!({"builders": ["nope"]}),
+            Some(TOKEN),
+        )
+        .await?;
+    ensure!(bad.status == StatusCode::BAD_REQUEST && bad.text.contains("unknown builder"));
+    let typo = s
+        .post(
+            "/api/v2/buildsets",
+            json!({"builder": ["compile"]}),
+            Some(TOKEN),
+        )
+        .await?;
+    ensure!(
+        typo.status == StatusCode::BAD_REQUEST && typo.text.contains("unknown field `builder`")
+    );
+
+    // A waiting build: stop it through its build.
+    let r = s
+        .post(
+            "/api/v2/buildsets",
+            json!({"builders": ["wait"]}),
+            Some(TOKEN),
+        )
+        .await?;
+    let bsid = r.json["bsid"].as_i64().unwrap_or_default();
+    let build_id = tokio::time::timeout(GUARD, async {
+        loop {
+            if let Ok(Event::BuildStarted { build_id, .. }) = events.recv().await {
+                return build_id.0;
+            }
+        }
+    })
+    .await?;
+    let stopped = s
+        .rpc(&format!("/api/v2/builds/{build_id}"), "stop", json!({}))
+        .await?;
+    ensure!(
+        stopped.status == StatusCode::OK
+            && stopped.json["jsonrpc"] == "2.0"
+            && stopped.json["id"] == 7,
+        "{}",
+        stopped.text
+    );
+    tokio::time::timeout(
+        GUARD,
+        s.engine.wait_buildset(kiln_engine::model::BuildsetId(bsid)),
+    )
+    .await??;
+    ensure!(s.ok(&format!("/api/v2/builds/{build_id}")).await?["builds"][0]["results"] == 6);
+    let again = s
+        .rpc(&format!("/api/v2/builds/{build_id}"), "stop", json!({}))
+        .await?;
+    ensure!(again.status == StatusCode::CONFLICT);
+
+    // Rebuild it; resubmit its buildset (it was cancelled).
+    let rebuilt = s
+        .rpc(&format!("/api/v2/builds/{build_id}"), "rebuild", json!({}))
+        .await?;
+    ensure!(
+        rebuilt.json["result"]["brids"]["wait"].is_i64(),
+        "{}",
+        rebuilt.text
+    );
+    let resubmitted = s
+        .rpc(
+            &format!("/api/v2/buildsets/{bsid}"),
+            "resubmit",
+            json!({"all": false}),
+        )
+        .await?;
+    ensure!(
+        resubmitted.json["result"]["brids"]["wait"].is_i64(),
+        "{}",
+        resubmitted.text
+    );
+
+    // Cancel a buildset, and a request.
+    let rb = rebuilt.json["result"]["bsid"].as_i64().unwrap_or_default();
+    let cancel = s
+        .rpc(&format!("/api/v2/buildsets/{rb}"), "cancel", json!({}))
+        .await?;
+    ensure!(cancel.status == StatusCode::OK, "{}", cancel.text);
+    let rid = resubmitted.json["result"]["brids"]["wait"]
+        .as_i64()
+        .unwrap_or_default();
+    let cancelled = s
+        .rpc(&format!("/api/v2/buildrequests/{rid}"), "cancel", json!({}))
+        .await?;
+    ensure!(cancelled.status == StatusCode::OK, "{}", cancelled.text);
+
+    let unknown = s
+        .rpc(
+            &format!("/api/v2/buildrequests/{rid}"),
+            "explode",
+            json!({}),
+        )
+        .await?;
+    ensure!(
+        unknown.status == StatusCode::BAD_REQUEST && unknown.text.contains("cancel, set_priority")
+    );
+    let no_params = s
+        .rpc(
+            &format!("/api/v2/buildrequests/{rid}"),
+            "set_priority",
+            json!({}),
+        )
+        .await?;
+    ensure!(no_params.status == StatusCode::BAD_REQUEST);
+    let missing = s.rpc("/api/v2/buildsets/999", "cancel", json!({})).await?;
+    ensure!(missing.status == StatusCode::NOT_FOUND);
+
+    // set_priority on an open request changes the order.
+    let queued = s
+        .post(
+            "/api/v2/buildsets",
+            json!({"builders": ["wait"]}),
+            Some(TOKEN),
+        )
+        .await?;
+    let queued_rid = queued.json["brids"]["wait"].as_i64().unwrap_or_default();
+    let set = s
+        .rpc(
+            &format!("/api/v2/buildrequests/{queued_rid}"),
+            "set_priority",
+            json!({"priority": 42}),
+        )
+        .await?;
+    ensure!(
+        set.status == StatusCode::OK && set.json["result"]["priority"] == 42,
+        "{}",
+        set.text
+    );
+    ensure!(
+        s.ok(&format!("/api/v2/buildrequests/{queued_rid}")).await?["buildrequests"][0]["priority"]
+            == 42
+    );
+    s.rpc(
+        &format!("/api/v2/buildrequests/{queued_rid}"),
+        "cancel",
+        json!({}),
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploaded_plugin_is_checked_against_its_world_before_it_is_kept() -> Result<()> {
+    let s = server().await?;
+    let upload = |name: &str, bytes: &[u8]| {
+        Request::post(format!("/api/v2/plugins?name={name}"))
+            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .body(Body::from(bytes.to_vec()))
+    };
+    let echo = kiln_bundled::get("echo").ok_or_else(|| anyhow!("no echo"))?;
+    let ok = s.call(upload("my-echo", echo)?).await?;
+    ensure!(
+        ok.status == StatusCode::CREATED && ok.json["world"] == "job",
+        "{}",
+        ok.text
+    );
+    ensure!(s.plugins.path().join("my-echo.wasm").exists());
+    let policy = kiln_bundled::get("fail-fast").ok_or_else(|| anyhow!("no fail-fast"))?;
+    ensure!(s.call(upload("ff", policy)?).await?.json["world"] == "policy");
+    let bad = s.call(upload("text", b"not wasm at all")?).await?;
+    ensure!(
+        bad.status == StatusCode::BAD_REQUEST && bad.text.contains("not WebAssembly"),
+        "{}",
+        bad.text
+    );
+    let command = kiln_bundled::get("not-a-job").ok_or_else(|| anyhow!("no not-a-job"))?;
+    let refused = s.call(upload("cmd", command)?).await?;
+    ensure!(refused.status == StatusCode::BAD_REQUEST && refused.text.contains("does not export"));
+    ensure!(
+        !s.plugins.path().join("text.wasm").exists() && !s.plugins.path().join("cmd.wasm").exists()
+    );
+    let name = s.call(upload("../evil", echo)?).await?;
+    ensure!(name.status == StatusCode::BAD_REQUEST);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_carries_lifecycle_log_and_progress_events() -> Result<()> {
+    let s = server().await?;
+    let response = s
+        .app
+        .clone()
+        .oneshot(Request::get("/api/v2/events").body(Body::empty())?)
+        .await?;
+    ensure!(response.status() == StatusCode::OK);
+    ensure!(
+        response.headers()[header::CONTENT_TYPE]
+            .to_str()?
+            .starts_with("text/event-stream")
+    );
+    let mut body = response.into_body();
+    s.post(
+        "/api/v2/buildsets",
+        json!({"builders": ["compile"]}),
+        Some(TOKEN),
+    )
+    .await?;
+    let mut seen = String::new();
+    tokio::time::timeout(GUARD, async {
+        while !seen.contains("event: buildset_complete") {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        seen.push_str(&String::from_utf8_lossy(data));
+                    }
+                }
+                _ => break,
+            }
+        }
+    })
+    .await?;
+    for kind in [
+        "buildset_submitted",
+        "build_started",
+        "build_log",
+        "build_progress",
+        "build_finished",
+        "buildset_complete",
+    ] {
+        ensure!(
+            seen.contains(&format!("event: {kind}")),
+            "no {kind} in:\n{seen}"
+        );
+    }
+    ensure!(seen.contains("\"event\":\"build_finished\""));
+    let bad = s.get("/api/v2/events?since=1").await?;
+    ensure!(bad.status == StatusCode::BAD_REQUEST);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_every_route() -> Result<()> {
+    let s = server().await?;
+    let doc = s.ok("/api/v2/openapi.json").await?;
+    ensure!(doc["openapi"] == "3.1.0");
+    let paths = doc["paths"]
+        .as_object()
+        .ok_or_else(|| anyhow!("no paths"))?;
+    for path in [
+        "/buildsets",
+        "/buildsets/{id}",
+        "/buildsets/{id}/tree",
+        "/buildrequests/{id}",
+        "/builds/{id}/logs",
+        "/builds/{id}/artifacts/{path}",
+        "/builders/{builder}/builds/{number}",
+        "/masters",
+        "/plugins",
+        "/events",
+    ] {
+        ensure!(paths.contains_key(path), "{path} is not documented");
+    }
+    ensure!(
+        doc["paths"]["/builds"]["get"]["parameters"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|x| x["name"] == "number"))
+    );
+    let page = s.get("/").await?;
+    ensure!(page.status == StatusCode::OK && page.text.contains("<title>Kiln"));
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! `kiln serve`: the HTTP API and the dashboard over a database, running a pipeline
+//! file's builders, policies and reporters. Stops cleanly on Ctrl-C or SIGTERM.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use kiln_engine::wasm::{WasmHost, WasmHostConfig};
+use kiln_engine::{Engine, EngineConfig};
+use kiln_server::{AppState, ServerConfig};
+use tracing::{info, warn};
+
+use crate::cli::ServeArgs;
+
+pub async fn serve(args: &ServeArgs, db: &str) -> Result<ExitCode> {
+    let (engine, host, submissions) = match &args.config {
+        Some(path) => {
+            let started = crate::run::start(path, db).await?;
+            (started.engine, started.host, started.submissions)
+        }
+        None => {
+            let engine = Engine::open(EngineConfig::new(format!("sqlite://{db}")))
+                .await
+                .with_context(|| format!("opening {db}"))?;
+            let host = Arc::new(WasmHost::new(WasmHostConfig::default()));
+            (engine, host, Vec::new())
+        }
+    };
+    if args.token.as_deref().is_some_and(str::is_empty) {
+        anyhow::bail!("--token is empty");
+    }
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+    let engine = Arc::new(engine);
+    if args.submit {
+        let submitted = engine.submit_many(&submissions).await?;
+        info!(
+            buildsets = submitted.len(),
+            "submitted the config's buildsets"
+        );
+    }
+    let state = AppState::new(
+        engine.clone(),
+        host,
+        ServerConfig {
+            token: args.token.clone(),
+            private_reads: args.private_reads,
+            plugins_dir: args.plugins_dir.clone(),
+        },
+    );
+    println!(
+        "kiln serve: dashboard at http://{address}/, API at http://{address}/api/v2 ({})",
+        if args.token.is_some() {
+            "writes need the token"
+        } else {
+            "read-only: no --token"
+        }
+    );
+    axum::serve(listener, kiln_server::router(state))
+        .with_graceful_shutdown(stop_signal())
+        .await
+        .context("the server failed")?;
+    match Arc::try_unwrap(engine) {
+        Ok(engine) => engine.shutdown().await,
+        Err(_) => warn!("requests still hold the engine; its work is taken back by expiry"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
