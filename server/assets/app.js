@@ -1,1 +1,388 @@
+// Kiln's dashboard: a single page over /api/v2, updated live from /api/v2/events.
+// No framework and no build step, so that it is served from the binary and works with
+// no internet access.
+"use strict";
 
+const API = "/api/v2";
+const RESULTS = ["SUCCESS", "WARNINGS", "FAILURE", "SKIPPED", "EXCEPTION", "RETRY", "CANCELLED"];
+const LEVELS = ["debug", "info", "warning", "error", "critical"];
+
+const view = document.getElementById("view");
+const tokenInput = document.getElementById("token");
+tokenInput.value = localStorage.getItem("kiln-token") || "";
+tokenInput.addEventListener("change", () => localStorage.setItem("kiln-token", tokenInput.value));
+
+// ---- helpers ----
+
+function esc(text) {
+  return String(text ?? "").replace(/[&<>"']/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+async function get(path) {
+  const response = await fetch(API + path, { headers: authHeaders() });
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+function authHeaders() {
+  const token = tokenInput.value.trim();
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+async function post(path, body) {
+  const response = await fetch(API + path, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", ...authHeaders() },
+    body: JSON.stringify(body),
+  });
+  const reply = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(reply.error || response.statusText);
+  return reply;
+}
+
+async function rpc(path, method, params = {}) {
+  return post(path, { jsonrpc: "2.0", method, params, id: Date.now() });
+}
+
+function flash(message, ok = false) {
+  const box = document.getElementById("flash");
+  box.textContent = message;
+  box.className = ok ? "ok" : "";
+  box.hidden = false;
+  clearTimeout(flash.timer);
+  flash.timer = setTimeout(() => { box.hidden = true; }, 6000);
+}
+
+function badge(results, complete = true) {
+  const name = results == null ? (complete ? "PENDING" : "RUNNING") : RESULTS[results];
+  return `<span class="badge r-${name}" data-result="${name}">${name}</span>`;
+}
+
+function when(seconds) {
+  return seconds == null ? "" : new Date(seconds * 1000).toLocaleString();
+}
+
+function duration(start, end) {
+  if (start == null) return "";
+  const s = (end ?? Date.now() / 1000) - start;
+  if (s < 1) return `${Math.round(s * 1000)} ms`;
+  if (s < 90) return `${s.toFixed(1)} s`;
+  if (s < 5400) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  return `${(s / 3600).toFixed(1)} h`;
+}
+
+async function act(what, fn) {
+  try {
+    const reply = await fn();
+    flash(what + " done", true);
+    refresh();
+    return reply;
+  } catch (e) {
+    flash(what + " failed: " + e.message);
+  }
+}
+
+// ---- pages ----
+
+async function buildsetsPage() {
+  const [sets, builders] = await Promise.all([
+    get("/buildsets?order=-bsid&limit=100"),
+    get("/builders?order=name"),
+  ]);
+  const rows = sets.buildsets.map(b => `
+    <tr data-bsid="${b.bsid}">
+      <td><a href="#/buildsets/${b.bsid}">${b.bsid}</a></td>
+      <td>${badge(b.results, b.complete)}</td>
+      <td>${esc(b.reason)}${b.parent_buildid ? ` <span class="muted">(child of <a href="#/builds/${b.parent_buildid}">build ${b.parent_buildid}</a>)</span>` : ""}</td>
+      <td>${when(b.submitted_at)}</td>
+      <td>${duration(b.submitted_at, b.complete_at)}</td>
+    </tr>`).join("");
+  const boxes = builders.builders.map(b =>
+    `<label><input type="checkbox" name="builder" value="${esc(b.name)}"> ${esc(b.name)}</label>`).join("");
+  return `
+    <h1>Buildsets <span class="muted">(${sets.meta.total})</span></h1>
+    <form class="card submit" id="submit-form">
+      <strong>Submit</strong> ${boxes || '<span class="muted">no builders</span>'}
+      <input type="text" id="reason" placeholder="reason" value="from the dashboard">
+      <button class="primary" id="submit" type="submit">Submit</button>
+    </form>
+    <table id="buildsets"><thead><tr><th>#</th><th>status</th><th>reason</th><th>submitted</th><th>duration</th></tr></thead>
+    <tbody>${rows || '<tr><td colspan="5" class="muted">nothing yet</td></tr>'}</tbody></table>`;
+}
+
+function wireBuildsets() {
+  const form = document.getElementById("submit-form");
+  if (!form) return;
+  form.addEventListener("submit", async event => {
+    event.preventDefault();
+    const builders = [...form.querySelectorAll("input[name=builder]:checked")].map(i => i.value);
+    if (!builders.length) return flash("pick at least one builder");
+    const reply = await act("submit", () => post("/buildsets", { builders, reason: document.getElementById("reason").value }));
+    if (reply) location.hash = `#/buildsets/${reply.bsid}`;
+  });
+}
+
+function treeNode(bs, names) {
+  const builds = bs.builds.map(b => `
+    <li data-buildid="${b.buildid}">${badge(b.results, b.complete)}
+      <a href="#/builds/${b.buildid}">${esc(b.builder ?? names[b.builderid])} #${b.number}</a>
+      <span class="muted">${esc(b.state_string)}</span>
+      ${b.children.length ? `<ul>${b.children.map(c => `<li>buildset <a href="#/buildsets/${c.bsid}">${c.bsid}</a> ${badge(c.results, c.complete)} <span class="muted">${esc(c.parent_relationship ?? "")}</span>${treeNode(c, names)}</li>`).join("")}</ul>` : ""}
+    </li>`).join("");
+  return `<ul>${builds}</ul>`;
+}
+
+async function builderNames() {
+  const all = await get("/builders");
+  return Object.fromEntries(all.builders.map(b => [b.builderid, b.name]));
+}
+
+async function buildsetPage(id) {
+  const [one, requests, tree, names] = await Promise.all([
+    get(`/buildsets/${id}`), get(`/buildsets/${id}/buildrequests`), get(`/buildsets/${id}/tree`), builderNames(),
+  ]);
+  const b = one.buildsets[0];
+  const props = Object.entries(b.properties).map(([k, [v, src]]) =>
+    `<tr><td>${esc(k)}</td><td><code>${esc(JSON.stringify(v))}</code></td><td class="muted">${esc(src)}</td></tr>`).join("");
+  const stamps = b.sourcestamps.map(s =>
+    `<tr><td>${esc(s.repository)}</td><td>${esc(s.branch ?? "")}</td><td><code>${esc(s.revision ?? "")}</code></td><td>${esc(s.project)}</td></tr>`).join("");
+  const reqs = requests.buildrequests.map(r => `
+    <tr><td>${r.buildrequestid}</td><td>${esc(names[r.builderid])}</td><td>${badge(r.results, r.complete)}</td>
+    <td>${r.priority}</td><td>${r.claimed ? "master " + r.claimed_by_masterid : '<span class="muted">unclaimed</span>'}</td></tr>`).join("");
+  return `
+    <h1>Buildset ${b.bsid} ${badge(b.results, b.complete)}</h1>
+    <div class="card"><dl class="facts">
+      <dt>reason</dt><dd>${esc(b.reason)}</dd>
+      <dt>submitted</dt><dd>${when(b.submitted_at)}</dd>
+      <dt>duration</dt><dd>${duration(b.submitted_at, b.complete_at)}</dd>
+      ${b.parent_buildid ? `<dt>parent</dt><dd><a href="#/builds/${b.parent_buildid}">build ${b.parent_buildid}</a> (${esc(b.parent_relationship)})</dd>` : ""}
+      ${b.external_idstring ? `<dt>external id</dt><dd>${esc(b.external_idstring)}</dd>` : ""}
+    </dl>
+    <div class="actions">
+      <button class="danger" id="cancel" ${b.complete ? "disabled" : ""}>Cancel</button>
+      <button id="resubmit" ${b.complete ? "" : "disabled"}>Resubmit failed</button>
+    </div></div>
+    <h2>Builds and the buildsets they triggered</h2>
+    <div class="card tree" id="tree">${treeNode(tree.tree, names)}</div>
+    <h2>Requests</h2>
+    <table><thead><tr><th>#</th><th>builder</th><th>status</th><th>priority</th><th>claim</th></tr></thead><tbody>${reqs}</tbody></table>
+    ${stamps ? `<h2>Sourcestamps</h2><table><thead><tr><th>repository</th><th>branch</th><th>revision</th><th>project</th></tr></thead><tbody>${stamps}</tbody></table>` : ""}
+    ${props ? `<h2>Properties</h2><table><thead><tr><th>name</th><th>value</th><th>source</th></tr></thead><tbody>${props}</tbody></table>` : ""}`;
+}
+
+function wireBuildset(id) {
+  document.getElementById("cancel")?.addEventListener("click", () => act("cancel", () => rpc(`/buildsets/${id}`, "cancel")));
+  document.getElementById("resubmit")?.addEventListener("click", async () => {
+    const reply = await act("resubmit", () => rpc(`/buildsets/${id}`, "resubmit", { all: false }));
+    if (reply) location.hash = `#/buildsets/${reply.result.bsid}`;
+  });
+}
+
+function progressNode(node) {
+  const pct = node.total > 0 ? Math.min(100, (100 * node.current) / node.total) : 0;
+  const kids = node.children.map(progressNode).join("");
+  return `
+    <div class="progress" data-group="${esc(node.group.join("/"))}" data-current="${node.current}" data-total="${node.total}">
+      <div class="label"><span>${esc(node.name || "build")}</span><span class="muted">${node.current}/${node.total} ${esc(node.status ?? "")}</span></div>
+      <div class="track"><div class="bar" style="width:${pct.toFixed(1)}%"></div></div>
+      ${kids ? `<div class="nested">${kids}</div>` : ""}
+    </div>`;
+}
+
+function logLine(r) {
+  return `<div class="record" data-id="${r.id}" data-level="${r.level}"><span class="lvl lvl-${r.level}">${r.level}</span><span class="muted">${new Date(r.at * 1000).toLocaleTimeString()}</span> ${esc(r.message)}</div>`;
+}
+
+const buildState = { id: null, lastLog: 0, level: "debug" };
+
+async function buildPage(id) {
+  const [one, progress, artifacts, triggered, names] = await Promise.all([
+    get(`/builds/${id}`), get(`/builds/${id}/progress`), get(`/builds/${id}/artifacts`), get(`/builds/${id}/triggered`), builderNames(),
+  ]);
+  const b = one.builds[0];
+  if (buildState.id !== id) Object.assign(buildState, { id, lastLog: 0, level: "debug" });
+  const props = Object.entries(b.properties).map(([k, [v, src]]) =>
+    `<tr><td>${esc(k)}</td><td><code>${esc(JSON.stringify(v))}</code></td><td class="muted">${esc(src)}</td></tr>`).join("");
+  const files = artifacts.artifacts.map(a => `<li><a href="${esc(a.url)}">${esc(a.path)}</a> <span class="muted">${a.size} bytes</span></li>`).join("");
+  const children = triggered.buildsets.map(c => `<li><a href="#/buildsets/${c.bsid}">buildset ${c.bsid}</a> ${badge(c.results, c.complete)} <span class="muted">${esc(c.parent_relationship ?? "")}</span></li>`).join("");
+  const levels = LEVELS.map(l => `<option ${l === buildState.level ? "selected" : ""}>${l}</option>`).join("");
+  return `
+    <h1>${esc(names[b.builderid])} #${b.number} <span id="status">${badge(b.results, b.complete)}</span></h1>
+    <div class="card"><dl class="facts">
+      <dt>state</dt><dd id="state">${esc(b.state_string)}</dd>
+      <dt>started</dt><dd>${when(b.started_at)}</dd>
+      <dt>duration</dt><dd id="duration">${duration(b.started_at, b.complete_at)}</dd>
+      <dt>request</dt><dd>${b.buildrequestid} on master ${b.masterid}</dd>
+    </dl>
+    <div class="actions">
+      <button class="danger" id="stop" ${b.complete ? "disabled" : ""}>Stop</button>
+      <button id="rebuild">Rebuild</button>
+    </div></div>
+    <h2>Progress</h2>
+    <div class="card" id="progress">${progressNode(progress.progress[0])}</div>
+    <h2>Log <select id="level">${levels}</select></h2>
+    <div id="log"></div>
+    ${b.error ? `<h2>Error</h2><pre id="error">${esc(b.error)}</pre>` : ""}
+    ${b.traceback ? `<h2>Traceback</h2><pre id="traceback">${esc(b.traceback)}</pre>` : ""}
+    <h2>Return value</h2><pre id="return-value">${esc(JSON.stringify(b.return_value, null, 2))}</pre>
+    ${props ? `<h2>Properties</h2><table id="properties"><thead><tr><th>name</th><th>value</th><th>source</th></tr></thead><tbody>${props}</tbody></table>` : ""}
+    ${files ? `<h2>Artifacts</h2><ul class="card" id="artifacts">${files}</ul>` : ""}
+    ${children ? `<h2>Triggered</h2><ul class="card">${children}</ul>` : ""}`;
+}
+
+async function tailLog(id, reset = false) {
+  const box = document.getElementById("log");
+  if (!box) return;
+  if (reset) { box.innerHTML = ""; buildState.lastLog = 0; }
+  const level = buildState.level;
+  const data = await get(`/builds/${id}/logs?level=${level}&after=${buildState.lastLog}`);
+  if (buildState.id !== id || level !== buildState.level) return;
+  const stick = box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
+  box.insertAdjacentHTML("beforeend", data.logs.map(logLine).join(""));
+  if (data.logs.length) buildState.lastLog = data.logs[data.logs.length - 1].id;
+  if (stick) box.scrollTop = box.scrollHeight;
+}
+
+// `keep`: the log already on screen stays (a live refresh), else it is read afresh.
+function wireBuild(id, keep = false) {
+  document.getElementById("stop")?.addEventListener("click", () => act("stop", () => rpc(`/builds/${id}`, "stop")));
+  document.getElementById("rebuild")?.addEventListener("click", async () => {
+    const reply = await act("rebuild", () => rpc(`/builds/${id}`, "rebuild"));
+    if (reply) location.hash = `#/buildsets/${reply.result.bsid}`;
+  });
+  document.getElementById("level")?.addEventListener("change", e => {
+    buildState.level = e.target.value;
+    tailLog(id, true);
+  });
+  if (!keep) tailLog(id, true);
+}
+
+async function buildersPage() {
+  const all = await get("/builders?order=name");
+  const rows = all.builders.map(b => `
+    <tr data-builder="${esc(b.name)}"><td>${esc(b.name)}</td>
+      <td><span class="badge s-${b.status}">${b.status.replace("_", " ")}</span></td>
+      <td>${b.latest_successful_buildid ? `<a href="#/builds/${b.latest_successful_buildid}">build ${b.latest_successful_buildid}</a>` : '<span class="muted">none</span>'}</td>
+      <td>${esc(b.depends_on.join(", "))}</td><td class="muted">${esc(b.description ?? "")}</td></tr>`).join("");
+  return `<h1>Builders</h1>
+    <table id="builders"><thead><tr><th>name</th><th>status</th><th>latest success</th><th>depends on</th><th>description</th></tr></thead><tbody>${rows}</tbody></table>`;
+}
+
+async function mastersPage() {
+  const all = await get("/masters");
+  const rows = all.masters.map(m => `<tr><td>${m.masterid}</td><td>${esc(m.name)}</td><td>${m.active ? "active" : '<span class="muted">inactive</span>'}</td><td>${when(m.last_active)}</td></tr>`).join("");
+  return `<h1>Masters</h1><table><thead><tr><th>#</th><th>name</th><th>state</th><th>last heartbeat</th></tr></thead><tbody>${rows}</tbody></table>`;
+}
+
+// ---- routing and live updates ----
+
+function route() {
+  const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean);
+  if (parts[0] === "buildsets" && parts[1]) return { page: "buildset", id: Number(parts[1]) };
+  if (parts[0] === "builds" && parts[1]) return { page: "build", id: Number(parts[1]) };
+  if (parts[0] === "builders") return { page: "builders" };
+  if (parts[0] === "masters") return { page: "masters" };
+  return { page: "buildsets" };
+}
+
+let rendering = false;
+let again = false;
+
+async function render() {
+  if (rendering) { again = true; return; }
+  rendering = true;
+  const r = route();
+  try {
+    const scroll = window.scrollY;
+    let html;
+    if (r.page === "buildset") html = await buildsetPage(r.id);
+    else if (r.page === "build") html = await buildPage(r.id);
+    else if (r.page === "builders") html = await buildersPage();
+    else if (r.page === "masters") html = await mastersPage();
+    else html = await buildsetsPage();
+    // Keep what the user typed and checked in the submit form across live refreshes.
+    const checked = [...document.querySelectorAll("input[name=builder]:checked")].map(i => i.value);
+    const reason = document.getElementById("reason")?.value;
+    // Taken right before the swap: records the live tail appended meanwhile are kept.
+    const log = document.getElementById("log");
+    const logScroll = log ? log.scrollTop : null;
+    const keepLog = r.page === "build" && buildState.id === r.id && log ? log.innerHTML : null;
+    view.innerHTML = html;
+    checked.forEach(v => { const box = document.querySelector(`input[name=builder][value="${CSS.escape(v)}"]`); if (box) box.checked = true; });
+    if (reason != null && document.getElementById("reason")) document.getElementById("reason").value = reason;
+    if (r.page === "buildsets") wireBuildsets();
+    if (r.page === "buildset") wireBuildset(r.id);
+    if (r.page === "build") {
+      if (keepLog != null) {
+        document.getElementById("log").innerHTML = keepLog;
+        wireBuild(r.id, true);
+        document.getElementById("log").scrollTop = logScroll;
+        tailLog(r.id);
+      } else {
+        wireBuild(r.id);
+      }
+    }
+    window.scrollTo(0, scroll);
+    document.body.dataset.page = r.page;
+  } catch (e) {
+    view.innerHTML = `<h1>Not available</h1><p class="muted">${esc(e.message)}</p>`;
+  } finally {
+    rendering = false;
+    if (again) { again = false; render(); }
+  }
+}
+
+// Progress reports come often: redraw only the bars and the state string.
+let progressBusy = false;
+async function liveProgress(id) {
+  if (progressBusy) return;
+  progressBusy = true;
+  try {
+    const [one, progress] = await Promise.all([get(`/builds/${id}`), get(`/builds/${id}/progress`)]);
+    const box = document.getElementById("progress");
+    if (!box || buildState.id !== id) return;
+    box.innerHTML = progressNode(progress.progress[0]);
+    const b = one.builds[0];
+    const state = document.getElementById("state");
+    if (state) state.textContent = b.state_string;
+    const took = document.getElementById("duration");
+    if (took) took.textContent = duration(b.started_at, b.complete_at);
+  } catch (e) {
+    // The next event or refresh tries again.
+  } finally {
+    progressBusy = false;
+  }
+}
+
+let timer = null;
+function refresh() {
+  clearTimeout(timer);
+  timer = setTimeout(render, 150);
+}
+
+function connect() {
+  const live = document.getElementById("live");
+  const token = tokenInput.value.trim();
+  const source = new EventSource(API + "/events" + (token ? `?access_token=${encodeURIComponent(token)}` : ""));
+  source.onopen = () => { live.className = "live on"; };
+  source.onerror = () => { live.className = "live off"; };
+  const r = () => route();
+  for (const kind of ["buildset_submitted", "build_started", "build_finished", "request_completed", "buildset_complete", "master_expired", "lagged"]) {
+    source.addEventListener(kind, refresh);
+  }
+  source.addEventListener("build_log", e => {
+    const { build_id } = JSON.parse(e.data);
+    const here = r();
+    if (here.page === "build" && here.id === build_id) tailLog(build_id);
+  });
+  source.addEventListener("build_progress", e => {
+    const { build_id } = JSON.parse(e.data);
+    const here = r();
+    if (here.page === "build" && here.id === build_id) liveProgress(build_id);
+  });
+}
+
+window.addEventListener("hashchange", render);
+render();
+connect();

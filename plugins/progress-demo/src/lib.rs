@@ -15,9 +15,14 @@ impl Guest for ProgressDemo {
         // An optional pause per step, so that people can watch the bars move.
         let pause = std::time::Duration::from_millis(ctx.kwarg("step_ms").and_then(|v| v.as_u64()).unwrap_or(0).min(10_000));
         let groups = [("fetch", 2u64), ("compile", 3), ("test", 2)];
+        let doing = |group: &str| match group {
+            "fetch" => "fetching",
+            "compile" => "compiling",
+            _ => "testing",
+        };
         let mut sum = 0u64;
         for (group, parts) in groups {
-            kiln_guest::host::set_state(&format!("{group}ing"));
+            kiln_guest::host::set_state(doing(group));
             for part in 0..parts {
                 let name = format!("part-{part}");
                 for step in 1..=steps {

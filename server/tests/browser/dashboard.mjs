@@ -1,0 +1,90 @@
+// Drives Kiln's dashboard in headless Chromium: submits work through the page, watches
+// a build's progress bar move and its log grow live, stops the build, and saves
+// screenshots of the main pages. Run by server/tests/browser.rs, which starts the
+// server and passes KILN_URL, KILN_TOKEN, KILN_SHOTS and KILN_CHROMIUM.
+import { chromium } from "playwright-core";
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+
+const url = process.env.KILN_URL;
+const token = process.env.KILN_TOKEN;
+const shots = process.env.KILN_SHOTS;
+const executablePath = process.env.KILN_CHROMIUM || "/usr/bin/chromium";
+const STEP = 30_000; // a guard per step: a hang becomes a failure with the step's name
+
+function fail(message) {
+  console.error("FAILED: " + message);
+  process.exit(1);
+}
+
+mkdirSync(shots, { recursive: true });
+const browser = await chromium.launch({
+  executablePath,
+  headless: true,
+  // The closed network makes Chromium stall on its own background requests. Playwright
+  // gives every launch a fresh temporary profile (--user-data-dir) of its own.
+  args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"],
+});
+let step = "start";
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  page.setDefaultTimeout(STEP);
+  const errors = [];
+  page.on("pageerror", e => errors.push(e.message));
+  // Everything the dashboard loads must come from the server: no CDN.
+  const foreign = [];
+  page.on("request", r => { if (!r.url().startsWith(url)) foreign.push(r.url()); });
+
+  step = "open the dashboard";
+  await page.goto(url + "/#/buildsets");
+  await page.evaluate(t => localStorage.setItem("kiln-token", t), token);
+  await page.reload();
+  await page.waitForSelector("#submit-form");
+  await page.waitForSelector("#live.on");
+
+  step = "submit through the page";
+  await page.check('input[name=builder][value="slow-progress"]');
+  await page.fill("#reason", "browser test");
+  await page.click("#submit");
+  await page.waitForFunction(() => /^#\/buildsets\/\d+$/.test(location.hash));
+  await page.waitForSelector("#tree a[href^='#/builds/']");
+  await page.screenshot({ path: join(shots, "buildset.png"), fullPage: true });
+  await page.click("#tree a[href^='#/builds/']");
+  await page.waitForSelector("#progress .progress");
+
+  step = "watch the progress bar move";
+  const current = () => page.$eval("#progress > .progress", el => Number(el.dataset.current));
+  await page.waitForFunction(() => Number(document.querySelector("#progress > .progress")?.dataset.current) > 0);
+  const first = await current();
+  await page.waitForFunction(f => Number(document.querySelector("#progress > .progress")?.dataset.current) > f, first);
+  const second = await current();
+  if (!(second > first)) fail(`progress did not move: ${first} then ${second}`);
+  const width = await page.$eval("#progress > .progress .bar", el => el.style.width);
+  if (width === "0%" || width === "0.0%") fail("the bar has no width");
+
+  step = "watch the log appear live";
+  await page.waitForSelector("#log .record");
+  const running = await page.$eval("#status .badge", el => el.dataset.result);
+  if (running !== "RUNNING") fail(`the log should appear while the build runs, it was ${running}`);
+  await page.screenshot({ path: join(shots, "build.png"), fullPage: true });
+
+  step = "stop the build";
+  await page.click("#stop");
+  await page.waitForSelector('#status .badge[data-result="CANCELLED"]');
+
+  step = "the main pages";
+  await page.goto(url + "/#/buildsets");
+  await page.waitForSelector("#buildsets tr[data-bsid]");
+  await page.screenshot({ path: join(shots, "buildsets.png"), fullPage: true });
+  await page.goto(url + "/#/builders");
+  await page.waitForSelector("#builders tr[data-builder]");
+  await page.screenshot({ path: join(shots, "builders.png"), fullPage: true });
+
+  if (errors.length) fail("the page threw: " + errors.join("; "));
+  if (foreign.length) fail("the page loaded something from elsewhere: " + foreign.join(", "));
+  console.log("ok: submitted, watched progress " + first + " -> " + second + ", saw the log, stopped the build");
+} catch (e) {
+  fail(`${step}: ${e.message}`);
+} finally {
+  await browser.close();
+}
