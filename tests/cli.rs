@@ -710,3 +710,72 @@ fn plugin_check_names_the_world_or_says_why_not() -> Result<()> {
     );
     Ok(())
 }
+
+/// A plain HTTP/1.1 GET; returns the status line and the body.
+fn http_get(address: &str, path: &str) -> Result<(String, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    let status = reply.lines().next().unwrap_or_default().to_owned();
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+#[test]
+fn kiln_serve_serves_the_dashboard_and_the_api_over_the_example_config() -> Result<()> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir()?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            &example().display().to_string(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "off")
+        .env("XDG_CACHE_HOME", dir.path().join("cache"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let result = (|| -> Result<()> {
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        ensure!(line.contains("read-only: no --token"), "{line}");
+        let address = line
+            .split("http://")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .ok_or_else(|| anyhow::anyhow!("no address in {line:?}"))?
+            .to_owned();
+        let (status, page) = http_get(&address, "/")?;
+        ensure!(
+            status.contains("200") && page.contains("<title>Kiln</title>"),
+            "{status}"
+        );
+        let (status, body) = http_get(&address, "/api/v2/builders?field=name&order=name")?;
+        ensure!(status.contains("200"), "{status}: {body}");
+        let builders: serde_json::Value = serde_json::from_str(&body)?;
+        ensure!(builders["meta"]["total"] == 8, "{builders}");
+        ensure!(builders["builders"][0] == json!({"name": "artifacts"}));
+        let (status, _) = http_get(&address, "/api/v2/builds?colour=red")?;
+        ensure!(status.contains("400"), "{status}");
+        Ok(())
+    })();
+    child.kill()?;
+    child.wait()?;
+    result
+}
