@@ -32,6 +32,17 @@ pub async fn not_found() -> ApiError {
     ApiError::NotFound("no such endpoint; see /api/v2/openapi.json".into())
 }
 
+/// A page of entities as a collection response.
+fn page_reply<T>(
+    plural: &str,
+    page: &kiln_engine::storage::Page<T>,
+    render: fn(&T) -> Value,
+    fields: &[String],
+) -> Reply {
+    let items = page.items.iter().map(render).collect();
+    Ok(Json(json::collection(plural, items, page.total, fields)))
+}
+
 /// Adds a filter on `field = value` to a parsed collection query (sub-collections).
 fn scoped(mut query: Query, field: &str, value: i64) -> Query {
     query.filters.push(kiln_engine::storage::Filter {
@@ -52,13 +63,7 @@ pub async fn buildsets(
     read(&s, &headers)?;
     let q = parse_collection(Collection::Buildsets, raw.as_deref(), json::BUILDSET_FIELDS)?;
     let page = s.engine.client().store().query_buildsets(&q.query).await?;
-    let items = page.items.iter().map(json::buildset).collect();
-    Ok(Json(json::collection(
-        "buildsets",
-        items,
-        page.total,
-        &q.fields,
-    )))
+    page_reply("buildsets", &page, json::buildset, &q.fields)
 }
 
 pub async fn buildset(
@@ -141,13 +146,7 @@ pub async fn buildset_requests(
         .store()
         .query_requests(&scoped(q.query, "buildsetid", bsid))
         .await?;
-    let items = page.items.iter().map(json::request).collect();
-    Ok(Json(json::collection(
-        "buildrequests",
-        items,
-        page.total,
-        &q.fields,
-    )))
+    page_reply("buildrequests", &page, json::request, &q.fields)
 }
 
 pub async fn buildset_builds(
@@ -252,13 +251,7 @@ pub async fn requests(
         json::REQUEST_FIELDS,
     )?;
     let page = s.engine.client().store().query_requests(&q.query).await?;
-    let items = page.items.iter().map(json::request).collect();
-    Ok(Json(json::collection(
-        "buildrequests",
-        items,
-        page.total,
-        &q.fields,
-    )))
+    page_reply("buildrequests", &page, json::request, &q.fields)
 }
 
 pub async fn request(
@@ -298,8 +291,7 @@ pub async fn request_builds(
 
 async fn builds_page(s: &AppState, query: Query, fields: &[String]) -> Reply {
     let page = s.engine.client().store().query_builds(&query).await?;
-    let items = page.items.iter().map(json::build).collect();
-    Ok(Json(json::collection("builds", items, page.total, fields)))
+    page_reply("builds", &page, json::build, fields)
 }
 
 pub async fn builds(
@@ -500,13 +492,7 @@ pub async fn build_triggered(
         .store()
         .query_buildsets(&scoped(q.query, "parent_buildid", bid))
         .await?;
-    let items = page.items.iter().map(json::buildset).collect();
-    Ok(Json(json::collection(
-        "buildsets",
-        items,
-        page.total,
-        &q.fields,
-    )))
+    page_reply("buildsets", &page, json::buildset, &q.fields)
 }
 
 // ---- builders ----
