@@ -103,6 +103,7 @@ fn plugin_check(file: &str, json_out: bool) -> Result<ExitCode> {
             "imports": report.imports,
             "exports": report.exports,
             "problems": report.problems,
+            "toolchain": report.toolchain,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
@@ -116,6 +117,9 @@ fn plugin_check(file: &str, json_out: bool) -> Result<ExitCode> {
                 println!("{file}: a `{world}` component, built against kiln:plugin@{versions}");
             }
             None => println!("{file}: not a Kiln plugin"),
+        }
+        if let Some(toolchain) = &report.toolchain {
+            println!("built with: {toolchain}");
         }
         for problem in &report.problems {
             println!("  - {problem}");

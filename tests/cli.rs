@@ -673,7 +673,8 @@ fn plugin_check_names_the_world_or_says_why_not() -> Result<()> {
     let good = kiln_in(dir.path(), &["plugin", "check", "bundled:echo"])?.ok()?;
     ensure!(
         good.stdout
-            .contains("a `job` component, built against kiln:plugin@0.1.0"),
+            .contains("a `job` component, built against kiln:plugin@0.1.0")
+            && good.stdout.contains("built with: Rust (wit-bindgen-rust"),
         "{}",
         good.stdout
     );

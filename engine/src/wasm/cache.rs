@@ -7,6 +7,7 @@
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 use tracing::{debug, warn};
@@ -30,14 +31,41 @@ fn entry(dir: &Path, engine: &wasmtime::Engine, wasm: &[u8]) -> PathBuf {
     dir.join(format!("{hex}-{:016x}.cwasm", hasher.finish()))
 }
 
+/// How many components a host compiled, and how many it loaded from its cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Components compiled from wasm.
+    pub compiled: u64,
+    /// Components loaded already compiled from the cache directory.
+    pub loaded: u64,
+}
+
+/// The counters behind [`CacheStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    compiled: AtomicU64,
+    loaded: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn stats(&self) -> CacheStats {
+        CacheStats {
+            compiled: self.compiled.load(Ordering::Relaxed),
+            loaded: self.loaded.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// Compiles `wasm`, or loads its compiled form from `dir` if an earlier run stored it.
 /// Cache failures only cost time: they are logged and compilation goes on.
 pub(crate) fn compile(
     engine: &wasmtime::Engine,
     wasm: &[u8],
     dir: Option<&Path>,
+    counters: &Counters,
 ) -> wasmtime::Result<Component> {
     let Some(dir) = dir else {
+        counters.compiled.fetch_add(1, Ordering::Relaxed);
         return Component::new(engine, wasm);
     };
     let path = entry(dir, engine, wasm);
@@ -48,6 +76,7 @@ pub(crate) fn compile(
         match unsafe { Component::deserialize_file(engine, &path) } {
             Ok(component) => {
                 debug!(path = %path.display(), "loaded a compiled component from the cache");
+                counters.loaded.fetch_add(1, Ordering::Relaxed);
                 return Ok(component);
             }
             Err(e) => {
@@ -56,6 +85,7 @@ pub(crate) fn compile(
         }
     }
     let component = Component::new(engine, wasm)?;
+    counters.compiled.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = store(&component, dir, &path) {
         warn!(dir = %dir.display(), error = %e, "could not cache a compiled component");
     }

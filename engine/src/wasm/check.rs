@@ -157,6 +157,69 @@ fn item_kind(item: &ComponentItem) -> &'static str {
     }
 }
 
+/// Which toolchain produced a component, when its bytes tell: the `producers` custom
+/// sections its modules carry (language, and tools with versions), and the marks each
+/// language runtime leaves (componentize-py's runtime module, QuickJS, StarlingMonkey).
+pub fn toolchain(wasm: &[u8]) -> Option<String> {
+    let contains = |needle: &[u8]| wasm.windows(needle.len()).any(|w| w == needle);
+    let mut languages: Vec<String> = Vec::new();
+    let mut tools: Vec<(String, String)> = Vec::new();
+    for payload in wasmparser::Parser::new(0).parse_all(wasm) {
+        let Ok(wasmparser::Payload::CustomSection(section)) = payload else {
+            continue;
+        };
+        let wasmparser::KnownCustom::Producers(reader) = section.as_known() else {
+            continue;
+        };
+        for field in reader.into_iter().flatten() {
+            for value in field.values.into_iter().flatten() {
+                match field.name {
+                    "language" => languages.push(value.name.to_owned()),
+                    "processed-by" | "sdk" => {
+                        tools.push((value.name.to_owned(), value.version.to_owned()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let tool = |name: &str| {
+        tools
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.split_whitespace().next().unwrap_or(v).to_owned())
+    };
+    if contains(b"componentize_py_runtime") {
+        return Some("Python (componentize-py)".into());
+    }
+    if contains(b"rquickjs") {
+        return Some("JavaScript (QuickJS, e.g. componentize-qjs)".into());
+    }
+    if contains(b"StarlingMonkey") {
+        return Some("JavaScript (StarlingMonkey, componentize-js)".into());
+    }
+    if let Some(v) = tool("wit-bindgen-rust") {
+        let rustc = tool("rustc")
+            .map(|r| format!(", rustc {r}"))
+            .unwrap_or_default();
+        return Some(format!("Rust (wit-bindgen-rust {v}{rustc})"));
+    }
+    let written_in_c = languages
+        .iter()
+        .any(|l| l.starts_with('C') && !l.starts_with("C++"));
+    if written_in_c && let Some(v) = tool("wit-bindgen-c") {
+        let clang = tools
+            .iter()
+            .find(|(n, _)| n.contains("clang"))
+            .map(|(n, v)| format!(", {n} {v}"))
+            .unwrap_or_default();
+        return Some(format!("C (wit-bindgen-c {v}{clang})"));
+    }
+    languages
+        .first()
+        .map(|l| format!("{l} (from its producers section)"))
+}
+
 /// What `kiln plugin check` says about a file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorldReport {
@@ -170,4 +233,6 @@ pub struct WorldReport {
     pub exports: Vec<String>,
     /// Why it satisfies no world (empty when it satisfies one).
     pub problems: Vec<String>,
+    /// The toolchain that produced it, when the bytes tell ([`toolchain`]).
+    pub toolchain: Option<String>,
 }

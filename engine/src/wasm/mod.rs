@@ -70,7 +70,7 @@ use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, WasmBacktraceDetails,
 };
 
-pub use cache::default_cache_dir;
+pub use cache::{CacheStats, default_cache_dir};
 pub use check::{WasmKind, World, WorldReport};
 pub use executor::{DirGrant, Grants, RESULTS_GUEST_DIR, WasmExecutor};
 pub use limits::Limits;
@@ -150,6 +150,7 @@ impl Drop for EngineCtx {
 pub struct WasmHost {
     config: WasmHostConfig,
     engines: Mutex<BTreeMap<usize, Arc<EngineCtx>>>,
+    counters: Arc<cache::Counters>,
 }
 
 /// A job plugin, checked, compiled and pre-instantiated: ready to run builds.
@@ -173,7 +174,13 @@ impl WasmHost {
         WasmHost {
             config,
             engines: Mutex::new(BTreeMap::new()),
+            counters: Arc::new(cache::Counters::default()),
         }
+    }
+
+    /// How many components this host compiled, and how many it loaded from its cache.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.counters.stats()
     }
 
     /// The engine for a wasm stack limit, created on first use.
@@ -202,8 +209,10 @@ impl WasmHost {
         let cache_dir = self.config.cache_dir.clone();
         let owned_name = name.to_owned();
         let stack_bytes = limits.wasm_stack_bytes;
+        let counters = self.counters.clone();
         let task = tokio::task::spawn_blocking(move || {
-            let component = compile_checked(&engine, &owned_name, &wasm, cache_dir.as_deref())?;
+            let component =
+                compile_checked(&engine, &owned_name, &wasm, cache_dir.as_deref(), &counters)?;
             let pre =
                 pre_instantiate(&engine, &component).map_err(|problems| WasmError::Plugin {
                     plugin: owned_name.clone(),
@@ -231,8 +240,10 @@ impl WasmHost {
         let engine = self.engine_for(limits::DEFAULT_WASM_STACK_BYTES)?;
         let cache_dir = self.config.cache_dir.clone();
         let owned_name = name.to_owned();
+        let counters = self.counters.clone();
         let task = tokio::task::spawn_blocking(move || {
-            let component = compile_checked(&engine, &owned_name, &wasm, cache_dir.as_deref())?;
+            let component =
+                compile_checked(&engine, &owned_name, &wasm, cache_dir.as_deref(), &counters)?;
             make(owned_name.clone(), engine, &component).map_err(|problems| WasmError::Plugin {
                 plugin: owned_name,
                 problems,
@@ -277,16 +288,22 @@ impl WasmHost {
             imports: Vec::new(),
             exports: Vec::new(),
             problems: Vec::new(),
+            toolchain: check::toolchain(wasm),
         };
-        let component =
-            match compile_checked(&engine, "the file", wasm, self.config.cache_dir.as_deref()) {
-                Ok(component) => component,
-                Err(WasmError::Plugin { problems, .. }) => {
-                    report.problems = problems;
-                    return Ok(report);
-                }
-                Err(other) => return Err(other),
-            };
+        let component = match compile_checked(
+            &engine,
+            "the file",
+            wasm,
+            self.config.cache_dir.as_deref(),
+            &self.counters,
+        ) {
+            Ok(component) => component,
+            Err(WasmError::Plugin { problems, .. }) => {
+                report.problems = problems;
+                return Ok(report);
+            }
+            Err(other) => return Err(other),
+        };
         let ty = component.component_type();
         report.imports = ty
             .imports(&engine.engine)
@@ -398,6 +415,7 @@ fn compile_checked(
     name: &str,
     wasm: &[u8],
     cache_dir: Option<&std::path::Path>,
+    counters: &cache::Counters,
 ) -> Result<Component, WasmError> {
     let problem = |p: String| WasmError::Plugin {
         plugin: name.to_owned(),
@@ -412,7 +430,7 @@ fn compile_checked(
         }
         WasmKind::Component => {}
     }
-    cache::compile(&engine.engine, wasm, cache_dir)
+    cache::compile(&engine.engine, wasm, cache_dir, counters)
         .map_err(|e| problem(format!("it is not a valid component: {e:#}")))
 }
 
