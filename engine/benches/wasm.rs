@@ -185,6 +185,54 @@ async fn sandbox() -> Result<()> {
     Ok(())
 }
 
+/// Per-job cost, component size, compile time and cache load time of the same small job
+/// (one log call, then a job error) in each language. The non-Rust components are the
+/// ones `cargo test -p kiln-engine --test languages` builds into target/tmp/languages.
+async fn languages() -> Result<()> {
+    const RUNS: usize = 2_000;
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp/languages");
+    let mut guests: Vec<(&str, Vec<u8>)> = vec![("rust", bundled("fail")?.to_vec())];
+    for (language, dir) in [("c", "c"), ("javascript", "js"), ("python", "python")] {
+        match std::fs::read(built.join(dir).join("fails.wasm")) {
+            Ok(bytes) => guests.push((language, bytes)),
+            Err(_) => println!(
+                "languages: no {language} build in {}; run `cargo test -p kiln-engine --test languages` first",
+                built.display()
+            ),
+        }
+    }
+    println!("languages: the same failing job (a log call, then a job error), {RUNS} runs each");
+    let limits = Limits::default();
+    for (language, wasm) in guests {
+        let dir = tempfile::tempdir()?;
+        let wasm: Arc<[u8]> = Arc::from(wasm);
+        let start = Instant::now();
+        host(&dir).load_job(language, wasm.clone(), &limits).await?;
+        let compiled = start.elapsed();
+        let second = host(&dir);
+        let start = Instant::now();
+        let plugin = second.load_job(language, wasm.clone(), &limits).await?;
+        let cached = start.elapsed();
+        for _ in 0..RUNS / 10 {
+            plugin.run_once(&limits).await?;
+        }
+        let mut took = Vec::with_capacity(RUNS);
+        for _ in 0..RUNS {
+            let start = Instant::now();
+            plugin.run_once(&limits).await?;
+            took.push(start.elapsed());
+        }
+        took.sort();
+        println!(
+            "  {language:<10} {:>6} KB  compile {compiled:>9.2?}  from cache {cached:>9.2?}  per job: median {:?}, p99 {:?}",
+            wasm.len() >> 10,
+            percentile(&took, 0.5),
+            percentile(&took, 0.99)
+        );
+    }
+    Ok(())
+}
+
 /// A reporter that counts what it is handed and signals when it has seen `want` events.
 struct Counting {
     seen: std::sync::atomic::AtomicUsize,
@@ -316,6 +364,9 @@ async fn main() -> Result<()> {
     }
     if wants("latency") {
         latency().await?;
+    }
+    if wants("languages") {
+        languages().await?;
     }
     Ok(())
 }
