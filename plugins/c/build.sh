@@ -18,8 +18,12 @@ need() {
 need clang "apt-get install clang lld wasi-libc libclang-rt-14-dev-wasm32"
 need wit-bindgen "cargo install --locked wit-bindgen-cli@0.63.0"
 need wasm-tools "cargo install --locked wasm-tools@1.263.0"
-if [ ! -d /usr/share/wasi-sysroot ] && [ ! -d /usr/lib/wasm32-wasi ]; then
-    echo "need wasi-libc: apt-get install wasi-libc libclang-rt-14-dev-wasm32" >&2
+# clang alone is not enough: it needs the wasm32-wasi sysroot and runtime library.
+probe="$(mktemp -d)"
+trap 'rm -rf "$probe"' EXIT
+printf 'int main(void) { return 0; }\n' > "$probe/probe.c"
+if ! clang --target=wasm32-wasi -mexec-model=reactor -o "$probe/probe.wasm" "$probe/probe.c" 2>/dev/null; then
+    echo "need wasi-libc and clang's wasm32 runtime: apt-get install lld wasi-libc libclang-rt-14-dev-wasm32" >&2
     exit 3
 fi
 adapter="$out/wasi_snapshot_preview1.reactor.wasm"
