@@ -246,8 +246,8 @@ async fn the_c_example_jobs_do_exactly_what_the_guide_says() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_c_fail_fast_policy_decides_as_the_rust_one_does() -> Result<()> {
     use kiln_engine::Policy;
-    use kiln_engine::model::{BuildId, BuilderId, BuildsetId, ChildBuildset, RequestId};
-    use kiln_engine::relations::{BundledPolicy, ParentInfo};
+    use kiln_engine::relations::BundledPolicy;
+    use support::child;
     let Some(dir) = built("c")? else {
         return Ok(());
     };
@@ -267,26 +267,7 @@ async fn the_c_fail_fast_policy_decides_as_the_rust_one_does() -> Result<()> {
         .await?;
     let rust = WasmPolicy::new(rust_plugin, Limits::policy())?;
     let native = BundledPolicy::named("fail-fast").ok_or_else(|| anyhow!("no native fail-fast"))?;
-    let child = |complete: bool, results: Option<ResultCode>| ChildBuildset {
-        buildset_id: BuildsetId(1),
-        trigger_key: None,
-        relationship: None,
-        waited_for: true,
-        parent_buildid: None,
-        request_id: RequestId(1),
-        builder_id: BuilderId(1),
-        builder: "x".into(),
-        complete,
-        results,
-        build_id: None,
-        return_value: None,
-    };
-    let parent = ParentInfo {
-        build_id: BuildId(1),
-        builder: "p".into(),
-        number: 1,
-        relationship: "ff".into(),
-    };
+    let parent = support::parent("ff");
     let mut cases = vec![vec![]];
     let states: Vec<(bool, Option<ResultCode>)> = std::iter::once((false, None))
         .chain(ResultCode::ALL.iter().map(|r| (true, Some(*r))))

@@ -807,23 +807,9 @@ async fn resubmit_runs_only_what_failed_or_was_cancelled_unless_asked_for_all() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bundled_policy_plugins_decide_as_the_native_policies_do() -> Result<()> {
     use kiln_engine::Policy;
-    use kiln_engine::model::{BuildId, BuilderId, BuildsetId, ChildBuildset, RequestId};
-    use kiln_engine::relations::{BundledPolicy, ParentInfo};
+    use kiln_engine::relations::BundledPolicy;
+    use support::child;
     let host = host();
-    let child = |complete: bool, results: Option<ResultCode>| ChildBuildset {
-        buildset_id: BuildsetId(1),
-        trigger_key: None,
-        relationship: None,
-        waited_for: true,
-        parent_buildid: None,
-        request_id: RequestId(1),
-        builder_id: BuilderId(1),
-        builder: "x".into(),
-        complete,
-        results,
-        build_id: None,
-        return_value: None,
-    };
     let cases = [
         vec![child(true, Some(ResultCode::Success)), child(false, None)],
         vec![child(true, Some(ResultCode::Failure)), child(false, None)],
@@ -841,12 +827,7 @@ async fn the_bundled_policy_plugins_decide_as_the_native_policies_do() -> Result
         ],
         vec![],
     ];
-    let parent = ParentInfo {
-        build_id: BuildId(1),
-        builder: "p".into(),
-        number: 1,
-        relationship: "r".into(),
-    };
+    let parent = support::parent("r");
     for name in BundledPolicy::names() {
         let native = BundledPolicy::named(name).ok_or_else(|| anyhow!("{name}"))?;
         let plugin = policy(&host, name).await?;
