@@ -58,8 +58,13 @@ pub async fn serve(args: &ServeArgs, db: &str) -> Result<ExitCode> {
             "read-only: no --token"
         }
     );
+    let streams = state.clone();
     axum::serve(listener, kiln_server::router(state))
-        .with_graceful_shutdown(stop_signal())
+        .with_graceful_shutdown(async move {
+            stop_signal().await;
+            // Open event streams would keep the graceful shutdown waiting forever.
+            streams.stop_streams();
+        })
         .await
         .context("the server failed")?;
     match Arc::try_unwrap(engine) {

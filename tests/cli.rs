@@ -780,3 +780,61 @@ fn kiln_serve_serves_the_dashboard_and_the_api_over_the_example_config() -> Resu
     child.wait()?;
     result
 }
+
+#[test]
+fn kiln_serve_stops_on_sigterm_even_with_an_event_stream_open() -> Result<()> {
+    use std::io::{BufRead, Read, Write};
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("kiln.db");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "--db",
+            &db.display().to_string(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let address = line
+        .split("http://")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .ok_or_else(|| anyhow::anyhow!("no address in {line:?}"))?
+        .to_owned();
+    // A browser's event stream, left open.
+    let mut stream = std::net::TcpStream::connect(&address)?;
+    write!(
+        stream,
+        "GET /api/v2/events HTTP/1.1\r\nHost: {address}\r\n\r\n"
+    )?;
+    let mut first = [0u8; 12];
+    stream.read_exact(&mut first)?;
+    ensure!(first.starts_with(b"HTTP/1.1 200"));
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    ensure!(status.success());
+    // A hang guard: the server must exit by itself.
+    let pid = child.id().to_string();
+    let (done, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait());
+    });
+    match exited.recv_timeout(std::time::Duration::from_secs(30)) {
+        Ok(status) => ensure!(status?.success(), "kiln serve exited with an error"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            anyhow::bail!("kiln serve did not stop while an event stream was open");
+        }
+    }
+    Ok(())
+}

@@ -54,6 +54,9 @@ pub struct AppState {
     pub(crate) engine: Arc<Engine>,
     pub(crate) host: Arc<WasmHost>,
     pub(crate) config: Arc<ServerConfig>,
+    /// Set when the server stops: event streams end, so that a graceful shutdown does
+    /// not wait for browsers that would otherwise listen forever.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl AppState {
@@ -63,6 +66,20 @@ impl AppState {
             engine,
             host,
             config: Arc::new(config),
+            stopping: Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
+
+    /// Ends every open event stream; call it when a graceful shutdown begins.
+    pub fn stop_streams(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves when [`AppState::stop_streams`] is called.
+    pub(crate) fn stopped(&self) -> impl Future<Output = ()> + Send + use<> {
+        let mut rx = self.stopping.subscribe();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
         }
     }
 }

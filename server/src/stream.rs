@@ -46,7 +46,10 @@ pub async fn events(
     if s.config.private_reads {
         authorize(&s, &headers)?;
     }
-    let stream = BroadcastStream::new(s.engine.subscribe()).map(|item| {
+    let stopped = s.stopped();
+    let events =
+        futures_util::StreamExt::take_until(BroadcastStream::new(s.engine.subscribe()), stopped);
+    let stream = events.map(|item| {
         Ok(match item {
             Ok(event) => {
                 let value = serde_json::to_value(&event).unwrap_or_default();
