@@ -277,11 +277,7 @@ impl BuildContext {
         };
         let triggered = self.inner.shared.trigger(&self.inner.parent, spec).await?;
         if wait {
-            let relationship = if relationship.trim().is_empty() {
-                crate::model::TRIGGERS
-            } else {
-                relationship
-            };
+            let relationship = crate::relations::relationship_name(relationship);
             let mut verdict = self
                 .inner
                 .verdict

@@ -144,6 +144,15 @@ impl Policy for BundledPolicy {
     }
 }
 
+/// The relationship a trigger names, with "" meaning [`TRIGGERS`](crate::model::TRIGGERS).
+pub fn relationship_name(relationship: &str) -> &str {
+    if relationship.trim().is_empty() {
+        crate::model::TRIGGERS
+    } else {
+        relationship
+    }
+}
+
 /// What `trigger` hands back to the job.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Triggered {

@@ -1,5 +1,7 @@
 //! The read endpoints.
 
+use std::collections::BTreeMap;
+
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, header};
@@ -176,19 +178,21 @@ pub async fn buildset_tree(
     read(&s, &headers)?;
     parse_entity(raw.as_deref(), &[])?;
     let root = BuildsetId(id("buildset", &bsid)?);
-    let tree = tree(&s, root, 0).await?;
+    let names = builder_names(&s).await?;
+    let tree = tree(&s, &names, root, 0).await?;
     Ok(Json(json!({ "tree": tree })))
 }
 
+/// A buildset node of the tree; `names` maps builder ids to names, read once per tree.
 fn tree<'a>(
     s: &'a AppState,
+    names: &'a BTreeMap<i64, String>,
     bsid: BuildsetId,
     depth: usize,
 ) -> std::pin::Pin<Box<dyn Future<Output = ApiResult<Value>> + Send + 'a>> {
     Box::pin(async move {
         let client = s.engine.client();
         let bs = client.buildset(bsid).await?;
-        let names = builder_names(s).await?;
         let mut builds = Vec::new();
         for b in client
             .builds(&BuildFilter {
@@ -198,12 +202,7 @@ fn tree<'a>(
             .await?
         {
             let mut node = json::build(&b);
-            node["builder"] = json!(
-                names
-                    .iter()
-                    .find(|(id, _)| *id == b.builder_id.0)
-                    .map(|(_, n)| n)
-            );
+            node["builder"] = json!(names.get(&b.builder_id.0));
             let mut children = Vec::new();
             if depth < TREE_DEPTH {
                 for child in client
@@ -215,7 +214,7 @@ fn tree<'a>(
                     .into_iter()
                     .rev()
                 {
-                    children.push(tree(s, child.id, depth + 1).await?);
+                    children.push(tree(s, names, child.id, depth + 1).await?);
                 }
             }
             node["children"] = Value::Array(children);
@@ -227,7 +226,7 @@ fn tree<'a>(
     })
 }
 
-async fn builder_names(s: &AppState) -> ApiResult<Vec<(i64, String)>> {
+async fn builder_names(s: &AppState) -> ApiResult<BTreeMap<i64, String>> {
     Ok(s.engine
         .client()
         .builders()

@@ -134,11 +134,7 @@ impl Shared {
         parent: &Parent,
         spec: TriggerSpec,
     ) -> Result<Triggered, TriggerError> {
-        let relationship = if spec.relationship.trim().is_empty() {
-            TRIGGERS.to_owned()
-        } else {
-            spec.relationship.clone()
-        };
+        let relationship = crate::relations::relationship_name(&spec.relationship).to_owned();
         let policy = self.policy(&relationship).ok_or_else(|| {
             TriggerError::Invalid(format!(
                 "no policy for relationship {relationship:?} (known: {})",

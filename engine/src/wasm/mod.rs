@@ -261,7 +261,7 @@ impl WasmHost {
     ) -> Result<Arc<PolicyPlugin>, WasmError> {
         self.load_other(name, wasm, |name, engine, component| {
             let pre = policy::pre_instantiate(&engine, component)?;
-            Ok(Arc::new(policy::plugin(name, engine, pre)))
+            Ok(Arc::new(PolicyPlugin::new(name, engine, pre)))
         })
         .await
     }

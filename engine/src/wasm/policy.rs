@@ -31,6 +31,10 @@ pub struct PolicyPlugin {
 }
 
 impl PolicyPlugin {
+    pub(crate) fn new(name: String, engine: Arc<EngineCtx>, pre: PolicyPre<PolicyState>) -> Self {
+        PolicyPlugin { name, engine, pre }
+    }
+
     /// The plugin's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -56,15 +60,6 @@ pub(crate) fn pre_instantiate(
         .instantiate_pre(component)
         .map_err(|e| vec![format!("it does not link as a policy: {e:#}")])?;
     PolicyPre::new(instance).map_err(|e| vec![format!("it does not match the policy world: {e:#}")])
-}
-
-/// Makes policy plugins.
-pub(crate) fn plugin(
-    name: String,
-    engine: Arc<EngineCtx>,
-    pre: PolicyPre<PolicyState>,
-) -> PolicyPlugin {
-    PolicyPlugin { name, engine, pre }
 }
 
 /// A policy plugin with its limits: what an engine is given for a relationship.

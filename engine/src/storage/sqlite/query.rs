@@ -15,7 +15,7 @@ use crate::storage::{Result, StorageError};
 /// How a collection is read: the SELECT (up to FROM and its joins) and the column of
 /// each API field.
 struct Shape {
-    select: &'static str,
+    select: String,
     id: &'static str,
     columns: &'static [(&'static str, &'static str)],
 }
@@ -23,7 +23,7 @@ struct Shape {
 fn shape(collection: Collection) -> Shape {
     match collection {
         Collection::Buildsets => Shape {
-            select: "SELECT bs.* FROM buildsets bs",
+            select: "SELECT bs.* FROM buildsets bs".into(),
             id: "bs.id",
             columns: &[
                 ("bsid", "bs.id"),
@@ -39,7 +39,7 @@ fn shape(collection: Collection) -> Shape {
             ],
         },
         Collection::BuildRequests => Shape {
-            select: REQUEST_FROM,
+            select: REQUEST_FROM.into(),
             id: "r.id",
             columns: &[
                 ("buildrequestid", "r.id"),
@@ -56,7 +56,9 @@ fn shape(collection: Collection) -> Shape {
             ],
         },
         Collection::Builds => Shape {
-            select: "",
+            select: format!(
+                "SELECT {BUILD_COLUMNS} FROM builds b JOIN buildrequests r ON r.id = b.buildrequest_id"
+            ),
             id: "b.id",
             columns: &[
                 ("buildid", "b.id"),
@@ -74,7 +76,7 @@ fn shape(collection: Collection) -> Shape {
             ],
         },
         Collection::Builders => Shape {
-            select: "SELECT id, name, description, depends_on FROM builders",
+            select: "SELECT id, name, description, depends_on FROM builders".into(),
             id: "id",
             columns: &[
                 ("builderid", "id"),
@@ -83,7 +85,7 @@ fn shape(collection: Collection) -> Shape {
             ],
         },
         Collection::Masters => Shape {
-            select: "SELECT id, name, active, last_active FROM masters",
+            select: "SELECT id, name, active, last_active FROM masters".into(),
             id: "id",
             columns: &[
                 ("masterid", "id"),
@@ -209,20 +211,11 @@ fn push_where(qb: &mut QueryBuilder<Sqlite>, shape: &Shape, q: &Query) -> Result
     Ok(())
 }
 
-fn select_of(collection: Collection, shape: &Shape) -> String {
-    match collection {
-        Collection::Builds => format!(
-            "SELECT {BUILD_COLUMNS} FROM builds b JOIN buildrequests r ON r.id = b.buildrequest_id"
-        ),
-        _ => shape.select.to_owned(),
-    }
-}
-
 impl SqliteStore {
     async fn run_query(&self, collection: Collection, q: &Query) -> Result<(Vec<SqliteRow>, u64)> {
         let shape = shape(collection);
-        let select = select_of(collection, &shape);
-        let from = select
+        let from = shape
+            .select
             .split_once(" FROM ")
             .map(|(_, f)| f)
             .ok_or_else(|| StorageError::Invalid("a query without FROM".into()))?;
@@ -231,7 +224,7 @@ impl SqliteStore {
         push_where(&mut count, &shape, q)?;
         let total: i64 = count.build_query_scalar().fetch_one(&self.reader).await?;
 
-        let mut qb = QueryBuilder::<Sqlite>::new(select);
+        let mut qb = QueryBuilder::<Sqlite>::new(shape.select.clone());
         push_where(&mut qb, &shape, q)?;
         qb.push(" ORDER BY ");
         for (field, descending) in &q.order {
