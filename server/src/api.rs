@@ -593,10 +593,7 @@ pub async fn masters(
     read(&s, &headers)?;
     let q = parse_collection(Collection::Masters, raw.as_deref(), json::MASTER_FIELDS)?;
     let page = s.engine.client().store().query_masters(&q.query).await?;
-    let items = page.items.iter().map(json::master).collect();
-    Ok(Json(json::collection(
-        "masters", items, page.total, &q.fields,
-    )))
+    page_reply("masters", &page, json::master, &q.fields)
 }
 
 pub async fn master(
