@@ -1,7 +1,8 @@
 //! The scheduler: claims requests, runs their builds through executors, completes them.
 //!
 //! One claim loop per engine wakes on every submit in this process (a [`Notify`]), on a
-//! settled build (a slot freed) and on a slow poll for work that other processes put in
+//! settled build (a slot freed), on other processes' signals where the store relays them
+//! (PostgreSQL's LISTEN/NOTIFY) and on a slow poll for work that other processes put in
 //! the database. Each round claims and starts, in one transaction, up to every
 //! registered builder's free slots, highest priority first, then oldest. Every started
 //! build runs in its own tokio task; the loop never waits for a build. A finisher task
@@ -31,7 +32,7 @@ use crate::events::Event;
 use crate::executor::{Executor, StopReason};
 use crate::model::{BuildId, BuilderId, MasterId, RequestId, ResultCode};
 use crate::relations::Policy;
-use crate::storage::{CancelOutcome, StartAvailable, Store};
+use crate::storage::{CancelOutcome, StartAvailable, Store, StoreSignal};
 
 /// A builder registered on this engine, with its executor and slot bookkeeping.
 pub(crate) struct RegisteredBuilder {
@@ -188,11 +189,14 @@ impl Scheduler {
             events,
             stopping: watch::channel(false).0,
         });
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(claim_loop(shared.clone())),
             tokio::spawn(masters::heartbeat_loop(shared.clone())),
             tokio::spawn(run::finisher_loop(shared.clone(), finished_rx)),
         ];
+        if let Some(signals) = shared.store.signals() {
+            tasks.push(tokio::spawn(signal_loop(shared.clone(), signals)));
+        }
         Scheduler {
             shared,
             tasks: Mutex::new(tasks),
@@ -452,6 +456,37 @@ async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
         ));
     }
     Ok(taken)
+}
+
+/// Turns other processes' wake-ups into this engine's: new work wakes the claim loop,
+/// cancellations are looked at at once, and buildsets completed elsewhere become
+/// [`Event::BuildsetComplete`] here, which wakes parents waiting on children and
+/// clients waiting on buildsets. The poll stays as the fallback.
+async fn signal_loop(shared: Arc<Shared>, mut signals: broadcast::Receiver<StoreSignal>) {
+    let mut stopping = shared.stopping.subscribe();
+    loop {
+        let signal = tokio::select! {
+            signal = signals.recv() => signal,
+            _ = stopping.wait_for(|s| *s) => return,
+        };
+        match signal {
+            Ok(StoreSignal::Work) => shared.wake.notify_one(),
+            Ok(StoreSignal::Cancel) => check_remote_cancels(&shared).await,
+            Ok(StoreSignal::Complete(done)) => {
+                for (buildset_id, results) in done {
+                    shared.emit(Event::BuildsetComplete {
+                        buildset_id,
+                        results,
+                    });
+                }
+            }
+            Ok(StoreSignal::Lost) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                shared.wake.notify_one();
+                check_remote_cancels(&shared).await;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }
 
 /// Stops local builds whose requests somebody cancelled through another process.

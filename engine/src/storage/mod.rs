@@ -2,14 +2,17 @@
 //!
 //! Methods are named entity-first (`request_claim`, `build_finish`) and take their own
 //! parameter structs where they need more than two or three values. The SQL lives in the
-//! backends only ([`sqlite`] today); the scheduler, the client and the edges never see it.
+//! backends only ([`sqlite`], [`postgres`]); the scheduler, the client and the edges never see it.
 //! Every backend must pass the conformance suite in `engine/tests/conformance/`.
 
+mod collections;
 mod error;
+pub mod postgres;
 pub mod query;
+mod rows;
 pub mod sqlite;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,15 +23,17 @@ pub use query::{Collection, FieldType, Filter, FilterValue, Op, Page, Query};
 
 use crate::model::{
     Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId,
-    ChildBuildset, LogEntry, LogLevel, LogQuery, LogRecord, Master, MasterId, OutboxEvent,
-    ProgressRecord, ProgressReport, Properties, Property, ReporterState, RequestId, ResultCode,
-    SourceStamp, SourceStampId, Timestamp,
+    ChildBuildset, LogEntry, LogLevel, LogQuery, LogRecord, MAX_PRIORITY, MIN_PRIORITY, Master,
+    MasterId, OutboxEvent, ProgressRecord, ProgressReport, Properties, Property, ReporterState,
+    RequestId, ResultCode, SourceStamp, SourceStampId, Timestamp,
 };
 
 /// Opens the store named by a database URL and brings its schema up to date.
 ///
 /// `sqlite://path/to/kiln.db` (created if missing) and `sqlite::memory:` are understood;
-/// a bare path is taken as a SQLite file.
+/// a bare path is taken as a SQLite file. `postgres://user@host/db` (or `postgresql://`)
+/// opens a PostgreSQL database, which must exist; `?options=-c%20search_path%3Dname`
+/// puts Kiln's tables in another schema.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
     open_with(url, &StoreOptions::default()).await
 }
@@ -36,17 +41,14 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
 /// Like [`open`], with options.
 pub async fn open_with(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(StorageError::BadUrl {
-            url: url.to_owned(),
-            reason: "the PostgreSQL backend is not built yet; use a sqlite:// URL".into(),
-        });
+        return Ok(Arc::new(postgres::PostgresStore::open(url, options).await?));
     }
     if let Some((scheme, _)) = url.split_once("://")
         && scheme != "sqlite"
     {
         return Err(StorageError::BadUrl {
             url: url.to_owned(),
-            reason: format!("unsupported scheme {scheme:?}: expected sqlite://"),
+            reason: format!("unsupported scheme {scheme:?}: expected sqlite:// or postgres://"),
         });
     }
     Ok(Arc::new(sqlite::SqliteStore::open(url, options).await?))
@@ -434,11 +436,32 @@ pub struct ReporterProgress {
     pub now: Timestamp,
 }
 
+/// A wake-up from another process on the same database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSignal {
+    /// Requests became claimable: submitted, or released by a master.
+    Work,
+    /// Somebody asked to cancel claimed requests: their masters should look.
+    Cancel,
+    /// Buildsets completed, with their results.
+    Complete(Vec<(BuildsetId, ResultCode)>),
+    /// Signals may have been lost (the listening connection dropped, or a subscriber
+    /// fell behind): look at everything again.
+    Lost,
+}
+
 /// The storage seam. One implementation per database; see the module docs.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// The backend's name ("sqlite").
+    /// The backend's name ("sqlite", "postgres").
     fn backend(&self) -> &'static str;
+
+    /// Wake-ups from other processes sharing the database, for backends that can push
+    /// them (PostgreSQL's LISTEN/NOTIFY). `None` means polling is the only way to learn
+    /// of other processes' work. A store never signals what it did itself.
+    fn signals(&self) -> Option<tokio::sync::broadcast::Receiver<StoreSignal>> {
+        None
+    }
 
     // ---- masters ----
 
@@ -660,4 +683,26 @@ pub trait Store: Send + Sync + 'static {
     async fn query_builders(&self, q: &Query) -> Result<Page<Builder>>;
     /// Masters matching a query.
     async fn query_masters(&self, q: &Query) -> Result<Page<Master>>;
+}
+
+/// The rules every backend checks before it adds a buildset.
+pub(crate) fn validate_buildset(params: &NewBuildset) -> Result<()> {
+    if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&params.priority) {
+        return Err(StorageError::Invalid(format!(
+            "priority {} is outside {MIN_PRIORITY}..={MAX_PRIORITY}",
+            params.priority
+        )));
+    }
+    let distinct: BTreeSet<_> = params.builder_ids.iter().collect();
+    if distinct.len() != params.builder_ids.len() {
+        return Err(StorageError::Invalid(
+            "a buildset names the same builder twice".into(),
+        ));
+    }
+    if let Some(name) = params.properties.keys().find(|k| k.trim().is_empty()) {
+        return Err(StorageError::Invalid(format!(
+            "property name {name:?} is empty"
+        )));
+    }
+    Ok(())
 }

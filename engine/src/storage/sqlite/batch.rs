@@ -11,15 +11,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Value, json};
 use sqlx::{Connection, Row};
 
-use super::rows::{
-    BUILD_JSON, CONTEXT_JSON, REQUEST_JSON, from_json, json_ids, started_from_json, us,
-};
-use super::{SqliteStore, complete_buildsets, fk_to_not_found, outbox, validate_buildset};
+use super::json::{BUILD_JSON, CONTEXT_JSON, REQUEST_JSON};
+use super::{SqliteStore, complete_buildsets, fk_to_not_found, outbox};
 use crate::model::{BuilderId, MasterId, RequestId};
 use crate::model::{BuildsetId, ResultCode};
+use crate::storage::rows::{from_json, json_ids, started_from_json, us};
 use crate::storage::{
     AddedBuildset, BuildEnd, NewBuildset, Result, Settled, StartAvailable, StartOutcome,
-    StartedBuild, StorageError,
+    StartedBuild, StorageError, validate_buildset,
 };
 
 /// A request about to be claimed: id, cancel_requested, buildset id.
@@ -197,6 +196,17 @@ impl SqliteStore {
     pub(super) async fn start_available(&self, params: &StartAvailable) -> Result<StartOutcome> {
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        // A master that was expired (or shut down) starts nothing until it registers
+        // again: what it claimed now would belong to nobody alive.
+        let active: Option<i64> = sqlx::query_scalar("SELECT active FROM masters WHERE id = ?")
+            .bind(params.master_id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match active {
+            None => return Err(StorageError::not_found("master", params.master_id)),
+            Some(0) => return Err(StorageError::MasterInactive(params.master_id)),
+            Some(_) => {}
+        }
         // Per builder, the most urgent requests.
         let mut claimed: Vec<(BuilderId, Vec<Candidate>)> = Vec::new();
         for (builder, slots) in &params.free_slots {

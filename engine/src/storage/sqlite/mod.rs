@@ -6,9 +6,8 @@
 //! keeps statements fixed and their prepared forms cached.
 
 mod batch;
+mod json;
 mod outbox;
-mod query;
-mod rows;
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -21,22 +20,23 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 use tokio::sync::Mutex;
 
-use self::rows::{
-    BUILD_COLUMNS, REQUEST_FROM, build_from_row, buildset_from_row, json_ids, log_from_row,
-    master_from_row, properties_from_rows, request_from_row, result_code, us,
-};
 use super::{
     AddedBuildset, BuildEnd, BuildFilter, BuildsetFilter, CancelOutcome, ClaimFilter,
     CompletedBuildset, Durability, ExpireMasters, ExpiredMaster, FinishBuild, NewBuild,
     NewBuildset, RegisteredMaster, ReporterProgress, RequestFilter, RequestOrderField, Result,
     Settled, StartAvailable, StartOutcome, StorageError, Store, StoreOptions,
-    query::{Page, Query},
+    collections::{self, push_limit},
+    query::{Collection, Page, Query},
 };
 use crate::model::{
     Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId,
     ChildBuildset, LogEntry, LogLevel, LogQuery, LogRecord, MAX_PRIORITY, MIN_PRIORITY, Master,
     MasterId, OutboxEvent, ProgressRecord, ProgressReport, Properties, Property, ReporterState,
     RequestId, ResultCode, SourceStamp, SourceStampId, Timestamp,
+};
+use crate::storage::rows::{
+    self, BUILD_COLUMNS, REQUEST_FROM, build_from_row, buildset_from_row, json_ids, log_from_row,
+    master_from_row, properties_from_rows, request_from_row, result_code, us,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -282,35 +282,6 @@ async fn complete_buildsets(
             })
         })
         .collect()
-}
-
-fn validate_buildset(params: &NewBuildset) -> Result<()> {
-    if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&params.priority) {
-        return Err(StorageError::Invalid(format!(
-            "priority {} is outside {MIN_PRIORITY}..={MAX_PRIORITY}",
-            params.priority
-        )));
-    }
-    let distinct: BTreeSet<_> = params.builder_ids.iter().collect();
-    if distinct.len() != params.builder_ids.len() {
-        return Err(StorageError::Invalid(
-            "a buildset names the same builder twice".into(),
-        ));
-    }
-    if let Some(name) = params.properties.keys().find(|k| k.trim().is_empty()) {
-        return Err(StorageError::Invalid(format!(
-            "property name {name:?} is empty"
-        )));
-    }
-    Ok(())
-}
-
-fn push_limit(qb: &mut QueryBuilder<Sqlite>, limit: Option<u32>, offset: Option<u32>) {
-    if limit.is_some() || offset.is_some() {
-        qb.push(" LIMIT ").push_bind(limit.map_or(-1, i64::from));
-        qb.push(" OFFSET ")
-            .push_bind(i64::from(offset.unwrap_or(0)));
-    }
 }
 
 #[async_trait]
@@ -1305,23 +1276,46 @@ impl Store for SqliteStore {
     }
 
     async fn query_buildsets(&self, q: &Query) -> Result<Page<Buildset>> {
-        self.query_buildsets_impl(q).await
+        let (rows, total) = self.run_query(Collection::Buildsets, q).await?;
+        collections::page(&rows, total, buildset_from_row)
     }
 
     async fn query_requests(&self, q: &Query) -> Result<Page<BuildRequest>> {
-        self.query_requests_impl(q).await
+        let (rows, total) = self.run_query(Collection::BuildRequests, q).await?;
+        collections::page(&rows, total, request_from_row)
     }
 
     async fn query_builds(&self, q: &Query) -> Result<Page<Build>> {
-        self.query_builds_impl(q).await
+        let (rows, total) = self.run_query(Collection::Builds, q).await?;
+        collections::page(&rows, total, build_from_row)
     }
 
     async fn query_builders(&self, q: &Query) -> Result<Page<Builder>> {
-        self.query_builders_impl(q).await
+        let (rows, total) = self.run_query(Collection::Builders, q).await?;
+        collections::page(&rows, total, rows::builder_from_row)
     }
 
     async fn query_masters(&self, q: &Query) -> Result<Page<Master>> {
-        self.query_masters_impl(q).await
+        let (rows, total) = self.run_query(Collection::Masters, q).await?;
+        collections::page(&rows, total, master_from_row)
+    }
+}
+
+impl SqliteStore {
+    /// Runs a collection query: the page and the total.
+    async fn run_query(
+        &self,
+        collection: Collection,
+        q: &Query,
+    ) -> Result<(Vec<sqlx::sqlite::SqliteRow>, i64)> {
+        let mut statements = collections::statements::<Sqlite>(collection, q, "instr")?;
+        let total: i64 = statements
+            .count
+            .build_query_scalar()
+            .fetch_one(&self.reader)
+            .await?;
+        let rows = statements.select.build().fetch_all(&self.reader).await?;
+        Ok((rows, total))
     }
 }
 

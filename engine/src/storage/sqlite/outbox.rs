@@ -5,13 +5,11 @@
 //! by "is any reporter registered?", so a database without reporters pays one cheap
 //! statement per transaction and stores nothing.
 
-use sqlx::{Row, SqliteConnection};
+use sqlx::SqliteConnection;
 
 use super::SqliteStore;
-use super::rows::{from_json, result_code, us};
-use crate::model::{
-    BuildId, BuildsetId, EventKind, MasterId, OutboxEvent, ReporterState, Timestamp,
-};
+use crate::model::{MasterId, OutboxEvent, ReporterState, Timestamp};
+use crate::storage::rows::{outbox_event_from_row, reporter_from_row, us};
 use crate::storage::{ReporterProgress, Result, StorageError};
 
 /// Seconds since the epoch as a JSON number, from stored microseconds.
@@ -122,26 +120,6 @@ pub(super) async fn record_complete(tx: &mut SqliteConnection, ids: &str) -> Res
 
 const REPORTER_COLUMNS: &str =
     "name, cursor, owner, lease_until, attempts, last_error, delivered, dropped";
-
-fn reporter_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ReporterState> {
-    let ts = |v: Option<i64>| -> Result<Option<Timestamp>> {
-        v.map(|v| {
-            chrono::DateTime::from_timestamp_micros(v)
-                .ok_or_else(|| StorageError::Corrupt(format!("timestamp {v} is out of range")))
-        })
-        .transpose()
-    };
-    Ok(ReporterState {
-        name: row.try_get("name")?,
-        cursor: row.try_get("cursor")?,
-        owner: row.try_get::<Option<i64>, _>("owner")?.map(MasterId),
-        lease_until: ts(row.try_get("lease_until")?)?,
-        attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
-        last_error: row.try_get("last_error")?,
-        delivered: u64::try_from(row.try_get::<i64, _>("delivered")?).unwrap_or_default(),
-        dropped: u64::try_from(row.try_get::<i64, _>("dropped")?).unwrap_or_default(),
-    })
-}
 
 impl SqliteStore {
     pub(super) async fn reporter_register_impl(&self, name: &str) -> Result<ReporterState> {
@@ -276,25 +254,7 @@ impl SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let kind: String = row.try_get("kind")?;
-                let at: i64 = row.try_get("at")?;
-                Ok(OutboxEvent {
-                    seq: row.try_get("seq")?,
-                    kind: kind
-                        .parse::<EventKind>()
-                        .map_err(|e| StorageError::Corrupt(e.to_string()))?,
-                    buildset_id: BuildsetId(row.try_get("buildset_id")?),
-                    build_id: row.try_get::<Option<i64>, _>("build_id")?.map(BuildId),
-                    builder: row.try_get("builder")?,
-                    results: result_code(row.try_get("results")?)?,
-                    at: chrono::DateTime::from_timestamp_micros(at)
-                        .ok_or_else(|| StorageError::Corrupt(format!("timestamp {at}")))?,
-                    payload: from_json(&row.try_get::<String, _>("payload")?)?,
-                })
-            })
-            .collect()
+        rows.iter().map(outbox_event_from_row).collect()
     }
 
     pub(super) async fn outbox_prune_impl(&self) -> Result<u64> {

@@ -1,16 +1,12 @@
-//! The API's collection queries in SQLite: every filter, the ordering and the paging
-//! run in SQL, and the total is one `COUNT(*)` with the same filters.
+//! The API's collection queries, as SQL both backends run: every filter, the ordering
+//! and the paging run in the database, and the total is one `COUNT(*)` with the same
+//! filters. The statements differ only in the function that finds a substring.
 
-use sqlx::{QueryBuilder, Sqlite, sqlite::SqliteRow};
+use sqlx::{Database, Encode, QueryBuilder, Type};
 
-use super::rows::{
-    BUILD_COLUMNS, REQUEST_FROM, build_from_row, buildset_from_row, master_from_row,
-    request_from_row, us,
-};
-use super::{SqliteStore, push_limit};
-use crate::model::{Build, BuildRequest, Builder, Buildset, Master};
-use crate::storage::query::{Collection, Filter, FilterValue, Op, Page, Query};
-use crate::storage::{Result, StorageError};
+use super::query::{Collection, Filter, FilterValue, Op, Page, Query};
+use super::rows::{BUILD_COLUMNS, REQUEST_FROM, us};
+use super::{Result, StorageError};
 
 /// How a collection is read: the SELECT (up to FROM and its joins) and the column of
 /// each API field.
@@ -51,7 +47,10 @@ fn shape(collection: Collection) -> Shape {
                 ("complete", "r.complete"),
                 ("complete_at", "r.complete_at"),
                 ("results", "r.results"),
-                ("claimed", "(c.master_id IS NOT NULL)"),
+                (
+                    "claimed",
+                    "(CASE WHEN c.master_id IS NULL THEN 0 ELSE 1 END)",
+                ),
                 ("claimed_by_masterid", "c.master_id"),
             ],
         },
@@ -69,7 +68,10 @@ fn shape(collection: Collection) -> Shape {
                 ("masterid", "b.master_id"),
                 ("workerslot", "b.worker_slot"),
                 ("started_at", "b.started_at"),
-                ("complete", "(b.complete_at IS NOT NULL)"),
+                (
+                    "complete",
+                    "(CASE WHEN b.complete_at IS NULL THEN 0 ELSE 1 END)",
+                ),
                 ("complete_at", "b.complete_at"),
                 ("state_string", "b.state_string"),
                 ("results", "b.results"),
@@ -106,7 +108,11 @@ fn column(shape: &Shape, field: &str) -> Result<&'static str> {
         .ok_or_else(|| StorageError::Invalid(format!("unknown field {field:?}")))
 }
 
-fn push_value(qb: &mut QueryBuilder<Sqlite>, value: &FilterValue) {
+fn push_value<DB: Database>(qb: &mut QueryBuilder<DB>, value: &FilterValue)
+where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    String: for<'t> Encode<'t, DB> + Type<DB>,
+{
     match value {
         FilterValue::Int(v) => qb.push_bind(*v),
         FilterValue::Text(v) => qb.push_bind(v.clone()),
@@ -118,7 +124,11 @@ fn push_value(qb: &mut QueryBuilder<Sqlite>, value: &FilterValue) {
 }
 
 /// `col IN (v, ...)` over the non-null values, OR-ed with `col IS NULL` when asked.
-fn push_in(qb: &mut QueryBuilder<Sqlite>, col: &str, values: &[FilterValue], negate: bool) {
+fn push_in<DB: Database>(qb: &mut QueryBuilder<DB>, col: &str, values: &[FilterValue], negate: bool)
+where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    String: for<'t> Encode<'t, DB> + Type<DB>,
+{
     let has_null = values.contains(&FilterValue::Null);
     let concrete: Vec<&FilterValue> = values.iter().filter(|v| **v != FilterValue::Null).collect();
     qb.push("(");
@@ -158,7 +168,16 @@ fn push_in(qb: &mut QueryBuilder<Sqlite>, col: &str, values: &[FilterValue], neg
     qb.push(")");
 }
 
-fn push_filter(qb: &mut QueryBuilder<Sqlite>, shape: &Shape, f: &Filter) -> Result<()> {
+fn push_filter<DB: Database>(
+    qb: &mut QueryBuilder<DB>,
+    shape: &Shape,
+    f: &Filter,
+    contains: &str,
+) -> Result<()>
+where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    String: for<'t> Encode<'t, DB> + Type<DB>,
+{
     let col = column(shape, &f.field)?;
     if f.values.is_empty() {
         return Err(StorageError::Invalid(format!(
@@ -183,7 +202,7 @@ fn push_filter(qb: &mut QueryBuilder<Sqlite>, shape: &Shape, f: &Filter) -> Resu
                     qb.push(" OR ");
                 }
                 if f.op == Op::Contains {
-                    qb.push("instr(").push(col).push(", ");
+                    qb.push(contains).push("(").push(col).push(", ");
                     push_value(qb, v);
                     qb.push(") > 0");
                 } else {
@@ -203,70 +222,87 @@ fn push_filter(qb: &mut QueryBuilder<Sqlite>, shape: &Shape, f: &Filter) -> Resu
     Ok(())
 }
 
-fn push_where(qb: &mut QueryBuilder<Sqlite>, shape: &Shape, q: &Query) -> Result<()> {
+fn push_where<DB: Database>(
+    qb: &mut QueryBuilder<DB>,
+    shape: &Shape,
+    q: &Query,
+    contains: &str,
+) -> Result<()>
+where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    String: for<'t> Encode<'t, DB> + Type<DB>,
+{
     qb.push(" WHERE 1 = 1");
     for f in &q.filters {
-        push_filter(qb, shape, f)?;
+        push_filter(qb, shape, f, contains)?;
     }
     Ok(())
 }
 
-impl SqliteStore {
-    async fn run_query(&self, collection: Collection, q: &Query) -> Result<(Vec<SqliteRow>, u64)> {
-        let shape = shape(collection);
-        let from = shape
-            .select
-            .split_once(" FROM ")
-            .map(|(_, f)| f)
-            .ok_or_else(|| StorageError::Invalid("a query without FROM".into()))?;
-
-        let mut count = QueryBuilder::<Sqlite>::new(format!("SELECT COUNT(*) FROM {from}"));
-        push_where(&mut count, &shape, q)?;
-        let total: i64 = count.build_query_scalar().fetch_one(&self.reader).await?;
-
-        let mut qb = QueryBuilder::<Sqlite>::new(shape.select.clone());
-        push_where(&mut qb, &shape, q)?;
-        qb.push(" ORDER BY ");
-        for (field, descending) in &q.order {
-            qb.push(column(&shape, field)?)
-                .push(if *descending { " DESC, " } else { " ASC, " });
-        }
-        qb.push(shape.id);
-        push_limit(&mut qb, q.limit, q.offset);
-        let rows = qb.build().fetch_all(&self.reader).await?;
-        Ok((rows, u64::try_from(total).unwrap_or_default()))
+/// `LIMIT`/`OFFSET` as both backends read them (SQLite needs a LIMIT before an OFFSET).
+pub(crate) fn push_limit<DB: Database>(
+    qb: &mut QueryBuilder<DB>,
+    limit: Option<u32>,
+    offset: Option<u32>,
+) where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    if limit.is_some() || offset.is_some() {
+        qb.push(" LIMIT ")
+            .push_bind(limit.map_or(i64::MAX, i64::from));
+        qb.push(" OFFSET ")
+            .push_bind(i64::from(offset.unwrap_or(0)));
     }
+}
 
-    pub(super) async fn query_buildsets_impl(&self, q: &Query) -> Result<Page<Buildset>> {
-        let (rows, total) = self.run_query(Collection::Buildsets, q).await?;
-        let items = rows.iter().map(buildset_from_row).collect::<Result<_>>()?;
-        Ok(Page { items, total })
-    }
+/// The two statements of a collection query: the total, and the page.
+pub(crate) struct Statements<DB: Database> {
+    /// `SELECT COUNT(*)` over every match.
+    pub count: QueryBuilder<DB>,
+    /// The page of rows.
+    pub select: QueryBuilder<DB>,
+}
 
-    pub(super) async fn query_requests_impl(&self, q: &Query) -> Result<Page<BuildRequest>> {
-        let (rows, total) = self.run_query(Collection::BuildRequests, q).await?;
-        let items = rows.iter().map(request_from_row).collect::<Result<_>>()?;
-        Ok(Page { items, total })
+/// Builds a collection query; `contains` names the backend's substring-position
+/// function (`instr`, `strpos`: both take the haystack first).
+pub(crate) fn statements<DB: Database>(
+    collection: Collection,
+    q: &Query,
+    contains: &str,
+) -> Result<Statements<DB>>
+where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    String: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let shape = shape(collection);
+    let from = shape
+        .select
+        .split_once(" FROM ")
+        .map(|(_, f)| f)
+        .ok_or_else(|| StorageError::Invalid("a query without FROM".into()))?;
+    let mut count = QueryBuilder::<DB>::new(format!("SELECT COUNT(*) FROM {from}"));
+    push_where(&mut count, &shape, q, contains)?;
+    let mut select = QueryBuilder::<DB>::new(shape.select.clone());
+    push_where(&mut select, &shape, q, contains)?;
+    select.push(" ORDER BY ");
+    for (field, descending) in &q.order {
+        select
+            .push(column(&shape, field)?)
+            .push(if *descending { " DESC, " } else { " ASC, " });
     }
+    select.push(shape.id);
+    push_limit(&mut select, q.limit, q.offset);
+    Ok(Statements { count, select })
+}
 
-    pub(super) async fn query_builds_impl(&self, q: &Query) -> Result<Page<Build>> {
-        let (rows, total) = self.run_query(Collection::Builds, q).await?;
-        let items = rows.iter().map(build_from_row).collect::<Result<_>>()?;
-        Ok(Page { items, total })
-    }
-
-    pub(super) async fn query_builders_impl(&self, q: &Query) -> Result<Page<Builder>> {
-        let (rows, total) = self.run_query(Collection::Builders, q).await?;
-        let items = rows
-            .iter()
-            .map(super::rows::builder_from_row)
-            .collect::<Result<_>>()?;
-        Ok(Page { items, total })
-    }
-
-    pub(super) async fn query_masters_impl(&self, q: &Query) -> Result<Page<Master>> {
-        let (rows, total) = self.run_query(Collection::Masters, q).await?;
-        let items = rows.iter().map(master_from_row).collect::<Result<_>>()?;
-        Ok(Page { items, total })
-    }
+/// A page from the rows a backend read, decoded with one of [`super::rows`]' decoders.
+pub(crate) fn page<R, T>(
+    rows: &[R],
+    total: i64,
+    decode: impl Fn(&R) -> Result<T>,
+) -> Result<Page<T>> {
+    Ok(Page {
+        items: rows.iter().map(decode).collect::<Result<_>>()?,
+        total: u64::try_from(total).unwrap_or_default(),
+    })
 }
