@@ -5,12 +5,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Kiln: an embeddable scheduling engine for builds and jobs.
 ///
 /// Every command works on a Kiln database: a SQLite file (default `kiln.db` in the
-/// current directory) or a `sqlite://` URL. Output is a table for people; add `--json`
+/// current directory), a `sqlite://` URL, or a `postgres://` URL. Output is a table for people; add `--json`
 /// for scripts.
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, propagate_version = true)]
 pub struct Cli {
-    /// The database: a SQLite file path or a sqlite:// URL.
+    /// The database: a SQLite file path, a sqlite:// URL, or a postgres:// URL for a
+    /// database several masters share.
     #[arg(long, global = true, env = "KILN_DATABASE", default_value = "kiln.db")]
     pub db: String,
     /// Print JSON instead of tables.
@@ -97,6 +98,32 @@ pub struct ServeArgs {
     /// Also submit the config's [[submit]] entries when the server starts.
     #[arg(long, requires = "config")]
     pub submit: bool,
+    /// This master's name, unique among the masters sharing the database (default: the
+    /// host name and process id).
+    #[arg(long)]
+    pub master: Option<String>,
+    /// Seconds between this master's heartbeats (default 10).
+    #[arg(long, value_parser = seconds)]
+    pub heartbeat_interval: Option<std::time::Duration>,
+    /// Seconds of silence after which another master expires this one and runs its work
+    /// elsewhere (default 60). Every master sharing a database should use the same value.
+    #[arg(long, value_parser = seconds)]
+    pub master_expiry: Option<std::time::Duration>,
+    /// Seconds between looks at the database for work that no notification announced
+    /// (default 1).
+    #[arg(long, value_parser = seconds)]
+    pub poll_interval: Option<std::time::Duration>,
+}
+
+/// A positive number of seconds, such as `10` or `0.5`.
+fn seconds(text: &str) -> Result<std::time::Duration, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(value.is_finite() && value > 0.0) {
+        return Err(format!("{text} must be more than 0 seconds"));
+    }
+    std::time::Duration::try_from_secs_f64(value).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Args)]

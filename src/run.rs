@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use kiln_engine::model::{BuildId, BuildsetId, ResultCode};
-use kiln_engine::storage::BuildFilter;
+use kiln_engine::storage::{self, BuildFilter};
 use kiln_engine::wasm::{WasmHost, WasmHostConfig, default_cache_dir};
 use kiln_engine::{Engine, EngineConfig, Event};
 use serde_json::json;
@@ -40,7 +40,8 @@ struct Line {
 pub struct Started {
     pub engine: Engine,
     pub host: std::sync::Arc<WasmHost>,
-    pub database: PathBuf,
+    /// The database as given: a SQLite path or a URL.
+    pub database: String,
     pub results_dir: PathBuf,
     pub submissions: Vec<kiln_engine::Submission>,
     pub reporters: Vec<String>,
@@ -48,24 +49,29 @@ pub struct Started {
 
 /// Reads and checks a pipeline file, opens its database (the file's, else `db`) and
 /// registers everything it declares.
-pub async fn start(path: &Path, db: &str) -> Result<Started> {
+pub async fn start(
+    path: &Path,
+    db: &str,
+    tune: impl FnOnce(EngineConfig) -> EngineConfig,
+) -> Result<Started> {
     let (base, file) = pipeline::read(path)?;
     let database = file
         .run
         .database
         .as_ref()
-        .map(|p| resolve(&base, p))
-        .unwrap_or_else(|| PathBuf::from(db));
+        .map(|p| resolve(&base, p).display().to_string())
+        .unwrap_or_else(|| db.to_owned());
     let results_dir = file
         .run
         .results_dir
         .as_ref()
         .map(|p| resolve(&base, p))
-        .unwrap_or_else(|| {
-            database
+        .unwrap_or_else(|| match storage::is_sqlite(&database) {
+            true => Path::new(&database)
                 .parent()
                 .unwrap_or(Path::new(""))
-                .join("kiln-results")
+                .join("kiln-results"),
+            false => PathBuf::from("kiln-results"),
         });
     let cache_dir = file
         .run
@@ -79,10 +85,11 @@ pub async fn start(path: &Path, db: &str) -> Result<Started> {
     }));
     let pipeline = pipeline::load(base, file, &host).await?;
 
-    let url = format!("sqlite://{}", database.display());
-    let engine = Engine::open(EngineConfig::new(url).results_dir(&results_dir))
+    let config =
+        tune(EngineConfig::new(storage::database_url(&database)).results_dir(&results_dir));
+    let engine = Engine::open(config)
         .await
-        .with_context(|| format!("opening {}", database.display()))?;
+        .with_context(|| format!("opening {}", storage::display_url(&database)))?;
     // Policies and reporters first: a builder may start queued work the moment it is
     // registered, and that work must find its policies and have its events recorded.
     for (relationship, policy) in pipeline.policies {
@@ -118,7 +125,7 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
         submissions,
         reporters: reporter_names,
         ..
-    } = start(path, db).await?;
+    } = start(path, db, |config| config).await?;
     let mut events = engine.subscribe();
     let submitted = engine.submit_many(&submissions).await?;
     let mut open: BTreeSet<BuildsetId> = submitted.iter().map(|s| s.buildset_id).collect();
@@ -128,7 +135,7 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
             "kiln run: {} buildset{} on {}, results in {}",
             open.len(),
             if open.len() == 1 { "" } else { "s" },
-            database.display(),
+            storage::display_url(&database),
             results_dir.display()
         );
     }

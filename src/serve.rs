@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use kiln_engine::storage;
 use kiln_engine::wasm::{WasmHost, WasmHostConfig};
 use kiln_engine::{Engine, EngineConfig};
 use kiln_server::{AppState, ServerConfig};
@@ -13,15 +14,37 @@ use tracing::{info, warn};
 use crate::cli::ServeArgs;
 
 pub async fn serve(args: &ServeArgs, db: &str) -> Result<ExitCode> {
+    let tune = |mut config: EngineConfig| {
+        if let Some(name) = &args.master {
+            config.master_name = name.clone();
+        }
+        if let Some(interval) = args.heartbeat_interval {
+            config.heartbeat_interval = interval;
+        }
+        if let Some(expiry) = args.master_expiry {
+            config.master_expiry = expiry;
+        }
+        if let Some(poll) = args.poll_interval {
+            config.poll_interval = poll;
+        }
+        config
+    };
+    if let (Some(beat), Some(expiry)) = (args.heartbeat_interval, args.master_expiry)
+        && expiry <= beat
+    {
+        anyhow::bail!(
+            "--master-expiry ({expiry:?}) must be longer than --heartbeat-interval ({beat:?}), or live masters expire each other"
+        );
+    }
     let (engine, host, submissions) = match &args.config {
         Some(path) => {
-            let started = crate::run::start(path, db).await?;
+            let started = crate::run::start(path, db, tune).await?;
             (started.engine, started.host, started.submissions)
         }
         None => {
-            let engine = Engine::open(EngineConfig::new(format!("sqlite://{db}")))
+            let engine = Engine::open(tune(EngineConfig::new(storage::database_url(db))))
                 .await
-                .with_context(|| format!("opening {db}"))?;
+                .with_context(|| format!("opening {}", storage::display_url(db)))?;
             let host = Arc::new(WasmHost::new(WasmHostConfig::default()));
             (engine, host, Vec::new())
         }

@@ -54,6 +54,35 @@ pub async fn open_with(url: &str, options: &StoreOptions) -> Result<Arc<dyn Stor
     Ok(Arc::new(sqlite::SqliteStore::open(url, options).await?))
 }
 
+/// A database URL fit for messages: a password in it is replaced by `***`.
+pub fn display_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) if user_info.contains(':') => {
+            let user = user_info.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The URL of a database given as a URL or as a SQLite file path.
+pub fn database_url(database: &str) -> String {
+    if database.contains("://") || database.starts_with("sqlite:") {
+        database.to_owned()
+    } else {
+        format!("sqlite://{database}")
+    }
+}
+
+/// Whether a database names a SQLite file (a path or a `sqlite:` URL).
+pub fn is_sqlite(database: &str) -> bool {
+    database_url(database).starts_with("sqlite:")
+}
+
 /// Tuning for a store connection.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {

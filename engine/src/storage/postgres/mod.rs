@@ -85,7 +85,7 @@ impl PostgresStore {
             url: url.to_owned(),
             reason: e.to_string(),
         })?;
-        let shown = redact(url);
+        let shown = super::display_url(url);
         let open_error = |e: sqlx::Error| match &e {
             sqlx::Error::Database(db) if db.code().as_deref() == Some(PG_NO_DATABASE) => {
                 StorageError::Missing(shown.clone())
@@ -182,21 +182,6 @@ fn origin_token() -> String {
         .map_or(0, |d| d.as_nanos());
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("{:x}.{nanos:x}.{n:x}", std::process::id())
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((user_info, host)) if user_info.contains(':') => {
-            let user = user_info.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}{path}")
-        }
-        _ => url.to_owned(),
-    }
 }
 
 /// Refuses a schema that already holds tables but not Kiln's migration history.
