@@ -8,7 +8,11 @@
 //! - lifecycle: 20,000 buildsets, each one request running the no-op WASM job, submitted
 //!   at once to an engine on a SQLite file (WAL); jobs/s from the submit to the last
 //!   buildset complete, with synchronous=NORMAL and with FULL;
-//! - latency: submit-to-start on an idle engine, p50 and p99 over 1,000 submissions.
+//! - latency: submit-to-start on an idle engine, p50 and p99 over 1,000 submissions;
+//! - postgres: the lifecycle run on PostgreSQL (the database `KILN_POSTGRES_URL` names,
+//!   in a schema of its own) with 1, 2 and 4 masters sharing it: jobs/s, and the count
+//!   of requests that were started more than once (double claims, which must be 0).
+//!   Not part of the default set; name it.
 //!
 //! It measures and prints; it asserts nothing about speed.
 
@@ -368,5 +372,101 @@ async fn main() -> Result<()> {
     if wants("languages") {
         languages().await?;
     }
+    if which.iter().any(|w| w == "postgres") {
+        let Ok(base) = std::env::var("KILN_POSTGRES_URL") else {
+            return Err(anyhow!(
+                "set KILN_POSTGRES_URL=postgres://... for the postgres benchmark"
+            ));
+        };
+        println!(
+            "postgres: {PG_JOBS} no-op WASM jobs submitted at once, masters in one process sharing one database"
+        );
+        for masters in [1, 2, 4] {
+            let (rate, doubles, shares) = postgres_lifecycle(&base, masters).await?;
+            println!(
+                "  {masters} master{}: {rate:>8.0} jobs/s, double claims: {doubles}, builds per master: {shares:?}",
+                if masters == 1 { " " } else { "s" }
+            );
+        }
+    }
     Ok(())
+}
+
+const PG_JOBS: usize = 20_000;
+
+/// The lifecycle run with `masters` engines, each with its own connection pool and
+/// master row, on one PostgreSQL schema. Returns jobs/s from the submit to the last
+/// build finished, the number of requests with more than one build, and how many
+/// builds each master ran.
+async fn postgres_lifecycle(base: &str, masters: usize) -> Result<(f64, usize, Vec<usize>)> {
+    use kiln_engine::storage::postgres;
+    let schema = format!("kiln_bench_{}_{masters}", std::process::id());
+    postgres::drop_schema(base, &schema).await?;
+    let url = postgres::create_schema(base, &schema).await?;
+    let dir = tempfile::tempdir()?;
+    let host = host(&dir);
+    let mut engines = Vec::new();
+    let mut events = Vec::new();
+    for i in 0..masters {
+        let mut config = EngineConfig::new(url.clone()).master_name(format!("bench-{i}"));
+        config.event_capacity = 1 << 20;
+        config.store.max_connections = 8;
+        let engine = Engine::open(config).await?;
+        let executor = host
+            .job_executor(
+                "noop",
+                bundled("noop")?,
+                Limits::default(),
+                Grants::default(),
+            )
+            .await?;
+        engine
+            .register_builder(BuilderConfig::new("noop"), executor)
+            .await?;
+        events.push(engine.subscribe());
+        engines.push(engine);
+    }
+    let batch = vec![Submission::new("bench").builder("noop"); PG_JOBS];
+    let start = Instant::now();
+    engines[0].submit_many(&batch).await?;
+    // Every engine reports the builds it finished itself; together they are all.
+    let (done, mut waits) = (Arc::new(std::sync::atomic::AtomicUsize::new(0)), Vec::new());
+    let all = Arc::new(tokio::sync::Notify::new());
+    for mut rx in events {
+        let (done, all) = (done.clone(), all.clone());
+        waits.push(tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(Event::BuildFinished { .. }) => {
+                        if done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == PG_JOBS {
+                            all.notify_one();
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    all.notified().await;
+    let rate = PG_JOBS as f64 / start.elapsed().as_secs_f64();
+    let builds = engines[0].client().builds(&Default::default()).await?;
+    let mut per_request: std::collections::HashMap<_, usize> = Default::default();
+    let mut shares = vec![0; masters];
+    let masters_listed = engines[0].client().masters().await?;
+    for b in &builds {
+        *per_request.entry(b.request_id).or_default() += 1;
+        if let Some(i) = masters_listed.iter().position(|m| m.id == b.master_id) {
+            shares[i] += 1;
+        }
+    }
+    let doubles = per_request.values().filter(|n| **n > 1).count();
+    for w in waits {
+        w.abort();
+    }
+    for engine in engines {
+        engine.shutdown().await;
+    }
+    postgres::drop_schema(base, &schema).await?;
+    Ok((rate, doubles, shares))
 }

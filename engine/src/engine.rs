@@ -393,7 +393,7 @@ impl Engine {
     }
 
     /// Waits until a buildset is complete and returns it. Completion by another process is
-    /// noticed within one poll interval.
+    /// noticed at once on PostgreSQL (its notification), else within one poll interval.
     pub async fn wait_buildset(&self, id: BuildsetId) -> Result<Buildset> {
         let mut events = self.subscribe();
         let poll = self.scheduler.shared.config.poll_interval;

@@ -6,7 +6,11 @@ use sqlx::{Database, Encode, QueryBuilder, Type};
 
 use super::query::{Collection, Filter, FilterValue, Op, Page, Query};
 use super::rows::{BUILD_COLUMNS, REQUEST_FROM, us};
-use super::{Result, StorageError};
+use super::{
+    BuildFilter, BuildsetFilter, ClaimFilter, RequestFilter, RequestOrderField, Result,
+    StorageError,
+};
+use crate::model::LogQuery;
 
 /// How a collection is read: the SELECT (up to FROM and its joins) and the column of
 /// each API field.
@@ -305,4 +309,155 @@ pub(crate) fn page<R, T>(
         items: rows.iter().map(decode).collect::<Result<_>>()?,
         total: u64::try_from(total).unwrap_or_default(),
     })
+}
+
+/// The statement of `Store::buildset_list`.
+pub(crate) fn buildset_list<DB: Database>(filter: &BuildsetFilter) -> QueryBuilder<DB>
+where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    String: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let mut qb = QueryBuilder::<DB>::new("SELECT * FROM buildsets WHERE 1 = 1");
+    if let Some(complete) = filter.complete {
+        qb.push(" AND complete = ").push_bind(i64::from(complete));
+    }
+    if let Some(parent) = filter.parent_buildid {
+        qb.push(" AND parent_buildid = ").push_bind(parent.0);
+    }
+    if let Some(ext) = &filter.external_idstring {
+        qb.push(" AND external_idstring = ").push_bind(ext.clone());
+    }
+    qb.push(" ORDER BY id DESC");
+    push_limit(&mut qb, filter.limit, filter.offset);
+    qb
+}
+
+/// The statement of `Store::request_list`.
+pub(crate) fn request_list<DB: Database>(filter: &RequestFilter) -> QueryBuilder<DB>
+where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    String: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let mut qb = QueryBuilder::<DB>::new(REQUEST_FROM);
+    qb.push(" WHERE 1 = 1");
+    if let Some(b) = filter.builder_id {
+        qb.push(" AND r.builder_id = ").push_bind(b.0);
+    }
+    if let Some(bs) = filter.buildset_id {
+        qb.push(" AND r.buildset_id = ").push_bind(bs.0);
+    }
+    if let Some(complete) = filter.complete {
+        qb.push(" AND r.complete = ").push_bind(i64::from(complete));
+    }
+    match filter.claimed {
+        ClaimFilter::Any => {}
+        ClaimFilter::Claimed => {
+            qb.push(" AND c.master_id IS NOT NULL");
+        }
+        ClaimFilter::Unclaimed => {
+            qb.push(" AND c.master_id IS NULL AND r.complete = 0");
+        }
+        ClaimFilter::ClaimedBy(m) => {
+            qb.push(" AND c.master_id = ").push_bind(m.0);
+        }
+    }
+    for (column, value) in [
+        ("branch", &filter.branch),
+        ("repository", &filter.repository),
+    ] {
+        if let Some(value) = value {
+            qb.push(format!(
+                " AND EXISTS (SELECT 1 FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id
+                   WHERE bss.buildset_id = r.buildset_id AND s.{column} = "
+            ));
+            qb.push_bind(value.clone()).push(")");
+        }
+    }
+    qb.push(" ORDER BY ");
+    for order in &filter.order {
+        let column = match order.field {
+            RequestOrderField::Id => "r.id",
+            RequestOrderField::Priority => "r.priority",
+            RequestOrderField::SubmittedAt => "r.submitted_at",
+            RequestOrderField::BuilderId => "r.builder_id",
+            RequestOrderField::BuildsetId => "r.buildset_id",
+            RequestOrderField::CompleteAt => "r.complete_at",
+        };
+        // SQLite sorts NULLs first ascending and last descending; so does this.
+        qb.push(column).push(if order.descending {
+            " DESC NULLS LAST, "
+        } else {
+            " ASC NULLS FIRST, "
+        });
+    }
+    qb.push("r.id ASC");
+    push_limit(&mut qb, filter.limit, filter.offset);
+    qb
+}
+
+/// The statement of `Store::build_list`.
+pub(crate) fn build_list<DB: Database>(filter: &BuildFilter) -> QueryBuilder<DB>
+where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    String: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let mut qb =
+        QueryBuilder::<DB>::new(format!("SELECT {BUILD_COLUMNS} FROM builds b WHERE 1 = 1"));
+    if let Some(b) = filter.builder_id {
+        qb.push(" AND b.builder_id = ").push_bind(b.0);
+    }
+    if let Some(r) = filter.request_id {
+        qb.push(" AND b.buildrequest_id = ").push_bind(r.0);
+    }
+    if let Some(bs) = filter.buildset_id {
+        qb.push(" AND b.buildrequest_id IN (SELECT id FROM buildrequests WHERE buildset_id = ")
+            .push_bind(bs.0)
+            .push(")");
+    }
+    match filter.complete {
+        Some(true) => {
+            qb.push(" AND b.complete_at IS NOT NULL");
+        }
+        Some(false) => {
+            qb.push(" AND b.complete_at IS NULL");
+        }
+        None => {}
+    }
+    qb.push(if filter.descending {
+        " ORDER BY b.id DESC"
+    } else {
+        " ORDER BY b.id ASC"
+    });
+    push_limit(&mut qb, filter.limit, filter.offset);
+    qb
+}
+
+/// The statement of `Store::log_list`.
+pub(crate) fn log_list<DB: Database>(query: &LogQuery) -> QueryBuilder<DB>
+where
+    i64: for<'t> Encode<'t, DB> + Type<DB>,
+    String: for<'t> Encode<'t, DB> + Type<DB>,
+{
+    let mut qb = QueryBuilder::<DB>::new(
+        "SELECT id, build_id, at, level, message, fields FROM build_logs WHERE 1 = 1",
+    );
+    if let Some(b) = query.build_id {
+        qb.push(" AND build_id = ").push_bind(b.0);
+    }
+    if let Some(level) = query.min_level {
+        qb.push(" AND level >= ")
+            .push_bind(i64::from(level.number()));
+    }
+    if let Some(since) = query.since {
+        qb.push(" AND at >= ").push_bind(us(since));
+    }
+    if let Some(until) = query.until {
+        qb.push(" AND at < ").push_bind(us(until));
+    }
+    if let Some(after) = query.after_id {
+        qb.push(" AND id > ").push_bind(after);
+    }
+    qb.push(" ORDER BY id");
+    push_limit(&mut qb, query.limit, None);
+    qb
 }

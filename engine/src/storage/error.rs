@@ -107,3 +107,34 @@ fn join_ids(ids: &[RequestId]) -> String {
 
 /// The result type of the storage seam.
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// Not found when a write touched no row.
+pub(crate) fn found_or(rows: u64, entity: &'static str, id: impl ToString) -> Result<()> {
+    if rows == 0 {
+        Err(StorageError::not_found(entity, id))
+    } else {
+        Ok(())
+    }
+}
+
+/// Progress counts beyond a signed 64-bit integer are clamped.
+pub(crate) fn clamp_u64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Turns a foreign-key violation into a not-found error for the referenced entity.
+pub(crate) fn fk_to_not_found<I: ToString>(
+    e: sqlx::Error,
+    entity: &'static str,
+    id: Option<I>,
+) -> StorageError {
+    if let sqlx::Error::Database(db) = &e
+        && db.is_foreign_key_violation()
+    {
+        return StorageError::not_found(
+            entity,
+            id.map_or_else(|| "?".to_string(), |i| i.to_string()),
+        );
+    }
+    StorageError::Database(e)
+}

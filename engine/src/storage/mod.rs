@@ -19,6 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use error::{Result, StorageError};
+pub(crate) use error::{clamp_u64, fk_to_not_found, found_or};
 pub use query::{Collection, FieldType, Filter, FilterValue, Op, Page, Query};
 
 use crate::model::{

@@ -113,6 +113,7 @@ macro_rules! conformance_tests {
             pruning_the_outbox_keeps_what_any_reporter_still_needs,
             collection_queries_filter_order_and_page_in_the_database,
             the_priority_of_an_open_request_can_change,
+            an_expired_master_starts_nothing_until_it_registers_again,
         );
     };
     (@each $open:path; $($name:ident),* $(,)?) => {
@@ -2948,5 +2949,45 @@ pub async fn the_priority_of_an_open_request_can_change(h: &Harness) -> Result<(
         s.request_set_priority(RequestId(999), 1).await,
         Err(StorageError::NotFound { .. })
     ));
+    Ok(())
+}
+
+pub async fn an_expired_master_starts_nothing_until_it_registers_again(h: &Harness) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["a"]).await?;
+    let paused = master(s, "paused").await?;
+    let live = master(s, "live").await?;
+    s.buildset_add(&NewBuildset {
+        reason: "x".into(),
+        builder_ids: b.clone(),
+        submitted_at: t(1),
+        ..Default::default()
+    })
+    .await?;
+    s.master_heartbeat(live, t(50)).await?;
+    let expired = s
+        .master_expire_stale(&ExpireMasters {
+            by: live,
+            silent_since: t(10),
+            now: t(60),
+        })
+        .await?;
+    ensure!(expired.len() == 1 && expired[0].master_id == paused);
+    // What it claimed now would belong to nobody alive: refused, and nothing changes.
+    let err = s
+        .build_start_available(&start_all(paused, vec![(b[0], vec![0])], t(61)))
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("an expired master started work"))?;
+    ensure!(
+        matches!(err, StorageError::MasterInactive(m) if m == paused),
+        "{err}"
+    );
+    ensure!(s.request_list(&unclaimed()).await?.len() == 1);
+    let again = s.master_register("paused", t(62)).await?;
+    let got = s
+        .build_start_available(&start_all(again.master_id, vec![(b[0], vec![0])], t(63)))
+        .await?;
+    ensure!(got.started.len() == 1);
     Ok(())
 }

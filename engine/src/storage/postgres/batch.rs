@@ -8,14 +8,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use sqlx::Row;
 
 use super::{
-    PostgresStore, complete_buildsets, fk_to_not_found, ids_of, listen, lock_active_master,
-    lock_builders, outbox,
+    PostgresStore, complete_buildsets, ids_of, listen, lock_active_master, lock_builders, outbox,
 };
 use crate::model::{BuilderId, BuildsetId, MasterId, RequestId, ResultCode};
 use crate::storage::rows::{started_from_json, us};
 use crate::storage::{
     AddedBuildset, BuildEnd, NewBuildset, Result, Settled, StartAvailable, StartOutcome,
-    StartedBuild, StorageError, StoreSignal, validate_buildset,
+    StartedBuild, StorageError, StoreSignal, fk_to_not_found, validate_buildset,
 };
 
 /// A build as one JSON object, with `b` as the table alias (the keys of

@@ -12,13 +12,13 @@ use serde_json::{Value, json};
 use sqlx::{Connection, Row};
 
 use super::json::{BUILD_JSON, CONTEXT_JSON, REQUEST_JSON};
-use super::{SqliteStore, complete_buildsets, fk_to_not_found, outbox};
+use super::{SqliteStore, complete_buildsets, outbox};
 use crate::model::{BuilderId, MasterId, RequestId};
 use crate::model::{BuildsetId, ResultCode};
 use crate::storage::rows::{from_json, json_ids, started_from_json, us};
 use crate::storage::{
     AddedBuildset, BuildEnd, NewBuildset, Result, Settled, StartAvailable, StartOutcome,
-    StartedBuild, StorageError, validate_buildset,
+    StartedBuild, StorageError, fk_to_not_found, validate_buildset,
 };
 
 /// A request about to be claimed: id, cancel_requested, buildset id.

@@ -21,11 +21,10 @@ use sqlx::{ConnectOptions, Connection, QueryBuilder, Row, Sqlite, SqliteConnecti
 use tokio::sync::Mutex;
 
 use super::{
-    AddedBuildset, BuildEnd, BuildFilter, BuildsetFilter, CancelOutcome, ClaimFilter,
-    CompletedBuildset, Durability, ExpireMasters, ExpiredMaster, FinishBuild, NewBuild,
-    NewBuildset, RegisteredMaster, ReporterProgress, RequestFilter, RequestOrderField, Result,
-    Settled, StartAvailable, StartOutcome, StorageError, Store, StoreOptions,
-    collections::{self, push_limit},
+    AddedBuildset, BuildEnd, BuildFilter, BuildsetFilter, CancelOutcome, CompletedBuildset,
+    Durability, ExpireMasters, ExpiredMaster, FinishBuild, NewBuild, NewBuildset, RegisteredMaster,
+    ReporterProgress, RequestFilter, Result, Settled, StartAvailable, StartOutcome, StorageError,
+    Store, StoreOptions, clamp_u64, collections, fk_to_not_found, found_or,
     query::{Collection, Page, Query},
 };
 use crate::model::{
@@ -466,18 +465,7 @@ impl Store for SqliteStore {
     }
 
     async fn buildset_list(&self, filter: &BuildsetFilter) -> Result<Vec<Buildset>> {
-        let mut qb = QueryBuilder::<Sqlite>::new("SELECT * FROM buildsets WHERE 1 = 1");
-        if let Some(complete) = filter.complete {
-            qb.push(" AND complete = ").push_bind(complete);
-        }
-        if let Some(parent) = filter.parent_buildid {
-            qb.push(" AND parent_buildid = ").push_bind(parent.0);
-        }
-        if let Some(ext) = &filter.external_idstring {
-            qb.push(" AND external_idstring = ").push_bind(ext.clone());
-        }
-        qb.push(" ORDER BY id DESC");
-        push_limit(&mut qb, filter.limit, filter.offset);
+        let mut qb = collections::buildset_list::<Sqlite>(filter);
         let rows = qb.build().fetch_all(&self.reader).await?;
         rows.iter().map(buildset_from_row).collect()
     }
@@ -603,59 +591,7 @@ impl Store for SqliteStore {
     }
 
     async fn request_list(&self, filter: &RequestFilter) -> Result<Vec<BuildRequest>> {
-        let mut qb = QueryBuilder::<Sqlite>::new(REQUEST_FROM);
-        qb.push(" WHERE 1 = 1");
-        if let Some(b) = filter.builder_id {
-            qb.push(" AND r.builder_id = ").push_bind(b.0);
-        }
-        if let Some(bs) = filter.buildset_id {
-            qb.push(" AND r.buildset_id = ").push_bind(bs.0);
-        }
-        if let Some(complete) = filter.complete {
-            qb.push(" AND r.complete = ").push_bind(complete);
-        }
-        match filter.claimed {
-            ClaimFilter::Any => {}
-            ClaimFilter::Claimed => {
-                qb.push(" AND c.master_id IS NOT NULL");
-            }
-            ClaimFilter::Unclaimed => {
-                qb.push(" AND c.master_id IS NULL AND r.complete = 0");
-            }
-            ClaimFilter::ClaimedBy(m) => {
-                qb.push(" AND c.master_id = ").push_bind(m.0);
-            }
-        }
-        for (column, value) in [
-            ("branch", &filter.branch),
-            ("repository", &filter.repository),
-        ] {
-            if let Some(value) = value {
-                qb.push(format!(
-                    " AND EXISTS (SELECT 1 FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id
-                       WHERE bss.buildset_id = r.buildset_id AND s.{column} = "
-                ));
-                qb.push_bind(value.clone()).push(")");
-            }
-        }
-        qb.push(" ORDER BY ");
-        for order in &filter.order {
-            let column = match order.field {
-                RequestOrderField::Id => "r.id",
-                RequestOrderField::Priority => "r.priority",
-                RequestOrderField::SubmittedAt => "r.submitted_at",
-                RequestOrderField::BuilderId => "r.builder_id",
-                RequestOrderField::BuildsetId => "r.buildset_id",
-                RequestOrderField::CompleteAt => "r.complete_at",
-            };
-            qb.push(column).push(if order.descending {
-                " DESC, "
-            } else {
-                " ASC, "
-            });
-        }
-        qb.push("r.id ASC");
-        push_limit(&mut qb, filter.limit, filter.offset);
+        let mut qb = collections::request_list::<Sqlite>(filter);
         let rows = qb.build().fetch_all(&self.reader).await?;
         rows.iter().map(request_from_row).collect()
     }
@@ -925,35 +861,7 @@ impl Store for SqliteStore {
     }
 
     async fn build_list(&self, filter: &BuildFilter) -> Result<Vec<Build>> {
-        let mut qb = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {BUILD_COLUMNS} FROM builds b WHERE 1 = 1"
-        ));
-        if let Some(b) = filter.builder_id {
-            qb.push(" AND b.builder_id = ").push_bind(b.0);
-        }
-        if let Some(r) = filter.request_id {
-            qb.push(" AND b.buildrequest_id = ").push_bind(r.0);
-        }
-        if let Some(bs) = filter.buildset_id {
-            qb.push(" AND b.buildrequest_id IN (SELECT id FROM buildrequests WHERE buildset_id = ")
-                .push_bind(bs.0)
-                .push(")");
-        }
-        match filter.complete {
-            Some(true) => {
-                qb.push(" AND b.complete_at IS NOT NULL");
-            }
-            Some(false) => {
-                qb.push(" AND b.complete_at IS NULL");
-            }
-            None => {}
-        }
-        qb.push(if filter.descending {
-            " ORDER BY b.id DESC"
-        } else {
-            " ORDER BY b.id ASC"
-        });
-        push_limit(&mut qb, filter.limit, filter.offset);
+        let mut qb = collections::build_list::<Sqlite>(filter);
         let rows = qb.build().fetch_all(&self.reader).await?;
         rows.iter().map(build_from_row).collect()
     }
@@ -1204,26 +1112,7 @@ impl Store for SqliteStore {
     }
 
     async fn log_list(&self, query: &LogQuery) -> Result<Vec<LogEntry>> {
-        let mut qb = QueryBuilder::<Sqlite>::new(
-            "SELECT id, build_id, at, level, message, fields FROM build_logs WHERE 1 = 1",
-        );
-        if let Some(b) = query.build_id {
-            qb.push(" AND build_id = ").push_bind(b.0);
-        }
-        if let Some(level) = query.min_level {
-            qb.push(" AND level >= ").push_bind(level.number());
-        }
-        if let Some(since) = query.since {
-            qb.push(" AND at >= ").push_bind(us(since));
-        }
-        if let Some(until) = query.until {
-            qb.push(" AND at < ").push_bind(us(until));
-        }
-        if let Some(after) = query.after_id {
-            qb.push(" AND id > ").push_bind(after);
-        }
-        qb.push(" ORDER BY id");
-        push_limit(&mut qb, query.limit, None);
+        let mut qb = collections::log_list::<Sqlite>(query);
         let rows = qb.build().fetch_all(&self.reader).await?;
         rows.iter().map(log_from_row).collect()
     }
@@ -1317,34 +1206,4 @@ impl SqliteStore {
         let rows = statements.select.build().fetch_all(&self.reader).await?;
         Ok((rows, total))
     }
-}
-
-fn found_or(rows: u64, entity: &'static str, id: impl ToString) -> Result<()> {
-    if rows == 0 {
-        Err(StorageError::not_found(entity, id))
-    } else {
-        Ok(())
-    }
-}
-
-/// SQLite stores signed 64-bit integers; progress counts beyond that are clamped.
-fn clamp_u64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// Turns a foreign-key violation into a not-found error for the referenced entity.
-fn fk_to_not_found<I: ToString>(
-    e: sqlx::Error,
-    entity: &'static str,
-    id: Option<I>,
-) -> StorageError {
-    if let sqlx::Error::Database(db) = &e
-        && db.is_foreign_key_violation()
-    {
-        return StorageError::not_found(
-            entity,
-            id.map_or_else(|| "?".to_string(), |i| i.to_string()),
-        );
-    }
-    StorageError::Database(e)
 }
