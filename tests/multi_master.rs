@@ -124,59 +124,40 @@ fn serve(dir: &std::path::Path, url: &str, name: &str) -> Result<Master> {
     Ok(master)
 }
 
-fn by_master(id: i64, complete: bool) -> Query {
+fn eq(field: &str, value: FilterValue) -> Filter {
+    Filter {
+        field: field.into(),
+        op: Op::Eq,
+        values: vec![value],
+    }
+}
+
+/// How many builds match, without reading them.
+fn count(filters: Vec<Filter>) -> Query {
     Query {
-        filters: vec![
-            Filter {
-                field: "masterid".into(),
-                op: Op::Eq,
-                values: vec![FilterValue::Int(id)],
-            },
-            Filter {
-                field: "complete".into(),
-                op: Op::Eq,
-                values: vec![FilterValue::Bool(complete)],
-            },
-        ],
+        filters,
         limit: Some(0),
         ..Query::default()
     }
+}
+
+fn by_master(id: i64, complete: bool) -> Query {
+    count(vec![
+        eq("masterid", FilterValue::Int(id)),
+        eq("complete", FilterValue::Bool(complete)),
+    ])
 }
 
 fn running_parents(master: i64, fan: i64) -> Query {
-    Query {
-        filters: vec![
-            Filter {
-                field: "builderid".into(),
-                op: Op::Eq,
-                values: vec![FilterValue::Int(fan)],
-            },
-            Filter {
-                field: "masterid".into(),
-                op: Op::Eq,
-                values: vec![FilterValue::Int(master)],
-            },
-            Filter {
-                field: "complete".into(),
-                op: Op::Eq,
-                values: vec![FilterValue::Bool(false)],
-            },
-        ],
-        limit: Some(0),
-        ..Query::default()
-    }
+    count(vec![
+        eq("builderid", FilterValue::Int(fan)),
+        eq("masterid", FilterValue::Int(master)),
+        eq("complete", FilterValue::Bool(false)),
+    ])
 }
 
 fn incomplete_buildsets() -> Query {
-    Query {
-        filters: vec![Filter {
-            field: "complete".into(),
-            op: Op::Eq,
-            values: vec![FilterValue::Bool(false)],
-        }],
-        limit: Some(0),
-        ..Query::default()
-    }
+    count(vec![eq("complete", FilterValue::Bool(false))])
 }
 
 /// Waits, on the database's own notifications, until `done` says so.

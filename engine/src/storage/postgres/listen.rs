@@ -41,10 +41,10 @@ pub(super) async fn notify(tx: &mut PgConnection, signals: &[StoreSignal]) -> Re
     if payloads.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "SELECT pg_notify('kiln.' || current_schema(), current_setting('kiln.origin', true) || ' ' || p)
-         FROM unnest($1::text[]) p",
-    )
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_notify('kiln.' || current_schema(), current_setting('{ORIGIN_SETTING}', true) || ' ' || p)
+         FROM unnest($1::text[]) p"
+    )))
     .bind(payloads)
     .execute(&mut *tx)
     .await?;

@@ -499,17 +499,15 @@ impl Store for PostgresStore {
         if name.trim().is_empty() {
             return Err(StorageError::Invalid("builder name is empty".into()));
         }
-        let id: i64 = retrying!(
-            sqlx::query_scalar(
-                "INSERT INTO builders (name, description) VALUES ($1, $2)
-                 ON CONFLICT (name) DO UPDATE SET description = COALESCE(excluded.description, builders.description)
-                 RETURNING id",
-            )
-            .bind(name)
-            .bind(description)
-            .fetch_one(&self.pool)
-            .map_err_into()
-        )?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO builders (name, description) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET description = COALESCE(excluded.description, builders.description)
+             RETURNING id",
+        )
+        .bind(name)
+        .bind(description)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(BuilderId(id))
     }
 
@@ -1159,27 +1157,22 @@ impl Store for PostgresStore {
         }
         let path = serde_json::to_string(&report.group)
             .map_err(|e| StorageError::Invalid(e.to_string()))?;
-        retrying!(
-            sqlx::query(
-                "INSERT INTO build_progress (build_id, group_path, seq, current, total, status, updated_at)
-                 VALUES ($1, $2, (SELECT COALESCE(MAX(seq), 0) + 1 FROM build_progress WHERE build_id = $1), $3, $4, $5, $6)
-                 ON CONFLICT (build_id, group_path) DO UPDATE SET
-                     current = excluded.current, total = excluded.total,
-                     status = excluded.status, updated_at = excluded.updated_at",
-            )
-            .bind(build.0)
-            .bind(&path)
-            .bind(clamp_u64(report.current))
-            .bind(clamp_u64(report.total))
-            .bind(&report.status)
-            .bind(us(now))
-            .execute(&self.pool)
-            .map_err_into()
+        sqlx::query(
+            "INSERT INTO build_progress (build_id, group_path, seq, current, total, status, updated_at)
+             VALUES ($1, $2, (SELECT COALESCE(MAX(seq), 0) + 1 FROM build_progress WHERE build_id = $1), $3, $4, $5, $6)
+             ON CONFLICT (build_id, group_path) DO UPDATE SET
+                 current = excluded.current, total = excluded.total,
+                 status = excluded.status, updated_at = excluded.updated_at",
         )
-        .map_err(|e| match e {
-            StorageError::Database(e) => fk_to_not_found(e, "build", Some(build)),
-            e => e,
-        })?;
+        .bind(build.0)
+        .bind(&path)
+        .bind(clamp_u64(report.current))
+        .bind(clamp_u64(report.total))
+        .bind(&report.status)
+        .bind(us(now))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| fk_to_not_found(e, "build", Some(build)))?;
         Ok(())
     }
 
@@ -1299,17 +1292,6 @@ impl Store for PostgresStore {
     async fn query_masters(&self, q: &Query) -> Result<Page<Master>> {
         let (rows, total) = self.run_query(Collection::Masters, q).await?;
         collections::page(&rows, total, master_from_row)
-    }
-}
-
-/// Turns a sqlx future's error into a [`StorageError`], for [`retrying!`].
-trait MapErrInto<T> {
-    fn map_err_into(self) -> impl std::future::Future<Output = Result<T>>;
-}
-
-impl<T, F: std::future::Future<Output = std::result::Result<T, sqlx::Error>>> MapErrInto<T> for F {
-    async fn map_err_into(self) -> Result<T> {
-        Ok(self.await?)
     }
 }
 
