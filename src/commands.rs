@@ -419,15 +419,8 @@ async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<()> {
             })
         }
         ListWhat::Reporters => {
-            let store = client.store();
-            let reporters = store.reporter_list().await?;
-            let mut rows = Vec::new();
-            for r in &reporters {
-                // How many events wait past its cursor (up to a limit worth printing).
-                let pending = store.outbox_read(r.cursor, PENDING_SHOWN).await?.len();
-                rows.push(json!({"reporter": r, "pending": pending}));
-            }
-            out.emit(&json!({ "reporters": rows }), || {
+            let reporters = client.store().reporter_list().await?;
+            out.emit(&json!({ "reporters": reporters }), || {
                 let mut table = Table::new(&[
                     "name",
                     "delivered",
@@ -437,16 +430,11 @@ async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<()> {
                     "leased by",
                     "last error",
                 ]);
-                for (r, row) in reporters.iter().zip(&rows) {
-                    let pending = row["pending"].as_u64().unwrap_or(0);
+                for r in &reporters {
                     table.row(vec![
                         r.name.clone(),
                         r.delivered.to_string(),
-                        if pending >= u64::from(PENDING_SHOWN) {
-                            format!("{PENDING_SHOWN}+")
-                        } else {
-                            pending.to_string()
-                        },
+                        r.pending.to_string(),
                         r.dropped.to_string(),
                         r.attempts.to_string(),
                         render::opt(r.owner.map(|m| format!("master {m}"))),
@@ -458,9 +446,6 @@ async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<()> {
         }
     }
 }
-
-/// The most pending events `kiln list reporters` counts per reporter.
-const PENDING_SHOWN: u32 = 10_000;
 
 fn request_status(r: &kiln_engine::model::BuildRequest) -> String {
     match (r.complete, r.claimed_by) {

@@ -277,7 +277,7 @@ async fn bad_input_fails_with_a_clear_message_and_writes_nothing() -> Result<()>
     kiln(&db, &["submit", "-b", "nope"])?.fails_with("unknown builder \"nope\"")?;
     kiln(&db, &["submit", "-b", "ok", "-p", "x=text"])?.fails_with("is not valid JSON")?;
     kiln(&db, &["submit", "-b", "ok", "-p", "novalue"])?.fails_with("NAME=JSON")?;
-    kiln(&db, &["submit", "-b", "ok", "--priority", "5000"])?.fails_with("priority 5000")?;
+    kiln(&db, &["submit", "-b", "ok", "--priority", "5000"])?.fails_with("priority: 5000")?;
     kiln(&db, &["submit", "-b", "ok", "--priority", "high"])?.fails_with("invalid value")?;
     kiln(&db, &["list", "requests", "--order", "colour"])?
         .fails_with("cannot order by \"colour\"")?;
@@ -454,7 +454,7 @@ fn the_example_pipeline_runs_and_its_builds_are_in_the_database() -> Result<()> 
     let reporters = kiln(&db, &["list", "reporters", "--json"])?.ok()?.json()?;
     let events_log = &reporters["reporters"][0];
     ensure!(
-        events_log["reporter"]["name"] == "events-log" && events_log["pending"] == 0,
+        events_log["name"] == "events-log" && events_log["pending"] == 0,
         "{reporters}"
     );
     kiln(&db, &["reporter", "remove", "events-log"])?.ok()?;

@@ -87,6 +87,11 @@ pub enum Event {
         /// The latest delivery error, when the last attempt failed.
         last_error: Option<String>,
     },
+    /// This engine deleted events from the outbox that every reporter had dealt with.
+    OutboxPruned {
+        /// How many it deleted.
+        events: u64,
+    },
     /// This engine expired another master that stopped heartbeating.
     MasterExpired {
         /// The expired master.

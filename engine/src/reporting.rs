@@ -27,8 +27,9 @@ pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(300);
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// Events read from the outbox at once.
 pub const OUTBOX_BATCH: u32 = 256;
-/// How often a delivering master deletes events every reporter has dealt with.
-pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often a delivering master deletes events every reporter has dealt with (the
+/// engine's `outbox_prune_interval`).
+pub const DEFAULT_OUTBOX_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How a reporter is delivered to.
 #[derive(Clone, Debug, PartialEq, Eq)]

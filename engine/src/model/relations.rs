@@ -166,4 +166,7 @@ pub struct ReporterState {
     pub delivered: u64,
     /// Events given up on after the last attempt.
     pub dropped: u64,
+    /// Events in the outbox past its cursor: not dealt with yet (some of them may be
+    /// ones it does not want, which it passes over without a delivery).
+    pub pending: u64,
 }

@@ -15,9 +15,13 @@
 
 mod artifacts;
 mod masters;
+mod output;
 pub(crate) mod relations;
 pub(crate) mod reporters;
 mod run;
+
+pub use output::{BACKLOG_RECORDS, FLUSH_INTERVAL, FLUSH_RECORDS};
+pub use relations::MAX_TRIGGER_CHILDREN;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -93,6 +97,8 @@ pub(crate) struct Shared {
     wake: Notify,
     pub(crate) events: broadcast::Sender<Event>,
     stopping: watch::Sender<bool>,
+    /// What running builds wrote and the flusher has not stored yet.
+    pub(crate) outputs: output::Outputs,
 }
 
 impl Shared {
@@ -188,11 +194,13 @@ impl Scheduler {
             wake: Notify::new(),
             events,
             stopping: watch::channel(false).0,
+            outputs: output::Outputs::default(),
         });
         let mut tasks = vec![
             tokio::spawn(claim_loop(shared.clone())),
             tokio::spawn(masters::heartbeat_loop(shared.clone())),
             tokio::spawn(run::finisher_loop(shared.clone(), finished_rx)),
+            tokio::spawn(output::flush_loop(shared.clone())),
         ];
         if let Some(signals) = shared.store.signals() {
             tasks.push(tokio::spawn(signal_loop(shared.clone(), signals)));
@@ -384,18 +392,24 @@ async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
         .values()
         .cloned()
         .collect();
-    // Room under the engine-wide cap, shared out over the builders' free slots.
-    let mut room =
+    // Room under the engine-wide cap. Every builder with a free slot is offered to the
+    // store, which gives the room to builders with queued work in Buildbot's order:
+    // offering it in registration (or hash) order starved every builder after the first
+    // few whenever they together had more free slots than the engine has room.
+    let room =
         (shared.config.max_running_builds as usize).saturating_sub(*shared.in_flight.borrow());
-    let mut free_slots: Vec<(BuilderId, Vec<i64>)> = Vec::new();
-    for builder in &builders {
-        let mut slots = builder.free_slots(shared.config.claim_batch);
-        slots.truncate(room);
-        room -= slots.len();
-        if !slots.is_empty() {
-            free_slots.push((builder.id, slots));
-        }
+    if room == 0 {
+        return Ok(0);
     }
+    let batch = shared
+        .config
+        .claim_batch
+        .min(u32::try_from(room).unwrap_or(u32::MAX));
+    let free_slots: Vec<(BuilderId, Vec<i64>)> = builders
+        .iter()
+        .map(|b| (b.id, b.free_slots(batch)))
+        .filter(|(_, slots)| !slots.is_empty())
+        .collect();
     if free_slots.is_empty() {
         return Ok(0);
     }
@@ -404,6 +418,7 @@ async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
         .build_start_available(&StartAvailable {
             master_id: shared.master,
             free_slots,
+            limit: room,
             state_string: "starting".into(),
             now: crate::model::now(),
         })

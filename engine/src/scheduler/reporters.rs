@@ -11,7 +11,7 @@ use super::Shared;
 use super::run::{CatchUnwind, panic_message};
 use crate::events::Event;
 use crate::model::{ReporterState, Timestamp};
-use crate::reporting::{OUTBOX_BATCH, PRUNE_INTERVAL, Reporter, ReporterConfig};
+use crate::reporting::{OUTBOX_BATCH, Reporter, ReporterConfig};
 use crate::storage::ReporterProgress;
 
 fn after(now: Timestamp, d: Duration) -> Timestamp {
@@ -48,10 +48,13 @@ pub(crate) async fn deliver_loop(
                 Some(shared.config.poll_interval)
             }
         };
-        if last_prune.elapsed() >= PRUNE_INTERVAL {
+        if last_prune.elapsed() >= shared.config.outbox_prune_interval {
             last_prune = std::time::Instant::now();
             match shared.store.outbox_prune().await {
-                Ok(n) if n > 0 => debug!(events = n, "pruned delivered events from the outbox"),
+                Ok(n) if n > 0 => {
+                    debug!(events = n, "pruned delivered events from the outbox");
+                    shared.emit(Event::OutboxPruned { events: n });
+                }
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "could not prune the outbox"),
             }

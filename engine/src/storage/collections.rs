@@ -51,9 +51,12 @@ fn shape(collection: Collection) -> Shape {
                 ("complete", "r.complete"),
                 ("complete_at", "r.complete_at"),
                 ("results", "r.results"),
+                // Buildbot's rule: claimed means a claim row; unclaimed means no claim
+                // and not complete. A request completed without a claim (cancelled
+                // while queued) is neither, so it matches neither filter.
                 (
                     "claimed",
-                    "(CASE WHEN c.master_id IS NULL THEN 0 ELSE 1 END)",
+                    "(CASE WHEN c.master_id IS NOT NULL THEN 1 WHEN r.complete = 0 THEN 0 END)",
                 ),
                 ("claimed_by_masterid", "c.master_id"),
             ],
@@ -119,7 +122,7 @@ where
 {
     match value {
         FilterValue::Int(v) => qb.push_bind(*v),
-        FilterValue::Text(v) => qb.push_bind(v.clone()),
+        FilterValue::Text(v) => qb.push_bind(super::text::storable(v).into_owned()),
         FilterValue::Bool(v) => qb.push_bind(i64::from(*v)),
         FilterValue::Time(v) => qb.push_bind(us(*v)),
         FilterValue::Result(v) => qb.push_bind(i64::from(v.code())),
@@ -325,7 +328,8 @@ where
         qb.push(" AND parent_buildid = ").push_bind(parent.0);
     }
     if let Some(ext) = &filter.external_idstring {
-        qb.push(" AND external_idstring = ").push_bind(ext.clone());
+        qb.push(" AND external_idstring = ")
+            .push_bind(super::text::storable(ext).into_owned());
     }
     qb.push(" ORDER BY id DESC");
     push_limit(&mut qb, filter.limit, filter.offset);
@@ -370,7 +374,8 @@ where
                 " AND EXISTS (SELECT 1 FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id
                    WHERE bss.buildset_id = r.buildset_id AND s.{column} = "
             ));
-            qb.push_bind(value.clone()).push(")");
+            qb.push_bind(super::text::storable(value).into_owned())
+                .push(")");
         }
     }
     qb.push(" ORDER BY ");

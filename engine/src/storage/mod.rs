@@ -11,6 +11,7 @@ pub mod postgres;
 pub mod query;
 mod rows;
 pub mod sqlite;
+pub mod text;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -155,6 +156,9 @@ pub struct NewBuildset {
     pub trigger_key: Option<String>,
     /// The build that this rebuilds.
     pub rebuilt_buildid: Option<BuildId>,
+    /// How deep it hangs in its trigger tree: 0 for a submission, the parent's buildset's
+    /// depth + 1 for a child.
+    pub depth: u32,
     /// The submission time.
     pub submitted_at: Timestamp,
 }
@@ -283,13 +287,19 @@ pub struct FinishBuild {
 }
 
 /// Claim and start builds for the most urgent unclaimed requests, in one transaction.
+///
+/// Capacity goes to builders with queued work in Buildbot's order across builders: the
+/// highest priority queued first, then the oldest queued request, then the name. Within
+/// a builder requests are claimed by priority (highest first), then id.
 #[derive(Clone, Debug)]
 pub struct StartAvailable {
     /// The claiming master.
     pub master_id: MasterId,
-    /// Per builder, the worker slots free now: one request is claimed per slot, and
-    /// its build gets that slot.
+    /// Per builder, the worker slots free now: at most one request is claimed per slot,
+    /// and its build gets that slot. Builders without queued work cost nothing.
     pub free_slots: Vec<(BuilderId, Vec<i64>)>,
+    /// The most requests claimed in all (the engine's free room).
+    pub limit: usize,
     /// The first state string of every build.
     pub state_string: String,
     /// The claim and start time.
@@ -328,6 +338,8 @@ pub struct BuildsetContext {
     pub properties: Properties,
     /// Its sourcestamps, sorted.
     pub sourcestamps: Vec<SourceStamp>,
+    /// How deep it hangs in its trigger tree (0: submitted, not triggered).
+    pub depth: u32,
 }
 
 /// How one build ended, for [`Store::build_finish_and_settle`].

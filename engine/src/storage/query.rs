@@ -219,6 +219,11 @@ impl FilterValue {
                 .parse()
                 .map(FilterValue::Int)
                 .map_err(|_| format!("{text:?} is not a whole number")),
+            // No stored text holds a NUL (see `storage::text`), so a filter with one
+            // could only ever match by accident: refused, as a client's NUL is anywhere.
+            FieldType::Text if text.contains('\0') => {
+                Err("contains a NUL character, which Kiln does not store".into())
+            }
             FieldType::Text => Ok(FilterValue::Text(text.to_owned())),
             FieldType::Bool => match text {
                 "true" | "1" | "yes" => Ok(FilterValue::Bool(true)),

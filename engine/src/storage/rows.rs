@@ -279,7 +279,7 @@ type RawProperty = (String, String, String);
 type RawStamp = (String, String, String, String, String);
 
 fn context_from_raw(
-    (reason, properties, stamps): (String, Vec<RawProperty>, Vec<RawStamp>),
+    (reason, properties, stamps, depth): (String, Vec<RawProperty>, Vec<RawStamp>, i64),
 ) -> Result<BuildsetContext> {
     let properties = properties
         .into_iter()
@@ -294,15 +294,16 @@ fn context_from_raw(
         reason,
         properties,
         sourcestamps,
+        depth: u32::try_from(depth).unwrap_or(u32::MAX),
     })
 }
 
-/// Started builds from a JSON array of `[build, request, [reason, properties, stamps]]`.
+/// Started builds from a JSON array of `[build, request, [reason, properties, stamps, depth]]`.
 pub(crate) fn started_from_json(text: &str) -> Result<Vec<(Build, BuildRequest, BuildsetContext)>> {
     type Raw = (
         RawBuild,
         RawRequest,
-        (String, Vec<RawProperty>, Vec<RawStamp>),
+        (String, Vec<RawProperty>, Vec<RawStamp>, i64),
     );
     let raw: Vec<Raw> = serde_json::from_str(text)
         .map_err(|e| StorageError::Corrupt(format!("started builds: {e}")))?;
@@ -406,6 +407,7 @@ pub(crate) fn reporter_from_row(row: &impl Col) -> Result<ReporterState> {
         last_error: row.opt_text("last_error")?,
         delivered: u64::try_from(row.int("delivered")?).unwrap_or_default(),
         dropped: u64::try_from(row.int("dropped")?).unwrap_or_default(),
+        pending: u64::try_from(row.int("pending")?).unwrap_or_default(),
     })
 }
 

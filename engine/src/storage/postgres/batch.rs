@@ -31,13 +31,14 @@ const REQUEST_JSON: &str = "json_build_object('id', r.id, 'buildset_id', r.build
      'complete', r.complete, 'complete_at', r.complete_at, 'results', r.results, 'cancel_requested', r.cancel_requested, \
      'claimed_by', c.master_id, 'claimed_at', c.claimed_at)";
 
-/// A buildset's reason, properties and stamps as one JSON array, with `bs` as the alias.
+/// A buildset's reason, properties, stamps and depth as one JSON array, with `bs` as the
+/// alias.
 const CONTEXT_JSON: &str = "json_build_array(bs.reason, \
      (SELECT COALESCE(json_agg(json_build_array(p.name, p.value, p.source)), '[]'::json) \
       FROM buildset_properties p WHERE p.buildset_id = bs.id), \
      (SELECT COALESCE(json_agg(json_build_array(s.codebase, s.repository, s.branch, s.revision, s.project)), '[]'::json) \
       FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id \
-      WHERE bss.buildset_id = bs.id))";
+      WHERE bss.buildset_id = bs.id), bs.depth)";
 
 /// Column arrays for one multi-row INSERT.
 #[derive(Default)]
@@ -54,6 +55,7 @@ struct BuildsetRows {
     rebuilt: Vec<Option<i64>>,
     parent_request: Vec<Option<i64>>,
     trigger_key: Vec<Option<String>>,
+    depth: Vec<i64>,
 }
 
 #[derive(Default)]
@@ -144,6 +146,7 @@ impl PostgresStore {
             bs.rebuilt.push(p.rebuilt_buildid.map(|b| b.0));
             bs.parent_request.push(p.parent_request_id.map(|r| r.0));
             bs.trigger_key.push(p.trigger_key.clone());
+            bs.depth.push(i64::from(p.depth));
             let mut by_builder = BTreeMap::new();
             for builder in &p.builder_ids {
                 let request_id = next_request.next().ok_or_else(|| {
@@ -179,9 +182,11 @@ impl PostgresStore {
 
         sqlx::query(
             "INSERT INTO buildsets (id, reason, external_idstring, submitted_at, complete, complete_at, results,
-                                    parent_buildid, parent_relationship, rebuilt_buildid, parent_request_id, trigger_key)
+                                    parent_buildid, parent_relationship, rebuilt_buildid, parent_request_id, trigger_key,
+                                    depth)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
-                                  $7::bigint[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::text[])",
+                                  $7::bigint[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::text[],
+                                  $13::bigint[])",
         )
         .bind(&bs.id)
         .bind(&bs.reason)
@@ -195,6 +200,7 @@ impl PostgresStore {
         .bind(&bs.rebuilt)
         .bind(&bs.parent_request)
         .bind(&bs.trigger_key)
+        .bind(&bs.depth)
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -295,22 +301,60 @@ impl PostgresStore {
         }
         let mut tx = self.pool.begin().await?;
         lock_active_master(&mut tx, params.master_id).await?;
-        // Per builder, the most urgent requests nobody holds. Rows another master is
-        // claiming right now are skipped, not waited for.
+        // The builders with queued work, in Buildbot's order across builders, each with
+        // how many of its free slots it can fill; the limit is shared out in that order.
+        let heads = sqlx::query(
+            "SELECT w.builder, LEAST(w.n, h.queued) AS available
+             FROM unnest($1::bigint[], $2::bigint[]) AS w(builder, n)
+             JOIN builders bl ON bl.id = w.builder
+             CROSS JOIN LATERAL (
+                 SELECT r.priority FROM buildrequests r
+                 WHERE r.builder_id = w.builder AND r.complete = 0
+                   AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                 ORDER BY r.priority DESC, r.id LIMIT 1) top
+             CROSS JOIN LATERAL (
+                 SELECT r.submitted_at FROM buildrequests r
+                 WHERE r.builder_id = w.builder AND r.complete = 0
+                   AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                 ORDER BY r.submitted_at LIMIT 1) oldest
+             CROSS JOIN LATERAL (
+                 SELECT count(*) AS queued FROM (
+                     SELECT 1 FROM buildrequests r
+                     WHERE r.builder_id = w.builder AND r.complete = 0
+                       AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                     LIMIT w.n) q) h
+             ORDER BY top.priority DESC, oldest.submitted_at, bl.name COLLATE \"C\"",
+        )
+        .bind(ids_of(&wanted, |(b, _)| b.0))
+        .bind(ids_of(&wanted, |(_, s)| s.len() as i64))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut room = params.limit as i64;
+        let mut shares: Vec<(i64, i64)> = Vec::new();
+        for head in &heads {
+            if room == 0 {
+                break;
+            }
+            let take = head.try_get::<i64, _>("available")?.min(room);
+            room -= take;
+            shares.push((head.try_get("builder")?, take));
+        }
+        // Per builder, its share of the most urgent requests nobody holds. Rows another
+        // master is claiming right now are skipped, not waited for.
         let rows = sqlx::query(
             "SELECT x.id, x.cancel_requested, x.buildset_id, x.builder_id
              FROM unnest($1::bigint[], $2::bigint[]) AS w(builder, n)
              CROSS JOIN LATERAL (
-                 SELECT r.id, r.cancel_requested, r.buildset_id, r.builder_id, r.priority, r.submitted_at
+                 SELECT r.id, r.cancel_requested, r.buildset_id, r.builder_id, r.priority
                  FROM buildrequests r
                  WHERE r.builder_id = w.builder AND r.complete = 0
                    AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
-                 ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC
+                 ORDER BY r.priority DESC, r.id
                  LIMIT w.n
                  FOR UPDATE OF r SKIP LOCKED) x",
         )
-        .bind(ids_of(&wanted, |(b, _)| b.0))
-        .bind(ids_of(&wanted, |(_, s)| s.len() as i64))
+        .bind(ids_of(&shares, |(b, _)| *b))
+        .bind(ids_of(&shares, |(_, n)| *n))
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
@@ -420,7 +464,7 @@ impl PostgresStore {
         // claim order, in one value.
         let sql = format!(
             "SELECT COALESCE(json_agg(json_build_array({BUILD_JSON}, {REQUEST_JSON}, {CONTEXT_JSON})
-                                      ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC), '[]'::json)::text
+                                      ORDER BY r.priority DESC, r.id), '[]'::json)::text
              FROM builds b JOIN buildrequests r ON r.id = b.buildrequest_id
              JOIN buildsets bs ON bs.id = r.buildset_id
              LEFT JOIN buildrequest_claims c ON c.request_id = r.id

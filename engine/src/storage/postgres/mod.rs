@@ -41,6 +41,7 @@ use super::{
     ReporterProgress, RequestFilter, Result, Settled, StartAvailable, StartOutcome, StorageError,
     Store, StoreOptions, StoreSignal, clamp_u64, collections, fk_to_not_found, found_or,
     query::{Collection, Page, Query},
+    text,
 };
 use crate::model::{
     Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId,
@@ -382,6 +383,7 @@ impl Store for PostgresStore {
     }
 
     async fn master_register(&self, name: &str, now: Timestamp) -> Result<RegisteredMaster> {
+        let name = &*text::storable(name);
         if name.trim().is_empty() {
             return Err(StorageError::Invalid("master name is empty".into()));
         }
@@ -496,6 +498,9 @@ impl Store for PostgresStore {
     }
 
     async fn builder_ensure(&self, name: &str, description: Option<&str>) -> Result<BuilderId> {
+        let name = &*text::storable(name);
+        let description = description.map(text::storable);
+        let description = description.as_deref();
         if name.trim().is_empty() {
             return Err(StorageError::Invalid("builder name is empty".into()));
         }
@@ -512,6 +517,7 @@ impl Store for PostgresStore {
     }
 
     async fn builder_get_by_name(&self, name: &str) -> Result<Option<Builder>> {
+        let name = &*text::storable(name);
         let row =
             sqlx::query("SELECT id, name, description, depends_on FROM builders WHERE name = $1")
                 .bind(name)
@@ -551,6 +557,7 @@ impl Store for PostgresStore {
     }
 
     async fn buildset_add_many(&self, params: &[NewBuildset]) -> Result<Vec<AddedBuildset>> {
+        let params = &*text::buildsets(params);
         retrying!(self.add_buildsets(params))
     }
 
@@ -897,6 +904,7 @@ impl Store for PostgresStore {
         master: MasterId,
         ends: &[BuildEnd],
     ) -> Result<Settled> {
+        let ends = &*text::ends(ends);
         retrying!(self.finish_and_settle(master, ends))
     }
 
@@ -974,6 +982,7 @@ impl Store for PostgresStore {
     }
 
     async fn build_set_state(&self, id: BuildId, state: &str) -> Result<()> {
+        let state = &*text::storable(state);
         let updated = sqlx::query("UPDATE builds SET state_string = $1 WHERE id = $2")
             .bind(state)
             .bind(id.0)
@@ -998,6 +1007,7 @@ impl Store for PostgresStore {
     }
 
     async fn build_finish(&self, params: &FinishBuild) -> Result<()> {
+        let params = &*text::finish(params);
         let finished = retrying!(async {
             let mut tx = self.pool.begin().await?;
             let updated = sqlx::query(
@@ -1096,6 +1106,8 @@ impl Store for PostgresStore {
     }
 
     async fn build_set_property(&self, id: BuildId, name: &str, property: &Property) -> Result<()> {
+        let name = &*text::storable(name);
+        let property = &*text::property(property);
         if name.trim().is_empty() {
             return Err(StorageError::Invalid("property name is empty".into()));
         }
@@ -1149,6 +1161,7 @@ impl Store for PostgresStore {
         report: &ProgressReport,
         now: Timestamp,
     ) -> Result<()> {
+        let report = &*text::report(report);
         if report.group.iter().any(|g| g.is_empty()) {
             return Err(StorageError::Invalid(format!(
                 "progress group {:?} has an empty name",
@@ -1188,6 +1201,7 @@ impl Store for PostgresStore {
     }
 
     async fn log_append(&self, build: BuildId, records: &[LogRecord]) -> Result<()> {
+        let records = &*text::logs(records);
         if records.is_empty() {
             return Ok(());
         }
@@ -1232,10 +1246,12 @@ impl Store for PostgresStore {
     }
 
     async fn reporter_register(&self, name: &str) -> Result<ReporterState> {
+        let name = &*text::storable(name);
         self.reporter_register_impl(name).await
     }
 
     async fn reporter_get(&self, name: &str) -> Result<ReporterState> {
+        let name = &*text::storable(name);
         self.reporter_get_impl(name).await
     }
 
@@ -1244,6 +1260,7 @@ impl Store for PostgresStore {
     }
 
     async fn reporter_remove(&self, name: &str) -> Result<()> {
+        let name = &*text::storable(name);
         self.reporter_remove_impl(name).await
     }
 
@@ -1254,10 +1271,12 @@ impl Store for PostgresStore {
         now: Timestamp,
         until: Timestamp,
     ) -> Result<Option<ReporterState>> {
+        let name = &*text::storable(name);
         self.reporter_lease_impl(name, master, now, until).await
     }
 
     async fn reporter_progress(&self, progress: &ReporterProgress) -> Result<()> {
+        let progress = &*text::delivery(progress);
         retrying!(self.reporter_progress_impl(progress))
     }
 

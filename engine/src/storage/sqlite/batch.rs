@@ -24,6 +24,23 @@ use crate::storage::{
 /// A request about to be claimed: id, cancel_requested, buildset id.
 type Candidate = (i64, i64, i64);
 
+/// Of a JSON array of `[builder id, free slots]`, the builders with queued work that
+/// nobody claimed, as a JSON array of `[builder id, free slots]` in Buildbot's order
+/// across builders: highest queued priority first, then oldest queued request, then
+/// name. Each builder costs two index seeks, however long its queue.
+const HEADS_SQL: &str = "SELECT COALESCE(json_group_array(json_array(builder, slots) ORDER BY top DESC, oldest, name), '[]')
+     FROM (SELECT w.value ->> 0 AS builder, w.value ->> 1 AS slots, bl.name AS name,
+                  (SELECT r.priority FROM buildrequests r
+                   WHERE r.builder_id = w.value ->> 0 AND r.complete = 0
+                     AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                   ORDER BY r.priority DESC, r.id LIMIT 1) AS top,
+                  (SELECT r.submitted_at FROM buildrequests r
+                   WHERE r.builder_id = w.value ->> 0 AND r.complete = 0
+                     AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                   ORDER BY r.submitted_at LIMIT 1) AS oldest
+           FROM json_each(?) w JOIN builders bl ON bl.id = w.value ->> 0)
+     WHERE top IS NOT NULL";
+
 impl SqliteStore {
     pub(super) async fn add_buildsets(&self, params: &[NewBuildset]) -> Result<Vec<AddedBuildset>> {
         for p in params {
@@ -79,6 +96,7 @@ impl SqliteStore {
                 p.rebuilt_buildid.map(|b| b.0),
                 p.parent_request_id.map(|r| r.0),
                 p.trigger_key,
+                p.depth,
             ]));
             let mut by_builder = BTreeMap::new();
             for builder in &p.builder_ids {
@@ -119,9 +137,10 @@ impl SqliteStore {
 
         sqlx::query(
             "INSERT INTO buildsets (id, reason, external_idstring, submitted_at, complete, complete_at, results,
-                                    parent_buildid, parent_relationship, rebuilt_buildid, parent_request_id, trigger_key)
+                                    parent_buildid, parent_relationship, rebuilt_buildid, parent_request_id, trigger_key,
+                                    depth)
              SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-                    value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11
+                    value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, value ->> 12
              FROM json_each(?)",
         )
         .bind(Value::from(buildsets).to_string())
@@ -207,27 +226,40 @@ impl SqliteStore {
             Some(0) => return Err(StorageError::MasterInactive(params.master_id)),
             Some(_) => {}
         }
-        // Per builder, the most urgent requests.
+        // The builders with queued work, in Buildbot's order across builders; then,
+        // builder by builder in that order, its most urgent requests until the limit.
+        let wanted: Vec<Value> = params
+            .free_slots
+            .iter()
+            .filter(|(_, slots)| !slots.is_empty())
+            .map(|(builder, slots)| json!([builder.0, slots.len()]))
+            .collect();
+        let heads: String = sqlx::query_scalar(HEADS_SQL)
+            .bind(Value::from(wanted).to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+        let heads: Vec<(i64, usize)> = from_json(&heads)?;
         let mut claimed: Vec<(BuilderId, Vec<Candidate>)> = Vec::new();
-        for (builder, slots) in &params.free_slots {
-            if slots.is_empty() {
-                continue;
+        let mut room = params.limit;
+        for (builder, slots) in heads {
+            if room == 0 {
+                break;
             }
             let found: String = sqlx::query_scalar(
-                "SELECT json_group_array(json_array(id, cancel_requested, buildset_id)
-                                         ORDER BY priority DESC, submitted_at ASC, id ASC) FROM (
-                     SELECT r.id, r.cancel_requested, r.buildset_id, r.priority, r.submitted_at FROM buildrequests r
+                "SELECT json_group_array(json_array(id, cancel_requested, buildset_id) ORDER BY priority DESC, id) FROM (
+                     SELECT r.id, r.cancel_requested, r.buildset_id, r.priority FROM buildrequests r
                      WHERE r.builder_id = ? AND r.complete = 0
                        AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
-                     ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC LIMIT ?)",
+                     ORDER BY r.priority DESC, r.id LIMIT ?)",
             )
-            .bind(builder.0)
-            .bind(slots.len() as i64)
+            .bind(builder)
+            .bind(slots.min(room) as i64)
             .fetch_one(&mut *tx)
             .await?;
             let found: Vec<Candidate> = from_json(&found)?;
+            room = room.saturating_sub(found.len());
             if !found.is_empty() {
-                claimed.push((*builder, found));
+                claimed.push((BuilderId(builder), found));
             }
         }
         if claimed.is_empty() {
@@ -315,7 +347,7 @@ impl SqliteStore {
         // claim order, in one row.
         let sql = format!(
             "SELECT json_group_array(json_array({BUILD_JSON}, {REQUEST_JSON}, {CONTEXT_JSON})
-                                     ORDER BY r.priority DESC, r.submitted_at ASC, r.id ASC)
+                                     ORDER BY r.priority DESC, r.id)
              FROM builds b JOIN buildrequests r ON r.id = b.buildrequest_id
              JOIN buildsets bs ON bs.id = r.buildset_id
              LEFT JOIN buildrequest_claims c ON c.request_id = r.id

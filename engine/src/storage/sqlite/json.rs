@@ -13,11 +13,11 @@ pub(super) const BUILD_JSON: &str = "json_object('id', b.id, 'number', b.number,
      'locks_duration_s', b.locks_duration_s, 'results', b.results, 'return_value', b.return_value, \
      'error', b.error, 'traceback', b.traceback)";
 
-/// A buildset's reason, properties and stamps as one JSON array, with `bs` as the alias
-/// of `buildsets`.
+/// A buildset's reason, properties, stamps and depth as one JSON array, with `bs` as the
+/// alias of `buildsets`.
 pub(super) const CONTEXT_JSON: &str = "json_array(bs.reason, \
      json((SELECT json_group_array(json_array(p.name, p.value, p.source)) \
            FROM buildset_properties p WHERE p.buildset_id = bs.id)), \
      json((SELECT json_group_array(json_array(s.codebase, s.repository, s.branch, s.revision, s.project)) \
            FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id \
-           WHERE bss.buildset_id = bs.id)))";
+           WHERE bss.buildset_id = bs.id)), bs.depth)";

@@ -26,6 +26,7 @@ use super::{
     ReporterProgress, RequestFilter, Result, Settled, StartAvailable, StartOutcome, StorageError,
     Store, StoreOptions, clamp_u64, collections, fk_to_not_found, found_or,
     query::{Collection, Page, Query},
+    text,
 };
 use crate::model::{
     Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId,
@@ -290,6 +291,7 @@ impl Store for SqliteStore {
     }
 
     async fn master_register(&self, name: &str, now: Timestamp) -> Result<RegisteredMaster> {
+        let name = &*text::storable(name);
         if name.trim().is_empty() {
             return Err(StorageError::Invalid("master name is empty".into()));
         }
@@ -398,6 +400,9 @@ impl Store for SqliteStore {
     }
 
     async fn builder_ensure(&self, name: &str, description: Option<&str>) -> Result<BuilderId> {
+        let name = &*text::storable(name);
+        let description = description.map(text::storable);
+        let description = description.as_deref();
         if name.trim().is_empty() {
             return Err(StorageError::Invalid("builder name is empty".into()));
         }
@@ -414,6 +419,7 @@ impl Store for SqliteStore {
     }
 
     async fn builder_get_by_name(&self, name: &str) -> Result<Option<Builder>> {
+        let name = &*text::storable(name);
         let row =
             sqlx::query("SELECT id, name, description, depends_on FROM builders WHERE name = ?")
                 .bind(name)
@@ -452,6 +458,7 @@ impl Store for SqliteStore {
     }
 
     async fn buildset_add_many(&self, params: &[NewBuildset]) -> Result<Vec<AddedBuildset>> {
+        let params = &*text::buildsets(params);
         self.add_buildsets(params).await
     }
 
@@ -792,6 +799,7 @@ impl Store for SqliteStore {
         master: MasterId,
         ends: &[BuildEnd],
     ) -> Result<Settled> {
+        let ends = &*text::ends(ends);
         self.finish_and_settle(master, ends).await
     }
 
@@ -867,6 +875,7 @@ impl Store for SqliteStore {
     }
 
     async fn build_set_state(&self, id: BuildId, state: &str) -> Result<()> {
+        let state = &*text::storable(state);
         let updated = sqlx::query("UPDATE builds SET state_string = ? WHERE id = ?")
             .bind(state)
             .bind(id.0)
@@ -891,6 +900,7 @@ impl Store for SqliteStore {
     }
 
     async fn build_finish(&self, params: &FinishBuild) -> Result<()> {
+        let params = &*text::finish(params);
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         let updated = sqlx::query(
@@ -994,6 +1004,8 @@ impl Store for SqliteStore {
     }
 
     async fn build_set_property(&self, id: BuildId, name: &str, property: &Property) -> Result<()> {
+        let name = &*text::storable(name);
+        let property = &*text::property(property);
         if name.trim().is_empty() {
             return Err(StorageError::Invalid("property name is empty".into()));
         }
@@ -1047,6 +1059,7 @@ impl Store for SqliteStore {
         report: &ProgressReport,
         now: Timestamp,
     ) -> Result<()> {
+        let report = &*text::report(report);
         if report.group.iter().any(|g| g.is_empty()) {
             return Err(StorageError::Invalid(format!(
                 "progress group {:?} has an empty name",
@@ -1086,6 +1099,7 @@ impl Store for SqliteStore {
     }
 
     async fn log_append(&self, build: BuildId, records: &[LogRecord]) -> Result<()> {
+        let records = &*text::logs(records);
         if records.is_empty() {
             return Ok(());
         }
@@ -1127,10 +1141,12 @@ impl Store for SqliteStore {
     }
 
     async fn reporter_register(&self, name: &str) -> Result<ReporterState> {
+        let name = &*text::storable(name);
         self.reporter_register_impl(name).await
     }
 
     async fn reporter_get(&self, name: &str) -> Result<ReporterState> {
+        let name = &*text::storable(name);
         self.reporter_get_impl(name).await
     }
 
@@ -1139,6 +1155,7 @@ impl Store for SqliteStore {
     }
 
     async fn reporter_remove(&self, name: &str) -> Result<()> {
+        let name = &*text::storable(name);
         self.reporter_remove_impl(name).await
     }
 
@@ -1149,10 +1166,12 @@ impl Store for SqliteStore {
         now: Timestamp,
         until: Timestamp,
     ) -> Result<Option<ReporterState>> {
+        let name = &*text::storable(name);
         self.reporter_lease_impl(name, master, now, until).await
     }
 
     async fn reporter_progress(&self, progress: &ReporterProgress) -> Result<()> {
+        let progress = &*text::delivery(progress);
         self.reporter_progress_impl(progress).await
     }
 

@@ -118,8 +118,11 @@ pub(super) async fn record_complete(tx: &mut SqliteConnection, ids: &str) -> Res
     Ok(())
 }
 
+/// A reporter's row, with the events past its cursor counted (the outbox holds only
+/// events some reporter still has to deal with, so the count is bounded by its size).
 const REPORTER_COLUMNS: &str =
-    "name, cursor, owner, lease_until, attempts, last_error, delivered, dropped";
+    "name, cursor, owner, lease_until, attempts, last_error, delivered, dropped,
+     (SELECT COUNT(*) FROM events e WHERE e.seq > reporters.cursor) AS pending";
 
 impl SqliteStore {
     pub(super) async fn reporter_register_impl(&self, name: &str) -> Result<ReporterState> {
