@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
 use crate::model::{
-    Build, BuildId, BuildRequest, Builder, BuilderId, BuilderStatus, Buildset, BuildsetId,
-    LogEntry, LogQuery, MAX_PRIORITY, MIN_PRIORITY, Master, ProgressNode, Properties, Property,
-    RequestId, ResultCode, SourceStamp,
+    Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, BuilderStatus, Buildset,
+    BuildsetId, LogEntry, LogQuery, MAX_PRIORITY, MIN_PRIORITY, Master, ProgressNode, Properties,
+    Property, ReporterState, RequestId, ResultCode, SourceStamp,
 };
 use crate::storage::{
     self, BuildFilter, BuildsetFilter, CancelOutcome, NewBuildset, RequestFilter, Store,
@@ -86,6 +86,129 @@ impl Submission {
     }
 }
 
+/// Bytes of a name a client gives: a builder, a property, a property's source.
+pub const DEFAULT_MAX_NAME_BYTES: usize = 256;
+/// Bytes of a free text a client gives: a reason, an external id, a sourcestamp field.
+pub const DEFAULT_MAX_TEXT_BYTES: usize = 64 << 10;
+/// Bytes of all properties of one submission (names, JSON values and sources).
+pub const DEFAULT_MAX_PROPERTIES_BYTES: usize = 1 << 20;
+/// Builders one submission may name (one request each).
+pub const DEFAULT_MAX_BUILDERS: usize = 1_000;
+/// Sourcestamps one submission may carry.
+pub const DEFAULT_MAX_SOURCESTAMPS: usize = 100;
+
+/// What one submission may carry. Every bound has a default above; an engine takes its
+/// own from [`EngineConfig::submit_limits`](crate::EngineConfig::submit_limits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubmitLimits {
+    /// See [`DEFAULT_MAX_NAME_BYTES`].
+    pub name_bytes: usize,
+    /// See [`DEFAULT_MAX_TEXT_BYTES`].
+    pub text_bytes: usize,
+    /// See [`DEFAULT_MAX_PROPERTIES_BYTES`].
+    pub properties_bytes: usize,
+    /// See [`DEFAULT_MAX_BUILDERS`].
+    pub builders: usize,
+    /// See [`DEFAULT_MAX_SOURCESTAMPS`].
+    pub sourcestamps: usize,
+}
+
+impl Default for SubmitLimits {
+    fn default() -> Self {
+        SubmitLimits {
+            name_bytes: DEFAULT_MAX_NAME_BYTES,
+            text_bytes: DEFAULT_MAX_TEXT_BYTES,
+            properties_bytes: DEFAULT_MAX_PROPERTIES_BYTES,
+            builders: DEFAULT_MAX_BUILDERS,
+            sourcestamps: DEFAULT_MAX_SOURCESTAMPS,
+        }
+    }
+}
+
+/// Checks one text field of a submission: no NUL (no backend stores one faithfully,
+/// so it is refused rather than changed) and no more than `max` bytes.
+pub fn check_text(field: &str, text: &str, max: usize) -> Result<()> {
+    if text.contains('\0') {
+        return Err(EngineError::Invalid(format!(
+            "{field}: contains a NUL character, which Kiln does not store"
+        )));
+    }
+    if text.len() > max {
+        return Err(EngineError::Invalid(format!(
+            "{field}: {} bytes, more than the {max} allowed",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Submission {
+    /// Checks everything a client controls against `limits`, naming the field at fault.
+    pub fn validate(&self, limits: &SubmitLimits) -> Result<()> {
+        if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&self.priority) {
+            return Err(EngineError::Invalid(format!(
+                "priority: {} is outside {MIN_PRIORITY}..={MAX_PRIORITY}",
+                self.priority
+            )));
+        }
+        check_text("reason", &self.reason, limits.text_bytes)?;
+        if let Some(id) = &self.external_idstring {
+            check_text("external_idstring", id, limits.text_bytes)?;
+        }
+        if self.builders.len() > limits.builders {
+            return Err(EngineError::Invalid(format!(
+                "builders: {} named, more than the {} allowed",
+                self.builders.len(),
+                limits.builders
+            )));
+        }
+        for name in &self.builders {
+            check_text("builders", name, limits.name_bytes)?;
+        }
+        if self.sourcestamps.len() > limits.sourcestamps {
+            return Err(EngineError::Invalid(format!(
+                "sourcestamps: {} given, more than the {} allowed",
+                self.sourcestamps.len(),
+                limits.sourcestamps
+            )));
+        }
+        for stamp in &self.sourcestamps {
+            let fields = [
+                ("sourcestamps.codebase", Some(&stamp.codebase)),
+                ("sourcestamps.repository", Some(&stamp.repository)),
+                ("sourcestamps.branch", stamp.branch.as_ref()),
+                ("sourcestamps.revision", stamp.revision.as_ref()),
+                ("sourcestamps.project", Some(&stamp.project)),
+            ];
+            for (field, value) in fields {
+                if let Some(value) = value {
+                    check_text(field, value, limits.text_bytes)?;
+                }
+            }
+        }
+        let mut total = 0usize;
+        for (name, property) in &self.properties {
+            check_text("properties", name, limits.name_bytes)?;
+            check_text(
+                &format!("properties.{name}.source"),
+                &property.source,
+                limits.name_bytes,
+            )?;
+            total = total
+                .saturating_add(name.len())
+                .saturating_add(property.value.to_string().len())
+                .saturating_add(property.source.len());
+        }
+        if total > limits.properties_bytes {
+            return Err(EngineError::Invalid(format!(
+                "properties: {total} bytes, more than the {} allowed",
+                limits.properties_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// What a submission made.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Submitted {
@@ -99,26 +222,32 @@ pub struct Submitted {
 #[derive(Clone)]
 pub struct Client {
     store: Arc<dyn Store>,
+    limits: SubmitLimits,
 }
 
 impl Client {
     /// Opens the database at `url` (see [`storage::open`]).
     pub async fn open(url: &str) -> Result<Client> {
-        Ok(Client {
-            store: storage::open(url).await?,
-        })
+        Ok(Client::from_store(storage::open(url).await?))
     }
 
     /// Opens the database at `url` with options.
     pub async fn open_with(url: &str, options: &StoreOptions) -> Result<Client> {
-        Ok(Client {
-            store: storage::open_with(url, options).await?,
-        })
+        Ok(Client::from_store(storage::open_with(url, options).await?))
     }
 
     /// A client over an already open store.
     pub fn from_store(store: Arc<dyn Store>) -> Client {
-        Client { store }
+        Client {
+            store,
+            limits: SubmitLimits::default(),
+        }
+    }
+
+    /// The same client, holding submissions to other limits.
+    pub fn with_limits(mut self, limits: SubmitLimits) -> Client {
+        self.limits = limits;
+        self
     }
 
     /// The underlying store.
@@ -142,6 +271,11 @@ impl Client {
     /// All masters.
     pub async fn masters(&self) -> Result<Vec<Master>> {
         Ok(self.store.master_list().await?)
+    }
+
+    /// Every reporter the database knows, with its delivery progress.
+    pub async fn reporters(&self) -> Result<Vec<ReporterState>> {
+        Ok(self.store.reporter_list().await?)
     }
 
     /// Submits a buildset. Every builder must already be known to the database.
@@ -172,6 +306,9 @@ impl Client {
         rebuilt: Option<BuildId>,
         cached: &BTreeMap<String, BuilderId>,
     ) -> Result<Vec<Submitted>> {
+        for s in submissions {
+            s.validate(&self.limits)?;
+        }
         let all_cached = submissions
             .iter()
             .flat_map(|s| &s.builders)
@@ -188,12 +325,6 @@ impl Client {
         };
         let mut params = Vec::with_capacity(submissions.len());
         for s in submissions {
-            if !(MIN_PRIORITY..=MAX_PRIORITY).contains(&s.priority) {
-                return Err(EngineError::Invalid(format!(
-                    "priority {} is outside {MIN_PRIORITY}..={MAX_PRIORITY}",
-                    s.priority
-                )));
-            }
             let mut builder_ids = Vec::with_capacity(s.builders.len());
             for name in &s.builders {
                 let id = *known
@@ -253,6 +384,16 @@ impl Client {
         Ok(self.store.buildset_list(filter).await?)
     }
 
+    /// A buildset's properties.
+    pub async fn buildset_properties(&self, id: BuildsetId) -> Result<Properties> {
+        Ok(self.store.buildset_properties(id).await?)
+    }
+
+    /// A buildset's sourcestamps, sorted.
+    pub async fn buildset_sourcestamps(&self, id: BuildsetId) -> Result<Vec<SourceStamp>> {
+        Ok(self.store.buildset_sourcestamps(id).await?)
+    }
+
     /// One build request.
     pub async fn request(&self, id: RequestId) -> Result<BuildRequest> {
         Ok(self.store.request_get(id).await?)
@@ -277,6 +418,16 @@ impl Client {
     /// Builds.
     pub async fn builds(&self, filter: &BuildFilter) -> Result<Vec<Build>> {
         Ok(self.store.build_list(filter).await?)
+    }
+
+    /// A build's properties (what it set; its buildset's are separate).
+    pub async fn build_properties(&self, id: BuildId) -> Result<Properties> {
+        Ok(self.store.build_properties(id).await?)
+    }
+
+    /// The files a build left in its result directory.
+    pub async fn build_artifacts(&self, id: BuildId) -> Result<Vec<Artifact>> {
+        Ok(self.store.build_artifacts(id).await?)
     }
 
     /// Log records.
@@ -323,10 +474,10 @@ impl Client {
         let builder = self.store.builder_get(build.builder_id).await?;
         let original = self.store.buildset_get(request.buildset_id).await?;
         let submission = Submission {
-            reason: format!(
+            reason: self.fit(format!(
                 "rebuild of {} #{}: {}",
                 builder.name, build.number, original.reason
-            ),
+            )),
             builders: vec![builder.name],
             properties: self.store.buildset_properties(request.buildset_id).await?,
             sourcestamps: self
@@ -348,6 +499,19 @@ impl Client {
 }
 
 impl Client {
+    /// A reason made from a stored one, cut to the text limit (on a character boundary)
+    /// so that rebuilding a buildset whose reason had the longest length allowed works.
+    fn fit(&self, mut reason: String) -> String {
+        if reason.len() > self.limits.text_bytes {
+            let mut end = self.limits.text_bytes;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        reason
+    }
+
     /// Resubmits a buildset (Copr): a new buildset with the same reason, sourcestamps,
     /// properties and priority, for the builders whose requests failed, ended in an
     /// exception or were cancelled, or for every builder when `all` is set. Refused while
@@ -394,7 +558,7 @@ impl Client {
             Property::new(serde_json::json!(id.0), "resubmit"),
         );
         let submission = Submission {
-            reason: format!("resubmit of buildset {id}: {}", original.reason),
+            reason: self.fit(format!("resubmit of buildset {id}: {}", original.reason)),
             builders,
             properties,
             sourcestamps: self.store.buildset_sourcestamps(id).await?,

@@ -8,15 +8,15 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use crate::client::{Client, Submission, Submitted};
+use crate::client::{Client, Submission, SubmitLimits, Submitted};
 use crate::error::{EngineError, Result};
 use crate::events::{DEFAULT_EVENT_CAPACITY, Event};
-use crate::executor::Executor;
+use crate::executor::{BuildLimits, Executor};
 use crate::model::{BuildId, BuilderId, Buildset, BuildsetId, MasterId, RequestId};
 use crate::relations::{Dependency, MissingDependency, Policy, find_cycle, retval_references};
 use crate::reporting::{Reporter, ReporterConfig};
 use crate::scheduler::Scheduler;
-use crate::storage::{self, CancelOutcome, StoreOptions};
+use crate::storage::{self, CancelOutcome, Store, StoreOptions};
 
 /// How often the claim loop looks at the database when nothing woke it: the delay before
 /// this engine sees work submitted by another process. Submits through this engine wake
@@ -65,6 +65,10 @@ pub struct EngineConfig {
     pub max_running_builds: u32,
     /// See [`DEFAULT_EVENT_CAPACITY`].
     pub event_capacity: usize,
+    /// See [`DEFAULT_OUTBOX_PRUNE_INTERVAL`](crate::reporting::DEFAULT_OUTBOX_PRUNE_INTERVAL).
+    pub outbox_prune_interval: Duration,
+    /// What one submission may carry (text sizes, properties, builders, stamps).
+    pub submit_limits: SubmitLimits,
     /// Database connection tuning.
     pub store: StoreOptions,
     /// Where builds get their result directories (`<dir>/<builder>/<number>/`), whose
@@ -86,6 +90,8 @@ impl EngineConfig {
             claim_batch: DEFAULT_CLAIM_BATCH,
             max_running_builds: DEFAULT_MAX_RUNNING_BUILDS,
             event_capacity: DEFAULT_EVENT_CAPACITY,
+            outbox_prune_interval: crate::reporting::DEFAULT_OUTBOX_PRUNE_INTERVAL,
+            submit_limits: SubmitLimits::default(),
             store: StoreOptions::default(),
             results_dir: None,
         }
@@ -106,6 +112,7 @@ impl EngineConfig {
     fn validate(&self) -> Result<()> {
         let positive = [
             ("poll_interval", self.poll_interval),
+            ("outbox_prune_interval", self.outbox_prune_interval),
             ("heartbeat_interval", self.heartbeat_interval),
             ("master_expiry", self.master_expiry),
         ];
@@ -162,6 +169,9 @@ pub struct BuilderConfig {
     pub depends_on: Vec<Dependency>,
     /// What a build does when a dependency has no successful build.
     pub on_missing_dependency: MissingDependency,
+    /// What one build may write through the engine (state, progress, properties,
+    /// children, trigger depth).
+    pub limits: BuildLimits,
 }
 
 impl BuilderConfig {
@@ -175,6 +185,7 @@ impl BuilderConfig {
             kwargs: Value::Null,
             depends_on: Vec::new(),
             on_missing_dependency: MissingDependency::Fail,
+            limits: BuildLimits::default(),
         }
     }
 
@@ -258,6 +269,14 @@ impl Engine {
     pub async fn open(config: EngineConfig) -> Result<Engine> {
         config.validate()?;
         let store = storage::open_with(&config.database_url, &config.store).await?;
+        Engine::open_on(store, config).await
+    }
+
+    /// Starts an engine on a store the embedder opened (a backend of its own, or a
+    /// wrapper around one that observes or injects faults); `config.database_url` and
+    /// `config.store` are not used.
+    pub async fn open_on(store: Arc<dyn Store>, config: EngineConfig) -> Result<Engine> {
+        config.validate()?;
         let registered = store
             .master_register(&config.master_name, crate::model::now())
             .await?;
@@ -268,11 +287,9 @@ impl Engine {
             );
         }
         info!(master = %config.master_name, id = %registered.master_id, backend = store.backend(), "engine started");
-        let scheduler = Scheduler::start(store.clone(), registered.master_id, config);
-        Ok(Engine {
-            client: Client::from_store(store),
-            scheduler,
-        })
+        let client = Client::from_store(store.clone()).with_limits(config.submit_limits);
+        let scheduler = Scheduler::start(store, registered.master_id, config);
+        Ok(Engine { client, scheduler })
     }
 
     /// Opens an engine with default settings on a database URL.
@@ -313,6 +330,10 @@ impl Engine {
             )));
         }
         config.check_dependencies()?;
+        config
+            .limits
+            .validate()
+            .map_err(|e| EngineError::Invalid(format!("builder {:?}: {e}", config.name)))?;
         let mut graph: BTreeMap<String, Vec<String>> = self
             .scheduler
             .builder_configs()

@@ -20,6 +20,13 @@ pub enum EngineError {
     /// The engine is shutting down and takes no new work.
     #[error("the engine is shutting down")]
     ShuttingDown,
+    /// A build went past one of its limits (see [`BuildLimits`](crate::executor::BuildLimits));
+    /// the build ends as EXCEPTION with this reason.
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// The build has ended: it can write nothing more.
+    #[error("build {0} has ended; it can write nothing more")]
+    BuildEnded(crate::model::BuildId),
 }
 
 /// The result type of the embedding API.

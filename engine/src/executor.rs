@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::model::{
     Build, BuildId, BuildsetId, LogLevel, LogRecord, ProgressReport, Properties, Property,
     RequestId, ResultCode, SourceStamp,
@@ -20,7 +20,6 @@ use crate::model::{
 use crate::relations::{ResolvedDependency, TriggerError, Triggered};
 use crate::scheduler::Shared;
 use crate::scheduler::relations::{Parent, TriggerSpec};
-use crate::storage::Store;
 
 /// How a build ended, as the scheduler records it.
 #[derive(Clone, Debug, PartialEq)]
@@ -166,6 +165,71 @@ pub enum StopReason {
     MasterLost,
 }
 
+/// Bytes of one state string or one progress status line a build may set: a line for a
+/// dashboard, not a report (reports belong in the log or the result directory).
+pub const DEFAULT_STATUS_BYTES: usize = 4 << 10;
+/// Progress groups one build may report: enough for a deep tree of real work, few
+/// enough that the progress table and the dashboard stay small.
+pub const DEFAULT_PROGRESS_GROUPS: usize = 1_000;
+/// Bytes of build properties (names, JSON values and sources) one build may hold.
+pub const DEFAULT_PROPERTY_BYTES: usize = 1 << 20;
+/// Child buildsets one build may start, over all its triggers (each trigger is further
+/// held to [`MAX_TRIGGER_CHILDREN`](crate::scheduler::MAX_TRIGGER_CHILDREN)).
+pub const DEFAULT_MAX_CHILDREN: usize = 10_000;
+/// How deep a trigger tree may grow: a self-triggering job stops here instead of
+/// filling the queue.
+pub const DEFAULT_MAX_TRIGGER_DEPTH: u32 = 16;
+
+/// What one build may write through the engine, whatever runs it: going past a limit
+/// ends the build as EXCEPTION with a reason that names the limit. (What a sandboxed
+/// build may use of the machine is [`wasm::Limits`](crate::wasm::Limits).)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BuildLimits {
+    /// See [`DEFAULT_STATUS_BYTES`].
+    pub status_bytes: usize,
+    /// See [`DEFAULT_PROGRESS_GROUPS`].
+    pub progress_groups: usize,
+    /// See [`DEFAULT_PROPERTY_BYTES`].
+    pub property_bytes: usize,
+    /// See [`DEFAULT_MAX_CHILDREN`].
+    pub children: usize,
+    /// See [`DEFAULT_MAX_TRIGGER_DEPTH`].
+    pub trigger_depth: u32,
+}
+
+impl Default for BuildLimits {
+    fn default() -> Self {
+        BuildLimits {
+            status_bytes: DEFAULT_STATUS_BYTES,
+            progress_groups: DEFAULT_PROGRESS_GROUPS,
+            property_bytes: DEFAULT_PROPERTY_BYTES,
+            children: DEFAULT_MAX_CHILDREN,
+            trigger_depth: DEFAULT_MAX_TRIGGER_DEPTH,
+        }
+    }
+}
+
+impl BuildLimits {
+    /// Checks that the limits are usable, naming the first one that is not.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.status_bytes == 0 || self.progress_groups == 0 || self.property_bytes == 0 {
+            return Err("status, progress group and property limits must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// What a build has written so far, held against its [`BuildLimits`].
+#[derive(Default)]
+pub(crate) struct Volume {
+    /// Progress groups reported so far.
+    groups: std::collections::BTreeSet<Vec<String>>,
+    /// Bytes of each property set so far, by name.
+    properties: std::collections::BTreeMap<String, usize>,
+    /// Children asked for so far.
+    children: usize,
+}
+
 /// What a build's executor can see and do.
 #[derive(Clone)]
 pub struct BuildContext {
@@ -182,7 +246,11 @@ pub(crate) struct ContextInner {
     pub(crate) dependencies: Vec<ResolvedDependency>,
     pub(crate) buildset_properties: Properties,
     pub(crate) build_properties: Mutex<Properties>,
-    pub(crate) store: Arc<dyn Store>,
+    pub(crate) limits: BuildLimits,
+    /// What it has written so far, against its limits.
+    pub(crate) volume: Mutex<Volume>,
+    /// The first limit it went past: the build ends as EXCEPTION with this reason.
+    pub(crate) breach: Mutex<Option<String>>,
     pub(crate) result_dir: Option<std::path::PathBuf>,
     pub(crate) shared: Arc<Shared>,
     /// The build as a parent of child buildsets (also holds its sourcestamps and its
@@ -267,6 +335,17 @@ impl BuildContext {
         wait: bool,
         relationship: &str,
     ) -> Result<Triggered, TriggerError> {
+        let asked = {
+            let mut volume = self.volume();
+            volume.children = volume.children.saturating_add(builders.len());
+            volume.children
+        };
+        if asked > self.inner.limits.children {
+            let limit = self.inner.limits.children;
+            return Err(TriggerError::LimitExceeded(self.breach(format!(
+                "children limit exceeded: more than {limit} child buildsets from one build"
+            ))));
+        }
         let n = self.inner.triggers.fetch_add(1, Ordering::Relaxed);
         let spec = TriggerSpec {
             builders: builders.iter().map(|b| (*b).to_owned()).collect(),
@@ -275,7 +354,12 @@ impl BuildContext {
             relationship: relationship.to_owned(),
             key_prefix: format!("t{n}"),
         };
-        let triggered = self.inner.shared.trigger(&self.inner.parent, spec).await?;
+        let triggered = match self.inner.shared.trigger(&self.inner.parent, spec).await {
+            Err(TriggerError::LimitExceeded(reason)) => {
+                return Err(TriggerError::LimitExceeded(self.breach(reason)));
+            }
+            other => other?,
+        };
         if wait {
             let relationship = crate::relations::relationship_name(relationship);
             let mut verdict = self
@@ -309,11 +393,6 @@ impl BuildContext {
         self.inner.result_dir.as_deref()
     }
 
-    /// The store, for executors that write build data themselves.
-    pub(crate) fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
-    }
-
     /// All properties: the buildset's, overridden by any the build set.
     pub fn properties(&self) -> Properties {
         let mut all = self.inner.buildset_properties.clone();
@@ -341,23 +420,91 @@ impl BuildContext {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sets a build property (stored at once).
+    fn volume(&self) -> std::sync::MutexGuard<'_, Volume> {
+        self.inner
+            .volume
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records the first limit this build went past and returns the reason.
+    fn breach(&self, reason: String) -> String {
+        let mut breach = self
+            .inner
+            .breach
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        breach.get_or_insert_with(|| reason.clone());
+        reason
+    }
+
+    /// The first limit this build went past, if any.
+    pub(crate) fn breached(&self) -> Option<String> {
+        self.inner
+            .breach
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn limit_exceeded(&self, reason: String) -> EngineError {
+        EngineError::LimitExceeded(self.breach(reason))
+    }
+
+    fn check_status(&self, what: &str, text: &str) -> Result<()> {
+        let limit = self.inner.limits.status_bytes;
+        if text.len() > limit {
+            return Err(self.limit_exceeded(format!(
+                "status limit exceeded: a {what} of {} bytes, more than {limit}",
+                text.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sets a build property. It reads back at once; it is stored with the build's other
+    /// buffered writes, within [`FLUSH_INTERVAL`](crate::scheduler::FLUSH_INTERVAL).
     pub async fn set_property(&self, name: &str, value: Value, source: &str) -> Result<()> {
+        if name.trim().is_empty() {
+            return Err(EngineError::Invalid(
+                "a property name must not be empty".into(),
+            ));
+        }
+        let size = name.len() + value.to_string().len() + source.len();
+        {
+            let mut volume = self.volume();
+            let others: usize = volume
+                .properties
+                .iter()
+                .filter(|(n, _)| n.as_str() != name)
+                .map(|(_, bytes)| *bytes)
+                .sum();
+            let limit = self.inner.limits.property_bytes;
+            if others + size > limit {
+                drop(volume);
+                return Err(self.limit_exceeded(format!(
+                    "property limit exceeded: more than {limit} bytes of build properties"
+                )));
+            }
+            volume.properties.insert(name.to_owned(), size);
+        }
         let property = Property::new(value, source);
         self.inner
-            .store
-            .build_set_property(self.build_id(), name, &property)
-            .await?;
+            .shared
+            .outputs
+            .property(self.build_id(), name, property.clone())?;
         self.build_properties().insert(name.to_owned(), property);
         Ok(())
     }
 
-    /// Writes a log record.
+    /// Writes a log record. Records are buffered and stored in batches, within
+    /// [`FLUSH_INTERVAL`](crate::scheduler::FLUSH_INTERVAL) whatever the job does next;
+    /// a job that logs faster than the database takes records waits here.
     pub async fn log(&self, level: LogLevel, message: impl Into<String>) -> Result<()> {
         self.log_with(level, message, serde_json::Map::new()).await
     }
 
-    /// Writes a log record with structured fields.
+    /// Writes a log record with structured fields (see [`BuildContext::log`]).
     pub async fn log_with(
         &self,
         level: LogLevel,
@@ -370,15 +517,17 @@ impl BuildContext {
             message: message.into(),
             fields,
         };
-        self.inner
-            .store
-            .log_append(self.build_id(), std::slice::from_ref(&record))
-            .await?;
-        self.notify_output(1, false);
-        Ok(())
+        self.inner.shared.outputs.log(self.build_id(), record).await
     }
 
-    /// Reports progress in a group (the empty path is the build as a whole).
+    /// Adds captured output of the sandbox to the log without waiting (it is bounded by
+    /// the sandbox's own output limit). Nothing is written once the build has ended.
+    pub(crate) fn log_captured(&self, record: LogRecord) {
+        let _ = self.inner.shared.outputs.log_now(self.build_id(), record);
+    }
+
+    /// Reports progress in a group (the empty path is the build as a whole). Reports are
+    /// buffered like log records; the latest per group wins.
     pub async fn progress(
         &self,
         group: &[&str],
@@ -392,38 +541,46 @@ impl BuildContext {
             total,
             status: status.into(),
         };
-        self.inner
-            .store
-            .progress_report(self.build_id(), &report, crate::model::now())
-            .await?;
-        self.notify_output(0, true);
-        Ok(())
+        if report.group.iter().any(String::is_empty) {
+            return Err(EngineError::Invalid(format!(
+                "progress group {:?} has an empty name",
+                report.group
+            )));
+        }
+        self.check_status("progress status line", &report.status)?;
+        {
+            let mut volume = self.volume();
+            if !volume.groups.contains(&report.group) {
+                let limit = self.inner.limits.progress_groups;
+                if volume.groups.len() >= limit {
+                    drop(volume);
+                    return Err(self.limit_exceeded(format!(
+                        "progress limit exceeded: more than {limit} progress groups"
+                    )));
+                }
+                volume.groups.insert(report.group.clone());
+            }
+        }
+        self.inner.shared.outputs.progress(self.build_id(), report)
     }
 
-    /// Sets the build's state string.
+    /// Stores everything this build has written so far now, instead of within the
+    /// flush interval: for a job that reads its own writes back through the API.
+    pub async fn flush(&self) {
+        self.inner
+            .shared
+            .outputs
+            .flush_build(&self.inner.shared, self.build_id())
+            .await;
+    }
+
+    /// Sets the build's state string (buffered like log records).
     pub async fn set_state(&self, state: &str) -> Result<()> {
+        self.check_status("state string", state)?;
         self.inner
-            .store
-            .build_set_state(self.build_id(), state)
-            .await?;
-        self.notify_output(0, true);
-        Ok(())
-    }
-
-    /// Tells subscribers (the dashboard's live view) that this build wrote `records` log
-    /// records and, if `progress`, progress or a state string.
-    pub(crate) fn notify_output(&self, records: usize, progress: bool) {
-        let build_id = self.build_id();
-        if records > 0 {
-            self.inner
-                .shared
-                .emit(crate::events::Event::BuildLog { build_id, records });
-        }
-        if progress {
-            self.inner
-                .shared
-                .emit(crate::events::Event::BuildProgress { build_id });
-        }
+            .shared
+            .outputs
+            .state(self.build_id(), state.to_owned())
     }
 
     /// Whether the build has been asked to stop.

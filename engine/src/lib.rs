@@ -32,10 +32,10 @@ pub mod scheduler;
 pub mod storage;
 pub mod wasm;
 
-pub use client::{Client, Submission, Submitted};
+pub use client::{Client, Submission, SubmitLimits, Submitted};
 pub use engine::{BuilderConfig, Engine, EngineConfig};
 pub use error::{EngineError, Result};
 pub use events::Event;
-pub use executor::{BuildContext, Executor, FnExecutor, JobError, Outcome};
+pub use executor::{BuildContext, BuildLimits, Executor, FnExecutor, JobError, Outcome};
 pub use relations::{Decision, Policy, Triggered};
 pub use reporting::{Reporter, ReporterConfig};

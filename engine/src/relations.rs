@@ -178,6 +178,10 @@ pub enum TriggerError {
     /// The database failed.
     #[error("{0}")]
     Storage(String),
+    /// The trigger would take the build past its children or depth limit; the build
+    /// ends as EXCEPTION with this reason.
+    #[error("{0}")]
+    LimitExceeded(String),
 }
 
 /// A dependency's return value, as resolved when a build started.

@@ -546,6 +546,7 @@ async fn jobs_log_report_progress_set_state_and_read_and_set_properties() -> Res
                 ctx.progress(&["build", "a"], 2, 4, "a half").await?;
                 ctx.progress(&["build", "b"], 1, 4, "b quarter").await?;
                 ctx.set_state("built").await?;
+                ctx.flush().await;
                 let state = store
                     .build_get(ctx.build_id())
                     .await

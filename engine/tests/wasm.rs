@@ -763,6 +763,46 @@ async fn cancelling_a_job_blocked_in_a_host_call_stops_it_at_once() -> Result<()
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_sleeping_job_wrote_before_it_slept_is_visible_while_it_sleeps() -> Result<()> {
+    let rig = Rig::new().await?;
+    rig.builder(
+        "sleep",
+        "sleep",
+        BuilderConfig::new("sleep").kwargs(json!({"seconds": 3600})),
+        Limits::default(),
+        Grants::default(),
+    )
+    .await?;
+    let mut events = rig.engine.subscribe();
+    let s = rig
+        .engine
+        .submit(&Submission::new("nap").builder("sleep"))
+        .await?;
+    // The job sets its state string, then blocks in the host for an hour: the state
+    // must reach the database while it sleeps (within the engine's flush interval),
+    // not at its next host call.
+    let state = guard("the sleeping job's state string", async {
+        loop {
+            if let Event::BuildProgress { build_id } = events.recv().await? {
+                let build = rig.engine.client().build(build_id).await?;
+                if build.complete_at.is_none() {
+                    return anyhow::Ok(build.state_string);
+                }
+            }
+        }
+    })
+    .await??;
+    ensure!(state == "sleeping 3600s", "{state:?}");
+    rig.engine.cancel_buildset(s.buildset_id).await?;
+    guard(
+        "the cancelled buildset",
+        rig.engine.wait_buildset(s.buildset_id),
+    )
+    .await??;
+    Ok(())
+}
+
 // ---- loading ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,7 @@ const PLUGINS: &[(&str, &str)] = &[
     ("progress-demo", "progress-demo"),
     ("write-artifacts", "write-artifacts"),
     ("sandbox-probe", "sandbox-probe"),
+    ("text-writer", "text-writer"),
     ("loop-forever", "hostile/loop-forever"),
     ("memory-bomb", "hostile/memory-bomb"),
     ("recursion", "hostile/recursion"),

@@ -31,7 +31,8 @@ use crate::relations::{
 };
 use crate::storage::NewBuildset;
 
-/// The most children one trigger may start.
+/// The most children one trigger may start (a build's total is its builder's
+/// [`BuildLimits::children`](crate::executor::BuildLimits::children)).
 pub const MAX_TRIGGER_CHILDREN: usize = 10_000;
 
 /// The parent build that triggers.
@@ -40,6 +41,10 @@ pub(crate) struct Parent {
     pub(crate) builder: String,
     pub(crate) priority: i32,
     pub(crate) sourcestamps: Vec<SourceStamp>,
+    /// How deep the build's buildset hangs in its trigger tree.
+    pub(crate) depth: u32,
+    /// The deepest its children may hang.
+    pub(crate) max_depth: u32,
     pub(crate) stop: watch::Receiver<Option<StopReason>>,
 }
 
@@ -144,6 +149,12 @@ impl Shared {
         if spec.builders.is_empty() {
             return Err(TriggerError::Invalid("trigger names no builders".into()));
         }
+        if parent.depth >= parent.max_depth {
+            return Err(TriggerError::LimitExceeded(format!(
+                "trigger depth limit exceeded: this build is {} levels deep and its children may be at most {}",
+                parent.depth, parent.max_depth
+            )));
+        }
         if spec.builders.len() > MAX_TRIGGER_CHILDREN {
             return Err(TriggerError::Invalid(format!(
                 "trigger names {} builders; at most {MAX_TRIGGER_CHILDREN} children per trigger",
@@ -219,6 +230,7 @@ impl Shared {
                     parent_relationship: Some(relationship.clone()),
                     parent_request_id: Some(request_id),
                     trigger_key: Some(keys[i].clone()),
+                    depth: parent.depth.saturating_add(1),
                     submitted_at: now,
                     ..NewBuildset::default()
                 });

@@ -16,14 +16,15 @@ use tracing::{debug, error, warn};
 use super::relations::{self, Parent};
 use super::{RegisteredBuilder, Shared, artifacts};
 use crate::events::Event;
-use crate::executor::{BuildContext, ContextInner, Outcome, StopReason};
+use crate::executor::{BuildContext, ContextInner, Outcome, StopReason, Volume};
 use crate::model::{Build, BuildRequest, Properties, ResultCode};
-use crate::storage::{BuildEnd, CompletedBuildset, StartedBuild};
+use crate::storage::{BuildEnd, CompletedBuildset, Settled, StartedBuild};
 
 /// The most finished builds recorded in one transaction.
 pub(super) const FINISH_BATCH: usize = 512;
-/// How often recording a batch is tried before its builds are left for master expiry.
-const FINISH_ATTEMPTS: u32 = 8;
+/// How often recording a batch is tried (a busy database) before it is split in halves
+/// to find a build whose end cannot be written.
+const BATCH_ATTEMPTS: u32 = 3;
 /// The first pause between attempts; it doubles up to [`FINISH_RETRY_MAX`].
 const FINISH_RETRY_FIRST: Duration = Duration::from_millis(50);
 /// The longest pause between attempts.
@@ -61,6 +62,8 @@ pub(super) async fn run_build(
         builder: builder.config.name.clone(),
         priority: request.priority,
         sourcestamps: context.sourcestamps,
+        depth: context.depth,
+        max_depth: builder.config.limits.trigger_depth,
         stop: stop.clone(),
     };
     let outcome = match relations::resolve_dependencies(&shared, &builder, &parent).await {
@@ -75,7 +78,9 @@ pub(super) async fn run_build(
                 dependencies: resolved.dependencies,
                 buildset_properties: context.properties,
                 build_properties: Mutex::new(Properties::new()),
-                store: shared.store.clone(),
+                limits: builder.config.limits,
+                volume: Mutex::new(Volume::default()),
+                breach: Mutex::new(None),
                 result_dir: result_dir.clone(),
                 shared: shared.clone(),
                 parent,
@@ -83,10 +88,19 @@ pub(super) async fn run_build(
                 verdict: Mutex::new(None),
             });
             let outcome = execute(&shared, &builder, ctx.clone(), stop.clone()).await;
-            with_verdict(outcome, ctx.verdict())
+            let outcome = with_verdict(outcome, ctx.verdict());
+            match ctx.breached() {
+                // A limit the job went past decides, unless the build was stopped.
+                Some(reason) if outcome.results != ResultCode::Cancelled => {
+                    Outcome::exception(reason, None)
+                }
+                _ => outcome,
+            }
         }
         Err(outcome) => outcome,
     };
+    // What the job wrote is stored before its end, and nothing it writes later is.
+    shared.outputs.close(&shared, build.id).await;
     let outcome = match *stop.borrow() {
         Some(StopReason::Cancelled) => Outcome {
             results: ResultCode::Cancelled,
@@ -139,62 +153,146 @@ pub(super) async fn finisher_loop(
     }
 }
 
-async fn settle(shared: &Shared, batch: Vec<Finished>) {
-    let ends: Vec<BuildEnd> = batch.iter().map(|f| f.end.clone()).collect();
-    let mut pause = FINISH_RETRY_FIRST;
-    let mut attempt = 1;
-    let settled = loop {
-        match shared
-            .store
-            .build_finish_and_settle(shared.master, &ends)
-            .await
-        {
-            Ok(settled) => break Some(settled),
-            Err(e) if attempt < FINISH_ATTEMPTS => {
-                warn!(error = %e, builds = ends.len(), attempt, "recording finished builds failed; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(FINISH_RETRY_MAX);
-                attempt += 1;
-            }
-            Err(e) => {
-                error!(
-                    error = %e, builds = ends.len(),
-                    "could not record finished builds; they stay running until this master restarts or is expired"
-                );
-                break None;
-            }
+async fn settle(shared: &Shared, mut batch: Vec<Finished>) {
+    let (settled, unrecorded) = record(shared, &mut batch).await;
+    for f in &batch {
+        if unrecorded.contains(&f.end.build_id) {
+            continue;
         }
-    };
-    if let Some(settled) = settled {
-        for f in &batch {
-            if settled.refused.contains(&f.end.build_id) {
-                // The master was expired meanwhile and another finished the build as
-                // RETRY: this late result must not be merged.
-                warn!(build = %f.end.build_id, "build finished after this master lost it; result discarded");
-                continue;
-            }
-            debug!(build = %f.end.build_id, builder = %f.builder.config.name, results = %f.end.results, "build finished");
-            shared.emit(Event::BuildFinished {
-                build_id: f.end.build_id,
-                number: f.build.number,
-                builder: f.builder.config.name.clone(),
-                request_id: f.request.id,
-                buildset_id: f.request.buildset_id,
-                results: f.end.results,
-            });
+        if settled.refused.contains(&f.end.build_id) {
+            // The master was expired meanwhile and another finished the build as
+            // RETRY: this late result must not be merged.
+            warn!(build = %f.end.build_id, "build finished after this master lost it; result discarded");
+            continue;
         }
-        emit_completed(shared, settled.buildsets_completed);
+        debug!(build = %f.end.build_id, builder = %f.builder.config.name, results = %f.end.results, "build finished");
+        shared.emit(Event::BuildFinished {
+            build_id: f.end.build_id,
+            number: f.build.number,
+            builder: f.builder.config.name.clone(),
+            request_id: f.request.id,
+            buildset_id: f.request.buildset_id,
+            results: f.end.results,
+        });
     }
+    emit_completed(shared, settled.buildsets_completed);
     let mut running = shared.running();
     for f in &batch {
         running.remove(&f.end.build_id);
         f.builder.release_slot(f.slot);
+        shared.outputs.forget(f.end.build_id);
     }
     drop(running);
     shared
         .in_flight
         .send_modify(|n| *n = n.saturating_sub(batch.len()));
     shared.wake.notify_one();
+}
+
+/// What recording a batch did, and the builds it could not record because the engine
+/// stopped first (their master's shutdown or expiry ends them as RETRY).
+type Recorded = (Settled, Vec<crate::model::BuildId>);
+
+/// Records a batch of ends. When the batch cannot be written, it is split in halves
+/// until the build at fault is alone, so that one bad row never holds back the others;
+/// that build is then recorded as EXCEPTION with the reason (see [`record_one`]).
+fn record<'a>(
+    shared: &'a Shared,
+    batch: &'a mut [Finished],
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Recorded> + Send + 'a>> {
+    Box::pin(async move {
+        if batch.len() == 1 {
+            return record_one(shared, &mut batch[0]).await;
+        }
+        let ends: Vec<BuildEnd> = batch.iter().map(|f| f.end.clone()).collect();
+        match attempt(shared, &ends, BATCH_ATTEMPTS).await {
+            Ok(settled) => (settled, Vec::new()),
+            Err(e) => {
+                warn!(error = %e, builds = ends.len(), "recording finished builds failed; recording them in halves");
+                let (left, right) = batch.split_at_mut(batch.len() / 2);
+                let (mut settled, mut unrecorded) = record(shared, left).await;
+                let (more, lost) = record(shared, right).await;
+                settled.refused.extend(more.refused);
+                settled.completed.extend(more.completed);
+                settled.released.extend(more.released);
+                settled.buildsets_completed.extend(more.buildsets_completed);
+                unrecorded.extend(lost);
+                (settled, unrecorded)
+            }
+        }
+    })
+}
+
+/// Records one build's end. If it cannot be written but the same build ending as
+/// EXCEPTION can, its end was at fault: the build ends as EXCEPTION with the reason and
+/// without what it returned. If neither can be written, the database is at fault: both
+/// are tried again, with growing pauses, until one is recorded or the engine stops. A
+/// build never stays running on a live master that no longer runs it.
+async fn record_one(shared: &Shared, f: &mut Finished) -> Recorded {
+    let master = shared.master;
+    let mut pause = FINISH_RETRY_FIRST;
+    loop {
+        let error = match attempt(shared, std::slice::from_ref(&f.end), BATCH_ATTEMPTS).await {
+            Ok(settled) => return (settled, Vec::new()),
+            Err(e) => e,
+        };
+        let fallback = BuildEnd {
+            results: ResultCode::Exception,
+            return_value: None,
+            error: Some(format!("the build's end could not be recorded: {error}")),
+            traceback: None,
+            state_string: Some("exception: its end could not be recorded".into()),
+            artifacts: Vec::new(),
+            ..f.end.clone()
+        };
+        match shared
+            .store
+            .build_finish_and_settle(master, std::slice::from_ref(&fallback))
+            .await
+        {
+            Ok(settled) => {
+                error!(build = %f.end.build_id, error = %error, "a finished build could not be recorded; it ends as EXCEPTION");
+                f.end = fallback;
+                return (settled, Vec::new());
+            }
+            Err(e) => {
+                if shared.is_stopping() {
+                    error!(build = %f.end.build_id, error = %e, "the engine stopped before a finished build could be recorded; its request will run again");
+                    return (Settled::default(), vec![f.end.build_id]);
+                }
+                error!(build = %f.end.build_id, error = %e, ?pause, "cannot record a finished build; the database seems unavailable, trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(FINISH_RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// Up to `attempts` tries at one transaction, with a short pause between them (a busy
+/// database); the last error if all fail.
+async fn attempt(
+    shared: &Shared,
+    ends: &[BuildEnd],
+    attempts: u32,
+) -> crate::storage::Result<Settled> {
+    let mut pause = FINISH_RETRY_FIRST;
+    let mut tried = 1;
+    loop {
+        match shared
+            .store
+            .build_finish_and_settle(shared.master, ends)
+            .await
+        {
+            Ok(settled) => return Ok(settled),
+            Err(e) if tried >= attempts => return Err(e),
+            Err(e) => {
+                debug!(error = %e, builds = ends.len(), attempt = tried, "recording finished builds failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(FINISH_RETRY_MAX);
+                tried += 1;
+            }
+        }
+    }
 }
 
 /// A job's outcome combined with the verdicts of the policies it waited on: the worse

@@ -221,7 +221,6 @@ pub(crate) async fn run_sandboxed(
         ),
         Ran::Stopped => Outcome::with_results(ResultCode::Cancelled, None),
     };
-    state.flush().await;
     Ok(outcome)
 }
 

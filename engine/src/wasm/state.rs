@@ -1,24 +1,20 @@
 //! The state of one sandboxed build and the host functions its job calls.
 //!
-//! Logs, progress and the state string are buffered and written in batches (every
-//! [`FLUSH_RECORDS`] records or [`FLUSH_INTERVAL`], and at the end), so that a chatty
-//! job costs few database writes. Every host call counts against the build's budget.
+//! Logs, progress, the state string and properties go to the engine's buffers for the
+//! build ([`BuildContext`]), which stores them in batches within the engine's flush
+//! interval whatever the guest does next. Every host call counts against the build's
+//! budget; a write past one of the build's limits stops the guest with the reason.
 
 use std::time::Instant;
 
-use tracing::warn;
 use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::kiln::plugin::{host, types};
 use super::limits::Limits;
 use crate::executor::BuildContext;
-use crate::model::{ChildBuildset, LogLevel, LogRecord, ProgressReport, Properties, Property};
+use crate::model::{ChildBuildset, LogLevel, LogRecord, Properties, Property};
 
-/// Buffered log records are written when this many have gathered...
-pub(crate) const FLUSH_RECORDS: usize = 256;
-/// ...or when the oldest unwritten one is this old, at the next host call.
-pub(crate) const FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 /// The most elements a wasm table may grow to.
 pub(crate) const MAX_TABLE_ELEMENTS: usize = 100_000;
 
@@ -77,11 +73,6 @@ pub(crate) struct JobState {
     pub(crate) deadline: Instant,
     host_calls: u64,
     log_bytes: usize,
-    logs: Vec<LogRecord>,
-    /// The latest report per group, in the order groups first reported.
-    progress: Vec<ProgressReport>,
-    state: Option<String>,
-    last_flush: Instant,
 }
 
 impl JobState {
@@ -97,10 +88,6 @@ impl JobState {
             deadline: now + limits.deadline,
             host_calls: 0,
             log_bytes: 0,
-            logs: Vec::new(),
-            progress: Vec::new(),
-            state: None,
-            last_flush: now,
         }
     }
 
@@ -127,59 +114,30 @@ impl JobState {
         Ok(())
     }
 
-    /// Adds a record to the log buffer (captured output goes through here too).
+    /// Adds captured output to the build's log (it has its own limit).
     pub(crate) fn push_log(
         &mut self,
         level: LogLevel,
         message: String,
         fields: serde_json::Map<String, serde_json::Value>,
     ) {
-        self.logs.push(LogRecord {
-            at: crate::model::now(),
-            level,
-            message,
-            fields,
-        });
-    }
-
-    async fn maybe_flush(&mut self) {
-        if self.logs.len() >= FLUSH_RECORDS || self.last_flush.elapsed() >= FLUSH_INTERVAL {
-            self.flush().await;
+        if let Some(build) = &self.build {
+            build.log_captured(LogRecord {
+                at: crate::model::now(),
+                level,
+                message,
+                fields,
+            });
         }
     }
 
-    /// Writes buffered logs, progress and state to the store. A database failure here
-    /// costs the build some of its log, never its result.
-    pub(crate) async fn flush(&mut self) {
-        self.last_flush = Instant::now();
-        let Some(build) = &self.build else {
-            self.logs.clear();
-            self.progress.clear();
-            self.state = None;
-            return;
-        };
-        let store = build.store().clone();
-        let id = build.build_id();
-        let records = self.logs.len();
-        let progressed = !self.progress.is_empty() || self.state.is_some();
-        if !self.logs.is_empty() {
-            let logs = std::mem::take(&mut self.logs);
-            if let Err(e) = store.log_append(id, &logs).await {
-                warn!(build = %id, error = %e, "could not store {} log records", logs.len());
-            }
+    /// Turns a refused write into a trap whose reason becomes the build's error (a
+    /// limit), or into nothing (the build has ended, so nobody reads it).
+    fn refused(&mut self, e: crate::EngineError) -> wasmtime::Result<()> {
+        match e {
+            crate::EngineError::BuildEnded(_) => Ok(()),
+            e => Err(self.refuse(e.to_string())),
         }
-        let now = crate::model::now();
-        for report in std::mem::take(&mut self.progress) {
-            if let Err(e) = store.progress_report(id, &report, now).await {
-                warn!(build = %id, error = %e, "could not store a progress report");
-            }
-        }
-        if let Some(state) = self.state.take()
-            && let Err(e) = store.build_set_state(id, &state).await
-        {
-            warn!(build = %id, error = %e, "could not store the state string");
-        }
-        build.notify_output(records, progressed);
     }
 }
 
@@ -214,9 +172,13 @@ impl host::Host for JobState {
                 "log volume limit exceeded: more than {limit} bytes of log messages"
             )));
         }
-        self.push_log(level(level_), message, serde_json::Map::new());
-        self.maybe_flush().await;
-        Ok(())
+        let Some(build) = self.build.clone() else {
+            return Ok(());
+        };
+        match build.log(level(level_), message).await {
+            Ok(()) => Ok(()),
+            Err(e) => self.refused(e),
+        }
     }
 
     async fn progress(
@@ -227,28 +189,25 @@ impl host::Host for JobState {
         status: String,
     ) -> wasmtime::Result<()> {
         self.count_call()?;
-        if group.iter().any(String::is_empty) {
-            return Err(self.refuse(format!("progress group {group:?} has an empty name")));
-        }
-        let report = ProgressReport {
-            group,
-            current,
-            total,
-            status,
+        let Some(build) = self.build.clone() else {
+            return Ok(());
         };
-        match self.progress.iter_mut().find(|r| r.group == report.group) {
-            Some(pending) => *pending = report,
-            None => self.progress.push(report),
+        let group: Vec<&str> = group.iter().map(String::as_str).collect();
+        match build.progress(&group, current, total, status).await {
+            Ok(()) => Ok(()),
+            Err(e) => self.refused(e),
         }
-        self.maybe_flush().await;
-        Ok(())
     }
 
     async fn set_state(&mut self, state: String) -> wasmtime::Result<()> {
         self.count_call()?;
-        self.state = Some(state);
-        self.maybe_flush().await;
-        Ok(())
+        let Some(build) = self.build.clone() else {
+            return Ok(());
+        };
+        match build.set_state(&state).await {
+            Ok(()) => Ok(()),
+            Err(e) => self.refused(e),
+        }
     }
 
     async fn get_property(&mut self, name: String) -> wasmtime::Result<Option<types::Property>> {
@@ -279,13 +238,14 @@ impl host::Host for JobState {
                 )));
             }
         };
-        let Some(build) = &self.build else {
+        let Some(build) = self.build.clone() else {
             return Ok(Ok(()));
         };
-        Ok(build
-            .set_property(&name, value, &source)
-            .await
-            .map_err(|e| e.to_string()))
+        match build.set_property(&name, value, &source).await {
+            Ok(()) => Ok(Ok(())),
+            Err(e @ crate::EngineError::LimitExceeded(_)) => Err(self.refuse(e.to_string())),
+            Err(e) => Ok(Err(e.to_string())),
+        }
     }
 
     async fn cancelled(&mut self) -> wasmtime::Result<bool> {
@@ -320,17 +280,17 @@ impl host::Host for JobState {
                 }
             }
         }
-        // What the job logged so far is stored before it waits, possibly for long.
-        self.flush().await;
         let names: Vec<&str> = builders.iter().map(String::as_str).collect();
-        Ok(build
-            .trigger(&names, props, wait, &relationship)
-            .await
-            .map(|t| host::Triggered {
+        match build.trigger(&names, props, wait, &relationship).await {
+            Ok(t) => Ok(Ok(host::Triggered {
                 verdict: to_wit(t.verdict),
                 children: t.children.iter().map(wit_child).collect(),
-            })
-            .map_err(|e| e.to_string()))
+            })),
+            Err(e @ crate::relations::TriggerError::LimitExceeded(_)) => {
+                Err(self.refuse(e.to_string()))
+            }
+            Err(e) => Ok(Err(e.to_string())),
+        }
     }
 }
 

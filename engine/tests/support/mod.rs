@@ -66,3 +66,47 @@ pub fn parent(relationship: &str) -> kiln_engine::relations::ParentInfo {
         relationship: relationship.into(),
     }
 }
+
+/// A fresh database of one backend: its URL, and what keeps it alive.
+pub struct Backend {
+    /// "sqlite" or "postgres".
+    pub name: &'static str,
+    /// The database URL.
+    pub url: String,
+    _keep: Box<dyn std::any::Any + Send>,
+}
+
+/// A fresh database on every backend under test: SQLite always, PostgreSQL when
+/// `KILN_POSTGRES_URL` names one (`.ci/run` sets it).
+pub async fn backends(what: &str) -> Result<Vec<Backend>> {
+    let sqlite = db()?;
+    let mut all = vec![Backend {
+        name: "sqlite",
+        url: sqlite.url.clone(),
+        _keep: Box::new(sqlite),
+    }];
+    if let Some(schema) = postgres::Schema::create(what).await? {
+        all.push(Backend {
+            name: "postgres",
+            url: schema.url.clone(),
+            _keep: Box::new(schema),
+        });
+    }
+    Ok(all)
+}
+
+impl Backend {
+    /// Runs SQL on the backend's database behind Kiln's back (to plant a fault).
+    pub async fn execute(&self, sql: &str) -> Result<()> {
+        use sqlx::Connection;
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        if self.name == "postgres" {
+            let mut conn = sqlx::PgConnection::connect(&self.url).await?;
+            sqlx::raw_sql(sql).execute(&mut conn).await?;
+        } else {
+            let mut conn = sqlx::SqliteConnection::connect(&self.url).await?;
+            sqlx::raw_sql(sql).execute(&mut conn).await?;
+        }
+        Ok(())
+    }
+}
