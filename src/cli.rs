@@ -113,6 +113,13 @@ pub struct ServeArgs {
     /// (default 1).
     #[arg(long, value_parser = seconds)]
     pub poll_interval: Option<std::time::Duration>,
+    /// Connections open at once; past it new ones are answered 503.
+    #[arg(long, default_value_t = kiln_server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Seconds a request's head may take to arrive; an idle keep-alive connection is
+    /// closed after as long.
+    #[arg(long, value_parser = seconds, default_value = "10")]
+    pub header_timeout: std::time::Duration,
 }
 
 /// A positive number of seconds, such as `10` or `0.5`.

@@ -14,7 +14,7 @@ use kiln_engine::relations::{Dependency, MissingDependency, find_cycle};
 use kiln_engine::wasm::{
     DirGrant, Grants, HttpGrant, Limits, WasmExecutor, WasmHost, WasmPolicy, WasmReporter,
 };
-use kiln_engine::{BuilderConfig, ReporterConfig, Submission};
+use kiln_engine::{BuildLimits, BuilderConfig, ReporterConfig, Submission};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -73,6 +73,16 @@ pub struct LimitsSection {
     pub return_kib: Option<u64>,
     /// Calls into the Kiln host.
     pub host_calls: Option<u64>,
+    /// One state string or progress status line, in KiB.
+    pub status_kib: Option<u64>,
+    /// Progress groups per build.
+    pub progress_groups: Option<usize>,
+    /// Build properties per build, in KiB.
+    pub property_kib: Option<u64>,
+    /// Child buildsets per build.
+    pub children: Option<usize>,
+    /// How deep a trigger tree may grow below a submitted buildset.
+    pub trigger_depth: Option<u32>,
 }
 
 impl LimitsSection {
@@ -110,6 +120,37 @@ impl LimitsSection {
         };
         limits.validate()?;
         Ok(limits)
+    }
+
+    /// What these limits say of what a build may write, on top of `base`.
+    fn build_limits(&self, base: BuildLimits) -> Result<BuildLimits, String> {
+        let kib = |v: Option<u64>, name: &str, default: usize| -> Result<usize, String> {
+            match v {
+                None => Ok(default),
+                Some(v) => v
+                    .checked_mul(1 << 10)
+                    .and_then(|b| usize::try_from(b).ok())
+                    .ok_or_else(|| format!("{name} = {v} is too large")),
+            }
+        };
+        let limits = BuildLimits {
+            status_bytes: kib(self.status_kib, "status_kib", base.status_bytes)?,
+            progress_groups: self.progress_groups.unwrap_or(base.progress_groups),
+            property_bytes: kib(self.property_kib, "property_kib", base.property_bytes)?,
+            children: self.children.unwrap_or(base.children),
+            trigger_depth: self.trigger_depth.unwrap_or(base.trigger_depth),
+        };
+        limits.validate()?;
+        Ok(limits)
+    }
+
+    /// Whether any limit that only builds have is set (reporters have none of them).
+    fn sets_build_limits(&self) -> bool {
+        self.status_kib.is_some()
+            || self.progress_groups.is_some()
+            || self.property_kib.is_some()
+            || self.children.is_some()
+            || self.trigger_depth.is_some()
     }
 }
 
@@ -301,6 +342,13 @@ pub async fn load(base: PathBuf, file: PipelineFile, host: &WasmHost) -> Result<
             Limits::default()
         }
     };
+    let build_defaults = match file.defaults.build_limits(BuildLimits::default()) {
+        Ok(l) => l,
+        Err(e) => {
+            problems.push(format!("[defaults]: {e}"));
+            BuildLimits::default()
+        }
+    };
     let mut names = BTreeSet::new();
     let mut loading = Vec::new();
     for b in &file.builders {
@@ -326,6 +374,13 @@ pub async fn load(base: PathBuf, file: PipelineFile, host: &WasmHost) -> Result<
                 continue;
             }
         };
+        let build_limits = match b.limits.build_limits(build_defaults) {
+            Ok(l) => l,
+            Err(e) => {
+                problems.push(format!("{here}: {e}"));
+                continue;
+            }
+        };
         if !b.grants.http.is_empty() {
             problems.push(format!(
                 "{here}: http grants are for reporters; jobs get no network"
@@ -339,18 +394,19 @@ pub async fn load(base: PathBuf, file: PipelineFile, host: &WasmHost) -> Result<
             }
         };
         match plugin_bytes(&base, &b.plugin, &here) {
-            Ok(bytes) => loading.push((b, limits, grants, bytes)),
+            Ok(bytes) => loading.push((b, limits, build_limits, grants, bytes)),
             Err(e) => problems.push(e),
         }
     }
     let mut builders = Vec::new();
-    for (b, limits, grants, bytes) in loading {
+    for (b, limits, build_limits, grants, bytes) in loading {
         let loaded = host.load_job(&b.plugin, Arc::from(bytes), &limits).await;
         match loaded.and_then(|plugin| WasmExecutor::new(plugin, limits, grants)) {
             Ok(executor) => {
                 let mut config = BuilderConfig::new(&b.name);
                 config.description = b.description.clone();
                 config.max_concurrent = b.max_concurrent;
+                config.limits = build_limits;
                 config.args = b.args.as_ref().map(json).unwrap_or(Value::Null);
                 config.kwargs = b.kwargs.as_ref().map(json).unwrap_or(Value::Null);
                 config.depends_on = b
@@ -583,6 +639,11 @@ async fn load_reporters(
                 problems.push(format!("{here}: {e}"));
                 ok = false;
             }
+        }
+        if r.limits.sets_build_limits() {
+            problems.push(format!(
+                "{here}: status_kib, progress_groups, property_kib, children and trigger_depth are limits of builds, not of reporters"
+            ));
         }
         let limits = match r.limits.apply(Limits::reporter()) {
             Ok(l) => l,

@@ -35,6 +35,29 @@ struct Line {
     results: Option<ResultCode>,
 }
 
+/// What the live view shows: the running builds and the last few that finished. Its
+/// size is bounded by what runs at once, not by how many builds the run has had, so a
+/// redraw costs the same after a hundred thousand builds as after ten.
+#[derive(Default)]
+struct Live {
+    running: BTreeMap<BuildId, Line>,
+    finished: std::collections::VecDeque<Line>,
+}
+
+impl Live {
+    fn started(&mut self, id: BuildId, line: Line) {
+        self.running.insert(id, line);
+    }
+
+    fn finished(&mut self, id: BuildId, line: Line) {
+        self.running.remove(&id);
+        self.finished.push_back(line);
+        if self.finished.len() > LIVE_FINISHED {
+            self.finished.pop_front();
+        }
+    }
+}
+
 /// An engine opened for a pipeline file, with its builders, policies and reporters
 /// registered and its submissions ready.
 pub struct Started {
@@ -141,7 +164,7 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
     }
 
     let live = !json_out && std::io::stdout().is_terminal();
-    let mut lines: BTreeMap<BuildId, Line> = BTreeMap::new();
+    let mut lines = Live::default();
     let mut drawn = 0usize;
     let mut interrupted = false;
     let mut redraw = tokio::time::interval(REDRAW);
@@ -163,13 +186,13 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
                     if !live && !json_out {
                         println!("  started  {builder} #{number}");
                     }
-                    lines.insert(build_id, Line { builder, number, results: None });
+                    lines.started(build_id, Line { builder, number, results: None });
                 }
                 Ok(Event::BuildFinished { build_id, builder, number, results, .. }) => {
                     if !live && !json_out {
                         println!("  finished {builder} #{number}: {results}");
                     }
-                    lines.insert(build_id, Line { builder, number, results: Some(results) });
+                    lines.finished(build_id, Line { builder, number, results: Some(results) });
                 }
                 Ok(Event::BuildsetComplete { buildset_id, .. }) => {
                     open.remove(&buildset_id);
@@ -222,24 +245,23 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
 }
 
 /// Redraws the live view in place; returns how many lines it drew.
-async fn draw(engine: &Engine, lines: &BTreeMap<BuildId, Line>, previous: usize) -> usize {
+async fn draw(engine: &Engine, lines: &Live, previous: usize) -> usize {
     let width = std::env::var("COLUMNS")
         .ok()
         .and_then(|c| c.parse::<usize>().ok())
         .unwrap_or(100)
         .max(40);
     let mut out: Vec<String> = Vec::new();
-    let finished: Vec<_> = lines.iter().filter(|(_, l)| l.results.is_some()).collect();
-    for (_, line) in finished.iter().rev().take(LIVE_FINISHED).rev() {
+    for line in &lines.finished {
         out.push(format!(
             "  {:<24} {}",
             format!("{} #{}", line.builder, line.number),
             render::results(line.results)
         ));
     }
-    let running: Vec<_> = lines.iter().filter(|(_, l)| l.results.is_none()).collect();
+    let running = &lines.running;
     for (id, line) in running.iter().take(LIVE_TREES) {
-        let tree = engine.client().progress(**id).await.ok();
+        let tree = engine.client().progress(*id).await.ok();
         let label = format!("{} #{}", line.builder, line.number);
         match tree {
             Some(tree) => {

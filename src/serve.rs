@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use kiln_engine::storage;
 use kiln_engine::wasm::{WasmHost, WasmHostConfig};
 use kiln_engine::{Engine, EngineConfig};
-use kiln_server::{AppState, ServerConfig};
-use tracing::{info, warn};
+use kiln_server::{AppState, ConnectionLimits, ServerConfig};
+use tracing::info;
 
 use crate::cli::ServeArgs;
 
@@ -64,6 +64,12 @@ pub async fn serve(args: &ServeArgs, db: &str) -> Result<ExitCode> {
             token: args.token.clone(),
             private_reads: args.private_reads,
             plugins_dir: args.plugins_dir.clone(),
+            connections: ConnectionLimits {
+                max_connections: args.max_connections,
+                header_read_timeout: args.header_timeout,
+                ..ConnectionLimits::default()
+            },
+            ..ServerConfig::default()
         },
     );
     println!(
@@ -74,19 +80,10 @@ pub async fn serve(args: &ServeArgs, db: &str) -> Result<ExitCode> {
             "read-only: no --token"
         }
     );
-    let streams = state.clone();
-    axum::serve(listener, kiln_server::router(state))
-        .with_graceful_shutdown(async move {
-            stop_signal().await;
-            // Open event streams would keep the graceful shutdown waiting forever.
-            streams.stop_streams();
-        })
+    kiln_server::serve(listener, state, stop_signal())
         .await
         .context("the server failed")?;
-    match Arc::try_unwrap(engine) {
-        Ok(engine) => engine.shutdown().await,
-        Err(_) => warn!("requests still hold the engine; its work is taken back by expiry"),
-    }
+    engine.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
 

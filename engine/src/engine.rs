@@ -542,7 +542,10 @@ impl Engine {
     /// Stops claiming work, lets running builds finish within the shutdown grace period,
     /// stops the rest (their requests go back to the queue), releases every claim and
     /// marks this master inactive.
-    pub async fn shutdown(self) {
+    ///
+    /// Takes `&self` so that an engine shared by a server (`Arc<Engine>`) can be shut down
+    /// while requests still hold it; calling it twice does nothing more.
+    pub async fn shutdown(&self) {
         self.scheduler.shutdown().await;
         info!(master = %self.scheduler.shared.master, "engine stopped");
     }

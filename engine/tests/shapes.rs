@@ -314,3 +314,117 @@ async fn a_build_whose_end_cannot_be_written_ends_alone_as_exception() -> Result
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_past_one_of_its_write_limits_ends_as_exception_naming_it() -> Result<()> {
+    use kiln_engine::storage::BuildFilter;
+    use kiln_engine::{BuildLimits, JobError, model::Properties};
+
+    let backend = &backends("limits").await?[0];
+    let engine = Engine::open(EngineConfig::new(&backend.url).master_name("limits")).await?;
+    let small = BuildLimits {
+        status_bytes: 64,
+        progress_groups: 3,
+        property_bytes: 1 << 10,
+        children: 5,
+        trigger_depth: 2,
+    };
+    let job = |what: &'static str| {
+        FnExecutor::new(move |ctx| async move {
+            let e = |e: kiln_engine::EngineError| JobError::new(e.to_string());
+            match what {
+                "state" => ctx.set_state(&"s".repeat(65)).await.map_err(e)?,
+                "groups" => {
+                    for i in 0..4 {
+                        ctx.progress(&[&format!("g{i}")], 1, 1, "")
+                            .await
+                            .map_err(e)?;
+                    }
+                }
+                "properties" => {
+                    for i in 0..20 {
+                        // Ignoring the error does not help: the build still ends as
+                        // EXCEPTION.
+                        let _ = ctx
+                            .set_property(&format!("p{i}"), json!("v".repeat(100)), "t")
+                            .await;
+                    }
+                }
+                "children" => {
+                    for _ in 0..3 {
+                        ctx.trigger(&["ok", "ok"], Properties::new(), false, "")
+                            .await
+                            .map_err(|e| JobError::new(e.to_string()))?;
+                    }
+                }
+                _ => {
+                    // Triggers itself: every level one deeper.
+                    ctx.trigger(&["deep"], Properties::new(), true, "")
+                        .await
+                        .map_err(|e| JobError::new(e.to_string()))?;
+                }
+            }
+            Ok(Outcome::success(json!(null)))
+        })
+    };
+    for name in ["state", "groups", "properties", "children", "deep"] {
+        let mut config = BuilderConfig::new(name);
+        config.limits = small;
+        engine.register_builder(config, job(name)).await?;
+    }
+    engine
+        .register_builder(BuilderConfig::new("ok"), noop())
+        .await?;
+    for (name, reason) in [
+        ("state", "status limit exceeded"),
+        ("groups", "progress limit exceeded"),
+        ("properties", "property limit exceeded"),
+        ("children", "children limit exceeded"),
+        // The first of the chain ends with its children's verdict; the deepest one
+        // with the limit (below).
+        ("deep", "its children ended EXCEPTION"),
+    ] {
+        let s = engine.submit(&Submission::new(name).builder(name)).await?;
+        guard(name, engine.wait_buildset(s.buildset_id)).await??;
+        let builds = engine
+            .client()
+            .builds(&BuildFilter {
+                buildset_id: Some(s.buildset_id),
+                ..BuildFilter::default()
+            })
+            .await?;
+        let build = &builds[0];
+        ensure!(
+            build.results == Some(ResultCode::Exception)
+                && build.error.as_deref().is_some_and(|e| e.contains(reason)),
+            "{name}: {:?} {:?}",
+            build.results,
+            build.error
+        );
+    }
+    // The self-triggering chain stopped at the depth limit: the submission and two
+    // levels of children, no more.
+    let deep = engine.client().builder_named("deep").await?;
+    let chain = engine
+        .client()
+        .builds(&BuildFilter {
+            builder_id: Some(deep.id),
+            ..BuildFilter::default()
+        })
+        .await?;
+    ensure!(chain.len() == 3, "{} deep builds", chain.len());
+    let deepest = chain
+        .iter()
+        .max_by_key(|b| b.number)
+        .ok_or_else(|| anyhow::anyhow!("none"))?;
+    ensure!(
+        deepest
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("trigger depth limit exceeded")),
+        "{:?}",
+        deepest.error
+    );
+    engine.shutdown().await;
+    Ok(())
+}

@@ -290,6 +290,83 @@ async fn files_written_to_the_result_directory_become_artifacts() -> Result<()> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_a_guest_leaves_in_its_result_directory_are_removed_when_it_ends() -> Result<()> {
+    let rig = Rig::new().await?;
+    rig.simple("symlink-escape").await?;
+    let build = rig.run("symlink-escape").await?;
+    ensure!(build.results == Some(ResultCode::Success), "{build:?}");
+    // The sandbox refuses an absolute target but lets a relative one climb out; the
+    // test means something only if some link was made.
+    let made = build.return_value.as_ref().map(|v| v["links"].clone());
+    ensure!(
+        made.as_ref()
+            .and_then(Value::as_array)
+            .is_some_and(|l| !l.is_empty()),
+        "the guest made no link: {made:?}"
+    );
+    let artifacts = rig.engine.client().build_artifacts(build.id).await?;
+    let paths: Vec<&str> = artifacts.iter().map(|a| a.path.as_str()).collect();
+    ensure!(
+        paths == ["real.txt"],
+        "only the real file is an artifact: {paths:?}"
+    );
+    // Whatever links the sandbox let it make are gone from the disk, not just unlisted.
+    let dir = rig
+        .dir
+        .path()
+        .join("results")
+        .join("symlink-escape")
+        .join("1");
+    let mut left = Vec::new();
+    let mut todo = vec![dir];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            let meta = std::fs::symlink_metadata(&path)?;
+            if meta.is_dir() {
+                todo.push(path);
+            } else {
+                left.push((path.display().to_string(), meta.file_type().is_symlink()));
+            }
+        }
+    }
+    ensure!(
+        left.iter().all(|(_, link)| !link) && left.len() == 1,
+        "left in the result directory: {left:?} (the guest made {:?})",
+        build.return_value
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_triggering_guest_stops_at_the_trigger_depth_limit() -> Result<()> {
+    let rig = Rig::new().await?;
+    let mut config = BuilderConfig::new("self").kwargs(json!({"builders": ["self"]}));
+    config.limits.trigger_depth = 3;
+    rig.builder(
+        "self",
+        "fan-out",
+        config,
+        Limits::default(),
+        Grants::default(),
+    )
+    .await?;
+    let first = rig.run("self").await?;
+    ensure!(first.results == Some(ResultCode::Exception), "{first:?}");
+    let chain = rig.engine.client().builds(&BuildFilter::default()).await?;
+    ensure!(
+        chain.len() == 4,
+        "the submission and three levels: {} builds",
+        chain.len()
+    );
+    let deepest = chain
+        .iter()
+        .max_by_key(|b| b.number)
+        .ok_or_else(|| anyhow!("no builds"))?;
+    exception_containing(deepest, "trigger depth limit exceeded")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sleep_waits_in_the_host_and_many_sleep_at_once() -> Result<()> {
     let rig = Rig::new().await?;
     rig.builder(

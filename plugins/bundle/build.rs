@@ -30,6 +30,7 @@ const PLUGINS: &[(&str, &str)] = &[
     ("huge-return", "hostile/huge-return"),
     ("trap", "hostile/trap"),
     ("not-a-job", "hostile/not-a-job"),
+    ("symlink-escape", "hostile/symlink-escape"),
     ("worst-of", "policies/worst-of"),
     ("fail-fast", "policies/fail-fast"),
     ("best-effort", "policies/best-effort"),

@@ -6,8 +6,10 @@ use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
-use kiln_engine::model::{BuildId, Builder, BuildsetId, LogLevel, LogQuery, MasterId, RequestId};
-use kiln_engine::storage::{BuildFilter, BuildsetFilter, Collection, FilterValue, Op, Query};
+use kiln_engine::model::{
+    Build, BuildId, Builder, Buildset, BuildsetId, LogLevel, LogQuery, MasterId, RequestId,
+};
+use kiln_engine::storage::{Collection, FilterValue, Op, Query};
 use serde_json::{Value, json};
 
 use crate::AppState;
@@ -20,8 +22,6 @@ type Reply = ApiResult<Json<Value>>;
 
 /// How deep `/buildsets/{id}/tree` follows children.
 const TREE_DEPTH: usize = 8;
-/// Log records one request returns at most.
-const MAX_LOG_RECORDS: u32 = 10_000;
 
 fn read(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     if state.config.private_reads {
@@ -63,7 +63,12 @@ pub async fn buildsets(
     RawQuery(raw): RawQuery,
 ) -> Reply {
     read(&s, &headers)?;
-    let q = parse_collection(Collection::Buildsets, raw.as_deref(), json::BUILDSET_FIELDS)?;
+    let q = parse_collection(
+        Collection::Buildsets,
+        raw.as_deref(),
+        json::BUILDSET_FIELDS,
+        s.paging(),
+    )?;
     let page = s.engine.client().store().query_buildsets(&q.query).await?;
     page_reply("buildsets", &page, json::buildset, &q.fields)
 }
@@ -141,6 +146,7 @@ pub async fn buildset_requests(
         Collection::BuildRequests,
         raw.as_deref(),
         json::REQUEST_FIELDS,
+        s.paging(),
     )?;
     let page = s
         .engine
@@ -164,11 +170,19 @@ pub async fn buildset_builds(
         .store()
         .buildset_get(BuildsetId(bsid))
         .await?;
-    let q = parse_collection(Collection::Builds, raw.as_deref(), json::BUILD_FIELDS)?;
+    let q = parse_collection(
+        Collection::Builds,
+        raw.as_deref(),
+        json::BUILD_FIELDS,
+        s.paging(),
+    )?;
     builds_page(&s, scoped(q.query, "buildsetid", bsid), &q.fields).await
 }
 
-/// A buildset with its builds and, under each build, the buildsets it triggered.
+/// A buildset with its builds and, under each build, the buildsets it triggered, down
+/// to [`TREE_DEPTH`] levels and at most `max_tree_nodes` nodes (buildsets and builds); a
+/// larger tree is cut and says so with `"truncated": true`. Three queries per level,
+/// however wide the level.
 pub async fn buildset_tree(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -177,53 +191,124 @@ pub async fn buildset_tree(
 ) -> Reply {
     read(&s, &headers)?;
     parse_entity(raw.as_deref(), &[])?;
-    let root = BuildsetId(id("buildset", &bsid)?);
+    let root = s
+        .engine
+        .client()
+        .buildset(BuildsetId(id("buildset", &bsid)?))
+        .await?;
     let names = builder_names(&s).await?;
-    let tree = tree(&s, &names, root, 0).await?;
-    Ok(Json(json!({ "tree": tree })))
+    let max = s.config.max_tree_nodes.max(1);
+    let store = s.engine.client().store();
+    let mut tree = Tree::default();
+    let mut nodes = 1;
+    let mut truncated = false;
+    let mut level = vec![root.id.0];
+    for depth in 0..=TREE_DEPTH {
+        // The level's requests tell which buildset each build belongs to.
+        let requests = store
+            .query_requests(&within("buildsetid", &level, "buildrequestid", usize::MAX))
+            .await?;
+        let buildset_of: BTreeMap<i64, i64> = requests
+            .items
+            .iter()
+            .map(|r| (r.id.0, r.buildset_id.0))
+            .collect();
+        let room = max.saturating_sub(nodes);
+        let builds = store
+            .query_builds(&within("buildsetid", &level, "buildid", room))
+            .await?;
+        if room == 0 {
+            truncated |= builds.total > 0;
+            break;
+        }
+        truncated |= builds.total > builds.items.len() as u64;
+        nodes += builds.items.len();
+        let build_ids: Vec<i64> = builds.items.iter().map(|b| b.id.0).collect();
+        for b in builds.items {
+            let buildset = buildset_of
+                .get(&b.request_id.0)
+                .copied()
+                .unwrap_or_default();
+            tree.builds.entry(buildset).or_default().push(b);
+        }
+        if build_ids.is_empty() {
+            break;
+        }
+        let room = max.saturating_sub(nodes);
+        let children = store
+            .query_buildsets(&within("parent_buildid", &build_ids, "bsid", room))
+            .await?;
+        if depth == TREE_DEPTH || room == 0 {
+            truncated |= children.total > 0;
+            break;
+        }
+        truncated |= children.total > children.items.len() as u64;
+        nodes += children.items.len();
+        level = children.items.iter().map(|c| c.id.0).collect();
+        for child in children.items {
+            if let Some(parent) = child.parent_buildid {
+                tree.children.entry(parent.0).or_default().push(child);
+            }
+        }
+        if level.is_empty() {
+            break;
+        }
+    }
+    Ok(Json(
+        json!({ "tree": tree.node(&root, &names), "truncated": truncated }),
+    ))
 }
 
-/// A buildset node of the tree; `names` maps builder ids to names, read once per tree.
-fn tree<'a>(
-    s: &'a AppState,
-    names: &'a BTreeMap<i64, String>,
-    bsid: BuildsetId,
-    depth: usize,
-) -> std::pin::Pin<Box<dyn Future<Output = ApiResult<Value>> + Send + 'a>> {
-    Box::pin(async move {
-        let client = s.engine.client();
-        let bs = client.buildset(bsid).await?;
-        let mut builds = Vec::new();
-        for b in client
-            .builds(&BuildFilter {
-                buildset_id: Some(bsid),
-                ..BuildFilter::default()
+/// A query for the items whose `field` is one of `ids`, by `order`, at most `limit`
+/// (asking for one when there is no room: the total still says whether any exist).
+fn within(field: &str, ids: &[i64], order: &str, limit: usize) -> Query {
+    Query {
+        filters: vec![kiln_engine::storage::Filter {
+            field: field.into(),
+            op: Op::In,
+            values: ids.iter().map(|id| FilterValue::Int(*id)).collect(),
+        }],
+        order: vec![(order.into(), false)],
+        limit: Some(u32::try_from(limit.max(1)).unwrap_or(u32::MAX)),
+        offset: None,
+    }
+}
+
+/// The builds of each buildset and the children of each build, read level by level.
+#[derive(Default)]
+struct Tree {
+    builds: BTreeMap<i64, Vec<Build>>,
+    children: BTreeMap<i64, Vec<Buildset>>,
+}
+
+impl Tree {
+    /// A buildset node with its builds and, under each, its children.
+    fn node(&self, bs: &Buildset, names: &BTreeMap<i64, String>) -> Value {
+        let builds: Vec<Value> = self
+            .builds
+            .get(&bs.id.0)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|b| {
+                let mut node = json::build(b);
+                node["builder"] = json!(names.get(&b.builder_id.0));
+                let children: Vec<Value> = self
+                    .children
+                    .get(&b.id.0)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|child| self.node(child, names))
+                    .collect();
+                node["children"] = Value::Array(children);
+                node
             })
-            .await?
-        {
-            let mut node = json::build(&b);
-            node["builder"] = json!(names.get(&b.builder_id.0));
-            let mut children = Vec::new();
-            if depth < TREE_DEPTH {
-                for child in client
-                    .buildsets(&BuildsetFilter {
-                        parent_buildid: Some(b.id),
-                        ..BuildsetFilter::default()
-                    })
-                    .await?
-                    .into_iter()
-                    .rev()
-                {
-                    children.push(tree(s, names, child.id, depth + 1).await?);
-                }
-            }
-            node["children"] = Value::Array(children);
-            builds.push(node);
-        }
-        let mut value = json::buildset(&bs);
+            .collect();
+        let mut value = json::buildset(bs);
         value["builds"] = Value::Array(builds);
-        Ok(value)
-    })
+        value
+    }
 }
 
 async fn builder_names(s: &AppState) -> ApiResult<BTreeMap<i64, String>> {
@@ -248,6 +333,7 @@ pub async fn requests(
         Collection::BuildRequests,
         raw.as_deref(),
         json::REQUEST_FIELDS,
+        s.paging(),
     )?;
     let page = s.engine.client().store().query_requests(&q.query).await?;
     page_reply("buildrequests", &page, json::request, &q.fields)
@@ -282,7 +368,12 @@ pub async fn request_builds(
     read(&s, &headers)?;
     let rid = id("build request", &rid)?;
     s.engine.client().request(RequestId(rid)).await?;
-    let q = parse_collection(Collection::Builds, raw.as_deref(), json::BUILD_FIELDS)?;
+    let q = parse_collection(
+        Collection::Builds,
+        raw.as_deref(),
+        json::BUILD_FIELDS,
+        s.paging(),
+    )?;
     builds_page(&s, scoped(q.query, "buildrequestid", rid), &q.fields).await
 }
 
@@ -299,7 +390,12 @@ pub async fn builds(
     RawQuery(raw): RawQuery,
 ) -> Reply {
     read(&s, &headers)?;
-    let q = parse_collection(Collection::Builds, raw.as_deref(), json::BUILD_FIELDS)?;
+    let q = parse_collection(
+        Collection::Builds,
+        raw.as_deref(),
+        json::BUILD_FIELDS,
+        s.paging(),
+    )?;
     builds_page(&s, q.query, &q.fields).await
 }
 
@@ -350,7 +446,7 @@ pub async fn build_logs(
     let build = BuildId(id("build", &bid)?);
     let mut query = LogQuery {
         build_id: Some(build),
-        limit: Some(MAX_LOG_RECORDS),
+        limit: Some(s.config.max_log_records),
         ..LogQuery::default()
     };
     for (key, value) in pairs(raw.as_deref())? {
@@ -371,7 +467,13 @@ pub async fn build_logs(
                 let n: u32 = value.parse().map_err(|_| {
                     ApiError::BadRequest(format!("limit={value:?}: expected a whole number"))
                 })?;
-                query.limit = Some(n.clamp(1, MAX_LOG_RECORDS));
+                let max = s.config.max_log_records;
+                if n == 0 || n > max {
+                    return Err(ApiError::BadRequest(format!(
+                        "limit={n}: between 1 and {max} records per request; read on with after"
+                    )));
+                }
+                query.limit = Some(n);
             }
             _ => {
                 return Err(ApiError::BadRequest(format!(
@@ -461,18 +563,38 @@ pub async fn build_artifact_file(
         .into_iter()
         .find(|a| a.path == path)
         .ok_or_else(|| ApiError::NotFound(format!("build {build} has no artifact {path:?}")))?;
-    let bytes = tokio::fs::read(&artifact.location).await.map_err(|_| {
+    // Streamed, not read into memory; a link is never followed (the engine removes the
+    // links a build leaves, and this holds even if one were made later).
+    let missing = || {
         ApiError::NotFound(format!(
             "artifact {path:?} of build {build} is not on this server"
         ))
-    })?;
+    };
+    let file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&artifact.location)
+        .await
+        .map_err(|_| missing())?;
+    let meta = file.metadata().await.map_err(|_| missing())?;
+    if !meta.is_file() {
+        return Err(missing());
+    }
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
     let kind = match path.rsplit('.').next() {
         Some("json") => "application/json",
         Some("txt" | "log" | "md" | "csv") => "text/plain; charset=utf-8",
         Some("html") => "text/plain; charset=utf-8",
         _ => "application/octet-stream",
     };
-    Ok(([(header::CONTENT_TYPE, kind)], bytes).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, kind.to_owned()),
+            (header::CONTENT_LENGTH, meta.len().to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 pub async fn build_triggered(
@@ -484,7 +606,12 @@ pub async fn build_triggered(
     read(&s, &headers)?;
     let bid = id("build", &bid)?;
     s.engine.client().build(BuildId(bid)).await?;
-    let q = parse_collection(Collection::Buildsets, raw.as_deref(), json::BUILDSET_FIELDS)?;
+    let q = parse_collection(
+        Collection::Buildsets,
+        raw.as_deref(),
+        json::BUILDSET_FIELDS,
+        s.paging(),
+    )?;
     let page = s
         .engine
         .client()
@@ -523,7 +650,12 @@ pub async fn builders(
     RawQuery(raw): RawQuery,
 ) -> Reply {
     read(&s, &headers)?;
-    let q = parse_collection(Collection::Builders, raw.as_deref(), json::BUILDER_FIELDS)?;
+    let q = parse_collection(
+        Collection::Builders,
+        raw.as_deref(),
+        json::BUILDER_FIELDS,
+        s.paging(),
+    )?;
     let page = s.engine.client().store().query_builders(&q.query).await?;
     let mut items = Vec::with_capacity(page.items.len());
     for b in &page.items {
@@ -558,7 +690,12 @@ pub async fn builder_builds(
 ) -> Reply {
     read(&s, &headers)?;
     let b = find_builder(&s, &key).await?;
-    let q = parse_collection(Collection::Builds, raw.as_deref(), json::BUILD_FIELDS)?;
+    let q = parse_collection(
+        Collection::Builds,
+        raw.as_deref(),
+        json::BUILD_FIELDS,
+        s.paging(),
+    )?;
     builds_page(&s, scoped(q.query, "builderid", b.id.0), &q.fields).await
 }
 
@@ -591,7 +728,12 @@ pub async fn masters(
     RawQuery(raw): RawQuery,
 ) -> Reply {
     read(&s, &headers)?;
-    let q = parse_collection(Collection::Masters, raw.as_deref(), json::MASTER_FIELDS)?;
+    let q = parse_collection(
+        Collection::Masters,
+        raw.as_deref(),
+        json::MASTER_FIELDS,
+        s.paging(),
+    )?;
     let page = s.engine.client().store().query_masters(&q.query).await?;
     page_reply("masters", &page, json::master, &q.fields)
 }

@@ -315,11 +315,11 @@ pub async fn upload_plugin(
             "this server keeps no plugins: start it with --plugins-dir".into(),
         ));
     };
-    if bytes.len() > crate::MAX_PLUGIN_BYTES {
+    if bytes.len() > s.config.max_plugin_bytes {
         return Err(ApiError::TooLarge(format!(
             "the plugin is {} bytes; at most {} are accepted",
             bytes.len(),
-            crate::MAX_PLUGIN_BYTES
+            s.config.max_plugin_bytes
         )));
     }
     let host = s.host.clone();

@@ -27,6 +27,12 @@ pub enum ApiError {
     /// The upload is too large.
     #[error("{0}")]
     TooLarge(String),
+    /// The request URI is too long.
+    #[error("{0}")]
+    UriTooLong(String),
+    /// The request's headers are too many or too large.
+    #[error("{0}")]
+    HeadersTooLarge(String),
     /// Something failed inside; the details go to the log only.
     #[error("internal error")]
     Internal(String),
@@ -40,6 +46,8 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -17,27 +17,43 @@ mod error;
 mod json;
 mod openapi;
 pub mod query;
+mod serve;
 mod stream;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use kiln_engine::Engine;
 use kiln_engine::wasm::WasmHost;
 
 pub use error::ApiError;
+pub use serve::{
+    ConnectionLimits, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS, DEFAULT_MAX_URI_BYTES, SHUTDOWN_GRACE, serve,
+};
 
 /// The API's version prefix.
 pub const PREFIX: &str = "/api/v2";
-/// The most items one collection request returns when it asks for no `limit`.
-pub const DEFAULT_LIMIT: u32 = 1_000;
+/// The items one collection request returns when it asks for no `limit` (Buildbot's
+/// dashboards ask for pages of a few hundred).
+pub const DEFAULT_PAGE: u32 = 200;
+/// The most items one collection request may ask for (`limit`): past it, 400. Larger
+/// collections are read page by page with `offset`.
+pub const MAX_PAGE: u32 = 1_000;
+/// The most nodes (buildsets and builds) `/buildsets/{id}/tree` returns; a larger tree
+/// is cut there and says so (`"truncated": true`).
+pub const MAX_TREE_NODES: usize = 5_000;
+/// The most log records one `/builds/{id}/logs` request returns (`limit`): past it,
+/// 400; a live tail reads on with `after`.
+pub const MAX_LOG_RECORDS: u32 = 10_000;
 /// The largest plugin upload accepted.
 pub const MAX_PLUGIN_BYTES: usize = 64 << 20;
 
-/// How the server treats its clients.
-#[derive(Clone, Debug, Default)]
+/// How the server treats its clients. Every bound defaults to its constant.
+#[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// The bearer token writes need. Without one, writes are refused.
     pub token: Option<String>,
@@ -46,6 +62,34 @@ pub struct ServerConfig {
     /// Where uploaded plugins are kept (`<dir>/<name>.wasm`). Without one, uploads are
     /// refused.
     pub plugins_dir: Option<PathBuf>,
+    /// See [`DEFAULT_PAGE`].
+    pub default_page: u32,
+    /// See [`MAX_PAGE`].
+    pub max_page: u32,
+    /// See [`MAX_TREE_NODES`].
+    pub max_tree_nodes: usize,
+    /// See [`MAX_LOG_RECORDS`].
+    pub max_log_records: u32,
+    /// See [`MAX_PLUGIN_BYTES`].
+    pub max_plugin_bytes: usize,
+    /// Connections, timeouts and request sizes.
+    pub connections: ConnectionLimits,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            token: None,
+            private_reads: false,
+            plugins_dir: None,
+            default_page: DEFAULT_PAGE,
+            max_page: MAX_PAGE,
+            max_tree_nodes: MAX_TREE_NODES,
+            max_log_records: MAX_LOG_RECORDS,
+            max_plugin_bytes: MAX_PLUGIN_BYTES,
+            connections: ConnectionLimits::default(),
+        }
+    }
 }
 
 /// What every handler shares.
@@ -67,6 +111,19 @@ impl AppState {
             host,
             config: Arc::new(config),
             stopping: Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
+
+    /// How the server treats its clients.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// How collections are paged.
+    pub(crate) fn paging(&self) -> query::Paging {
+        query::Paging {
+            default: self.config.default_page,
+            max: self.config.max_page,
         }
     }
 
@@ -127,14 +184,25 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/masters", get(api::masters))
         .route("/masters/{id}", get(api::master))
-        .route("/plugins", post(control::upload_plugin))
+        .route(
+            "/plugins",
+            post(control::upload_plugin)
+                .layer(DefaultBodyLimit::max(state.config.max_plugin_bytes)),
+        )
         .route("/events", get(stream::events))
         .route("/openapi.json", get(openapi::document))
         .fallback(api::not_found);
+    let limits = Arc::new(state.config.connections.clone());
     Router::new()
         .nest(PREFIX, api)
         .route("/", get(dashboard::index))
         .route("/app.js", get(dashboard::script))
         .route("/app.css", get(dashboard::style))
         .with_state(state)
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(axum::middleware::from_fn(serve::json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            limits,
+            serve::check_request,
+        ))
 }

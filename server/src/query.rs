@@ -63,12 +63,31 @@ fn number(key: &str, value: &str) -> Result<u32, ApiError> {
         .map_err(|_| ApiError::BadRequest(format!("{key}={value:?}: expected a whole number ≥ 0")))
 }
 
+/// How a collection is paged: the page size without `limit`, and the largest `limit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Paging {
+    /// Items per page when the request names no `limit`.
+    pub default: u32,
+    /// The largest `limit` a request may name.
+    pub max: u32,
+}
+
+impl Default for Paging {
+    fn default() -> Self {
+        Paging {
+            default: crate::DEFAULT_PAGE,
+            max: crate::MAX_PAGE,
+        }
+    }
+}
+
 /// Reads a collection request. `outputs` are the field names results have (what
 /// `field=` may select), beyond the filterable ones.
 pub fn parse_collection(
     collection: Collection,
     raw: Option<&str>,
     outputs: &[&str],
+    paging: Paging,
 ) -> Result<CollectionQuery, ApiError> {
     let plural = collection.plural();
     let mut parsed = CollectionQuery::default();
@@ -93,6 +112,12 @@ pub fn parse_collection(
                 if n == 0 {
                     return Err(ApiError::BadRequest("limit must be at least 1".into()));
                 }
+                if n > paging.max {
+                    return Err(ApiError::BadRequest(format!(
+                        "limit={n}: at most {} {plural} per page; read on with offset",
+                        paging.max
+                    )));
+                }
                 limit = Some(n);
             }
             "offset" => parsed.query.offset = Some(number("offset", &value)?),
@@ -107,7 +132,7 @@ pub fn parse_collection(
             _ => add_filter(collection, &mut parsed.query, &key, &value)?,
         }
     }
-    parsed.query.limit = Some(limit.unwrap_or(crate::DEFAULT_LIMIT));
+    parsed.query.limit = Some(limit.unwrap_or(paging.default));
     Ok(parsed)
 }
 
@@ -207,6 +232,7 @@ mod tests {
             Collection::Builds,
             Some("results=0&results=FAILURE&number__gt=3&order=-number&limit=5&field=buildid"),
             &[],
+            Paging::default(),
         )
         .unwrap();
         assert_eq!(q.query.filters.len(), 2);
@@ -219,7 +245,7 @@ mod tests {
     #[test]
     fn bad_parameters_say_what_is_wrong() {
         let err = |raw: &str| {
-            parse_collection(Collection::Builds, Some(raw), &[])
+            parse_collection(Collection::Builds, Some(raw), &[], Paging::default())
                 .unwrap_err()
                 .to_string()
         };
@@ -230,5 +256,7 @@ mod tests {
         assert!(err("order=colour").contains("cannot order"));
         assert!(err("limit=-1").contains("whole number"));
         assert!(err("reason=%zz").contains("percent-encoding"));
+        assert!(err("limit=4294967295").contains("at most 1000"));
+        assert!(err("state_string=a%00b").contains("NUL"));
     }
 }

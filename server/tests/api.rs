@@ -93,6 +93,7 @@ async fn server() -> Result<Server> {
         token: Some(TOKEN.into()),
         private_reads: false,
         plugins_dir: Some(plugins.to_path_buf()),
+        ..ServerConfig::default()
     })
     .await
 }
@@ -491,6 +492,7 @@ async fn writes_need_the_token_and_reads_may_too() -> Result<()> {
         token: Some(TOKEN.into()),
         private_reads: true,
         plugins_dir: None,
+        ..ServerConfig::default()
     })
     .await?;
     ensure!(private.get("/api/v2/builds").await?.status == StatusCode::UNAUTHORIZED);

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Result, anyhow, bail, ensure};
 use kiln_engine::wasm::{Grants, Limits, WasmHost, WasmHostConfig};
 use kiln_engine::{BuilderConfig, Engine, EngineConfig};
-use kiln_server::{AppState, ServerConfig, router};
+use kiln_server::{AppState, ServerConfig};
 use serde_json::json;
 
 /// Turns a hang of the whole browser run into a failure.
@@ -108,11 +108,12 @@ async fn the_dashboard_shows_work_live_and_stops_a_build_in_a_real_browser() -> 
             token: Some(token.into()),
             private_reads: false,
             plugins_dir: None,
+            ..ServerConfig::default()
         },
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
-    let server = tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let server = tokio::spawn(kiln_server::serve(listener, state, std::future::pending()));
 
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
     let run = tokio::process::Command::new(node)

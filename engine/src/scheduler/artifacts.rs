@@ -9,6 +9,9 @@ use crate::model::Artifact;
 /// The most files recorded per build; a build that leaves more keeps them on disk, but
 /// only the first ones (in directory order) are listed.
 pub(super) const MAX_ARTIFACTS: usize = 10_000;
+/// How deep under its result directory a build's files are looked for: deeper ones stay
+/// on disk unlisted (a guest can nest directories without end; the walk must not).
+pub(super) const MAX_ARTIFACT_DEPTH: usize = 32;
 
 /// Creates `<root>/<builder>/<number>/` and returns it, or `None` (with a warning) if
 /// it cannot be created.
@@ -26,12 +29,13 @@ pub(super) async fn prepare(root: &Path, builder: &str, number: i64) -> Option<P
     }
 }
 
-/// Lists the files under `dir` (never following symbolic links); removes the directory
-/// if the build left nothing there.
+/// Lists the files under `dir` and removes what is neither a file nor a directory
+/// (symbolic links, pipes, sockets, devices): a guest could leave a link to a host path
+/// there, which a download would then follow. Removes the directory if the build left
+/// nothing in it.
 pub(super) async fn collect(dir: PathBuf) -> Vec<Artifact> {
     let listed = tokio::task::spawn_blocking(move || {
-        let mut found = Vec::new();
-        walk(&dir, &dir, &mut found);
+        let found = walk(&dir);
         if found.is_empty() {
             let _ = std::fs::remove_dir(&dir);
         }
@@ -41,33 +45,61 @@ pub(super) async fn collect(dir: PathBuf) -> Vec<Artifact> {
     listed.unwrap_or_default()
 }
 
-fn walk(root: &Path, dir: &Path, found: &mut Vec<Artifact>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if found.len() >= MAX_ARTIFACTS {
-            return;
-        }
-        let path = entry.path();
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+/// Walks the tree without recursion and without following links, at most
+/// [`MAX_ARTIFACT_DEPTH`] deep and [`MAX_ARTIFACTS`] files long.
+fn walk(root: &Path) -> Vec<Artifact> {
+    let mut found = Vec::new();
+    let mut dirs = vec![(root.to_path_buf(), 0usize)];
+    while let Some((dir, depth)) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
-        if meta.is_dir() {
-            walk(root, &path, found);
-        } else if meta.is_file() {
-            let relative = path.strip_prefix(root).unwrap_or(&path);
-            let relative: Vec<String> = relative
-                .components()
-                .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                .collect();
-            found.push(Artifact {
-                path: relative.join("/"),
-                size: meta.len(),
-                location: path.display().to_string(),
-            });
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                if depth + 1 < MAX_ARTIFACT_DEPTH {
+                    dirs.push((path, depth + 1));
+                }
+            } else if !meta.is_file() {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        warn!(path = %path.display(), "removed what a build left in its result directory that is not a file (a link, pipe, socket or device)")
+                    }
+                    Err(e) => {
+                        warn!(path = %path.display(), error = %e, "cannot remove a link or special file from a result directory")
+                    }
+                }
+            } else if found.len() < MAX_ARTIFACTS {
+                let Some(relative) = relative_utf8(root, &path) else {
+                    warn!(path = %path.display(), "a build left a file whose name is not UTF-8; it is not listed");
+                    continue;
+                };
+                let Some(location) = path.to_str() else {
+                    continue;
+                };
+                found.push(Artifact {
+                    path: relative,
+                    size: meta.len(),
+                    location: location.to_owned(),
+                });
+            }
         }
     }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    found
+}
+
+/// `path` relative to `root`, '/'-separated, if every component is UTF-8.
+fn relative_utf8(root: &Path, path: &Path) -> Option<String> {
+    let relative = path.strip_prefix(root).ok()?;
+    let parts: Option<Vec<&str>> = relative
+        .components()
+        .map(|c| c.as_os_str().to_str())
+        .collect();
+    Some(parts?.join("/"))
 }
 
 /// A builder name as one safe path component.
