@@ -149,3 +149,69 @@ async fn a_schema_from_a_newer_kiln_is_refused() -> Result<()> {
     ensure!(err.to_string().contains("newer Kiln"), "{err}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_that_waits_for_a_claimer_sees_its_claim() -> Result<()> {
+    use sqlx::Connection;
+    let Some(schema) = Schema::create("cancel_race").await? else {
+        return Ok(());
+    };
+    let store = storage::open(&schema.url).await?;
+    let builder = store.builder_ensure("b", None).await?;
+    let master = store.master_register("claimer", now()).await?.master_id;
+    let added = store
+        .buildset_add(&NewBuildset {
+            reason: "race".into(),
+            builder_ids: vec![builder],
+            submitted_at: now(),
+            ..NewBuildset::default()
+        })
+        .await?;
+    let request = added.requests[&builder];
+    // A claimer as the scheduler's is: it locks the request row, inserts its claim, and
+    // has not committed yet when the cancel arrives.
+    let mut claimer = sqlx::PgConnection::connect(&schema.url).await?;
+    let mut tx = claimer.begin().await?;
+    sqlx::query("SELECT id FROM buildrequests WHERE id = $1 FOR UPDATE")
+        .bind(request.0)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO buildrequest_claims (request_id, master_id, claimed_at) VALUES ($1, $2, 0)",
+    )
+    .bind(request.0)
+    .bind(master.0)
+    .execute(&mut *tx)
+    .await?;
+    let canceller = store.clone();
+    let cancel = tokio::spawn(async move { canceller.request_cancel(&[request], now()).await });
+    // Only once the cancel waits on the claimer's row lock does the claimer commit.
+    let mut watcher = sqlx::PgConnection::connect(&schema.url).await?;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE '%FOR UPDATE OF r%'",
+            )
+            .fetch_one(&mut watcher)
+            .await?;
+            if waiting > 0 {
+                return anyhow::Ok(());
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await??;
+    tx.commit().await?;
+    let outcome = tokio::time::timeout(Duration::from_secs(10), cancel).await???;
+    // The claim committed first, so the request is flagged for its master, not
+    // completed as CANCELLED under a running build.
+    ensure!(
+        outcome.flagged == [request] && outcome.completed.is_empty(),
+        "{outcome:?}"
+    );
+    let after = store.request_get(request).await?;
+    ensure!(!after.complete && after.cancel_requested, "{after:?}");
+    Ok(())
+}

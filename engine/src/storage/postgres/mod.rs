@@ -836,17 +836,29 @@ impl Store for PostgresStore {
             let mut tx = self.pool.begin().await?;
             // The requests asked for and, recursively, those of the waited-for child
             // buildsets their builds started; locked so that a claim cannot slip in.
-            let rows = sqlx::query(
+            let locked: Vec<i64> = sqlx::query_scalar(
                 "WITH RECURSIVE tree (id) AS (
                      SELECT unnest($1::bigint[])
                      UNION
                      SELECT r.id FROM tree t JOIN buildsets bs ON bs.parent_request_id = t.id
                      JOIN buildrequests r ON r.buildset_id = bs.id WHERE r.waited_for = 1)
-                 SELECT r.id, r.buildset_id, c.master_id FROM buildrequests r
-                 LEFT JOIN buildrequest_claims c ON c.request_id = r.id
+                 SELECT r.id FROM buildrequests r
                  WHERE r.complete = 0 AND r.id IN (SELECT id FROM tree) ORDER BY r.id FOR UPDATE OF r",
             )
             .bind(&list)
+            .fetch_all(&mut *tx)
+            .await?;
+            // Their claims, read by a statement of its own: one that waited for a
+            // claimer's lock sees the claim only with a snapshot taken after that claimer
+            // committed. (Claiming locks the request row but does not change it, so the
+            // locking statement's own join would still see no claim, and the request
+            // would complete as CANCELLED while its build ran.)
+            let rows = sqlx::query(
+                "SELECT r.id, r.buildset_id, c.master_id FROM buildrequests r
+                 LEFT JOIN buildrequest_claims c ON c.request_id = r.id
+                 WHERE r.id = ANY($1) ORDER BY r.id",
+            )
+            .bind(&locked)
             .fetch_all(&mut *tx)
             .await?;
             let mut outcome = CancelOutcome::default();
