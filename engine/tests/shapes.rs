@@ -428,3 +428,46 @@ async fn a_build_past_one_of_its_write_limits_ends_as_exception_naming_it() -> R
     engine.shutdown().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parents_waiting_on_children_do_not_hold_the_room_their_children_need() -> Result<()> {
+    use kiln_engine::model::Properties;
+    for backend in backends("room").await? {
+        let mut config = EngineConfig::new(&backend.url).master_name("tight");
+        // Room for one build: a parent waiting on its child must not keep the child out.
+        config.max_running_builds = 1;
+        let engine = Engine::open(config).await?;
+        engine
+            .register_builder(BuilderConfig::new("child"), noop())
+            .await?;
+        engine
+            .register_builder(
+                BuilderConfig::new("parent"),
+                FnExecutor::new(|ctx| async move {
+                    ctx.trigger(&["child", "child"], Properties::new(), true, "")
+                        .await
+                        .map_err(|e| kiln_engine::JobError::new(e.to_string()))?;
+                    Ok(Outcome::success(json!(null)))
+                }),
+            )
+            .await?;
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let s = engine
+                .submit(&Submission::new(format!("parent {i}")).builder("parent"))
+                .await?;
+            ids.push(s.buildset_id);
+        }
+        all_complete(&engine, &ids).await?;
+        for id in ids {
+            let done = engine.client().buildset(id).await?;
+            ensure!(
+                done.results == Some(ResultCode::Success),
+                "{}: {done:?}",
+                backend.name
+            );
+        }
+        engine.shutdown().await;
+    }
+    Ok(())
+}

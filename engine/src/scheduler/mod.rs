@@ -92,6 +92,9 @@ pub(crate) struct Shared {
     running: Mutex<HashMap<BuildId, RunningBuild>>,
     /// Started builds not yet recorded as finished.
     in_flight: watch::Sender<usize>,
+    /// Of those, builds waiting on their children: they hold no room (see
+    /// [`Shared::waiting`]).
+    waiting: std::sync::atomic::AtomicUsize,
     /// Hands finished builds to the finisher, which records them in batches.
     finished: mpsc::UnboundedSender<run::Finished>,
     wake: Notify,
@@ -101,7 +104,30 @@ pub(crate) struct Shared {
     pub(crate) outputs: output::Outputs,
 }
 
+/// A build waiting on its children, while this lives (see [`Shared::waiting`]).
+pub(crate) struct Waiting<'a>(&'a Shared);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl Shared {
+    /// Marks a build as waiting on its children until the guard drops. A waiting build
+    /// is a parked future: it does not count against `max_running_builds`, so that
+    /// parents waiting on children can never hold all the room their children need
+    /// (with room for N builds, N waiting parents used to stop the engine for good).
+    pub(crate) fn waiting(&self) -> Waiting<'_> {
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Room was freed: children may be waiting for it.
+        self.wake.notify_one();
+        Waiting(self)
+    }
+
     pub(crate) fn emit(&self, event: Event) {
         // No subscribers is fine: events are a courtesy, the store is the truth.
         let _ = self.events.send(event);
@@ -190,6 +216,7 @@ impl Scheduler {
             policies: RwLock::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             in_flight: watch::channel(0).0,
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             finished,
             wake: Notify::new(),
             events,
@@ -396,8 +423,11 @@ async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
     // store, which gives the room to builders with queued work in Buildbot's order:
     // offering it in registration (or hash) order starved every builder after the first
     // few whenever they together had more free slots than the engine has room.
-    let room =
-        (shared.config.max_running_builds as usize).saturating_sub(*shared.in_flight.borrow());
+    let busy = shared
+        .in_flight
+        .borrow()
+        .saturating_sub(shared.waiting.load(std::sync::atomic::Ordering::Relaxed));
+    let room = (shared.config.max_running_builds as usize).saturating_sub(busy);
     if room == 0 {
         return Ok(0);
     }

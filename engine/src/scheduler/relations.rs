@@ -271,6 +271,7 @@ impl Shared {
         };
         let ours: BTreeSet<BuildsetId> = children.iter().map(|c| c.buildset_id).collect();
         let mut stop = parent.stop.clone();
+        let _waiting = self.waiting();
         loop {
             let decision = match policy.decide(&info, &children).await {
                 Ok(d) => d,
