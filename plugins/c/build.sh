@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds Kiln's C examples into components:
 #   plugins/c/build.sh OUT_DIR   ->  OUT_DIR/{word-count,fails,fail-fast}.wasm
-# Needs Debian's clang, lld, wasi-libc and libclang-rt-14-dev-wasm32, plus
-# wit-bindgen-cli 0.63.0 and wasm-tools 1.263.0 (cargo install --locked ...), and the
-# WASI reactor adapter of wasmtime 48.0.8 (fetched from crates.io into OUT_DIR).
+# Needs Debian's clang, lld, wasi-libc and libclang-rt-14-dev-wasm32, and cargo: the
+# bindings and the component step come from tools/ (wit-bindgen's C generator 0.63.0,
+# wit-component, and the WASI reactor adapter of wasmtime 48.0.8, all from crates.io),
+# built once into KILN_C_TOOLS_TARGET (default OUT_DIR/.tools) instead of installing
+# wit-bindgen-cli and wasm-tools.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 wit="$here/../../wit"
@@ -16,8 +18,7 @@ need() {
     fi
 }
 need clang "apt-get install clang lld wasi-libc libclang-rt-14-dev-wasm32"
-need wit-bindgen "cargo install --locked wit-bindgen-cli@0.63.0"
-need wasm-tools "cargo install --locked wasm-tools@1.263.0"
+need cargo "install Rust (rustup.rs)"
 # clang alone is not enough: it needs the wasm32-wasi sysroot and runtime library.
 probe="$(mktemp -d)"
 trap 'rm -rf "$probe"' EXIT
@@ -26,18 +27,15 @@ if ! clang --target=wasm32-wasi -mexec-model=reactor -o "$probe/probe.wasm" "$pr
     echo "need wasi-libc and clang's wasm32 runtime: apt-get install lld wasi-libc libclang-rt-14-dev-wasm32" >&2
     exit 3
 fi
-adapter="$out/wasi_snapshot_preview1.reactor.wasm"
-if [ ! -f "$adapter" ]; then
-    curl -sSfL https://static.crates.io/crates/wasi-preview1-component-adapter-provider/48.0.8/download \
-        | tar -xzO wasi-preview1-component-adapter-provider-48.0.8/artefacts/wasi_snapshot_preview1.reactor.wasm > "$adapter.part"
-    mv "$adapter.part" "$adapter"
-fi
+tools_target="${KILN_C_TOOLS_TARGET:-$out/.tools}"
+cargo build --release --locked --quiet --manifest-path "$here/tools/Cargo.toml" --target-dir "$tools_target"
+tools="$tools_target/release/kiln-c-tools"
 build() { # world source output
     local gen="$out/gen-$1"
-    wit-bindgen c "$wit" --world "$1" --out-dir "$gen" >/dev/null
+    "$tools" bindgen "$wit" "$1" "$gen"
     clang --target=wasm32-wasi -mexec-model=reactor -O2 -Wall -I "$gen" \
         -o "$out/$3.core.wasm" "$here/$2" "$gen/$1.c" "$gen/$1_component_type.o"
-    wasm-tools component new "$out/$3.core.wasm" --adapt "wasi_snapshot_preview1=$adapter" -o "$out/$3.wasm"
+    "$tools" component "$out/$3.core.wasm" "$out/$3.wasm"
     rm "$out/$3.core.wasm"
 }
 build job job/word_count.c word-count
