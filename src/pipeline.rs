@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use kiln_engine::model::EventKind;
+use kiln_engine::dependencies::{Dependency, MissingDependency, find_cycle};
+use kiln_engine::model::ReportKind;
 use kiln_engine::model::{Property, SourceStamp};
-use kiln_engine::relations::{Dependency, MissingDependency, find_cycle};
 use kiln_engine::wasm::{
     DirGrant, Grants, HttpGrant, Limits, WasmExecutor, WasmHost, WasmPolicy, WasmReporter,
 };
@@ -605,7 +605,7 @@ async fn load_reporters(
         let mut config = ReporterConfig::new(&r.name);
         let mut ok = true;
         for kind in &r.events {
-            match kind.parse::<EventKind>() {
+            match kind.parse::<ReportKind>() {
                 Ok(k) => {
                     config.events.insert(k);
                 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use kiln_engine::model::{BuildsetId, ResultCode};
-use kiln_engine::storage::{self, BuildFilter, RequestFilter};
+use kiln_storage::{self as storage, BuildFilter, RequestFilter};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use kiln_engine::model::{ResultCode, now};
-use kiln_engine::storage::{
-    self, BuildFilter, Filter, FilterValue, NewBuildset, Op, Query, Store, StoreSignal, postgres,
+use kiln_storage::{
+    self as storage, BuildFilter, Filter, FilterValue, NewBuildset, Op, Query, Store, StoreSignal,
+    postgres,
 };
 use tokio::sync::broadcast;
 

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
 use kiln_engine::model::ResultCode;
-use kiln_engine::storage::{BuildsetFilter, NewBuildset};
 use kiln_engine::{BuilderConfig, Engine, EngineConfig, Event, FnExecutor, Outcome, Submission};
+use kiln_storage::{BuildsetFilter, NewBuildset};
 use tokio::sync::broadcast;
 
 fn noop() -> FnExecutor {
@@ -136,7 +136,7 @@ async fn latency(samples: usize) -> Result<(Duration, Duration)> {
 async fn primitives(n: usize) -> Result<(Duration, Duration)> {
     let dir = tempfile::tempdir()?;
     let url = format!("sqlite://{}", dir.path().join("prim.db").display());
-    let store = kiln_engine::storage::open(&url).await?;
+    let store = kiln_storage::open(&url).await?;
     let builder = store.builder_ensure("b", None).await?;
     let master = store
         .master_register("m", kiln_engine::model::now())
@@ -154,7 +154,7 @@ async fn primitives(n: usize) -> Result<(Duration, Duration)> {
         .request_claim(&[request], master, kiln_engine::model::now())
         .await?;
     let build = store
-        .build_add(&kiln_engine::storage::NewBuild {
+        .build_add(&kiln_storage::NewBuild {
             request_id: request,
             master_id: master,
             worker_slot: None,

@@ -20,12 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
-use kiln_engine::model::OutboxEvent;
-use kiln_engine::storage::{Durability, StoreOptions};
+use kiln_engine::model::Report;
 use kiln_engine::wasm::{Grants, Limits, WasmHost, WasmHostConfig};
 use kiln_engine::{
     BuilderConfig, Engine, EngineConfig, Event, Reporter, ReporterConfig, Submission,
 };
+use kiln_storage::{Durability, StoreOptions};
 use serde_json::json;
 use tokio::sync::broadcast;
 
@@ -246,7 +246,7 @@ struct Counting {
 
 #[async_trait::async_trait]
 impl Reporter for Counting {
-    async fn report(&self, _event: &OutboxEvent) -> Result<(), String> {
+    async fn report(&self, _event: &Report) -> Result<(), String> {
         let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         if n == self.want {
             self.done.notify_one();
@@ -399,7 +399,7 @@ const PG_JOBS: usize = 20_000;
 /// build finished, the number of requests with more than one build, and how many
 /// builds each master ran.
 async fn postgres_lifecycle(base: &str, masters: usize) -> Result<(f64, usize, Vec<usize>)> {
-    use kiln_engine::storage::postgres;
+    use kiln_storage::postgres;
     let schema = format!("kiln_bench_{}_{masters}", std::process::id());
     postgres::drop_schema(base, &schema).await?;
     let url = postgres::create_schema(base, &schema).await?;

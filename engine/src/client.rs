@@ -9,13 +9,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
-use crate::model::{
+use kiln_model::{
     Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, BuilderStatus, Buildset,
     BuildsetId, LogEntry, LogQuery, MAX_PRIORITY, MIN_PRIORITY, Master, ProgressNode, Properties,
     Property, ReporterState, RequestId, ResultCode, SourceStamp,
 };
-use crate::storage::{
-    self, BuildFilter, BuildsetFilter, CancelOutcome, NewBuildset, RequestFilter, Store,
+use kiln_storage::{
+    self as storage, BuildFilter, BuildsetFilter, CancelOutcome, NewBuildset, RequestFilter, Store,
     StoreOptions,
 };
 
@@ -345,7 +345,7 @@ impl Client {
                 builder_ids,
                 priority: s.priority,
                 rebuilt_buildid: rebuilt,
-                submitted_at: crate::model::now(),
+                submitted_at: kiln_model::now(),
                 ..NewBuildset::default()
             });
         }
@@ -445,10 +445,7 @@ impl Client {
     /// flagged and its master stops the build. Fails if the request does not exist.
     pub async fn cancel_request(&self, id: RequestId) -> Result<CancelOutcome> {
         self.store.request_get(id).await?;
-        Ok(self
-            .store
-            .request_cancel(&[id], crate::model::now())
-            .await?)
+        Ok(self.store.request_cancel(&[id], kiln_model::now()).await?)
     }
 
     /// Cancels every incomplete request of a buildset.
@@ -463,7 +460,7 @@ impl Client {
             })
             .await?;
         let ids: Vec<RequestId> = requests.iter().map(|r| r.id).collect();
-        Ok(self.store.request_cancel(&ids, crate::model::now()).await?)
+        Ok(self.store.request_cancel(&ids, kiln_model::now()).await?)
     }
 
     /// Rebuilds a build: a new buildset for the same builder with the same sourcestamps,

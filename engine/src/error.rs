@@ -1,6 +1,7 @@
 //! The engine's error type.
 
-use crate::storage::StorageError;
+use kiln_job::JobError;
+use kiln_storage::StorageError;
 
 /// What can go wrong in the embedding API.
 #[derive(Debug, thiserror::Error)]
@@ -20,14 +21,14 @@ pub enum EngineError {
     /// The engine is shutting down and takes no new work.
     #[error("the engine is shutting down")]
     ShuttingDown,
-    /// A build went past one of its limits (see [`BuildLimits`](crate::executor::BuildLimits));
-    /// the build ends as EXCEPTION with this reason.
-    #[error("{0}")]
-    LimitExceeded(String),
-    /// The build has ended: it can write nothing more.
-    #[error("build {0} has ended; it can write nothing more")]
-    BuildEnded(crate::model::BuildId),
 }
 
 /// The result type of the embedding API.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+impl From<EngineError> for JobError {
+    /// An engine call that failed, for a job that gives up with `?`.
+    fn from(e: EngineError) -> Self {
+        JobError::new(e.to_string())
+    }
+}

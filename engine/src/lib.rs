@@ -4,38 +4,57 @@
 //! describe through executors. An embedder opens an [`Engine`] on a database URL,
 //! registers builders with their executors, submits buildsets and waits for them or
 //! subscribes to lifecycle [`Event`]s. A [`Client`] offers the same reads and control
-//! actions without running anything, which is what command-line tools want.
+//! actions without running anything, which is what command-line tools want. The
+//! engine's public API is the only door to its database: nothing above it opens a store.
 //!
 //! # Layout
-//! - [`model`]: plain types, result codes, progress trees, log records; no I/O.
-//! - [`storage`]: the one seam to the database ([`storage::Store`]) and its backends.
-//! - [`executor`]: how a build's work runs ([`Executor`]), with Rust async functions as
-//!   the first kind of executor.
-//! - [`wasm`]: the plugin host; WebAssembly job components run sandboxed by wasmtime.
-//! - [`relations`]: parent/child buildsets, their policies, and builder dependencies.
-//! - [`reporting`]: result reporters and the durable outbox they are delivered from.
-//! - [`scheduler`]: claims requests, runs builds, waits on children, delivers to
-//!   reporters, heartbeats and expires masters.
-//! - [`client`] and [`engine`]: the embedding API.
-//! - [`events`]: lifecycle events.
+//! - [`config`]: [`EngineConfig`] and [`BuilderConfig`], every default a named constant.
+//! - [`client`] and [`engine`]: the embedding API ([`Client`], [`Engine`]).
+//! - [`scheduler`]: claims requests, runs builds, buffers what they write, waits on
+//!   children, delivers reports, heartbeats and expires masters.
+//! - [`dependencies`]: builder dependencies and `$retval` substitution.
+//! - [`reporting`]: how reports are delivered to reporters ([`ReporterConfig`]).
+//! - [`events`]: the live lifecycle [`Event`]s.
 //! - [`error`]: the engine's error type.
+//!
+//! Beside it: [`model`] (`kiln-model`, plain data), `kiln-storage` (the database seam;
+//! not re-exported), the executor interface (`kiln-job`, re-exported at the root) and,
+//! with the `wasm` feature, the WebAssembly host as [`wasm`] (`kiln-host`).
 
 pub mod client;
+pub mod config;
+pub mod dependencies;
 pub mod engine;
 pub mod error;
 pub mod events;
-pub mod executor;
-pub mod model;
-pub mod relations;
 pub mod reporting;
 pub mod scheduler;
-pub mod storage;
-pub mod wasm;
+
+#[cfg(feature = "wasm")]
+pub use kiln_host as wasm;
+pub use kiln_model as model;
+
+/// The storage types the engine's API speaks in: filters, queries, pages, outcomes,
+/// options and errors. The store itself is not here: everything above the engine reads
+/// and writes through [`Client`] and [`Engine`].
+pub mod storage {
+    /// How job text is made storable (a NUL becomes U+2400).
+    pub use kiln_storage::text::NUL_STAND_IN;
+    pub use kiln_storage::{
+        BuildFilter, BuildsetFilter, CancelOutcome, ClaimFilter, Collection, Durability, FieldType,
+        Filter, FilterValue, Op, Page, Query, RequestFilter, RequestOrder, RequestOrderField,
+        StorageError, StoreOptions, database_url, display_url, is_sqlite,
+    };
+}
 
 pub use client::{Client, Submission, SubmitLimits, Submitted};
-pub use engine::{BuilderConfig, Engine, EngineConfig};
+pub use config::{BuilderConfig, EngineConfig};
+pub use engine::Engine;
 pub use error::{EngineError, Result};
 pub use events::Event;
-pub use executor::{BuildContext, BuildLimits, Executor, FnExecutor, JobError, Outcome};
-pub use relations::{Decision, Policy, Triggered};
-pub use reporting::{Reporter, ReporterConfig};
+pub use kiln_job::{
+    BuildContext, BuildLimits, BundledPolicy, Decision, Executor, FnExecutor, JobError, Outcome,
+    ParentInfo, Policy, PolicyError, Reporter, ResolvedDependency, StopReason, TriggerError,
+    Triggered, WriteError,
+};
+pub use reporting::ReporterConfig;

@@ -2,7 +2,7 @@
 //!
 //! Delivery is at least once and survives a crash. While a reporter is registered in
 //! the database, every change an event describes writes that event into the outbox in
-//! the same transaction as the change (see [`Store`](crate::storage::Store)). Each
+//! the same transaction as the change. Each
 //! reporter has a cursor in the outbox; a delivery task on one master at a time (it
 //! holds a lease) hands the reporter the events it wants, in order, retrying a failed
 //! one with exponential backoff and giving up on it after the last attempt. Reporters
@@ -11,9 +11,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use async_trait::async_trait;
-
-use crate::model::{EventKind, OutboxEvent};
+use kiln_model::{Report, ReportKind};
 
 /// Delivery attempts per event before a reporter gives up on it (and records it as
 /// dropped): with the default backoff, about 40 minutes of trying.
@@ -37,7 +35,7 @@ pub struct ReporterConfig {
     /// Its unique name: its place in the outbox is kept under it.
     pub name: String,
     /// The kinds of events it wants; empty for all.
-    pub events: BTreeSet<EventKind>,
+    pub events: BTreeSet<ReportKind>,
     /// The builders whose events it wants (a buildset event counts when any of the
     /// buildset's builders is listed); empty for all.
     pub builders: BTreeSet<String>,
@@ -66,7 +64,7 @@ impl ReporterConfig {
     }
 
     /// Only these kinds of events.
-    pub fn events(mut self, kinds: impl IntoIterator<Item = EventKind>) -> Self {
+    pub fn events(mut self, kinds: impl IntoIterator<Item = ReportKind>) -> Self {
         self.events = kinds.into_iter().collect();
         self
     }
@@ -86,7 +84,7 @@ impl ReporterConfig {
     }
 
     /// Whether the reporter wants this event.
-    pub fn wants(&self, event: &OutboxEvent) -> bool {
+    pub fn wants(&self, event: &Report) -> bool {
         if !self.events.is_empty() && !self.events.contains(&event.kind) {
             return false;
         }
@@ -114,7 +112,8 @@ impl ReporterConfig {
         self.retry_first.saturating_mul(factor).min(self.retry_max)
     }
 
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    /// Checks the settings, naming the first that is not usable.
+    pub fn validate(&self) -> Result<(), String> {
         if self.name.trim().is_empty() {
             return Err("a reporter has an empty name".into());
         }
@@ -132,12 +131,4 @@ impl ReporterConfig {
         }
         Ok(())
     }
-}
-
-/// Tells the outside world about an event. An `Err` (or a panic) means "not delivered":
-/// the event is tried again later.
-#[async_trait]
-pub trait Reporter: Send + Sync + 'static {
-    /// Delivers one event.
-    async fn report(&self, event: &OutboxEvent) -> Result<(), String>;
 }

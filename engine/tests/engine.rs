@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, ensure};
-use kiln_engine::executor::StopReason;
+use kiln_engine::StopReason;
 use kiln_engine::model::{LogLevel, LogQuery, ResultCode, SourceStamp};
-use kiln_engine::storage::{BuildFilter, ClaimFilter, NewBuild, NewBuildset, RequestFilter};
 use kiln_engine::{
     BuilderConfig, Client, Engine, EngineConfig, EngineError, Event, FnExecutor, JobError, Outcome,
     Submission,
 };
+use kiln_storage::{BuildFilter, ClaimFilter, NewBuild, NewBuildset, RequestFilter};
 use serde_json::json;
 use tokio::sync::{Semaphore, broadcast, watch};
 

@@ -15,9 +15,9 @@ use std::time::Instant;
 
 use anyhow::{Result, anyhow, bail, ensure};
 use kiln_engine::model::{LogQuery, ResultCode};
-use kiln_engine::storage::BuildFilter;
 use kiln_engine::wasm::{Grants, Limits, WasmHost, WasmHostConfig, WasmPolicy};
 use kiln_engine::{BuilderConfig, Engine, EngineConfig, Submission};
+use kiln_storage::BuildFilter;
 use serde_json::{Value, json};
 
 mod support;
@@ -245,8 +245,8 @@ async fn the_c_example_jobs_do_exactly_what_the_guide_says() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_c_fail_fast_policy_decides_as_the_rust_one_does() -> Result<()> {
+    use kiln_engine::BundledPolicy;
     use kiln_engine::Policy;
-    use kiln_engine::relations::BundledPolicy;
     use support::child;
     let Some(dir) = built("c")? else {
         return Ok(());

@@ -30,15 +30,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use kiln_engine::BundledPolicy;
 use kiln_engine::model::{
-    BuildId, BuildsetId, EventKind, OutboxEvent, Properties, RequestId, ResultCode,
+    BuildId, BuildsetId, Properties, Report, ReportKind, RequestId, ResultCode,
 };
-use kiln_engine::relations::BundledPolicy;
-use kiln_engine::storage::{BuildFilter, BuildsetFilter, RequestFilter};
 use kiln_engine::{
     BuilderConfig, Engine, EngineConfig, Event, Executor, FnExecutor, JobError, Outcome, Reporter,
     ReporterConfig, Submission,
 };
+use kiln_storage::{BuildFilter, BuildsetFilter, RequestFilter};
 use serde_json::{Value, json};
 
 mod support;
@@ -234,11 +234,11 @@ fn job(journal: Shared, parent: Option<(Vec<String>, &'static str)>) -> FnExecut
     })
 }
 
-struct Collect(Arc<Mutex<Vec<OutboxEvent>>>);
+struct Collect(Arc<Mutex<Vec<Report>>>);
 
 #[async_trait::async_trait]
 impl Reporter for Collect {
-    async fn report(&self, event: &OutboxEvent) -> std::result::Result<(), String> {
+    async fn report(&self, event: &Report) -> std::result::Result<(), String> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -260,7 +260,7 @@ struct BuilderShape {
 struct World {
     builders: Vec<BuilderShape>,
     journal: Shared,
-    heard: Arc<Mutex<Vec<OutboxEvent>>>,
+    heard: Arc<Mutex<Vec<Report>>>,
     executors: HashMap<String, Arc<dyn Executor>>,
 }
 
@@ -871,13 +871,13 @@ async fn check(backend: &Backend, world: &World) -> Result<()> {
         max_seq = max_seq.max(e.seq);
         seen.insert(e.seq);
     }
-    let count = |kind: EventKind, key: i64| {
+    let count = |kind: ReportKind, key: i64| {
         heard
             .iter()
             .filter(|e| {
                 e.kind == kind
                     && match kind {
-                        EventKind::BuildStarted | EventKind::BuildFinished => {
+                        ReportKind::BuildStarted | ReportKind::BuildFinished => {
                             e.build_id.map(|b| b.0) == Some(key)
                         }
                         _ => e.buildset_id.0 == key,
@@ -889,24 +889,24 @@ async fn check(backend: &Backend, world: &World) -> Result<()> {
     };
     for bs in &buildsets {
         ensure!(
-            count(EventKind::BuildsetSubmitted, bs.id.0) == 1,
+            count(ReportKind::BuildsetSubmitted, bs.id.0) == 1,
             "buildset_submitted of {}",
             bs.id
         );
         ensure!(
-            count(EventKind::BuildsetComplete, bs.id.0) == 1,
+            count(ReportKind::BuildsetComplete, bs.id.0) == 1,
             "buildset_complete of {}",
             bs.id
         );
     }
     for b in &builds {
         ensure!(
-            count(EventKind::BuildStarted, b.id.0) == 1,
+            count(ReportKind::BuildStarted, b.id.0) == 1,
             "build_started of {}",
             b.id
         );
         ensure!(
-            count(EventKind::BuildFinished, b.id.0) == 1,
+            count(ReportKind::BuildFinished, b.id.0) == 1,
             "build_finished of {}",
             b.id
         );

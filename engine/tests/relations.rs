@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow, ensure};
 use kiln_engine::model::{BuilderStatus, DEPENDENCY, Properties, ResultCode};
-use kiln_engine::storage::{BuildFilter, BuildsetFilter, FinishBuild, NewBuild, NewBuildset};
 use kiln_engine::wasm::{Grants, Limits, WasmHost, WasmHostConfig, WasmPolicy};
 use kiln_engine::{
     BuilderConfig, Client, Engine, EngineConfig, Event, FnExecutor, JobError, Outcome, Submission,
 };
+use kiln_storage::{BuildFilter, BuildsetFilter, FinishBuild, NewBuild, NewBuildset};
 use serde_json::json;
 
 mod support;
@@ -812,8 +812,8 @@ async fn resubmit_runs_only_what_failed_or_was_cancelled_unless_asked_for_all() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bundled_policy_plugins_decide_as_the_native_policies_do() -> Result<()> {
+    use kiln_engine::BundledPolicy;
     use kiln_engine::Policy;
-    use kiln_engine::relations::BundledPolicy;
     use support::child;
     let host = host();
     let cases = [

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow, ensure};
 use async_trait::async_trait;
-use kiln_engine::model::{EventKind, OutboxEvent, ResultCode};
+use kiln_engine::model::{Report, ReportKind, ResultCode};
 use kiln_engine::wasm::{
     DirGrant, Grants, HttpGrant, Limits, WasmHost, WasmHostConfig, WasmReporter,
 };
@@ -32,14 +32,14 @@ fn echo() -> FnExecutor {
 
 /// A reporter that hands every event to a channel, failing the first `fail_first` calls.
 struct Collect {
-    tx: mpsc::UnboundedSender<OutboxEvent>,
+    tx: mpsc::UnboundedSender<Report>,
     fail_first: usize,
     calls: AtomicUsize,
 }
 
 #[async_trait]
 impl Reporter for Collect {
-    async fn report(&self, event: &OutboxEvent) -> Result<(), String> {
+    async fn report(&self, event: &Report) -> Result<(), String> {
         if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail_first {
             return Err("the receiver is down".into());
         }
@@ -98,14 +98,14 @@ async fn a_reporter_hears_each_lifecycle_event_in_order_with_its_details() -> Re
                 .ok_or_else(|| anyhow!("closed"))?,
         );
     }
-    let kinds: Vec<EventKind> = got.iter().map(|e| e.kind).collect();
+    let kinds: Vec<ReportKind> = got.iter().map(|e| e.kind).collect();
     ensure!(
         kinds
             == [
-                EventKind::BuildsetSubmitted,
-                EventKind::BuildStarted,
-                EventKind::BuildFinished,
-                EventKind::BuildsetComplete
+                ReportKind::BuildsetSubmitted,
+                ReportKind::BuildStarted,
+                ReportKind::BuildFinished,
+                ReportKind::BuildsetComplete
             ],
         "{kinds:?}"
     );
@@ -139,7 +139,7 @@ async fn a_failing_reporter_is_retried_and_never_changes_a_builds_result() -> Re
     engine
         .register_reporter(
             ReporterConfig::new("flaky")
-                .events([EventKind::BuildFinished])
+                .events([ReportKind::BuildFinished])
                 .retries(10, Duration::from_millis(5), Duration::from_millis(20)),
             Collect {
                 tx,
@@ -169,7 +169,7 @@ async fn a_failing_reporter_is_retried_and_never_changes_a_builds_result() -> Re
     .await?;
     ensure!(failures == 3, "{failures} failed attempts were recorded");
     let delivered = rx.try_recv()?;
-    ensure!(delivered.kind == EventKind::BuildFinished);
+    ensure!(delivered.kind == ReportKind::BuildFinished);
     let state = engine.client().store().reporter_get("flaky").await?;
     ensure!(
         state.delivered == 1 && state.attempts == 0 && state.dropped == 0,
@@ -188,7 +188,7 @@ async fn an_event_is_dropped_after_the_last_attempt_and_delivery_goes_on() -> Re
     engine
         .register_reporter(
             ReporterConfig::new("give-up")
-                .events([EventKind::BuildFinished, EventKind::BuildsetComplete])
+                .events([ReportKind::BuildFinished, ReportKind::BuildsetComplete])
                 .retries(2, Duration::from_millis(5), Duration::from_millis(5)),
             Collect {
                 tx,
@@ -208,7 +208,7 @@ async fn an_event_is_dropped_after_the_last_attempt_and_delivery_goes_on() -> Re
     let state = engine.client().store().reporter_get("give-up").await?;
     ensure!(state.dropped == 1 && state.delivered == 1, "{state:?}");
     ensure!(state.last_error.as_deref() == Some("the receiver is down"));
-    ensure!(rx.try_recv()?.kind == EventKind::BuildsetComplete);
+    ensure!(rx.try_recv()?.kind == ReportKind::BuildsetComplete);
     engine.shutdown().await;
     Ok(())
 }
@@ -368,7 +368,7 @@ async fn a_reporter_trying_a_host_it_was_not_granted_is_refused() -> Result<()> 
     engine
         .register_reporter(
             ReporterConfig::new("sneaky")
-                .events([EventKind::BuildsetSubmitted])
+                .events([ReportKind::BuildsetSubmitted])
                 .retries(1, Duration::from_millis(5), Duration::from_millis(5)),
             reporter,
         )

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use kiln_engine::model::{BuildsetId, ResultCode};
-use kiln_engine::storage::RequestFilter;
 use kiln_engine::{BuilderConfig, Engine, EngineConfig, Event, FnExecutor, Outcome, Submission};
+use kiln_storage::RequestFilter;
 use serde_json::json;
 
 mod support;
@@ -142,14 +142,14 @@ async fn builds_start_in_buildbots_order_across_and_within_builders() -> Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reporters_hear_events_written_after_an_idle_prune_emptied_the_outbox() -> Result<()> {
-    use kiln_engine::model::OutboxEvent;
+    use kiln_engine::model::Report;
     use kiln_engine::{Reporter, ReporterConfig};
     use tokio::sync::mpsc;
 
-    struct Collect(mpsc::UnboundedSender<OutboxEvent>);
+    struct Collect(mpsc::UnboundedSender<Report>);
     #[async_trait::async_trait]
     impl Reporter for Collect {
-        async fn report(&self, event: &OutboxEvent) -> Result<(), String> {
+        async fn report(&self, event: &Report) -> Result<(), String> {
             self.0.send(event.clone()).map_err(|e| e.to_string())
         }
     }
@@ -234,7 +234,7 @@ async fn plant_poison(backend: &support::Backend) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_whose_end_cannot_be_written_ends_alone_as_exception() -> Result<()> {
-    use kiln_engine::storage::BuildFilter;
+    use kiln_storage::BuildFilter;
     use tokio::sync::watch;
 
     for backend in backends("poison").await? {
@@ -317,8 +317,8 @@ async fn a_build_whose_end_cannot_be_written_ends_alone_as_exception() -> Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_past_one_of_its_write_limits_ends_as_exception_naming_it() -> Result<()> {
-    use kiln_engine::storage::BuildFilter;
     use kiln_engine::{BuildLimits, JobError, model::Properties};
+    use kiln_storage::BuildFilter;
 
     let backend = &backends("limits").await?[0];
     let engine = Engine::open(EngineConfig::new(&backend.url).master_name("limits")).await?;
@@ -331,7 +331,7 @@ async fn a_build_past_one_of_its_write_limits_ends_as_exception_naming_it() -> R
     };
     let job = |what: &'static str| {
         FnExecutor::new(move |ctx| async move {
-            let e = |e: kiln_engine::EngineError| JobError::new(e.to_string());
+            let e = |e: kiln_engine::WriteError| JobError::new(e.to_string());
             match what {
                 "state" => ctx.set_state(&"s".repeat(65)).await.map_err(e)?,
                 "groups" => {

@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use anyhow::{Result, anyhow, ensure};
 use kiln_engine::model::{Build, LogQuery, Property, ResultCode, SourceStamp};
-use kiln_engine::storage::BuildFilter;
-use kiln_engine::storage::text::NUL_STAND_IN;
+use kiln_engine::storage::NUL_STAND_IN;
 use kiln_engine::wasm::{Grants, Limits, WasmHost, WasmHostConfig};
 use kiln_engine::{
     BuilderConfig, Engine, EngineConfig, EngineError, FnExecutor, JobError, Outcome, Submission,
 };
+use kiln_storage::BuildFilter;
 use serde_json::json;
 
 mod support;

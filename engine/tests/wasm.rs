@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow, ensure};
 use kiln_engine::model::{Build, LogLevel, LogQuery, ResultCode};
-use kiln_engine::storage::BuildFilter;
 use kiln_engine::wasm::{DirGrant, Grants, Limits, WasmError, WasmHost, WasmHostConfig};
 use kiln_engine::{BuilderConfig, Engine, EngineConfig, Event, Submission};
+use kiln_storage::BuildFilter;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 

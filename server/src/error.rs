@@ -86,10 +86,7 @@ impl From<EngineError> for ApiError {
             EngineError::UnknownBuilder(_) => ApiError::BadRequest(e.to_string()),
             EngineError::Invalid(_) => ApiError::BadRequest(e.to_string()),
             EngineError::DuplicateBuilder(_) => ApiError::Conflict(e.to_string()),
-            EngineError::ShuttingDown | EngineError::BuildEnded(_) => {
-                ApiError::Conflict(e.to_string())
-            }
-            EngineError::LimitExceeded(_) => ApiError::BadRequest(e.to_string()),
+            EngineError::ShuttingDown => ApiError::Conflict(e.to_string()),
         }
     }
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::warn;
 
-use crate::model::Artifact;
+use kiln_model::Artifact;
 
 /// The most files recorded per build; a build that leaves more keeps them on disk, but
 /// only the first ones (in directory order) are listed.

@@ -11,12 +11,12 @@ use std::sync::Arc;
 use chrono::TimeDelta;
 use tracing::{error, info, warn};
 
-use super::Shared;
+use super::SchedulerState;
 use crate::events::Event;
-use crate::executor::StopReason;
-use crate::storage::{ExpireMasters, StorageError};
+use kiln_job::StopReason;
+use kiln_storage::{ExpireMasters, StorageError};
 
-pub(super) async fn heartbeat_loop(shared: Arc<Shared>) {
+pub(super) async fn heartbeat_loop(shared: Arc<SchedulerState>) {
     let mut stopping = shared.stopping.subscribe();
     let mut ticker = tokio::time::interval(shared.config.heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -30,8 +30,8 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>) {
     }
 }
 
-async fn beat(shared: &Shared) {
-    let now = crate::model::now();
+async fn beat(shared: &SchedulerState) {
+    let now = kiln_model::now();
     match shared.store.master_heartbeat(shared.master, now).await {
         Ok(()) => {}
         Err(StorageError::MasterInactive(_)) => {
@@ -50,8 +50,8 @@ async fn beat(shared: &Shared) {
     }
 }
 
-async fn expire_others(shared: &Shared) {
-    let now = crate::model::now();
+async fn expire_others(shared: &SchedulerState) {
+    let now = kiln_model::now();
     let expiry = TimeDelta::from_std(shared.config.master_expiry).unwrap_or(TimeDelta::MAX);
     let silent_since = now
         .checked_sub_signed(expiry)

@@ -14,14 +14,14 @@
 //! [`masters`] heartbeats and expires silent masters.
 
 mod artifacts;
+mod builds;
 mod masters;
 mod output;
-pub(crate) mod relations;
 pub(crate) mod reporters;
-mod run;
+mod triggers;
 
 pub use output::{BACKLOG_RECORDS, FLUSH_INTERVAL, FLUSH_RECORDS};
-pub use relations::MAX_TRIGGER_CHILDREN;
+pub use triggers::MAX_TRIGGER_CHILDREN;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -31,12 +31,17 @@ use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::engine::{BuilderConfig, EngineConfig};
+use kiln_job::{
+    BuildSpec, Executor, JobRuntime, Policy, StopReason, TriggerError, TriggerSpec, Triggered,
+    WriteError,
+};
+use kiln_model::{
+    BuildId, BuilderId, LogRecord, MasterId, ProgressReport, Property, RequestId, ResultCode,
+};
+use kiln_storage::{CancelOutcome, StartAvailable, Store, StoreSignal};
+
+use crate::config::{BuilderConfig, EngineConfig};
 use crate::events::Event;
-use crate::executor::{Executor, StopReason};
-use crate::model::{BuildId, BuilderId, MasterId, RequestId, ResultCode};
-use crate::relations::Policy;
-use crate::storage::{CancelOutcome, StartAvailable, Store, StoreSignal};
 
 /// A builder registered on this engine, with its executor and slot bookkeeping.
 pub(crate) struct RegisteredBuilder {
@@ -82,7 +87,7 @@ struct RunningBuild {
 }
 
 /// State shared by the claim loop, the heartbeat service and every build task.
-pub(crate) struct Shared {
+pub(crate) struct SchedulerState {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) master: MasterId,
     pub(crate) config: EngineConfig,
@@ -93,10 +98,10 @@ pub(crate) struct Shared {
     /// Started builds not yet recorded as finished.
     in_flight: watch::Sender<usize>,
     /// Of those, builds waiting on their children: they hold no room (see
-    /// [`Shared::waiting`]).
+    /// [`SchedulerState::waiting`]).
     waiting: std::sync::atomic::AtomicUsize,
     /// Hands finished builds to the finisher, which records them in batches.
-    finished: mpsc::UnboundedSender<run::Finished>,
+    finished: mpsc::UnboundedSender<builds::Finished>,
     wake: Notify,
     pub(crate) events: broadcast::Sender<Event>,
     stopping: watch::Sender<bool>,
@@ -104,8 +109,47 @@ pub(crate) struct Shared {
     pub(crate) outputs: output::Outputs,
 }
 
-/// A build waiting on its children, while this lives (see [`Shared::waiting`]).
-pub(crate) struct Waiting<'a>(&'a Shared);
+/// The scheduler's side of the executor interface: what a build's context reaches. Its
+/// writes go to the build's buffers (`output`), its triggers to `triggers`.
+pub(crate) struct Runtime(pub(crate) Arc<SchedulerState>);
+
+#[async_trait::async_trait]
+impl JobRuntime for Runtime {
+    async fn log(&self, build: BuildId, record: LogRecord) -> Result<(), WriteError> {
+        self.0.outputs.log(build, record).await
+    }
+
+    fn log_now(&self, build: BuildId, record: LogRecord) -> Result<(), WriteError> {
+        self.0.outputs.log_now(build, record)
+    }
+
+    fn progress(&self, build: BuildId, report: ProgressReport) -> Result<(), WriteError> {
+        self.0.outputs.progress(build, report)
+    }
+
+    fn state(&self, build: BuildId, state: String) -> Result<(), WriteError> {
+        self.0.outputs.state(build, state)
+    }
+
+    fn property(&self, build: BuildId, name: &str, property: Property) -> Result<(), WriteError> {
+        self.0.outputs.property(build, name, property)
+    }
+
+    async fn flush(&self, build: BuildId) {
+        self.0.outputs.flush_build(&self.0, build).await;
+    }
+
+    async fn trigger(
+        &self,
+        parent: &BuildSpec,
+        spec: TriggerSpec,
+    ) -> Result<Triggered, TriggerError> {
+        self.0.trigger(parent, spec).await
+    }
+}
+
+/// A build waiting on its children, while this lives (see [`SchedulerState::waiting`]).
+pub(crate) struct Waiting<'a>(&'a SchedulerState);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
@@ -115,7 +159,7 @@ impl Drop for Waiting<'_> {
     }
 }
 
-impl Shared {
+impl SchedulerState {
     /// Marks a build as waiting on its children until the guard drops. A waiting build
     /// is a parked future: it does not count against `max_running_builds`, so that
     /// parents waiting on children can never hold all the room their children need
@@ -174,8 +218,8 @@ impl Shared {
     pub(crate) async fn cancel_requests(
         &self,
         ids: &[RequestId],
-    ) -> crate::storage::Result<CancelOutcome> {
-        let outcome = self.store.request_cancel(ids, crate::model::now()).await?;
+    ) -> kiln_storage::Result<CancelOutcome> {
+        let outcome = self.store.request_cancel(ids, kiln_model::now()).await?;
         self.after_cancel(&outcome);
         Ok(outcome)
     }
@@ -189,13 +233,13 @@ impl Shared {
                 results: ResultCode::Cancelled,
             });
         }
-        run::emit_completed(self, outcome.buildsets_completed.clone());
+        builds::emit_completed(self, outcome.buildsets_completed.clone());
     }
 }
 
 /// The scheduler of one engine.
 pub(crate) struct Scheduler {
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shared: Arc<SchedulerState>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -208,7 +252,7 @@ impl Scheduler {
     ) -> Scheduler {
         let (events, _) = broadcast::channel(config.event_capacity.max(1));
         let (finished, finished_rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(SchedulerState {
             store,
             master,
             config,
@@ -226,7 +270,7 @@ impl Scheduler {
         let mut tasks = vec![
             tokio::spawn(claim_loop(shared.clone())),
             tokio::spawn(masters::heartbeat_loop(shared.clone())),
-            tokio::spawn(run::finisher_loop(shared.clone(), finished_rx)),
+            tokio::spawn(builds::finisher_loop(shared.clone(), finished_rx)),
             tokio::spawn(output::flush_loop(shared.clone())),
         ];
         if let Some(signals) = shared.store.signals() {
@@ -377,7 +421,7 @@ impl Drop for Scheduler {
 }
 
 /// Claims and starts work whenever woken, until the engine stops.
-async fn claim_loop(shared: Arc<Shared>) {
+async fn claim_loop(shared: Arc<SchedulerState>) {
     let mut stopping = shared.stopping.subscribe();
     loop {
         if shared.is_stopping() {
@@ -411,7 +455,7 @@ async fn claim_loop(shared: Arc<Shared>) {
 
 /// One claim-and-start transaction; spawns a task per started build. Returns how many
 /// requests it took off the queue.
-async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
+async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<usize> {
     let builders: Vec<Arc<RegisteredBuilder>> = shared
         .builders
         .read()
@@ -450,7 +494,7 @@ async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
             free_slots,
             limit: room,
             state_string: "starting".into(),
-            now: crate::model::now(),
+            now: kiln_model::now(),
         })
         .await?;
     for request_id in &outcome.cancelled {
@@ -459,7 +503,7 @@ async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
             results: ResultCode::Cancelled,
         });
     }
-    run::emit_completed(shared, outcome.buildsets_completed);
+    builds::emit_completed(shared, outcome.buildsets_completed);
     if outcome.started.is_empty() {
         return Ok(outcome.cancelled.len());
     }
@@ -492,7 +536,7 @@ async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
             request_id: started.request.id,
             buildset_id: started.request.buildset_id,
         });
-        tokio::spawn(run::run_build(
+        tokio::spawn(builds::run_build(
             shared.clone(),
             builder,
             started,
@@ -507,7 +551,7 @@ async fn claim_round(shared: &Arc<Shared>) -> crate::storage::Result<usize> {
 /// cancellations are looked at at once, and buildsets completed elsewhere become
 /// [`Event::BuildsetComplete`] here, which wakes parents waiting on children and
 /// clients waiting on buildsets. The poll stays as the fallback.
-async fn signal_loop(shared: Arc<Shared>, mut signals: broadcast::Receiver<StoreSignal>) {
+async fn signal_loop(shared: Arc<SchedulerState>, mut signals: broadcast::Receiver<StoreSignal>) {
     let mut stopping = shared.stopping.subscribe();
     loop {
         let signal = tokio::select! {
@@ -535,7 +579,7 @@ async fn signal_loop(shared: Arc<Shared>, mut signals: broadcast::Receiver<Store
 }
 
 /// Stops local builds whose requests somebody cancelled through another process.
-async fn check_remote_cancels(shared: &Shared) {
+async fn check_remote_cancels(shared: &SchedulerState) {
     if shared.running().is_empty() {
         return;
     }

@@ -16,10 +16,11 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::warn;
 
-use super::Shared;
-use crate::error::{EngineError, Result};
+use kiln_job::WriteError;
+use kiln_model::{BuildId, LogRecord, ProgressReport, Property};
+
+use super::SchedulerState;
 use crate::events::Event;
-use crate::model::{BuildId, LogRecord, ProgressReport, Property};
 
 /// The longest a written record waits before it is stored (and visible in the API).
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -76,10 +77,10 @@ impl Outputs {
     }
 
     /// Runs `add` on the build's buffer, unless the build has ended.
-    fn with(&self, build: BuildId, add: impl FnOnce(&mut Pending)) -> Result<usize> {
+    fn with(&self, build: BuildId, add: impl FnOnce(&mut Pending)) -> Result<usize, WriteError> {
         let mut buffers = self.buffers();
         if buffers.closed.contains(&build) {
-            return Err(EngineError::BuildEnded(build));
+            return Err(WriteError::Ended(build));
         }
         let pending = buffers.pending.entry(build).or_default();
         add(pending);
@@ -93,7 +94,7 @@ impl Outputs {
     }
 
     /// Buffers a log record; waits while the build's backlog is over [`BACKLOG_RECORDS`].
-    pub(crate) async fn log(&self, build: BuildId, record: LogRecord) -> Result<()> {
+    pub(crate) async fn log(&self, build: BuildId, record: LogRecord) -> Result<(), WriteError> {
         let mut waiting = self.with(build, |p| p.logs.push(record))?;
         while waiting >= BACKLOG_RECORDS {
             let flushed = self.flushed.notified();
@@ -111,12 +112,16 @@ impl Outputs {
 
     /// Buffers a log record without waiting (the sandbox's captured output, which is
     /// bounded by its own limit).
-    pub(crate) fn log_now(&self, build: BuildId, record: LogRecord) -> Result<()> {
+    pub(crate) fn log_now(&self, build: BuildId, record: LogRecord) -> Result<(), WriteError> {
         self.with(build, |p| p.logs.push(record)).map(drop)
     }
 
     /// Buffers a progress report; it replaces a pending one of the same group.
-    pub(crate) fn progress(&self, build: BuildId, report: ProgressReport) -> Result<()> {
+    pub(crate) fn progress(
+        &self,
+        build: BuildId,
+        report: ProgressReport,
+    ) -> Result<(), WriteError> {
         self.with(build, |p| {
             match p.progress.iter_mut().find(|r| r.group == report.group) {
                 Some(older) => *older = report,
@@ -127,12 +132,17 @@ impl Outputs {
     }
 
     /// Buffers a state string; it replaces a pending one.
-    pub(crate) fn state(&self, build: BuildId, state: String) -> Result<()> {
+    pub(crate) fn state(&self, build: BuildId, state: String) -> Result<(), WriteError> {
         self.with(build, |p| p.state = Some(state)).map(drop)
     }
 
     /// Buffers a property; it replaces a pending one of the same name.
-    pub(crate) fn property(&self, build: BuildId, name: &str, property: Property) -> Result<()> {
+    pub(crate) fn property(
+        &self,
+        build: BuildId,
+        name: &str,
+        property: Property,
+    ) -> Result<(), WriteError> {
         self.with(build, |p| {
             match p.properties.iter_mut().find(|(n, _)| n == name) {
                 Some((_, older)) => *older = property,
@@ -144,7 +154,7 @@ impl Outputs {
 
     /// Stores what a build left buffered and refuses its later writes; called when the
     /// build has ended, before its end is recorded.
-    pub(crate) async fn close(&self, shared: &Shared, build: BuildId) {
+    pub(crate) async fn close(&self, shared: &SchedulerState, build: BuildId) {
         let _writing = self.writing.lock().await;
         let pending = {
             let mut buffers = self.buffers();
@@ -158,7 +168,7 @@ impl Outputs {
     }
 
     /// Stores what a build has buffered so far, now.
-    pub(crate) async fn flush_build(&self, shared: &Shared, build: BuildId) {
+    pub(crate) async fn flush_build(&self, shared: &SchedulerState, build: BuildId) {
         let _writing = self.writing.lock().await;
         let pending = self.buffers().pending.remove(&build);
         if let Some(pending) = pending {
@@ -175,7 +185,7 @@ impl Outputs {
     }
 
     /// Stores everything buffered.
-    async fn flush(&self, shared: &Shared) {
+    async fn flush(&self, shared: &SchedulerState) {
         let _writing = self.writing.lock().await;
         let pending = std::mem::take(&mut self.buffers().pending);
         for (build, pending) in pending {
@@ -187,7 +197,7 @@ impl Outputs {
 
 /// Writes one build's buffered output. A database failure here costs the build some of
 /// its log, never its result.
-async fn store(shared: &Shared, build: BuildId, pending: Pending) {
+async fn store(shared: &SchedulerState, build: BuildId, pending: Pending) {
     if pending.is_empty() {
         return;
     }
@@ -199,7 +209,7 @@ async fn store(shared: &Shared, build: BuildId, pending: Pending) {
         warn!(build = %build, error = %e, "could not store {records} log records");
     }
     let progressed = !pending.progress.is_empty() || pending.state.is_some();
-    let now = crate::model::now();
+    let now = kiln_model::now();
     for report in &pending.progress {
         if let Err(e) = store.progress_report(build, report, now).await {
             warn!(build = %build, error = %e, "could not store a progress report");
@@ -228,7 +238,7 @@ async fn store(shared: &Shared, build: BuildId, pending: Pending) {
 
 /// Stores buffered output until the engine stops: at most [`FLUSH_INTERVAL`] after it
 /// was written, at once when a build's backlog reaches [`FLUSH_RECORDS`].
-pub(crate) async fn flush_loop(shared: Arc<Shared>) {
+pub(crate) async fn flush_loop(shared: Arc<SchedulerState>) {
     let outputs = &shared.outputs;
     let mut stopping = shared.stopping.subscribe();
     loop {

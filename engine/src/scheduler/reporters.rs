@@ -7,12 +7,13 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tracing::{debug, error, warn};
 
-use super::Shared;
-use super::run::{CatchUnwind, panic_message};
+use super::SchedulerState;
+use super::builds::{CatchUnwind, panic_message};
 use crate::events::Event;
-use crate::model::{ReporterState, Timestamp};
-use crate::reporting::{OUTBOX_BATCH, Reporter, ReporterConfig};
-use crate::storage::ReporterProgress;
+use crate::reporting::{OUTBOX_BATCH, ReporterConfig};
+use kiln_job::Reporter;
+use kiln_model::{ReporterState, Timestamp};
+use kiln_storage::ReporterProgress;
 
 fn after(now: Timestamp, d: Duration) -> Timestamp {
     now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
@@ -20,7 +21,7 @@ fn after(now: Timestamp, d: Duration) -> Timestamp {
 
 /// Delivers a reporter's events until the engine stops.
 pub(crate) async fn deliver_loop(
-    shared: Arc<Shared>,
+    shared: Arc<SchedulerState>,
     config: ReporterConfig,
     reporter: Arc<dyn Reporter>,
 ) {
@@ -31,7 +32,7 @@ pub(crate) async fn deliver_loop(
         if shared.is_stopping() {
             return;
         }
-        let now = crate::model::now();
+        let now = kiln_model::now();
         let pause = match shared
             .store
             .reporter_lease(&config.name, shared.master, now, after(now, config.lease))
@@ -83,7 +84,7 @@ enum Pass {
 
 /// Delivers what the outbox holds past the reporter's cursor, under the lease.
 async fn deliver(
-    shared: &Shared,
+    shared: &SchedulerState,
     config: &ReporterConfig,
     reporter: &dyn Reporter,
     state: ReporterState,
@@ -109,8 +110,8 @@ async fn deliver(
             dropped: Vec::new(),
             attempts,
             last_error: None,
-            lease_until: crate::model::now(),
-            now: crate::model::now(),
+            lease_until: kiln_model::now(),
+            now: kiln_model::now(),
         };
         let mut failed = None;
         for event in &batch {
@@ -148,7 +149,7 @@ async fn deliver(
                 }
             }
         }
-        let now = crate::model::now();
+        let now = kiln_model::now();
         progress.now = now;
         progress.lease_until = after(now, config.lease);
         if let Err(e) = shared.store.reporter_progress(&progress).await {

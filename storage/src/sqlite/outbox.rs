@@ -1,0 +1,267 @@
+//! The reporters' outbox in SQLite: events recorded inside the transactions that make
+//! the changes they describe, and the reporters' cursors and leases.
+//!
+//! Each `record_*` function is one `INSERT ... SELECT` over a JSON array of ids, guarded
+//! by "is any reporter registered?", so a database without reporters pays one cheap
+//! statement per transaction and stores nothing.
+
+use sqlx::SqliteConnection;
+
+use super::SqliteStore;
+use crate::rows::{report_from_row, reporter_from_row, us};
+use crate::{ReporterProgress, Result, StorageError};
+use kiln_model::{MasterId, Report, ReporterState, Timestamp};
+
+/// Seconds since the epoch as a JSON number, from stored microseconds.
+fn secs(column: &str) -> String {
+    format!("({column} / 1000000.0)")
+}
+
+fn insert(select: &str) -> String {
+    format!(
+        "INSERT INTO events (kind, buildset_id, build_id, builder, results, at, payload)
+         {select}"
+    )
+}
+
+/// The names of a buildset's builders (alias `bs`), as a JSON array.
+const BUILDERS_OF_BS: &str = "(SELECT json_group_array(bl.name) FROM buildrequests r
+     JOIN builders bl ON bl.id = r.builder_id WHERE r.buildset_id = bs.id)";
+
+/// Records `buildset_submitted` for a JSON array of buildset ids.
+pub(super) async fn record_submitted(tx: &mut SqliteConnection, ids: &str) -> Result<()> {
+    let sql = insert(&format!(
+        "SELECT 'buildset_submitted', bs.id, NULL, NULL, NULL, bs.submitted_at,
+                json_object('event', 'buildset_submitted', 'buildset_id', bs.id, 'reason', bs.reason,
+                            'external_idstring', bs.external_idstring, 'submitted_at', {},
+                            'parent_buildid', bs.parent_buildid, 'parent_relationship', bs.parent_relationship,
+                            'builders', {BUILDERS_OF_BS})
+         FROM buildsets bs
+         WHERE bs.id IN (SELECT value FROM json_each(?)) AND EXISTS (SELECT 1 FROM reporters)
+         ORDER BY bs.id",
+        secs("bs.submitted_at")
+    ));
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(ids)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// The fields every build event carries.
+fn build_fields() -> String {
+    format!(
+        "'build_id', b.id, 'number', b.number, 'builder', bl.name, 'buildset_id', r.buildset_id,
+         'request_id', r.id, 'master_id', b.master_id, 'started_at', {}",
+        secs("b.started_at")
+    )
+}
+
+const BUILD_FROM: &str = "FROM builds b JOIN buildrequests r ON r.id = b.buildrequest_id
+     JOIN builders bl ON bl.id = b.builder_id
+     WHERE b.id IN (SELECT value FROM json_each(?)) AND EXISTS (SELECT 1 FROM reporters)
+     ORDER BY b.id";
+
+/// Records `build_started` for a JSON array of build ids.
+pub(super) async fn record_started(tx: &mut SqliteConnection, ids: &str) -> Result<()> {
+    let sql = insert(&format!(
+        "SELECT 'build_started', r.buildset_id, b.id, bl.name, NULL, b.started_at,
+                json_object('event', 'build_started', {}) {BUILD_FROM}",
+        build_fields()
+    ));
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(ids)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Records `build_finished` for a JSON array of build ids (finished by now).
+pub(super) async fn record_finished(tx: &mut SqliteConnection, ids: &str) -> Result<()> {
+    let sql = insert(&format!(
+        "SELECT 'build_finished', r.buildset_id, b.id, bl.name, b.results, b.complete_at,
+                json_object('event', 'build_finished', {},
+                            'complete_at', {}, 'duration_s', {},
+                            'results', b.results, 'state_string', b.state_string,
+                            'return_value', json(COALESCE(b.return_value, 'null')),
+                            'error', b.error) {BUILD_FROM}",
+        build_fields(),
+        secs("b.complete_at"),
+        secs("(b.complete_at - b.started_at)")
+    ));
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(ids)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Records `buildset_complete` for a JSON array of buildset ids (complete by now).
+pub(super) async fn record_complete(tx: &mut SqliteConnection, ids: &str) -> Result<()> {
+    let sql = insert(&format!(
+        "SELECT 'buildset_complete', bs.id, NULL, NULL, bs.results, bs.complete_at,
+                json_object('event', 'buildset_complete', 'buildset_id', bs.id, 'reason', bs.reason,
+                            'external_idstring', bs.external_idstring, 'results', bs.results,
+                            'submitted_at', {}, 'complete_at', {}, 'duration_s', {},
+                            'parent_buildid', bs.parent_buildid, 'builders', {BUILDERS_OF_BS})
+         FROM buildsets bs
+         WHERE bs.id IN (SELECT value FROM json_each(?)) AND EXISTS (SELECT 1 FROM reporters)
+         ORDER BY bs.id",
+        secs("bs.submitted_at"),
+        secs("bs.complete_at"),
+        secs("(bs.complete_at - bs.submitted_at)")
+    ));
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(ids)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// A reporter's row, with the events past its cursor counted (the outbox holds only
+/// events some reporter still has to deal with, so the count is bounded by its size).
+const REPORTER_COLUMNS: &str =
+    "name, cursor, owner, lease_until, attempts, last_error, delivered, dropped,
+     (SELECT COUNT(*) FROM events e WHERE e.seq > reporters.cursor) AS pending";
+
+impl SqliteStore {
+    pub(super) async fn reporter_register_impl(&self, name: &str) -> Result<ReporterState> {
+        if name.trim().is_empty() {
+            return Err(StorageError::Invalid("reporter name is empty".into()));
+        }
+        let sql = format!(
+            "INSERT INTO reporters (name, cursor) VALUES (?, (SELECT COALESCE(MAX(seq), 0) FROM events))
+             ON CONFLICT (name) DO UPDATE SET name = excluded.name
+             RETURNING {REPORTER_COLUMNS}"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(name)
+            .fetch_one(&mut *self.writer.lock().await)
+            .await?;
+        reporter_from_row(&row)
+    }
+
+    pub(super) async fn reporter_get_impl(&self, name: &str) -> Result<ReporterState> {
+        let sql = format!("SELECT {REPORTER_COLUMNS} FROM reporters WHERE name = ?");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(name)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| StorageError::not_found("reporter", name))?;
+        reporter_from_row(&row)
+    }
+
+    pub(super) async fn reporter_list_impl(&self) -> Result<Vec<ReporterState>> {
+        let sql = format!("SELECT {REPORTER_COLUMNS} FROM reporters ORDER BY name");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(reporter_from_row).collect()
+    }
+
+    pub(super) async fn reporter_remove_impl(&self, name: &str) -> Result<()> {
+        let done = sqlx::query("DELETE FROM reporters WHERE name = ?")
+            .bind(name)
+            .execute(&mut *self.writer.lock().await)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StorageError::not_found("reporter", name));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn reporter_lease_impl(
+        &self,
+        name: &str,
+        master: MasterId,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<Option<ReporterState>> {
+        let sql = format!(
+            "UPDATE reporters SET owner = ?1, lease_until = ?2
+             WHERE name = ?3 AND (owner IS NULL OR owner = ?1 OR lease_until IS NULL OR lease_until < ?4)
+             RETURNING {REPORTER_COLUMNS}"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(master.0)
+            .bind(us(until))
+            .bind(name)
+            .bind(us(now))
+            .fetch_optional(&mut *self.writer.lock().await)
+            .await?;
+        match row {
+            Some(row) => Ok(Some(reporter_from_row(&row)?)),
+            None => {
+                // Tell "held by another" from "no such reporter".
+                self.reporter_get_impl(name).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    pub(super) async fn reporter_progress_impl(&self, p: &ReporterProgress) -> Result<()> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+        let updated = sqlx::query(
+            "UPDATE reporters SET cursor = MAX(cursor, ?1), delivered = delivered + ?2, dropped = dropped + ?3,
+                                  attempts = ?4, last_error = COALESCE(?5, last_error), lease_until = ?6
+             WHERE name = ?7 AND owner = ?8 AND lease_until >= ?9",
+        )
+        .bind(p.cursor)
+        .bind(i64::try_from(p.delivered).unwrap_or(i64::MAX))
+        .bind(p.dropped.len() as i64)
+        .bind(i64::from(p.attempts))
+        .bind(&p.last_error)
+        .bind(us(p.lease_until))
+        .bind(&p.name)
+        .bind(p.master.0)
+        .bind(us(p.now))
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Err(StorageError::LeaseLost {
+                reporter: p.name.clone(),
+                master: p.master,
+            });
+        }
+        if !p.dropped.is_empty() {
+            let rows: Vec<serde_json::Value> = p
+                .dropped
+                .iter()
+                .map(|(seq, attempts, error)| serde_json::json!([seq, attempts, error]))
+                .collect();
+            sqlx::query(
+                "INSERT OR REPLACE INTO reporter_dropped (reporter, seq, attempts, error, at)
+                 SELECT ?, value ->> 0, value ->> 1, value ->> 2, ? FROM json_each(?)",
+            )
+            .bind(&p.name)
+            .bind(us(p.now))
+            .bind(serde_json::Value::from(rows).to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn outbox_read_impl(&self, after: i64, limit: u32) -> Result<Vec<Report>> {
+        let rows = sqlx::query(
+            "SELECT seq, kind, buildset_id, build_id, builder, results, at, payload FROM events
+             WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(report_from_row).collect()
+    }
+
+    pub(super) async fn outbox_prune_impl(&self) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM events WHERE seq <= COALESCE((SELECT MIN(cursor) FROM reporters), (SELECT MAX(seq) FROM events))",
+        )
+        .execute(&mut *self.writer.lock().await)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
