@@ -215,11 +215,7 @@ async fn run() -> Result<ExitCode> {
         .await?;
     for build in &builds {
         let request = engine.client().request(build.request_id).await?;
-        let builder = engine
-            .client()
-            .store()
-            .builder_get(request.builder_id)
-            .await?;
+        let builder = engine.client().builder(request.builder_id).await?;
         let millis = build
             .complete_at
             .map(|end| (end - build.started_at).num_milliseconds())

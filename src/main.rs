@@ -5,8 +5,6 @@ mod cli;
 mod commands;
 mod pipeline;
 mod render;
-mod run;
-mod serve;
 
 use std::process::ExitCode;
 

@@ -85,7 +85,11 @@ async fn filled() -> Result<(tempfile::TempDir, PathBuf)> {
             FnExecutor::new(|_| async { Err::<Outcome, _>(JobError::new("it broke")) }),
         )
         .await?;
-    engine.client().store().builder_ensure("idle", None).await?;
+    // A builder the database knows but no engine runs.
+    kiln_storage::open(&path.display().to_string())
+        .await?
+        .builder_ensure("idle", None)
+        .await?;
     let s = engine
         .submit(
             &Submission::new("first")

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use kiln_engine::model::{ResultCode, now};
+use kiln_engine::model::{BuilderId, MasterId, ResultCode, now};
 use kiln_storage::{
-    self as storage, BuildFilter, Filter, FilterValue, NewBuildset, Op, Query, Store, StoreSignal,
-    postgres,
+    self as storage, BuildField, BuildFilter, BuildsetField, NewBuildset, Query, Store,
+    StoreSignal, postgres,
 };
 use tokio::sync::broadcast;
 
@@ -125,40 +125,26 @@ fn serve(dir: &std::path::Path, url: &str, name: &str) -> Result<Master> {
     Ok(master)
 }
 
-fn eq(field: &str, value: FilterValue) -> Filter {
-    Filter {
-        field: field.into(),
-        op: Op::Eq,
-        values: vec![value],
-    }
-}
-
 /// How many builds match, without reading them.
-fn count(filters: Vec<Filter>) -> Query {
-    Query {
-        filters,
-        limit: Some(0),
-        ..Query::default()
-    }
+fn count<F: kiln_storage::Field>() -> Query<F> {
+    Query::new().counted().limit(0)
 }
 
-fn by_master(id: i64, complete: bool) -> Query {
-    count(vec![
-        eq("masterid", FilterValue::Int(id)),
-        eq("complete", FilterValue::Bool(complete)),
-    ])
+fn by_master(id: MasterId, complete: bool) -> Query<BuildField> {
+    count()
+        .eq(BuildField::MasterId, id)
+        .eq(BuildField::Complete, complete)
 }
 
-fn running_parents(master: i64, fan: i64) -> Query {
-    count(vec![
-        eq("builderid", FilterValue::Int(fan)),
-        eq("masterid", FilterValue::Int(master)),
-        eq("complete", FilterValue::Bool(false)),
-    ])
+fn running_parents(master: MasterId, fan: BuilderId) -> Query<BuildField> {
+    count()
+        .eq(BuildField::BuilderId, fan)
+        .eq(BuildField::MasterId, master)
+        .eq(BuildField::Complete, false)
 }
 
-fn incomplete_buildsets() -> Query {
-    count(vec![eq("complete", FilterValue::Bool(false))])
+fn incomplete_buildsets() -> Query<BuildsetField> {
+    count().eq(BuildsetField::Complete, false)
 }
 
 /// Waits, on the database's own notifications, until `done` says so.
@@ -247,25 +233,29 @@ async fn three_masters_share_the_work_and_finish_a_killed_ones_exactly_once() ->
             let store = store.clone();
             async move {
                 Ok(
-                    store.query_builds(&by_master(victim.0, true)).await?.total >= KILL_AFTER
+                    store.build_query(&by_master(victim, true)).await?.total >= Some(KILL_AFTER)
                         && store
-                            .query_builds(&running_parents(victim.0, fan.0))
+                            .build_query(&running_parents(victim, fan))
                             .await?
                             .total
-                            > 0,
+                            > Some(0),
                 )
             }
         },
     )
     .await?;
     let waiting = store
-        .query_builds(&Query {
+        .build_query(&Query {
             limit: None,
-            ..running_parents(victim.0, fan.0)
+            ..running_parents(victim, fan)
         })
         .await?
         .items;
-    let running = store.query_builds(&by_master(victim.0, false)).await?.total;
+    let running = store
+        .build_query(&by_master(victim, false))
+        .await?
+        .total
+        .unwrap_or_default();
     masters[0].child.kill()?;
     masters[0].child.wait()?;
     eprintln!(
@@ -276,7 +266,7 @@ async fn three_masters_share_the_work_and_finish_a_killed_ones_exactly_once() ->
 
     until(&mut signals, "every buildset to complete", || {
         let store = store.clone();
-        async move { Ok(store.query_buildsets(&incomplete_buildsets()).await?.total == 0) }
+        async move { Ok(store.buildset_query(&incomplete_buildsets()).await?.total == Some(0)) }
     })
     .await?;
 

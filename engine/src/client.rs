@@ -11,11 +11,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::{EngineError, Result};
 use kiln_model::{
     Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, BuilderStatus, Buildset,
-    BuildsetId, LogEntry, LogQuery, MAX_PRIORITY, MIN_PRIORITY, Master, ProgressNode, Properties,
-    Property, ReporterState, RequestId, ResultCode, SourceStamp,
+    BuildsetId, ChildBuildset, LogEntry, LogQuery, MAX_PRIORITY, MIN_PRIORITY, Master, MasterId,
+    ProgressNode, ProgressRecord, Properties, Property, Report, ReporterState, RequestId,
+    ResultCode, SourceStamp,
 };
 use kiln_storage::{
-    self as storage, BuildFilter, BuildsetFilter, CancelOutcome, NewBuildset, RequestFilter, Store,
+    self as storage, BuildField, BuildFilter, BuilderField, BuildsetField, BuildsetFilter,
+    CancelOutcome, MasterField, NewBuildset, Page, Query, RequestField, RequestFilter, Store,
     StoreOptions,
 };
 
@@ -250,9 +252,90 @@ impl Client {
         self
     }
 
-    /// The underlying store.
-    pub fn store(&self) -> &Arc<dyn Store> {
+    /// The underlying store, for the engine's own layers (the edges above it read and
+    /// write through the methods here).
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// One reporter's delivery state.
+    pub async fn reporter(&self, name: &str) -> Result<ReporterState> {
+        Ok(self.store.reporter_get(name).await?)
+    }
+
+    /// Reports in the outbox after `after` (a reporter's cursor), oldest first, at most
+    /// `limit`: what reporters have yet to deliver.
+    pub async fn outbox(&self, after: i64, limit: u32) -> Result<Vec<Report>> {
+        Ok(self.store.outbox_read(after, limit).await?)
+    }
+
+    /// The child buildsets a parent request's builds started, one entry per child
+    /// request, each with its latest build and return value.
+    pub async fn children(&self, parent_request: RequestId) -> Result<Vec<ChildBuildset>> {
+        Ok(self.store.buildset_children(parent_request).await?)
+    }
+
+    /// A build's latest progress report per group, in the order groups first reported.
+    pub async fn progress_reports(&self, build: BuildId) -> Result<Vec<ProgressRecord>> {
+        self.store.build_get(build).await?;
+        Ok(self.store.progress_list(build).await?)
+    }
+
+    /// One builder.
+    pub async fn builder(&self, id: BuilderId) -> Result<Builder> {
+        Ok(self.store.builder_get(id).await?)
+    }
+
+    /// One master.
+    pub async fn master(&self, id: MasterId) -> Result<Master> {
+        Ok(self.store.master_get(id).await?)
+    }
+
+    /// Forgets a reporter: its undelivered reports no longer keep the outbox from
+    /// pruning. An engine that still has it registered registers it again on restart.
+    pub async fn remove_reporter(&self, name: &str) -> Result<()> {
+        Ok(self.store.reporter_remove(name).await?)
+    }
+
+    /// Buildsets matching a typed query, with the total when the query asks for it.
+    pub async fn query_buildsets(&self, q: &Query<BuildsetField>) -> Result<Page<Buildset>> {
+        Ok(self.store.buildset_query(q).await?)
+    }
+
+    /// Build requests matching a typed query.
+    pub async fn query_requests(&self, q: &Query<RequestField>) -> Result<Page<BuildRequest>> {
+        Ok(self.store.request_query(q).await?)
+    }
+
+    /// Builds matching a typed query.
+    pub async fn query_builds(&self, q: &Query<BuildField>) -> Result<Page<Build>> {
+        Ok(self.store.build_query(q).await?)
+    }
+
+    /// Builders matching a typed query.
+    pub async fn query_builders(&self, q: &Query<BuilderField>) -> Result<Page<Builder>> {
+        Ok(self.store.builder_query(q).await?)
+    }
+
+    /// Masters matching a typed query.
+    pub async fn query_masters(&self, q: &Query<MasterField>) -> Result<Page<Master>> {
+        Ok(self.store.master_query(q).await?)
+    }
+
+    /// Changes the priority of a request not complete yet (it decides the order among
+    /// requests nobody claimed yet).
+    pub async fn set_priority(&self, id: RequestId, priority: i32) -> Result<()> {
+        Ok(self.store.request_set_priority(id, priority).await?)
+    }
+
+    /// The most recently finished SUCCESS or WARNINGS build of a builder.
+    pub async fn latest_successful_build(&self, builder: BuilderId) -> Result<Option<Build>> {
+        Ok(self.store.build_latest_successful(builder).await?)
+    }
+
+    /// A build by builder id and number.
+    pub async fn build_of(&self, builder: BuilderId, number: i64) -> Result<Build> {
+        Ok(self.store.build_get_by_number(builder, number).await?)
     }
 
     /// A builder by name, or [`EngineError::UnknownBuilder`].

@@ -41,9 +41,10 @@ pub mod storage {
     /// How job text is made storable (a NUL becomes U+2400).
     pub use kiln_storage::text::NUL_STAND_IN;
     pub use kiln_storage::{
-        BuildFilter, BuildsetFilter, CancelOutcome, ClaimFilter, Collection, Durability, FieldType,
-        Filter, FilterValue, Op, Page, Query, RequestFilter, RequestOrder, RequestOrderField,
-        StorageError, StoreOptions, database_url, display_url, is_sqlite,
+        BuildField, BuildFilter, BuilderField, BuildsetField, BuildsetFilter, CancelOutcome,
+        ClaimFilter, Durability, Field, FieldType, Filter, FilterValue, MasterField, Op, Page,
+        Query, RequestField, RequestFilter, RequestOrder, RequestOrderField, StorageError,
+        StoreOptions, database_url, display_url, is_sqlite,
     };
 }
 

@@ -271,9 +271,8 @@ async fn requests_run_by_priority_then_submission_time() -> Result<()> {
     let engine = engine(&db).await?;
     // The builder exists in the database before any engine runs it, so the queue fills
     // up first and the order is the scheduler's alone.
-    engine
-        .client()
-        .store()
+    kiln_storage::open(&db.url)
+        .await?
         .builder_ensure("one-at-a-time", None)
         .await?;
     let order = Arc::new(Mutex::new(Vec::new()));
@@ -474,9 +473,8 @@ async fn cancelling_an_unclaimed_request_completes_it_without_a_build() -> Resul
     let db = db()?;
     let engine = engine(&db).await?;
     // Nobody runs this builder, so its request stays unclaimed.
-    engine
-        .client()
-        .store()
+    kiln_storage::open(&db.url)
+        .await?
         .builder_ensure("nobody-runs-me", None)
         .await?;
     let s = engine
@@ -528,7 +526,7 @@ async fn a_cancel_from_another_process_stops_the_build_at_the_next_poll() -> Res
 async fn jobs_log_report_progress_set_state_and_read_and_set_properties() -> Result<()> {
     let db = db()?;
     let engine = engine(&db).await?;
-    let store = engine.client().store().clone();
+    let store = kiln_storage::open(&db.url).await?;
     engine
         .register_builder(
             BuilderConfig::new("chatty").kwargs(json!({"level": "max"})),
@@ -600,7 +598,7 @@ async fn jobs_log_report_progress_set_state_and_read_and_set_properties() -> Res
     );
     let tree = client.progress(build.id).await?;
     ensure!((tree.current, tree.total) == (4, 9), "{tree:?}");
-    let props = client.store().build_properties(build.id).await?;
+    let props = client.build_properties(build.id).await?;
     ensure!(props["version"].value == json!("1.2") && props["version"].source == "chatty");
     engine.shutdown().await;
     Ok(())
@@ -613,8 +611,7 @@ async fn a_dead_masters_work_is_requeued_and_run_by_a_live_engine() -> Result<()
     let buildset_id;
     {
         // A master that claimed work, started a build and then vanished an hour ago.
-        let client = Client::open(&db.url).await?;
-        let store = client.store();
+        let store = kiln_storage::open(&db.url).await?;
         let an_hour_ago = kiln_engine::model::now() - chrono::TimeDelta::hours(1);
         let ghost = store.master_register("ghost", an_hour_ago).await?.master_id;
         let builder = store.builder_ensure("b", None).await?;
@@ -751,7 +748,7 @@ async fn a_rebuild_is_a_new_buildset_with_the_same_stamps_and_properties() -> Re
     let done = guard("the rebuild", engine.wait_buildset(again.buildset_id)).await??;
     ensure!(done.rebuilt_buildid == Some(original.id) && done.results == Some(ResultCode::Success));
     ensure!(done.reason.contains("rebuild of b #1"), "{}", done.reason);
-    let store = engine.client().store();
+    let store = engine.client();
     ensure!(store.buildset_sourcestamps(again.buildset_id).await? == vec![stamp]);
     ensure!(
         store.buildset_properties(again.buildset_id).await?
@@ -837,8 +834,8 @@ async fn a_cancel_flagged_on_a_dead_masters_request_completes_it_without_a_new_b
     let db = db()?;
     let buildset_id;
     {
-        let client = Client::open(&db.url).await?;
-        let store = client.store();
+        let store = kiln_storage::open(&db.url).await?;
+        let client = Client::from_store(store.clone());
         let an_hour_ago = kiln_engine::model::now() - chrono::TimeDelta::hours(1);
         let ghost = store.master_register("ghost", an_hour_ago).await?.master_id;
         store.builder_ensure("b", None).await?;

@@ -155,8 +155,7 @@ async fn the_example_jobs_do_exactly_what_the_guide_says(language: &str) -> Resu
     .collect();
     ensure!(logs == expected_logs, "{language} logged {logs:?}");
     let progress: Vec<(Vec<String>, u64, u64, String)> = client
-        .store()
-        .progress_list(count.id)
+        .progress_reports(count.id)
         .await?
         .into_iter()
         .map(|r| {
@@ -181,12 +180,12 @@ async fn the_example_jobs_do_exactly_what_the_guide_says(language: &str) -> Resu
             ],
         "{language} progress {progress:?}"
     );
-    let props = client.store().build_properties(count.id).await?;
+    let props = client.build_properties(count.id).await?;
     ensure!(
         props["word_count"].value == json!(4)
             && props["word_count"].source == language_name(language)
     );
-    let artifacts = client.store().build_artifacts(count.id).await?;
+    let artifacts = client.build_artifacts(count.id).await?;
     ensure!(
         artifacts.len() == 1 && artifacts[0].path == "words.txt",
         "{artifacts:?}"

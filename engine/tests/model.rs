@@ -161,9 +161,9 @@ struct Journal {
     attempts: HashMap<RequestId, Vec<BuildId>>,
 }
 
-type Shared = Arc<Mutex<Journal>>;
+type SharedJournal = Arc<Mutex<Journal>>;
 
-fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Journal> {
+fn lock(shared: &SharedJournal) -> std::sync::MutexGuard<'_, Journal> {
     shared
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -191,7 +191,7 @@ fn plan_of(properties: &Properties, builder: &str) -> (Vec<Act>, u64) {
 
 /// A job that does what its plan says; a parent first triggers `children` under
 /// `policy` and waits for them.
-fn job(journal: Shared, parent: Option<(Vec<String>, &'static str)>) -> FnExecutor {
+fn job(journal: SharedJournal, parent: Option<(Vec<String>, &'static str)>) -> FnExecutor {
     FnExecutor::new(move |ctx| {
         let journal = journal.clone();
         let parent = parent.clone();
@@ -259,7 +259,7 @@ struct BuilderShape {
 
 struct World {
     builders: Vec<BuilderShape>,
-    journal: Shared,
+    journal: SharedJournal,
     heard: Arc<Mutex<Vec<Report>>>,
     executors: HashMap<String, Arc<dyn Executor>>,
 }
@@ -285,7 +285,7 @@ impl World {
             let policy = POLICIES[rng.usize(0..POLICIES.len())];
             b.parent = Some((children, policy));
         }
-        let journal: Shared = Arc::default();
+        let journal: SharedJournal = Arc::default();
         let executors = builders
             .iter()
             .map(|b| {

@@ -170,7 +170,7 @@ async fn a_failing_reporter_is_retried_and_never_changes_a_builds_result() -> Re
     ensure!(failures == 3, "{failures} failed attempts were recorded");
     let delivered = rx.try_recv()?;
     ensure!(delivered.kind == ReportKind::BuildFinished);
-    let state = engine.client().store().reporter_get("flaky").await?;
+    let state = engine.client().reporter("flaky").await?;
     ensure!(
         state.delivered == 1 && state.attempts == 0 && state.dropped == 0,
         "{state:?}"
@@ -205,7 +205,7 @@ async fn an_event_is_dropped_after_the_last_attempt_and_delivery_goes_on() -> Re
         matches!(e, Event::ReporterProgress { delivered: 1, .. })
     })
     .await?;
-    let state = engine.client().store().reporter_get("give-up").await?;
+    let state = engine.client().reporter("give-up").await?;
     ensure!(state.dropped == 1 && state.delivered == 1, "{state:?}");
     ensure!(state.last_error.as_deref() == Some("the receiver is down"));
     ensure!(rx.try_recv()?.kind == ReportKind::BuildsetComplete);
@@ -545,8 +545,8 @@ async fn pending_deliveries_survive_a_kill_9_and_are_delivered_after_restart_exa
     first.wait().await?;
 
     let client = Client::open(&format!("sqlite://{db}")).await?;
-    let state = client.store().reporter_get("hook").await?;
-    let pending = client.store().outbox_read(state.cursor, 10_000).await?;
+    let state = client.reporter("hook").await?;
+    let pending = client.outbox(state.cursor, 10_000).await?;
     ensure!(
         pending.len() == 4 * CHILD_BUILDSETS,
         "{} events pending after the kill, expected {}",

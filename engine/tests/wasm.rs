@@ -252,12 +252,7 @@ async fn files_written_to_the_result_directory_become_artifacts() -> Result<()> 
     .await?;
     let build = rig.run("artifacts").await?;
     ensure!(build.results == Some(ResultCode::Success), "{build:?}");
-    let artifacts = rig
-        .engine
-        .client()
-        .store()
-        .build_artifacts(build.id)
-        .await?;
+    let artifacts = rig.engine.client().build_artifacts(build.id).await?;
     let paths: Vec<&str> = artifacts.iter().map(|a| a.path.as_str()).collect();
     ensure!(
         paths

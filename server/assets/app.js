@@ -37,7 +37,9 @@ async function post(path, body) {
     body: JSON.stringify(body),
   });
   const reply = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(reply.error || response.statusText);
+  // A refused JSON-RPC call answers with an error object; other writes with a string.
+  const error = reply.error && (reply.error.message || reply.error);
+  if (!response.ok) throw new Error(error || response.statusText);
   return reply;
 }
 

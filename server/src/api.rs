@@ -9,21 +9,25 @@ use axum::response::{IntoResponse, Response};
 use kiln_engine::model::{
     Build, BuildId, Builder, Buildset, BuildsetId, LogLevel, LogQuery, MasterId, RequestId,
 };
-use kiln_engine::storage::{Collection, FilterValue, Op, Query};
+use kiln_engine::storage::{
+    BuildField, BuilderField, BuildsetField, FilterValue, MasterField, Op, Page, Query,
+    RequestField,
+};
 use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::control::authorize;
 use crate::error::{ApiError, ApiResult};
 use crate::json::{self, id};
-use crate::query::{pairs, parse_collection, parse_entity};
+use crate::query::{Collection, pairs, parse_collection, parse_entity};
 
 type Reply = ApiResult<Json<Value>>;
 
 /// How deep `/buildsets/{id}/tree` follows children.
 const TREE_DEPTH: usize = 8;
 
-fn read(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+/// Refuses a read without the token when reads are private.
+fn authorize_read(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     if state.config.private_reads {
         authorize(state, headers)?;
     }
@@ -35,24 +39,23 @@ pub async fn not_found() -> ApiError {
 }
 
 /// A page of entities as a collection response.
-fn page_reply<T>(
-    plural: &str,
-    page: &kiln_engine::storage::Page<T>,
+fn page_reply<F: Collection, T>(
+    page: &Page<T>,
     render: fn(&T) -> Value,
     fields: &[String],
 ) -> Reply {
     let items = page.items.iter().map(render).collect();
-    Ok(Json(json::collection(plural, items, page.total, fields)))
+    Ok(Json(json::collection(
+        F::PLURAL,
+        items,
+        total(page),
+        fields,
+    )))
 }
 
-/// Adds a filter on `field = value` to a parsed collection query (sub-collections).
-fn scoped(mut query: Query, field: &str, value: i64) -> Query {
-    query.filters.push(kiln_engine::storage::Filter {
-        field: field.into(),
-        op: Op::Eq,
-        values: vec![FilterValue::Int(value)],
-    });
-    query
+/// The total of a counted page.
+fn total<T>(page: &Page<T>) -> u64 {
+    page.total.unwrap_or(page.items.len() as u64)
 }
 
 // ---- buildsets ----
@@ -62,15 +65,10 @@ pub async fn buildsets(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
-    let q = parse_collection(
-        Collection::Buildsets,
-        raw.as_deref(),
-        json::BUILDSET_FIELDS,
-        s.paging(),
-    )?;
-    let page = s.engine.client().store().query_buildsets(&q.query).await?;
-    page_reply("buildsets", &page, json::buildset, &q.fields)
+    authorize_read(&s, &headers)?;
+    let q = parse_collection::<BuildsetField>(raw.as_deref(), json::BUILDSET_FIELDS, s.paging())?;
+    let page = s.engine.client().query_buildsets(&q.query).await?;
+    page_reply::<BuildsetField, _>(&page, json::buildset, &q.fields)
 }
 
 pub async fn buildset(
@@ -79,14 +77,14 @@ pub async fn buildset(
     Path(bsid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     let fields = parse_entity(raw.as_deref(), json::BUILDSET_FIELDS)?;
     let id = BuildsetId(id("buildset", &bsid)?);
-    let store = s.engine.client().store();
-    let bs = store.buildset_get(id).await?;
+    let client = s.engine.client();
+    let bs = client.buildset(id).await?;
     let mut value = json::buildset(&bs);
-    value["sourcestamps"] = json::sourcestamps(&store.buildset_sourcestamps(id).await?);
-    value["properties"] = json::properties(&store.buildset_properties(id).await?);
+    value["sourcestamps"] = json::sourcestamps(&client.buildset_sourcestamps(id).await?);
+    value["properties"] = json::properties(&client.buildset_properties(id).await?);
     Ok(Json(json::entity("buildsets", value, &fields)))
 }
 
@@ -96,12 +94,11 @@ pub async fn buildset_properties(
     Path(bsid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     parse_entity(raw.as_deref(), &[])?;
     let props = s
         .engine
         .client()
-        .store()
         .buildset_properties(BuildsetId(id("buildset", &bsid)?))
         .await?;
     Ok(Json(
@@ -115,12 +112,11 @@ pub async fn buildset_sourcestamps(
     Path(bsid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     parse_entity(raw.as_deref(), &[])?;
     let stamps = s
         .engine
         .client()
-        .store()
         .buildset_sourcestamps(BuildsetId(id("buildset", &bsid)?))
         .await?;
     let total = stamps.len();
@@ -135,26 +131,16 @@ pub async fn buildset_requests(
     Path(bsid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     let bsid = id("buildset", &bsid)?;
-    s.engine
-        .client()
-        .store()
-        .buildset_get(BuildsetId(bsid))
-        .await?;
-    let q = parse_collection(
-        Collection::BuildRequests,
-        raw.as_deref(),
-        json::REQUEST_FIELDS,
-        s.paging(),
-    )?;
+    s.engine.client().buildset(BuildsetId(bsid)).await?;
+    let q = parse_collection::<RequestField>(raw.as_deref(), json::REQUEST_FIELDS, s.paging())?;
     let page = s
         .engine
         .client()
-        .store()
-        .query_requests(&scoped(q.query, "buildsetid", bsid))
+        .query_requests(&q.query.eq(RequestField::BuildsetId, BuildsetId(bsid)))
         .await?;
-    page_reply("buildrequests", &page, json::request, &q.fields)
+    page_reply::<RequestField, _>(&page, json::request, &q.fields)
 }
 
 pub async fn buildset_builds(
@@ -163,20 +149,16 @@ pub async fn buildset_builds(
     Path(bsid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     let bsid = id("buildset", &bsid)?;
-    s.engine
-        .client()
-        .store()
-        .buildset_get(BuildsetId(bsid))
-        .await?;
-    let q = parse_collection(
-        Collection::Builds,
-        raw.as_deref(),
-        json::BUILD_FIELDS,
-        s.paging(),
-    )?;
-    builds_page(&s, scoped(q.query, "buildsetid", bsid), &q.fields).await
+    s.engine.client().buildset(BuildsetId(bsid)).await?;
+    let q = parse_collection::<BuildField>(raw.as_deref(), json::BUILD_FIELDS, s.paging())?;
+    builds_page(
+        &s,
+        q.query.eq(BuildField::BuildsetId, BuildsetId(bsid)),
+        &q.fields,
+    )
+    .await
 }
 
 /// A buildset with its builds and, under each build, the buildsets it triggered, down
@@ -189,7 +171,7 @@ pub async fn buildset_tree(
     Path(bsid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     parse_entity(raw.as_deref(), &[])?;
     let root = s
         .engine
@@ -198,15 +180,20 @@ pub async fn buildset_tree(
         .await?;
     let names = builder_names(&s).await?;
     let max = s.config.max_tree_nodes.max(1);
-    let store = s.engine.client().store();
+    let client = s.engine.client();
     let mut tree = Tree::default();
     let mut nodes = 1;
     let mut truncated = false;
     let mut level = vec![root.id.0];
     for depth in 0..=TREE_DEPTH {
         // The level's requests tell which buildset each build belongs to.
-        let requests = store
-            .query_requests(&within("buildsetid", &level, "buildrequestid", usize::MAX))
+        let requests = client
+            .query_requests(&within(
+                RequestField::BuildsetId,
+                &level,
+                RequestField::Id,
+                usize::MAX,
+            ))
             .await?;
         let buildset_of: BTreeMap<i64, i64> = requests
             .items
@@ -214,14 +201,19 @@ pub async fn buildset_tree(
             .map(|r| (r.id.0, r.buildset_id.0))
             .collect();
         let room = max.saturating_sub(nodes);
-        let builds = store
-            .query_builds(&within("buildsetid", &level, "buildid", room))
+        let builds = client
+            .query_builds(&within(
+                BuildField::BuildsetId,
+                &level,
+                BuildField::Id,
+                room,
+            ))
             .await?;
         if room == 0 {
-            truncated |= builds.total > 0;
+            truncated |= total(&builds) > 0;
             break;
         }
-        truncated |= builds.total > builds.items.len() as u64;
+        truncated |= total(&builds) > builds.items.len() as u64;
         nodes += builds.items.len();
         let build_ids: Vec<i64> = builds.items.iter().map(|b| b.id.0).collect();
         for b in builds.items {
@@ -235,14 +227,19 @@ pub async fn buildset_tree(
             break;
         }
         let room = max.saturating_sub(nodes);
-        let children = store
-            .query_buildsets(&within("parent_buildid", &build_ids, "bsid", room))
+        let children = client
+            .query_buildsets(&within(
+                BuildsetField::ParentBuildId,
+                &build_ids,
+                BuildsetField::Id,
+                room,
+            ))
             .await?;
         if depth == TREE_DEPTH || room == 0 {
-            truncated |= children.total > 0;
+            truncated |= total(&children) > 0;
             break;
         }
-        truncated |= children.total > children.items.len() as u64;
+        truncated |= total(&children) > children.items.len() as u64;
         nodes += children.items.len();
         level = children.items.iter().map(|c| c.id.0).collect();
         for child in children.items {
@@ -261,17 +258,17 @@ pub async fn buildset_tree(
 
 /// A query for the items whose `field` is one of `ids`, by `order`, at most `limit`
 /// (asking for one when there is no room: the total still says whether any exist).
-fn within(field: &str, ids: &[i64], order: &str, limit: usize) -> Query {
-    Query {
-        filters: vec![kiln_engine::storage::Filter {
-            field: field.into(),
-            op: Op::In,
-            values: ids.iter().map(|id| FilterValue::Int(*id)).collect(),
-        }],
-        order: vec![(order.into(), false)],
-        limit: Some(u32::try_from(limit.max(1)).unwrap_or(u32::MAX)),
-        offset: None,
-    }
+fn within<F: Collection>(field: F, ids: &[i64], order: F, limit: usize) -> Query<F> {
+    let mut query = Query::new()
+        .counted()
+        .order_by(order, false)
+        .limit(u32::try_from(limit.max(1)).unwrap_or(u32::MAX));
+    query.filters.push(kiln_engine::storage::Filter {
+        field,
+        op: Op::In,
+        values: ids.iter().map(|id| FilterValue::Int(*id)).collect(),
+    });
+    query
 }
 
 /// The builds of each buildset and the children of each build, read level by level.
@@ -328,15 +325,10 @@ pub async fn requests(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
-    let q = parse_collection(
-        Collection::BuildRequests,
-        raw.as_deref(),
-        json::REQUEST_FIELDS,
-        s.paging(),
-    )?;
-    let page = s.engine.client().store().query_requests(&q.query).await?;
-    page_reply("buildrequests", &page, json::request, &q.fields)
+    authorize_read(&s, &headers)?;
+    let q = parse_collection::<RequestField>(raw.as_deref(), json::REQUEST_FIELDS, s.paging())?;
+    let page = s.engine.client().query_requests(&q.query).await?;
+    page_reply::<RequestField, _>(&page, json::request, &q.fields)
 }
 
 pub async fn request(
@@ -345,7 +337,7 @@ pub async fn request(
     Path(rid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     let fields = parse_entity(raw.as_deref(), json::REQUEST_FIELDS)?;
     let r = s
         .engine
@@ -365,23 +357,23 @@ pub async fn request_builds(
     Path(rid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     let rid = id("build request", &rid)?;
     s.engine.client().request(RequestId(rid)).await?;
-    let q = parse_collection(
-        Collection::Builds,
-        raw.as_deref(),
-        json::BUILD_FIELDS,
-        s.paging(),
-    )?;
-    builds_page(&s, scoped(q.query, "buildrequestid", rid), &q.fields).await
+    let q = parse_collection::<BuildField>(raw.as_deref(), json::BUILD_FIELDS, s.paging())?;
+    builds_page(
+        &s,
+        q.query.eq(BuildField::RequestId, RequestId(rid)),
+        &q.fields,
+    )
+    .await
 }
 
 // ---- builds ----
 
-async fn builds_page(s: &AppState, query: Query, fields: &[String]) -> Reply {
-    let page = s.engine.client().store().query_builds(&query).await?;
-    page_reply("builds", &page, json::build, fields)
+async fn builds_page(s: &AppState, query: Query<BuildField>, fields: &[String]) -> Reply {
+    let page = s.engine.client().query_builds(&query).await?;
+    page_reply::<BuildField, _>(&page, json::build, fields)
 }
 
 pub async fn builds(
@@ -389,20 +381,14 @@ pub async fn builds(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
-    let q = parse_collection(
-        Collection::Builds,
-        raw.as_deref(),
-        json::BUILD_FIELDS,
-        s.paging(),
-    )?;
+    authorize_read(&s, &headers)?;
+    let q = parse_collection::<BuildField>(raw.as_deref(), json::BUILD_FIELDS, s.paging())?;
     builds_page(&s, q.query, &q.fields).await
 }
 
 async fn build_reply(s: &AppState, build: kiln_engine::model::Build, fields: &[String]) -> Reply {
     let mut value = json::build(&build);
-    value["properties"] =
-        json::properties(&s.engine.client().store().build_properties(build.id).await?);
+    value["properties"] = json::properties(&s.engine.client().build_properties(build.id).await?);
     Ok(Json(json::entity("builds", value, fields)))
 }
 
@@ -412,7 +398,7 @@ pub async fn build(
     Path(bid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     let fields = parse_entity(raw.as_deref(), json::BUILD_FIELDS)?;
     let b = s.engine.client().build(BuildId(id("build", &bid)?)).await?;
     build_reply(&s, b, &fields).await
@@ -424,12 +410,10 @@ pub async fn build_properties(
     Path(bid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     parse_entity(raw.as_deref(), &[])?;
     let build = BuildId(id("build", &bid)?);
-    let store = s.engine.client().store();
-    store.build_get(build).await?;
-    let props = store.build_properties(build).await?;
+    let props = s.engine.client().build_properties(build).await?;
     Ok(Json(
         json!({ "properties": [json::properties(&props)], "meta": {"total": 1} }),
     ))
@@ -442,7 +426,7 @@ pub async fn build_logs(
     Path(bid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     let build = BuildId(id("build", &bid)?);
     let mut query = LogQuery {
         build_id: Some(build),
@@ -482,9 +466,9 @@ pub async fn build_logs(
             }
         }
     }
-    let store = s.engine.client().store();
-    store.build_get(build).await?;
-    let entries = store.log_list(&query).await?;
+    let client = s.engine.client();
+    client.build(build).await?;
+    let entries = client.logs(&query).await?;
     let logs: Vec<Value> = entries
         .iter()
         .map(|e| {
@@ -507,7 +491,7 @@ pub async fn build_progress(
     Path(bid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     parse_entity(raw.as_deref(), &[])?;
     let tree = s
         .engine
@@ -523,12 +507,12 @@ pub async fn build_artifacts(
     Path(bid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     parse_entity(raw.as_deref(), &[])?;
     let build = BuildId(id("build", &bid)?);
-    let store = s.engine.client().store();
-    store.build_get(build).await?;
-    let artifacts: Vec<Value> = store
+    let artifacts: Vec<Value> = s
+        .engine
+        .client()
         .build_artifacts(build)
         .await?
         .into_iter()
@@ -552,12 +536,12 @@ pub async fn build_artifact_file(
     headers: HeaderMap,
     Path((bid, path)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     let build = BuildId(id("build", &bid)?);
-    let store = s.engine.client().store();
-    store.build_get(build).await?;
     // Only paths the database lists are served: nothing else on the disk is reachable.
-    let artifact = store
+    let artifact = s
+        .engine
+        .client()
         .build_artifacts(build)
         .await?
         .into_iter()
@@ -603,22 +587,16 @@ pub async fn build_triggered(
     Path(bid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     let bid = id("build", &bid)?;
     s.engine.client().build(BuildId(bid)).await?;
-    let q = parse_collection(
-        Collection::Buildsets,
-        raw.as_deref(),
-        json::BUILDSET_FIELDS,
-        s.paging(),
-    )?;
+    let q = parse_collection::<BuildsetField>(raw.as_deref(), json::BUILDSET_FIELDS, s.paging())?;
     let page = s
         .engine
         .client()
-        .store()
-        .query_buildsets(&scoped(q.query, "parent_buildid", bid))
+        .query_buildsets(&q.query.eq(BuildsetField::ParentBuildId, BuildId(bid)))
         .await?;
-    page_reply("buildsets", &page, json::buildset, &q.fields)
+    page_reply::<BuildsetField, _>(&page, json::buildset, &q.fields)
 }
 
 // ---- builders ----
@@ -626,17 +604,14 @@ pub async fn build_triggered(
 async fn builder_value(s: &AppState, b: &Builder) -> ApiResult<Value> {
     let client = s.engine.client();
     let status = client.builder_status(b).await?;
-    let latest = client.store().build_latest_successful(b.id).await?;
+    let latest = client.latest_successful_build(b.id).await?;
     Ok(json::builder(b, status, latest.as_ref()))
 }
 
 async fn find_builder(s: &AppState, key: &str) -> ApiResult<Builder> {
     let client = s.engine.client();
     match key.parse::<i64>() {
-        Ok(n) => Ok(client
-            .store()
-            .builder_get(kiln_engine::model::BuilderId(n))
-            .await?),
+        Ok(n) => Ok(client.builder(kiln_engine::model::BuilderId(n)).await?),
         Err(_) => Ok(client
             .builder_named(key)
             .await
@@ -649,20 +624,18 @@ pub async fn builders(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
-    let q = parse_collection(
-        Collection::Builders,
-        raw.as_deref(),
-        json::BUILDER_FIELDS,
-        s.paging(),
-    )?;
-    let page = s.engine.client().store().query_builders(&q.query).await?;
+    authorize_read(&s, &headers)?;
+    let q = parse_collection::<BuilderField>(raw.as_deref(), json::BUILDER_FIELDS, s.paging())?;
+    let page = s.engine.client().query_builders(&q.query).await?;
     let mut items = Vec::with_capacity(page.items.len());
     for b in &page.items {
         items.push(builder_value(&s, b).await?);
     }
     Ok(Json(json::collection(
-        "builders", items, page.total, &q.fields,
+        BuilderField::PLURAL,
+        items,
+        total(&page),
+        &q.fields,
     )))
 }
 
@@ -672,7 +645,7 @@ pub async fn builder(
     Path(key): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     let fields = parse_entity(raw.as_deref(), json::BUILDER_FIELDS)?;
     let b = find_builder(&s, &key).await?;
     Ok(Json(json::entity(
@@ -688,15 +661,10 @@ pub async fn builder_builds(
     Path(key): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     let b = find_builder(&s, &key).await?;
-    let q = parse_collection(
-        Collection::Builds,
-        raw.as_deref(),
-        json::BUILD_FIELDS,
-        s.paging(),
-    )?;
-    builds_page(&s, scoped(q.query, "builderid", b.id.0), &q.fields).await
+    let q = parse_collection::<BuildField>(raw.as_deref(), json::BUILD_FIELDS, s.paging())?;
+    builds_page(&s, q.query.eq(BuildField::BuilderId, b.id), &q.fields).await
 }
 
 pub async fn builder_build(
@@ -705,18 +673,13 @@ pub async fn builder_build(
     Path((key, number)): Path<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     let fields = parse_entity(raw.as_deref(), json::BUILD_FIELDS)?;
     let b = find_builder(&s, &key).await?;
     let number: i64 = number
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("build number {number:?} is not a number")))?;
-    let build = s
-        .engine
-        .client()
-        .store()
-        .build_get_by_number(b.id, number)
-        .await?;
+    let build = s.engine.client().build_of(b.id, number).await?;
     build_reply(&s, build, &fields).await
 }
 
@@ -727,15 +690,10 @@ pub async fn masters(
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
-    let q = parse_collection(
-        Collection::Masters,
-        raw.as_deref(),
-        json::MASTER_FIELDS,
-        s.paging(),
-    )?;
-    let page = s.engine.client().store().query_masters(&q.query).await?;
-    page_reply("masters", &page, json::master, &q.fields)
+    authorize_read(&s, &headers)?;
+    let q = parse_collection::<MasterField>(raw.as_deref(), json::MASTER_FIELDS, s.paging())?;
+    let page = s.engine.client().query_masters(&q.query).await?;
+    page_reply::<MasterField, _>(&page, json::master, &q.fields)
 }
 
 pub async fn master(
@@ -744,13 +702,12 @@ pub async fn master(
     Path(mid): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Reply {
-    read(&s, &headers)?;
+    authorize_read(&s, &headers)?;
     let fields = parse_entity(raw.as_deref(), json::MASTER_FIELDS)?;
     let m = s
         .engine
         .client()
-        .store()
-        .master_get(MasterId(id("master", &mid)?))
+        .master(MasterId(id("master", &mid)?))
         .await?;
     Ok(Json(json::entity("masters", json::master(&m), &fields)))
 }

@@ -2,8 +2,9 @@
 //! Every one needs the server's bearer token.
 //!
 //! Control actions are JSON-RPC 2.0 POSTs to the entity, answered with
-//! `{"jsonrpc": "2.0", "result": ..., "id": ...}`; a refused action is an HTTP error
-//! with `{"error": "..."}`:
+//! `{"jsonrpc": "2.0", "result": ..., "id": ...}`; a refused action keeps its HTTP status
+//! (400, 401, 404, 409) and answers with a JSON-RPC error object carrying the call's id,
+//! `{"jsonrpc": "2.0", "error": {"code": ..., "message": "..."}, "id": ...}`:
 //!
 //! | entity | methods |
 //! | --- | --- |
@@ -23,7 +24,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::AppState;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, RpcError};
 use crate::json::id;
 use crate::query::pairs;
 
@@ -130,20 +131,52 @@ struct Rpc {
     id: Value,
 }
 
-fn rpc(bytes: &Bytes) -> ApiResult<Rpc> {
-    let call: Rpc = body(bytes)?;
+/// Reads a JSON-RPC call and checks the token and the query string; a refusal carries
+/// the call's id when the body could be read that far.
+fn call(
+    state: &AppState,
+    headers: &HeaderMap,
+    raw: Option<&str>,
+    bytes: &Bytes,
+) -> Result<Rpc, RpcError> {
+    let id = serde_json::from_slice::<Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("id").cloned())
+        .unwrap_or(Value::Null);
+    let refuse = |error: ApiError| RpcError {
+        id: id.clone(),
+        error,
+    };
+    authorize(state, headers).map_err(refuse)?;
+    no_query(raw).map_err(refuse)?;
+    let call: Rpc = serde_json::from_slice(bytes).map_err(|e| {
+        refuse(ApiError::BadRequest(format!(
+            "the request body is not a JSON-RPC 2.0 call ({{\"jsonrpc\": \"2.0\", \"method\": ..., \"id\": ...}}): {e}"
+        )))
+    })?;
     if call.jsonrpc.as_deref().is_some_and(|v| v != "2.0") {
-        return Err(ApiError::BadRequest("jsonrpc must be \"2.0\"".into()));
+        return Err(refuse(ApiError::BadRequest(
+            "jsonrpc must be \"2.0\"".into(),
+        )));
     }
     Ok(call)
 }
 
-fn reply(call: &Rpc, result: Value) -> Json<Value> {
-    Json(json!({ "jsonrpc": "2.0", "result": result, "id": call.id }))
+/// The answer to a call: its result, or its refusal as a JSON-RPC error.
+fn answer(call: &Rpc, result: ApiResult<Value>) -> Result<Json<Value>, RpcError> {
+    match result {
+        Ok(result) => Ok(Json(
+            json!({ "jsonrpc": "2.0", "result": result, "id": call.id }),
+        )),
+        Err(error) => Err(RpcError {
+            id: call.id.clone(),
+            error,
+        }),
+    }
 }
 
 fn unknown_method(call: &Rpc, known: &str) -> ApiError {
-    ApiError::BadRequest(format!(
+    ApiError::NoSuchMethod(format!(
         "unknown method {:?} (methods here: {known})",
         call.method
     ))
@@ -172,11 +205,13 @@ pub async fn request_rpc(
     Path(rid): Path<String>,
     RawQuery(raw): RawQuery,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
-    authorize(&s, &headers)?;
-    no_query(raw.as_deref())?;
-    let rid = RequestId(id("build request", &rid)?);
-    let call = rpc(&bytes)?;
+) -> Result<Json<Value>, RpcError> {
+    let call = call(&s, &headers, raw.as_deref(), &bytes)?;
+    answer(&call, request_action(&s, &rid, &call).await)
+}
+
+async fn request_action(s: &AppState, rid: &str, call: &Rpc) -> ApiResult<Value> {
+    let rid = RequestId(id("build request", rid)?);
     match call.method.as_str() {
         "cancel" => {
             let request = s.engine.client().request(rid).await?;
@@ -186,7 +221,7 @@ pub async fn request_rpc(
                 )));
             }
             let outcome = s.engine.cancel_request(rid).await?;
-            Ok(reply(&call, cancel_result(&outcome)))
+            Ok(cancel_result(&outcome))
         }
         "set_priority" => {
             let priority = call
@@ -199,12 +234,10 @@ pub async fn request_rpc(
                         "set_priority needs params.priority, a whole number".into(),
                     )
                 })?;
-            let store = s.engine.client().store();
-            store.request_get(rid).await?;
-            store.request_set_priority(rid, priority).await?;
-            Ok(reply(&call, json!({ "priority": priority })))
+            s.engine.client().set_priority(rid, priority).await?;
+            Ok(json!({ "priority": priority }))
         }
-        _ => Err(unknown_method(&call, "cancel, set_priority")),
+        _ => Err(unknown_method(call, "cancel, set_priority")),
     }
 }
 
@@ -215,15 +248,17 @@ pub async fn buildset_rpc(
     Path(bsid): Path<String>,
     RawQuery(raw): RawQuery,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
-    authorize(&s, &headers)?;
-    no_query(raw.as_deref())?;
-    let bsid = BuildsetId(id("buildset", &bsid)?);
-    let call = rpc(&bytes)?;
+) -> Result<Json<Value>, RpcError> {
+    let call = call(&s, &headers, raw.as_deref(), &bytes)?;
+    answer(&call, buildset_action(&s, &bsid, &call).await)
+}
+
+async fn buildset_action(s: &AppState, bsid: &str, call: &Rpc) -> ApiResult<Value> {
+    let bsid = BuildsetId(id("buildset", bsid)?);
     match call.method.as_str() {
         "cancel" => {
             let outcome = s.engine.cancel_buildset(bsid).await?;
-            Ok(reply(&call, cancel_result(&outcome)))
+            Ok(cancel_result(&outcome))
         }
         "resubmit" => {
             let all = call
@@ -234,12 +269,9 @@ pub async fn buildset_rpc(
             let submitted = s.engine.resubmit(bsid, all).await?;
             let brids: BTreeMap<&String, i64> =
                 submitted.requests.iter().map(|(k, v)| (k, v.0)).collect();
-            Ok(reply(
-                &call,
-                json!({ "bsid": submitted.buildset_id.0, "brids": brids }),
-            ))
+            Ok(json!({ "bsid": submitted.buildset_id.0, "brids": brids }))
         }
-        _ => Err(unknown_method(&call, "cancel, resubmit")),
+        _ => Err(unknown_method(call, "cancel, resubmit")),
     }
 }
 
@@ -250,11 +282,13 @@ pub async fn build_rpc(
     Path(bid): Path<String>,
     RawQuery(raw): RawQuery,
     bytes: Bytes,
-) -> ApiResult<Json<Value>> {
-    authorize(&s, &headers)?;
-    no_query(raw.as_deref())?;
-    let bid = BuildId(id("build", &bid)?);
-    let call = rpc(&bytes)?;
+) -> Result<Json<Value>, RpcError> {
+    let call = call(&s, &headers, raw.as_deref(), &bytes)?;
+    answer(&call, build_action(&s, &bid, &call).await)
+}
+
+async fn build_action(s: &AppState, bid: &str, call: &Rpc) -> ApiResult<Value> {
+    let bid = BuildId(id("build", bid)?);
     match call.method.as_str() {
         "stop" => {
             let build = s.engine.client().build(bid).await?;
@@ -264,18 +298,15 @@ pub async fn build_rpc(
                 )));
             }
             let outcome = s.engine.cancel_request(build.request_id).await?;
-            Ok(reply(&call, cancel_result(&outcome)))
+            Ok(cancel_result(&outcome))
         }
         "rebuild" => {
             let submitted = s.engine.rebuild(bid).await?;
             let brids: BTreeMap<&String, i64> =
                 submitted.requests.iter().map(|(k, v)| (k, v.0)).collect();
-            Ok(reply(
-                &call,
-                json!({ "bsid": submitted.buildset_id.0, "brids": brids }),
-            ))
+            Ok(json!({ "bsid": submitted.buildset_id.0, "brids": brids }))
         }
-        _ => Err(unknown_method(&call, "stop, rebuild")),
+        _ => Err(unknown_method(call, "stop, rebuild")),
     }
 }
 

@@ -33,6 +33,9 @@ pub enum ApiError {
     /// The request's headers are too many or too large.
     #[error("{0}")]
     HeadersTooLarge(String),
+    /// A JSON-RPC call names a method the entity does not have.
+    #[error("{0}")]
+    NoSuchMethod(String),
     /// Something failed inside; the details go to the log only.
     #[error("internal error")]
     Internal(String),
@@ -41,7 +44,7 @@ pub enum ApiError {
 impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::NoSuchMethod(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -55,39 +58,83 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let ApiError::Internal(detail) = &self {
-            tracing::error!(error = %detail, "request failed");
-        }
+        self.log();
         let status = self.status();
         (status, Json(json!({ "error": self.to_string() }))).into_response()
     }
 }
 
-impl From<StorageError> for ApiError {
-    fn from(e: StorageError) -> Self {
-        match e {
-            StorageError::NotFound { .. } | StorageError::UnknownBuilder(_) => {
-                ApiError::NotFound(e.to_string())
+impl ApiError {
+    /// Logs an internal failure (its details never reach the client).
+    fn log(&self) {
+        if let ApiError::Internal(detail) = self {
+            tracing::error!(error = %detail, "request failed");
+        }
+    }
+
+    /// The JSON-RPC 2.0 error code: the spec's own where one fits, otherwise one of the
+    /// range it leaves to servers (-32000..-32099).
+    pub fn rpc_code(&self) -> i64 {
+        match self {
+            ApiError::BadRequest(_) => -32602,
+            ApiError::NoSuchMethod(_) => -32601,
+            ApiError::Internal(_) => -32603,
+            ApiError::TooLarge(_) | ApiError::UriTooLong(_) | ApiError::HeadersTooLarge(_) => {
+                -32600
             }
-            StorageError::Invalid(_) => ApiError::BadRequest(e.to_string()),
-            StorageError::AlreadyClaimed(_)
-            | StorageError::NotClaimed(_)
-            | StorageError::NotOwner { .. }
-            | StorageError::ClaimLost { .. } => ApiError::Conflict(e.to_string()),
-            other => ApiError::Internal(other.to_string()),
+            ApiError::Unauthorized(_) => -32001,
+            ApiError::NotFound(_) => -32004,
+            ApiError::Conflict(_) => -32009,
         }
     }
 }
 
+/// The one mapping from the engine's errors to the API's: what the client asked for is
+/// wrong (400), missing (404) or in the way of the entity's state (409); anything else is
+/// the server's own failure (500). An unknown builder is a 400 wherever it comes from: a
+/// submission names it; a path that names a builder answers 404 on its own.
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
+        let message = e.to_string();
         match e {
-            EngineError::Storage(s) => s.into(),
-            EngineError::UnknownBuilder(_) => ApiError::BadRequest(e.to_string()),
-            EngineError::Invalid(_) => ApiError::BadRequest(e.to_string()),
-            EngineError::DuplicateBuilder(_) => ApiError::Conflict(e.to_string()),
-            EngineError::ShuttingDown => ApiError::Conflict(e.to_string()),
+            EngineError::UnknownBuilder(_)
+            | EngineError::Invalid(_)
+            | EngineError::Storage(StorageError::UnknownBuilder(_) | StorageError::Invalid(_)) => {
+                ApiError::BadRequest(message)
+            }
+            EngineError::Storage(StorageError::NotFound { .. }) => ApiError::NotFound(message),
+            EngineError::DuplicateBuilder(_)
+            | EngineError::ShuttingDown
+            | EngineError::Storage(
+                StorageError::AlreadyClaimed(_)
+                | StorageError::NotClaimed(_)
+                | StorageError::NotOwner { .. }
+                | StorageError::ClaimLost { .. },
+            ) => ApiError::Conflict(message),
+            EngineError::Storage(_) => ApiError::Internal(message),
         }
+    }
+}
+
+/// A refused JSON-RPC call: the HTTP status of the error, and a JSON-RPC 2.0 error
+/// object carrying the call's id (`null` when the body could not be read).
+#[derive(Debug)]
+pub struct RpcError {
+    /// The call's id.
+    pub id: serde_json::Value,
+    /// What went wrong.
+    pub error: ApiError,
+}
+
+impl IntoResponse for RpcError {
+    fn into_response(self) -> Response {
+        self.error.log();
+        let body = json!({
+            "jsonrpc": "2.0",
+            "error": {"code": self.error.rpc_code(), "message": self.error.to_string()},
+            "id": self.id,
+        });
+        (self.error.status(), Json(body)).into_response()
     }
 }
 

@@ -2,10 +2,11 @@
 //! same field tables the query parser checks against, so that the two cannot drift.
 
 use axum::Json;
-use kiln_engine::storage::Collection;
+use kiln_engine::storage::{BuildField, BuilderField, BuildsetField, MasterField, RequestField};
 use serde_json::{Map, Value, json};
 
 use crate::json as shapes;
+use crate::query::Collection;
 
 fn error_responses() -> Value {
     json!({
@@ -14,11 +15,11 @@ fn error_responses() -> Value {
     })
 }
 
-fn collection_params(collection: Collection) -> Vec<Value> {
-    let mut params: Vec<Value> = collection
-        .fields()
+fn collection_params<F: Collection>() -> Vec<Value> {
+    let mut params: Vec<Value> = F::ALL
         .iter()
-        .map(|(name, ty)| {
+        .map(|f| {
+            let (name, ty) = (f.wire(), f.kind());
             json!({
                 "name": name, "in": "query", "required": false,
                 "description": format!(
@@ -42,10 +43,10 @@ fn path_param(name: &str, description: &str) -> Value {
     json!({"name": name, "in": "path", "required": true, "description": description, "schema": {"type": "string"}})
 }
 
-fn list(collection: Collection, summary: &str, path_params: &[Value]) -> Value {
+fn list<F: Collection>(summary: &str, path_params: &[Value]) -> Value {
     let mut params = path_params.to_vec();
-    params.extend(collection_params(collection));
-    let plural = collection.plural();
+    params.extend(collection_params::<F>());
+    let plural = F::PLURAL;
     json!({"get": {
         "summary": summary,
         "parameters": params,
@@ -97,11 +98,7 @@ fn collection_schema(plural: &str, fields: &[&str]) -> Value {
 pub fn spec() -> Value {
     let id = |what: &str| path_param("id", what);
     let mut paths = Map::new();
-    let mut buildsets = list(
-        Collection::Buildsets,
-        "buildsets, newest last unless ordered",
-        &[],
-    );
+    let mut buildsets = list::<BuildsetField>("buildsets, newest last unless ordered", &[]);
     buildsets["post"] = json!({
         "summary": "submit a buildset: one request per builder; needs the bearer token",
         "security": [{"bearer": []}],
@@ -128,19 +125,11 @@ pub fn spec() -> Value {
     );
     paths.insert(
         "/buildsets/{id}/buildrequests".into(),
-        list(
-            Collection::BuildRequests,
-            "a buildset's requests",
-            &[id("buildset id")],
-        ),
+        list::<RequestField>("a buildset's requests", &[id("buildset id")]),
     );
     paths.insert(
         "/buildsets/{id}/builds".into(),
-        list(
-            Collection::Builds,
-            "a buildset's builds",
-            &[id("buildset id")],
-        ),
+        list::<BuildField>("a buildset's builds", &[id("buildset id")]),
     );
     paths.insert(
         "/buildsets/{id}/tree".into(),
@@ -151,20 +140,16 @@ pub fn spec() -> Value {
     );
     paths.insert(
         "/buildrequests".into(),
-        list(Collection::BuildRequests, "build requests", &[]),
+        list::<RequestField>("build requests", &[]),
     );
     let mut one = get("a build request", &[id("request id")]);
     one["post"] = rpc("cancel, set_priority {priority}");
     paths.insert("/buildrequests/{id}".into(), one);
     paths.insert(
         "/buildrequests/{id}/builds".into(),
-        list(
-            Collection::Builds,
-            "a request's builds",
-            &[id("request id")],
-        ),
+        list::<BuildField>("a request's builds", &[id("request id")]),
     );
-    paths.insert("/builds".into(), list(Collection::Builds, "builds", &[]));
+    paths.insert("/builds".into(), list::<BuildField>("builds", &[]));
     let mut one = get("a build with its properties", &[id("build id")]);
     one["post"] = rpc("stop, rebuild");
     paths.insert("/builds/{id}".into(), one);
@@ -199,16 +184,11 @@ pub fn spec() -> Value {
     );
     paths.insert(
         "/builds/{id}/triggered".into(),
-        list(
-            Collection::Buildsets,
-            "the buildsets a build triggered",
-            &[id("build id")],
-        ),
+        list::<BuildsetField>("the buildsets a build triggered", &[id("build id")]),
     );
     paths.insert(
         "/builders".into(),
-        list(
-            Collection::Builders,
+        list::<BuilderField>(
             "builders with their status and latest successful build",
             &[],
         ),
@@ -222,11 +202,7 @@ pub fn spec() -> Value {
     );
     paths.insert(
         "/builders/{builder}/builds".into(),
-        list(
-            Collection::Builds,
-            "a builder's builds",
-            &[path_param("builder", "id or name")],
-        ),
+        list::<BuildField>("a builder's builds", &[path_param("builder", "id or name")]),
     );
     paths.insert(
         "/builders/{builder}/builds/{number}".into(),
@@ -240,7 +216,7 @@ pub fn spec() -> Value {
     );
     paths.insert(
         "/masters".into(),
-        list(Collection::Masters, "masters (engine processes)", &[]),
+        list::<MasterField>("masters (engine processes)", &[]),
     );
     paths.insert("/masters/{id}".into(), get("a master", &[id("master id")]));
     paths.insert("/plugins".into(), json!({"post": {

@@ -1,17 +1,107 @@
 //! Buildbot's query syntax: `field=value`, `field__op=value` (repeated values mean "any
 //! of"), repeated `order=` with `-` for descending, `limit`, `offset`, and `field=` to
-//! select the fields of each result. Everything is checked against the collection's
-//! typed fields before the store runs the query in SQL.
+//! select the fields of each result. Buildbot's field names (`bsid`, `buildrequestid`,
+//! ...) live here, at the edge: each maps onto a typed field of the engine's queries,
+//! and everything is checked against the field's type before the engine runs the query.
 
-use kiln_engine::storage::{Collection, Filter, FilterValue, Op, Query};
+use kiln_engine::storage::{
+    BuildField, BuilderField, BuildsetField, Field, Filter, FilterValue, MasterField, Op, Query,
+    RequestField,
+};
 
 use crate::error::ApiError;
 
+/// A collection of the HTTP API: its name, and its fields under Buildbot's names.
+pub trait Collection: Field {
+    /// The collection's name in the API (`buildsets`, `buildrequests`, ...).
+    const PLURAL: &'static str;
+
+    /// The field's name on the wire.
+    fn wire(self) -> &'static str;
+
+    /// The field with this wire name, if the collection has it.
+    fn by_wire(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|f| f.wire() == name)
+    }
+
+    /// Every field's wire name, comma-separated, for messages.
+    fn wire_list() -> String {
+        Self::ALL
+            .iter()
+            .map(|f| f.wire())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl Collection for BuildsetField {
+    const PLURAL: &'static str = "buildsets";
+
+    fn wire(self) -> &'static str {
+        match self {
+            BuildsetField::Id => "bsid",
+            other => other.name(),
+        }
+    }
+}
+
+impl Collection for RequestField {
+    const PLURAL: &'static str = "buildrequests";
+
+    fn wire(self) -> &'static str {
+        match self {
+            RequestField::Id => "buildrequestid",
+            RequestField::BuildsetId => "buildsetid",
+            RequestField::BuilderId => "builderid",
+            RequestField::ClaimedBy => "claimed_by_masterid",
+            other => other.name(),
+        }
+    }
+}
+
+impl Collection for BuildField {
+    const PLURAL: &'static str = "builds";
+
+    fn wire(self) -> &'static str {
+        match self {
+            BuildField::Id => "buildid",
+            BuildField::BuilderId => "builderid",
+            BuildField::RequestId => "buildrequestid",
+            BuildField::BuildsetId => "buildsetid",
+            BuildField::MasterId => "masterid",
+            BuildField::WorkerSlot => "workerslot",
+            other => other.name(),
+        }
+    }
+}
+
+impl Collection for BuilderField {
+    const PLURAL: &'static str = "builders";
+
+    fn wire(self) -> &'static str {
+        match self {
+            BuilderField::Id => "builderid",
+            other => other.name(),
+        }
+    }
+}
+
+impl Collection for MasterField {
+    const PLURAL: &'static str = "masters";
+
+    fn wire(self) -> &'static str {
+        match self {
+            MasterField::Id => "masterid",
+            other => other.name(),
+        }
+    }
+}
+
 /// A parsed collection request.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct CollectionQuery {
-    /// What the store runs.
-    pub query: Query,
+#[derive(Clone, Debug, PartialEq)]
+pub struct CollectionQuery<F> {
+    /// What the engine runs (always counted: a collection reply carries the total).
+    pub query: Query<F>,
     /// The fields each result keeps (`field=`); all when empty.
     pub fields: Vec<String>,
 }
@@ -83,14 +173,16 @@ impl Default for Paging {
 
 /// Reads a collection request. `outputs` are the field names results have (what
 /// `field=` may select), beyond the filterable ones.
-pub fn parse_collection(
-    collection: Collection,
+pub fn parse_collection<F: Collection>(
     raw: Option<&str>,
     outputs: &[&str],
     paging: Paging,
-) -> Result<CollectionQuery, ApiError> {
-    let plural = collection.plural();
-    let mut parsed = CollectionQuery::default();
+) -> Result<CollectionQuery<F>, ApiError> {
+    let plural = F::PLURAL;
+    let mut parsed = CollectionQuery {
+        query: Query::new().counted(),
+        fields: Vec::new(),
+    };
     let mut limit = None;
     for (key, value) in pairs(raw)? {
         match key.as_str() {
@@ -99,13 +191,13 @@ pub fn parse_collection(
                     Some(name) => (name, true),
                     None => (value.as_str(), false),
                 };
-                if collection.field(name).is_none() {
+                let Some(field) = F::by_wire(name) else {
                     return Err(ApiError::BadRequest(format!(
                         "cannot order {plural} by {name:?}: not one of its fields ({})",
-                        field_list(collection)
+                        F::wire_list()
                     )));
-                }
-                parsed.query.order.push((name.to_owned(), descending));
+                };
+                parsed.query.order.push((field, descending));
             }
             "limit" => {
                 let n = number("limit", &value)?;
@@ -122,36 +214,22 @@ pub fn parse_collection(
             }
             "offset" => parsed.query.offset = Some(number("offset", &value)?),
             "field" => {
-                if collection.field(&value).is_none() && !outputs.contains(&value.as_str()) {
+                if F::by_wire(&value).is_none() && !outputs.contains(&value.as_str()) {
                     return Err(ApiError::BadRequest(format!(
                         "{plural} have no field {value:?}"
                     )));
                 }
                 parsed.fields.push(value);
             }
-            _ => add_filter(collection, &mut parsed.query, &key, &value)?,
+            _ => add_filter(&mut parsed.query, &key, &value)?,
         }
     }
     parsed.query.limit = Some(limit.unwrap_or(paging.default));
     Ok(parsed)
 }
 
-fn field_list(collection: Collection) -> String {
-    collection
-        .fields()
-        .iter()
-        .map(|(n, _)| *n)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn add_filter(
-    collection: Collection,
-    query: &mut Query,
-    key: &str,
-    value: &str,
-) -> Result<(), ApiError> {
-    let plural = collection.plural();
+fn add_filter<F: Collection>(query: &mut Query<F>, key: &str, value: &str) -> Result<(), ApiError> {
+    let plural = F::PLURAL;
     let (field, op) = match key.split_once("__") {
         Some((field, op)) => (
             field,
@@ -160,13 +238,14 @@ fn add_filter(
         ),
         None => (key, Op::Eq),
     };
-    let Some(ty) = collection.field(field) else {
+    let Some(typed) = F::by_wire(field) else {
         return Err(ApiError::BadRequest(format!(
             "unknown parameter {key:?}: {plural} have no field {field:?} (fields: {}; \
              also order, limit, offset, field)",
-            field_list(collection)
+            F::wire_list()
         )));
     };
+    let ty = typed.kind();
     if !ty.allows(op) {
         return Err(ApiError::BadRequest(format!(
             "{key}: the {op} operator does not apply to {field} ({ty:?})"
@@ -192,11 +271,11 @@ fn add_filter(
     match query
         .filters
         .iter_mut()
-        .find(|f| f.field == field && f.op == op)
+        .find(|f| f.field == typed && f.op == op)
     {
         Some(existing) => existing.values.extend(values),
         None => query.filters.push(Filter {
-            field: field.to_owned(),
+            field: typed,
             op,
             values,
         }),
@@ -228,8 +307,7 @@ mod tests {
 
     #[test]
     fn repeated_values_of_one_filter_mean_any_of() {
-        let q = parse_collection(
-            Collection::Builds,
+        let q = parse_collection::<BuildField>(
             Some("results=0&results=FAILURE&number__gt=3&order=-number&limit=5&field=buildid"),
             &[],
             Paging::default(),
@@ -237,7 +315,8 @@ mod tests {
         .unwrap();
         assert_eq!(q.query.filters.len(), 2);
         assert_eq!(q.query.filters[0].values.len(), 2);
-        assert_eq!(q.query.order, [("number".to_owned(), true)]);
+        assert_eq!(q.query.order, [(BuildField::Number, true)]);
+        assert!(q.query.count, "a collection reply carries the total");
         assert_eq!(q.query.limit, Some(5));
         assert_eq!(q.fields, ["buildid"]);
     }
@@ -245,7 +324,7 @@ mod tests {
     #[test]
     fn bad_parameters_say_what_is_wrong() {
         let err = |raw: &str| {
-            parse_collection(Collection::Builds, Some(raw), &[], Paging::default())
+            parse_collection::<BuildField>(Some(raw), &[], Paging::default())
                 .unwrap_err()
                 .to_string()
         };
@@ -258,5 +337,21 @@ mod tests {
         assert!(err("reason=%zz").contains("percent-encoding"));
         assert!(err("limit=4294967295").contains("at most 1000"));
         assert!(err("state_string=a%00b").contains("NUL"));
+    }
+
+    #[test]
+    fn every_field_has_one_wire_name_in_its_collection() {
+        fn distinct<F: Collection>() {
+            let names: std::collections::BTreeSet<_> = F::ALL.iter().map(|f| f.wire()).collect();
+            assert_eq!(names.len(), F::ALL.len(), "{}", F::PLURAL);
+            for f in F::ALL {
+                assert_eq!(F::by_wire(f.wire()), Some(*f));
+            }
+        }
+        distinct::<BuildsetField>();
+        distinct::<RequestField>();
+        distinct::<BuildField>();
+        distinct::<BuilderField>();
+        distinct::<MasterField>();
     }
 }

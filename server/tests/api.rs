@@ -614,6 +614,17 @@ async fn submit_and_every_control_action_work_through_json_rpc() -> Result<()> {
     ensure!(
         unknown.status == StatusCode::BAD_REQUEST && unknown.text.contains("cancel, set_priority")
     );
+    // A refusal is a JSON-RPC error object that carries the call's id.
+    ensure!(
+        unknown.json["jsonrpc"] == "2.0"
+            && unknown.json["id"] == 7
+            && unknown.json["error"]["code"] == -32601
+            && unknown.json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("explode")),
+        "{}",
+        unknown.text
+    );
     let no_params = s
         .rpc(
             &format!("/api/v2/buildrequests/{rid}"),
@@ -621,9 +632,43 @@ async fn submit_and_every_control_action_work_through_json_rpc() -> Result<()> {
             json!({}),
         )
         .await?;
-    ensure!(no_params.status == StatusCode::BAD_REQUEST);
+    ensure!(
+        no_params.status == StatusCode::BAD_REQUEST && no_params.json["error"]["code"] == -32602
+    );
     let missing = s.rpc("/api/v2/buildsets/999", "cancel", json!({})).await?;
-    ensure!(missing.status == StatusCode::NOT_FOUND);
+    ensure!(
+        missing.status == StatusCode::NOT_FOUND
+            && missing.json["id"] == 7
+            && missing.json["error"]["code"] == -32004,
+        "{}",
+        missing.text
+    );
+    let anonymous = s
+        .post(
+            &format!("/api/v2/buildrequests/{rid}"),
+            json!({"jsonrpc": "2.0", "method": "cancel", "id": "mine"}),
+            None,
+        )
+        .await?;
+    ensure!(
+        anonymous.status == StatusCode::UNAUTHORIZED
+            && anonymous.json["id"] == "mine"
+            && anonymous.json["error"]["code"] == -32001,
+        "{}",
+        anonymous.text
+    );
+    let garbled = s
+        .post(
+            &format!("/api/v2/buildrequests/{rid}"),
+            json!([1, 2]),
+            Some(TOKEN),
+        )
+        .await?;
+    ensure!(
+        garbled.status == StatusCode::BAD_REQUEST && garbled.json["id"].is_null(),
+        "{}",
+        garbled.text
+    );
 
     // set_priority on an open request changes the order.
     let queued = s

@@ -92,6 +92,17 @@ impl StorageError {
     }
 }
 
+impl StorageError {
+    /// A foreign-key violation as "the referenced entity is not found"; other errors as
+    /// they are.
+    pub(crate) fn fk_not_found(self, entity: &'static str, id: impl ToString) -> StorageError {
+        match self {
+            StorageError::Database(e) => fk_to_not_found(e, entity, Some(id)),
+            other => other,
+        }
+    }
+}
+
 impl From<sqlx::Error> for StorageError {
     fn from(e: sqlx::Error) -> Self {
         StorageError::Database(e)

@@ -1,27 +1,12 @@
-//! Generic collection queries for the HTTP API (Buildbot's data API): filters on named
-//! fields, ordering, paging, and the total before paging. The field names and types are
-//! defined here once; each backend maps them onto its columns and runs the whole query
-//! in SQL.
+//! Typed collection queries: filters on the fields of one entity, ordering, paging,
+//! and the total before paging. Each entity has a field enum; the backends map each
+//! field onto its columns and run the whole query in SQL. The names a client uses on
+//! the wire (Buildbot's `bsid`, `buildrequestid`, ...) are the HTTP edge's business.
 
 use std::fmt;
 use std::str::FromStr;
 
 use kiln_model::{ResultCode, Timestamp};
-
-/// A collection the API can query.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Collection {
-    /// Buildsets.
-    Buildsets,
-    /// Build requests.
-    BuildRequests,
-    /// Builds.
-    Builds,
-    /// Builders.
-    Builders,
-    /// Masters.
-    Masters,
-}
 
 /// What kind of value a field holds, which decides how filter values are read and which
 /// operators apply.
@@ -33,9 +18,9 @@ pub enum FieldType {
     Text,
     /// true or false.
     Bool,
-    /// A time: seconds since the Unix epoch, or RFC 3339.
+    /// A time.
     Time,
-    /// A result code: its number (0..6) or its name (SUCCESS, ...).
+    /// A result code.
     Result,
 }
 
@@ -52,79 +37,156 @@ impl FieldType {
     }
 }
 
-impl Collection {
-    /// The filterable and orderable fields of each collection, with their types.
-    pub fn fields(self) -> &'static [(&'static str, FieldType)] {
-        use FieldType::*;
-        match self {
-            Collection::Buildsets => &[
-                ("bsid", Int),
-                ("reason", Text),
-                ("external_idstring", Text),
-                ("submitted_at", Time),
-                ("complete", Bool),
-                ("complete_at", Time),
-                ("results", Result),
-                ("parent_buildid", Int),
-                ("parent_relationship", Text),
-                ("rebuilt_buildid", Int),
-            ],
-            Collection::BuildRequests => &[
-                ("buildrequestid", Int),
-                ("buildsetid", Int),
-                ("builderid", Int),
-                ("priority", Int),
-                ("submitted_at", Time),
-                ("waited_for", Bool),
-                ("complete", Bool),
-                ("complete_at", Time),
-                ("results", Result),
-                ("claimed", Bool),
-                ("claimed_by_masterid", Int),
-            ],
-            Collection::Builds => &[
-                ("buildid", Int),
-                ("number", Int),
-                ("builderid", Int),
-                ("buildrequestid", Int),
-                ("buildsetid", Int),
-                ("masterid", Int),
-                ("workerslot", Int),
-                ("started_at", Time),
-                ("complete", Bool),
-                ("complete_at", Time),
-                ("state_string", Text),
-                ("results", Result),
-            ],
-            Collection::Builders => &[("builderid", Int), ("name", Text), ("description", Text)],
-            Collection::Masters => &[
-                ("masterid", Int),
-                ("name", Text),
-                ("active", Bool),
-                ("last_active", Time),
-            ],
-        }
-    }
-
-    /// The type of a field, if the collection has it.
-    pub fn field(self, name: &str) -> Option<FieldType> {
-        self.fields()
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, t)| *t)
-    }
-
-    /// The collection's name in the API (`buildsets`, `buildrequests`, ...).
-    pub fn plural(self) -> &'static str {
-        match self {
-            Collection::Buildsets => "buildsets",
-            Collection::BuildRequests => "buildrequests",
-            Collection::Builds => "builds",
-            Collection::Builders => "builders",
-            Collection::Masters => "masters",
-        }
-    }
+/// A field of an entity that queries can filter and order by.
+pub trait Field: Copy + Eq + fmt::Debug + Send + Sync + 'static {
+    /// Every field of the entity.
+    const ALL: &'static [Self];
+    /// What it holds.
+    fn kind(self) -> FieldType;
+    /// Its name in messages (the Rust name in snake case).
+    fn name(self) -> &'static str;
 }
+
+macro_rules! fields {
+    ($(#[$doc:meta])* $enum:ident { $($(#[$fdoc:meta])* $variant:ident = ($name:literal, $kind:ident)),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $enum {
+            $($(#[$fdoc])* $variant),*
+        }
+
+        impl Field for $enum {
+            const ALL: &'static [Self] = &[$($enum::$variant),*];
+
+            fn kind(self) -> FieldType {
+                match self {
+                    $($enum::$variant => FieldType::$kind),*
+                }
+            }
+
+            fn name(self) -> &'static str {
+                match self {
+                    $($enum::$variant => $name),*
+                }
+            }
+        }
+    };
+}
+
+fields!(
+    /// The fields of a buildset.
+    BuildsetField {
+        /// Its id.
+        Id = ("id", Int),
+        /// Why it was submitted.
+        Reason = ("reason", Text),
+        /// The submitter's identifier.
+        ExternalIdstring = ("external_idstring", Text),
+        /// When it was submitted.
+        SubmittedAt = ("submitted_at", Time),
+        /// Whether it is complete.
+        Complete = ("complete", Bool),
+        /// When it completed.
+        CompleteAt = ("complete_at", Time),
+        /// The worst of its requests' results.
+        Results = ("results", Result),
+        /// The build that started it.
+        ParentBuildId = ("parent_buildid", Int),
+        /// Its relationship to that build.
+        ParentRelationship = ("parent_relationship", Text),
+        /// The build it rebuilds.
+        RebuiltBuildId = ("rebuilt_buildid", Int),
+    }
+);
+
+fields!(
+    /// The fields of a build request.
+    RequestField {
+        /// Its id.
+        Id = ("id", Int),
+        /// Its buildset.
+        BuildsetId = ("buildset_id", Int),
+        /// Its builder.
+        BuilderId = ("builder_id", Int),
+        /// Its priority.
+        Priority = ("priority", Int),
+        /// When it was submitted.
+        SubmittedAt = ("submitted_at", Time),
+        /// Whether a parent waits for it.
+        WaitedFor = ("waited_for", Bool),
+        /// Whether it is complete.
+        Complete = ("complete", Bool),
+        /// When it completed.
+        CompleteAt = ("complete_at", Time),
+        /// Its result.
+        Results = ("results", Result),
+        /// Buildbot's `claimed`: true with a claim; false with none and not complete (a
+        /// request completed without a claim, cancelled while queued, is neither).
+        Claimed = ("claimed", Bool),
+        /// The master holding its claim.
+        ClaimedBy = ("claimed_by", Int),
+        /// A branch of one of its buildset's sourcestamps.
+        Branch = ("branch", Text),
+        /// A repository of one of its buildset's sourcestamps.
+        Repository = ("repository", Text),
+    }
+);
+
+fields!(
+    /// The fields of a build.
+    BuildField {
+        /// Its id.
+        Id = ("id", Int),
+        /// Its number on its builder.
+        Number = ("number", Int),
+        /// Its builder.
+        BuilderId = ("builder_id", Int),
+        /// The request it runs.
+        RequestId = ("request_id", Int),
+        /// That request's buildset.
+        BuildsetId = ("buildset_id", Int),
+        /// The master that ran it.
+        MasterId = ("master_id", Int),
+        /// Its worker slot.
+        WorkerSlot = ("worker_slot", Int),
+        /// When it started.
+        StartedAt = ("started_at", Time),
+        /// Whether it finished.
+        Complete = ("complete", Bool),
+        /// When it finished.
+        CompleteAt = ("complete_at", Time),
+        /// Its state string.
+        StateString = ("state_string", Text),
+        /// Its result.
+        Results = ("results", Result),
+    }
+);
+
+fields!(
+    /// The fields of a builder.
+    BuilderField {
+        /// Its id.
+        Id = ("id", Int),
+        /// Its name.
+        Name = ("name", Text),
+        /// Its description.
+        Description = ("description", Text),
+    }
+);
+
+fields!(
+    /// The fields of a master.
+    MasterField {
+        /// Its id.
+        Id = ("id", Int),
+        /// Its name.
+        Name = ("name", Text),
+        /// Whether it is alive.
+        Active = ("active", Bool),
+        /// Its last heartbeat.
+        LastActive = ("last_active", Time),
+    }
+);
 
 /// A filter operator (Buildbot's `field__op=value`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -264,33 +326,147 @@ impl FilterValue {
 /// One filter: `field op values`. Several values mean "any of" (for `ne` and `notin`:
 /// "none of").
 #[derive(Clone, Debug, PartialEq)]
-pub struct Filter {
-    /// The field's name, one of [`Collection::fields`].
-    pub field: String,
+pub struct Filter<F> {
+    /// The field.
+    pub field: F,
     /// The operator.
     pub op: Op,
     /// The values, at least one.
     pub values: Vec<FilterValue>,
 }
 
-/// A collection query: every filter must hold.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Query {
+/// A collection query: every filter must hold. Ordered by the given fields, then by id;
+/// nulls come first in ascending order and last in descending order, on every backend.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Query<F> {
     /// The filters.
-    pub filters: Vec<Filter>,
-    /// The ordering, first key first: (field, descending). By id when empty.
-    pub order: Vec<(String, bool)>,
+    pub filters: Vec<Filter<F>>,
+    /// The ordering, first key first: (field, descending). By id after these.
+    pub order: Vec<(F, bool)>,
     /// At most this many.
     pub limit: Option<u32>,
     /// Skip this many first.
     pub offset: Option<u32>,
+    /// Whether to count every match (the page's `total`).
+    pub count: bool,
 }
 
-/// One page of a query's results, with the total before paging.
+impl<F> Default for Query<F> {
+    fn default() -> Self {
+        Query {
+            filters: Vec::new(),
+            order: Vec::new(),
+            limit: None,
+            offset: None,
+            count: false,
+        }
+    }
+}
+
+impl<F: Field> Query<F> {
+    /// Every item, by id, without a total.
+    pub fn new() -> Self {
+        Query::default()
+    }
+
+    /// Adds `field op value`.
+    pub fn filter(mut self, field: F, op: Op, value: impl Into<FilterValue>) -> Self {
+        self.filters.push(Filter {
+            field,
+            op,
+            values: vec![value.into()],
+        });
+        self
+    }
+
+    /// Adds `field = value`.
+    pub fn eq(self, field: F, value: impl Into<FilterValue>) -> Self {
+        self.filter(field, Op::Eq, value)
+    }
+
+    /// Orders by `field`, after the orderings already given (and before the id).
+    pub fn order_by(mut self, field: F, descending: bool) -> Self {
+        self.order.push((field, descending));
+        self
+    }
+
+    /// At most `n` items.
+    pub fn limit(mut self, n: u32) -> Self {
+        self.limit = Some(n);
+        self
+    }
+
+    /// Skips `n` items first.
+    pub fn offset(mut self, n: u32) -> Self {
+        self.offset = Some(n);
+        self
+    }
+
+    /// Counts every match into the page's `total`.
+    pub fn counted(mut self) -> Self {
+        self.count = true;
+        self
+    }
+}
+
+/// One page of a query's results, with the total before paging when it was asked for.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Page<T> {
     /// The items of this page.
     pub items: Vec<T>,
-    /// How many items match the filters in all.
-    pub total: u64,
+    /// How many items match the filters in all, when the query asked (`count`).
+    pub total: Option<u64>,
 }
+
+impl From<i64> for FilterValue {
+    fn from(v: i64) -> Self {
+        FilterValue::Int(v)
+    }
+}
+
+impl From<bool> for FilterValue {
+    fn from(v: bool) -> Self {
+        FilterValue::Bool(v)
+    }
+}
+
+impl From<&str> for FilterValue {
+    fn from(v: &str) -> Self {
+        FilterValue::Text(v.to_owned())
+    }
+}
+
+impl From<String> for FilterValue {
+    fn from(v: String) -> Self {
+        FilterValue::Text(v)
+    }
+}
+
+impl From<ResultCode> for FilterValue {
+    fn from(v: ResultCode) -> Self {
+        FilterValue::Result(v)
+    }
+}
+
+impl From<Timestamp> for FilterValue {
+    fn from(v: Timestamp) -> Self {
+        FilterValue::Time(v)
+    }
+}
+
+macro_rules! id_values {
+    ($($id:ty),*) => {
+        $(impl From<$id> for FilterValue {
+            fn from(v: $id) -> Self {
+                FilterValue::Int(v.0)
+            }
+        })*
+    };
+}
+id_values!(
+    kiln_model::BuildId,
+    kiln_model::BuildsetId,
+    kiln_model::BuilderId,
+    kiln_model::RequestId,
+    kiln_model::MasterId
+);

@@ -74,7 +74,7 @@ where
 }
 
 /// A timestamp as stored: microseconds since the Unix epoch.
-pub(crate) fn us(t: Timestamp) -> i64 {
+pub(crate) fn micros(t: Timestamp) -> i64 {
     t.timestamp_micros()
 }
 

@@ -12,8 +12,8 @@
 
 use std::borrow::Cow;
 
-use super::{BuildEnd, FinishBuild, NewBuildset, ReporterProgress};
-use kiln_model::{LogRecord, ProgressReport, Property};
+use super::{FinishedBuild, NewBuildset, ReporterProgress};
+use kiln_model::{LogRecord, ProgressReport};
 
 /// What a NUL becomes in stored text: U+2400 SYMBOL FOR NULL, visible wherever the text
 /// is shown.
@@ -105,8 +105,8 @@ pub(crate) fn buildsets(params: &[NewBuildset]) -> Cow<'_, [NewBuildset]> {
     )
 }
 
-/// Build ends with storable text.
-pub(crate) fn ends(ends: &[BuildEnd]) -> Cow<'_, [BuildEnd]> {
+/// Finished builds with storable text.
+pub(crate) fn finished_all(ends: &[FinishedBuild]) -> Cow<'_, [FinishedBuild]> {
     clean_all(
         ends,
         |e| {
@@ -130,18 +130,11 @@ pub(crate) fn ends(ends: &[BuildEnd]) -> Cow<'_, [BuildEnd]> {
 }
 
 /// A finished build with storable text.
-pub(crate) fn finish(params: &FinishBuild) -> Cow<'_, FinishBuild> {
-    if !(opt_has_nul(&params.error)
-        || opt_has_nul(&params.traceback)
-        || opt_has_nul(&params.state_string))
-    {
-        return Cow::Borrowed(params);
+pub(crate) fn finished(build: &FinishedBuild) -> Cow<'_, FinishedBuild> {
+    match finished_all(std::slice::from_ref(build)) {
+        Cow::Borrowed(_) => Cow::Borrowed(build),
+        Cow::Owned(mut v) => Cow::Owned(v.remove(0)),
     }
-    let mut owned = params.clone();
-    fix_opt(&mut owned.error);
-    fix_opt(&mut owned.traceback);
-    fix_opt(&mut owned.state_string);
-    Cow::Owned(owned)
 }
 
 /// Log records with storable messages.
@@ -156,16 +149,6 @@ pub(crate) fn report(report: &ProgressReport) -> Cow<'_, ProgressReport> {
     }
     let mut owned = report.clone();
     fix(&mut owned.status);
-    Cow::Owned(owned)
-}
-
-/// A property with a storable source (its value travels as JSON).
-pub(crate) fn property(property: &Property) -> Cow<'_, Property> {
-    if !has_nul(&property.source) {
-        return Cow::Borrowed(property);
-    }
-    let mut owned = property.clone();
-    fix(&mut owned.source);
     Cow::Owned(owned)
 }
 

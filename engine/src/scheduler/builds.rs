@@ -1,9 +1,9 @@
 //! Running started builds, and recording their ends in batches.
 //!
 //! Each started build runs in its own task ([`run_build`]), which ends by handing a
-//! [`Finished`] to the finisher. The finisher ([`finisher_loop`]) takes everything that
+//! [`Done`] to the finisher. The finisher ([`finisher_loop`]) takes everything that
 //! has finished meanwhile and records it in one transaction
-//! (`build_finish_and_settle`):
+//! (`build_finish_batch`):
 //! under load many builds share a commit, when idle a build is recorded at once.
 
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use kiln_job::{BuildContext, BuildSpec, Outcome, StopReason};
 use kiln_model::{Build, BuildRequest, ResultCode};
-use kiln_storage::{BuildEnd, CompletedBuildset, Settled, StartedBuild};
+use kiln_storage::{CompletedBuildset, FinishOutcome, FinishedBuild, StartedBuild};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, warn};
 
@@ -29,12 +29,12 @@ const FINISH_RETRY_FIRST: Duration = Duration::from_millis(50);
 const FINISH_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// A build that has run, waiting to be recorded.
-pub(super) struct Finished {
+pub(super) struct Done {
     builder: Arc<RegisteredBuilder>,
     slot: i64,
     build: Build,
     request: BuildRequest,
-    end: BuildEnd,
+    end: FinishedBuild,
 }
 
 /// Runs one started build and hands its end to the finisher.
@@ -107,7 +107,7 @@ pub(super) async fn run_build(
         Some(dir) => artifacts::collect(dir).await,
         None => Vec::new(),
     };
-    let end = BuildEnd {
+    let end = FinishedBuild {
         build_id: build.id,
         request_id: request.id,
         results: outcome.results,
@@ -118,7 +118,7 @@ pub(super) async fn run_build(
         artifacts,
         complete_at: kiln_model::now(),
     };
-    let finished = Finished {
+    let finished = Done {
         builder,
         slot,
         build,
@@ -135,7 +135,7 @@ pub(super) async fn run_build(
 /// Records finished builds in batches until the engine stops.
 pub(super) async fn finisher_loop(
     shared: Arc<SchedulerState>,
-    mut finished: mpsc::UnboundedReceiver<Finished>,
+    mut finished: mpsc::UnboundedReceiver<Done>,
 ) {
     let mut batch = Vec::new();
     while finished.recv_many(&mut batch, FINISH_BATCH).await > 0 {
@@ -143,7 +143,7 @@ pub(super) async fn finisher_loop(
     }
 }
 
-async fn settle(shared: &SchedulerState, mut batch: Vec<Finished>) {
+async fn settle(shared: &SchedulerState, mut batch: Vec<Done>) {
     let (settled, unrecorded) = record(shared, &mut batch).await;
     for f in &batch {
         if unrecorded.contains(&f.end.build_id) {
@@ -181,20 +181,20 @@ async fn settle(shared: &SchedulerState, mut batch: Vec<Finished>) {
 
 /// What recording a batch did, and the builds it could not record because the engine
 /// stopped first (their master's shutdown or expiry ends them as RETRY).
-type Recorded = (Settled, Vec<kiln_model::BuildId>);
+type Recorded = (FinishOutcome, Vec<kiln_model::BuildId>);
 
 /// Records a batch of ends. When the batch cannot be written, it is split in halves
 /// until the build at fault is alone, so that one bad row never holds back the others;
 /// that build is then recorded as EXCEPTION with the reason (see [`record_one`]).
 fn record<'a>(
     shared: &'a SchedulerState,
-    batch: &'a mut [Finished],
+    batch: &'a mut [Done],
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Recorded> + Send + 'a>> {
     Box::pin(async move {
         if batch.len() == 1 {
             return record_one(shared, &mut batch[0]).await;
         }
-        let ends: Vec<BuildEnd> = batch.iter().map(|f| f.end.clone()).collect();
+        let ends: Vec<FinishedBuild> = batch.iter().map(|f| f.end.clone()).collect();
         match attempt(shared, &ends, BATCH_ATTEMPTS).await {
             Ok(settled) => (settled, Vec::new()),
             Err(e) => {
@@ -218,7 +218,7 @@ fn record<'a>(
 /// without what it returned. If neither can be written, the database is at fault: both
 /// are tried again, with growing pauses, until one is recorded or the engine stops. A
 /// build never stays running on a live master that no longer runs it.
-async fn record_one(shared: &SchedulerState, f: &mut Finished) -> Recorded {
+async fn record_one(shared: &SchedulerState, f: &mut Done) -> Recorded {
     let master = shared.master;
     let mut pause = FINISH_RETRY_FIRST;
     loop {
@@ -226,7 +226,7 @@ async fn record_one(shared: &SchedulerState, f: &mut Finished) -> Recorded {
             Ok(settled) => return (settled, Vec::new()),
             Err(e) => e,
         };
-        let fallback = BuildEnd {
+        let fallback = FinishedBuild {
             results: ResultCode::Exception,
             return_value: None,
             error: Some(format!("the build's end could not be recorded: {error}")),
@@ -237,7 +237,7 @@ async fn record_one(shared: &SchedulerState, f: &mut Finished) -> Recorded {
         };
         match shared
             .store
-            .build_finish_and_settle(master, std::slice::from_ref(&fallback))
+            .build_finish_batch(master, std::slice::from_ref(&fallback))
             .await
         {
             Ok(settled) => {
@@ -248,7 +248,7 @@ async fn record_one(shared: &SchedulerState, f: &mut Finished) -> Recorded {
             Err(e) => {
                 if shared.is_stopping() {
                     error!(build = %f.end.build_id, error = %e, "the engine stopped before a finished build could be recorded; its request will run again");
-                    return (Settled::default(), vec![f.end.build_id]);
+                    return (FinishOutcome::default(), vec![f.end.build_id]);
                 }
                 error!(build = %f.end.build_id, error = %e, ?pause, "cannot record a finished build; the database seems unavailable, trying again");
                 tokio::time::sleep(pause).await;
@@ -262,17 +262,13 @@ async fn record_one(shared: &SchedulerState, f: &mut Finished) -> Recorded {
 /// database); the last error if all fail.
 async fn attempt(
     shared: &SchedulerState,
-    ends: &[BuildEnd],
+    ends: &[FinishedBuild],
     attempts: u32,
-) -> kiln_storage::Result<Settled> {
+) -> kiln_storage::Result<FinishOutcome> {
     let mut pause = FINISH_RETRY_FIRST;
     let mut tried = 1;
     loop {
-        match shared
-            .store
-            .build_finish_and_settle(shared.master, ends)
-            .await
-        {
+        match shared.store.build_finish_batch(shared.master, ends).await {
             Ok(settled) => return Ok(settled),
             Err(e) if tried >= attempts => return Err(e),
             Err(e) => {

@@ -101,7 +101,7 @@ pub(crate) struct SchedulerState {
     /// [`SchedulerState::waiting`]).
     waiting: std::sync::atomic::AtomicUsize,
     /// Hands finished builds to the finisher, which records them in batches.
-    finished: mpsc::UnboundedSender<builds::Finished>,
+    finished: mpsc::UnboundedSender<builds::Done>,
     wake: Notify,
     pub(crate) events: broadcast::Sender<Event>,
     stopping: watch::Sender<bool>,

@@ -7,12 +7,15 @@
 //! seqs are handed out the order in which they become visible, so a reporter reading
 //! "everything after my cursor" never steps over an event that commits late.
 
+use async_trait::async_trait;
 use sqlx::PgConnection;
 
-use super::PostgresStore;
-use crate::rows::{report_from_row, reporter_from_row, us};
-use crate::{ReporterProgress, Result, StorageError};
-use kiln_model::{MasterId, Report, ReporterState, Timestamp};
+use super::{MAX_TX_ATTEMPTS, PostgresStore, retryable, retrying};
+use crate::common::REPORTER_COLUMNS;
+use crate::rows::{micros, reporter_from_row};
+use crate::seam::OutboxWrites;
+use crate::{ReporterProgress, Result, StorageError, text, validate};
+use kiln_model::ReporterState;
 
 /// The advisory lock key that serialises outbox writers ("kiln" in ASCII).
 const OUTBOX_LOCK: i64 = 0x6b69_6c6e;
@@ -124,17 +127,11 @@ pub(super) async fn record_complete(tx: &mut PgConnection, ids: &[i64]) -> Resul
     insert(tx, ids, select).await
 }
 
-/// A reporter's row, with the events past its cursor counted (the outbox holds only
-/// events some reporter still has to deal with, so the count is bounded by its size).
-const REPORTER_COLUMNS: &str =
-    "name, cursor, owner, lease_until, attempts, last_error, delivered, dropped,
-     (SELECT COUNT(*) FROM events e WHERE e.seq > reporters.cursor) AS pending";
-
-impl PostgresStore {
-    pub(super) async fn reporter_register_impl(&self, name: &str) -> Result<ReporterState> {
-        if name.trim().is_empty() {
-            return Err(StorageError::Invalid("reporter name is empty".into()));
-        }
+#[async_trait]
+impl OutboxWrites for PostgresStore {
+    async fn reporter_register(&self, name: &str) -> Result<ReporterState> {
+        validate::name("reporter", name)?;
+        let name = &*text::storable(name);
         let mut tx = self.pool.begin().await?;
         // Under the outbox lock, so that "the end of the outbox" is not overtaken by an
         // event committing late.
@@ -155,65 +152,15 @@ impl PostgresStore {
         reporter_from_row(&row)
     }
 
-    pub(super) async fn reporter_get_impl(&self, name: &str) -> Result<ReporterState> {
-        let sql = format!("SELECT {REPORTER_COLUMNS} FROM reporters WHERE name = $1");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StorageError::not_found("reporter", name))?;
-        reporter_from_row(&row)
+    async fn reporter_progress(&self, p: &ReporterProgress) -> Result<()> {
+        let p = &*text::delivery(p);
+        retrying!(self.progress(p))
     }
+}
 
-    pub(super) async fn reporter_list_impl(&self) -> Result<Vec<ReporterState>> {
-        let sql = format!("SELECT {REPORTER_COLUMNS} FROM reporters ORDER BY name COLLATE \"C\"");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(reporter_from_row).collect()
-    }
-
-    pub(super) async fn reporter_remove_impl(&self, name: &str) -> Result<()> {
-        let done = sqlx::query("DELETE FROM reporters WHERE name = $1")
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(StorageError::not_found("reporter", name));
-        }
-        Ok(())
-    }
-
-    pub(super) async fn reporter_lease_impl(
-        &self,
-        name: &str,
-        master: MasterId,
-        now: Timestamp,
-        until: Timestamp,
-    ) -> Result<Option<ReporterState>> {
-        let sql = format!(
-            "UPDATE reporters SET owner = $1, lease_until = $2
-             WHERE name = $3 AND (owner IS NULL OR owner = $1 OR lease_until IS NULL OR lease_until < $4)
-             RETURNING {REPORTER_COLUMNS}"
-        );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(master.0)
-            .bind(us(until))
-            .bind(name)
-            .bind(us(now))
-            .fetch_optional(&self.pool)
-            .await?;
-        match row {
-            Some(row) => Ok(Some(reporter_from_row(&row)?)),
-            None => {
-                // Tell "held by another" from "no such reporter".
-                self.reporter_get_impl(name).await?;
-                Ok(None)
-            }
-        }
-    }
-
-    pub(super) async fn reporter_progress_impl(&self, p: &ReporterProgress) -> Result<()> {
+impl PostgresStore {
+    /// Records delivery progress, once.
+    async fn progress(&self, p: &ReporterProgress) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
             "UPDATE reporters SET cursor = GREATEST(cursor, $1), delivered = delivered + $2,
@@ -226,10 +173,10 @@ impl PostgresStore {
         .bind(p.dropped.len() as i64)
         .bind(i64::from(p.attempts))
         .bind(&p.last_error)
-        .bind(us(p.lease_until))
+        .bind(micros(p.lease_until))
         .bind(&p.name)
         .bind(p.master.0)
-        .bind(us(p.now))
+        .bind(micros(p.now))
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {
@@ -247,7 +194,7 @@ impl PostgresStore {
                      SET attempts = excluded.attempts, error = excluded.error, at = excluded.at",
             )
             .bind(&p.name)
-            .bind(us(p.now))
+            .bind(micros(p.now))
             .bind(p.dropped.iter().map(|(seq, _, _)| *seq).collect::<Vec<_>>())
             .bind(
                 p.dropped
@@ -266,27 +213,5 @@ impl PostgresStore {
         }
         tx.commit().await?;
         Ok(())
-    }
-
-    pub(super) async fn outbox_read_impl(&self, after: i64, limit: u32) -> Result<Vec<Report>> {
-        let rows = sqlx::query(
-            "SELECT seq, kind, buildset_id, build_id, builder, results, at, payload FROM events
-             WHERE seq > $1 ORDER BY seq LIMIT $2",
-        )
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(report_from_row).collect()
-    }
-
-    pub(super) async fn outbox_prune_impl(&self) -> Result<u64> {
-        let done = sqlx::query(
-            "DELETE FROM events
-             WHERE seq <= COALESCE((SELECT MIN(cursor) FROM reporters), (SELECT MAX(seq) FROM events))",
-        )
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
     }
 }

@@ -5,12 +5,15 @@
 //! by "is any reporter registered?", so a database without reporters pays one cheap
 //! statement per transaction and stores nothing.
 
+use async_trait::async_trait;
 use sqlx::SqliteConnection;
 
 use super::SqliteStore;
-use crate::rows::{report_from_row, reporter_from_row, us};
-use crate::{ReporterProgress, Result, StorageError};
-use kiln_model::{MasterId, Report, ReporterState, Timestamp};
+use crate::common::REPORTER_COLUMNS;
+use crate::rows::{micros, reporter_from_row};
+use crate::seam::OutboxWrites;
+use crate::{ReporterProgress, Result, StorageError, text, validate};
+use kiln_model::ReporterState;
 
 /// Seconds since the epoch as a JSON number, from stored microseconds.
 fn secs(column: &str) -> String {
@@ -118,17 +121,11 @@ pub(super) async fn record_complete(tx: &mut SqliteConnection, ids: &str) -> Res
     Ok(())
 }
 
-/// A reporter's row, with the events past its cursor counted (the outbox holds only
-/// events some reporter still has to deal with, so the count is bounded by its size).
-const REPORTER_COLUMNS: &str =
-    "name, cursor, owner, lease_until, attempts, last_error, delivered, dropped,
-     (SELECT COUNT(*) FROM events e WHERE e.seq > reporters.cursor) AS pending";
-
-impl SqliteStore {
-    pub(super) async fn reporter_register_impl(&self, name: &str) -> Result<ReporterState> {
-        if name.trim().is_empty() {
-            return Err(StorageError::Invalid("reporter name is empty".into()));
-        }
+#[async_trait]
+impl OutboxWrites for SqliteStore {
+    async fn reporter_register(&self, name: &str) -> Result<ReporterState> {
+        validate::name("reporter", name)?;
+        let name = &*text::storable(name);
         let sql = format!(
             "INSERT INTO reporters (name, cursor) VALUES (?, (SELECT COALESCE(MAX(seq), 0) FROM events))
              ON CONFLICT (name) DO UPDATE SET name = excluded.name
@@ -141,65 +138,8 @@ impl SqliteStore {
         reporter_from_row(&row)
     }
 
-    pub(super) async fn reporter_get_impl(&self, name: &str) -> Result<ReporterState> {
-        let sql = format!("SELECT {REPORTER_COLUMNS} FROM reporters WHERE name = ?");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(name)
-            .fetch_optional(&self.reader)
-            .await?
-            .ok_or_else(|| StorageError::not_found("reporter", name))?;
-        reporter_from_row(&row)
-    }
-
-    pub(super) async fn reporter_list_impl(&self) -> Result<Vec<ReporterState>> {
-        let sql = format!("SELECT {REPORTER_COLUMNS} FROM reporters ORDER BY name");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter().map(reporter_from_row).collect()
-    }
-
-    pub(super) async fn reporter_remove_impl(&self, name: &str) -> Result<()> {
-        let done = sqlx::query("DELETE FROM reporters WHERE name = ?")
-            .bind(name)
-            .execute(&mut *self.writer.lock().await)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(StorageError::not_found("reporter", name));
-        }
-        Ok(())
-    }
-
-    pub(super) async fn reporter_lease_impl(
-        &self,
-        name: &str,
-        master: MasterId,
-        now: Timestamp,
-        until: Timestamp,
-    ) -> Result<Option<ReporterState>> {
-        let sql = format!(
-            "UPDATE reporters SET owner = ?1, lease_until = ?2
-             WHERE name = ?3 AND (owner IS NULL OR owner = ?1 OR lease_until IS NULL OR lease_until < ?4)
-             RETURNING {REPORTER_COLUMNS}"
-        );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(master.0)
-            .bind(us(until))
-            .bind(name)
-            .bind(us(now))
-            .fetch_optional(&mut *self.writer.lock().await)
-            .await?;
-        match row {
-            Some(row) => Ok(Some(reporter_from_row(&row)?)),
-            None => {
-                // Tell "held by another" from "no such reporter".
-                self.reporter_get_impl(name).await?;
-                Ok(None)
-            }
-        }
-    }
-
-    pub(super) async fn reporter_progress_impl(&self, p: &ReporterProgress) -> Result<()> {
+    async fn reporter_progress(&self, p: &ReporterProgress) -> Result<()> {
+        let p = &*text::delivery(p);
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
         let updated = sqlx::query(
@@ -212,10 +152,10 @@ impl SqliteStore {
         .bind(p.dropped.len() as i64)
         .bind(i64::from(p.attempts))
         .bind(&p.last_error)
-        .bind(us(p.lease_until))
+        .bind(micros(p.lease_until))
         .bind(&p.name)
         .bind(p.master.0)
-        .bind(us(p.now))
+        .bind(micros(p.now))
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {
@@ -235,33 +175,12 @@ impl SqliteStore {
                  SELECT ?, value ->> 0, value ->> 1, value ->> 2, ? FROM json_each(?)",
             )
             .bind(&p.name)
-            .bind(us(p.now))
+            .bind(micros(p.now))
             .bind(serde_json::Value::from(rows).to_string())
             .execute(&mut *tx)
             .await?;
         }
         tx.commit().await?;
         Ok(())
-    }
-
-    pub(super) async fn outbox_read_impl(&self, after: i64, limit: u32) -> Result<Vec<Report>> {
-        let rows = sqlx::query(
-            "SELECT seq, kind, buildset_id, build_id, builder, results, at, payload FROM events
-             WHERE seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter().map(report_from_row).collect()
-    }
-
-    pub(super) async fn outbox_prune_impl(&self) -> Result<u64> {
-        let done = sqlx::query(
-            "DELETE FROM events WHERE seq <= COALESCE((SELECT MIN(cursor) FROM reporters), (SELECT MAX(seq) FROM events))",
-        )
-        .execute(&mut *self.writer.lock().await)
-        .await?;
-        Ok(done.rows_affected())
     }
 }

@@ -1,25 +1,26 @@
-//! The set-based operations the scheduler's hot path runs: many buildsets, many builds
-//! started or finished per transaction, each with a fixed number of statements however
-//! many rows it touches.
+//! Builds in SQLite: the scheduler's hot path (claim and start many, finish many, each
+//! in one transaction with a fixed number of statements however many rows it touches)
+//! and the one-at-a-time starts and finishes.
 //!
 //! Per-row values travel as one JSON array bound to a single parameter and are unpacked
-//! with `json_each`/`json_extract`; every statement goes to SQLite in one round trip,
-//! which is what costs through sqlx (tens of microseconds), not the rows themselves.
+//! with `json_each`/`json_extract`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
+use async_trait::async_trait;
 use serde_json::{Value, json};
-use sqlx::{Connection, Row};
+use sqlx::{Connection, Row, SqliteConnection};
 
 use super::json::{BUILD_JSON, CONTEXT_JSON, REQUEST_JSON};
-use super::{SqliteStore, complete_buildsets, outbox};
-use crate::rows::{from_json, json_ids, started_from_json, us};
+use super::requests::complete_buildsets;
+use super::{SqliteStore, outbox};
+use crate::rows::{BUILD_COLUMNS, build_from_row, from_json, json_ids, micros, started_from_json};
+use crate::seam::{BuildWrites, Builds};
 use crate::{
-    AddedBuildset, BuildEnd, NewBuildset, Result, Settled, StartAvailable, StartOutcome,
-    StartedBuild, StorageError, fk_to_not_found, validate_buildset,
+    FinishOutcome, FinishedBuild, NewBuild, Result, StartAvailable, StartOutcome, StartedBuild,
+    StorageError, fk_to_not_found, text,
 };
-use kiln_model::{BuilderId, MasterId, RequestId};
-use kiln_model::{BuildsetId, ResultCode};
+use kiln_model::{Build, BuilderId, BuildsetId, MasterId, RequestId, ResultCode};
 
 /// A request about to be claimed: id, cancel_requested, buildset id.
 type Candidate = (i64, i64, i64);
@@ -41,178 +42,62 @@ const HEADS_SQL: &str = "SELECT COALESCE(json_group_array(json_array(builder, sl
            FROM json_each(?) w JOIN builders bl ON bl.id = w.value ->> 0)
      WHERE top IS NOT NULL";
 
-impl SqliteStore {
-    pub(super) async fn add_buildsets(&self, params: &[NewBuildset]) -> Result<Vec<AddedBuildset>> {
-        for p in params {
-            validate_buildset(p)?;
-        }
-        if params.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-
-        // One statement checks the builders and finds the next free ids: inside BEGIN
-        // IMMEDIATE nobody else inserts, so the ids can be handed out here and every row
-        // of the batch written with one statement per table.
-        let wanted: BTreeSet<BuilderId> = params
-            .iter()
-            .flat_map(|p| p.builder_ids.iter().copied())
-            .collect();
-        let row = sqlx::query(
-            "SELECT (SELECT json_group_array(id) FROM builders WHERE id IN (SELECT value FROM json_each(?))) AS known,
-                    (SELECT COALESCE(MAX(id), 0) + 1 FROM buildsets) AS next_buildset,
-                    (SELECT COALESCE(MAX(id), 0) + 1 FROM buildrequests) AS next_request",
-        )
-        .bind(json_ids(wanted.iter().map(|b| b.0)))
-        .fetch_one(&mut *tx)
-        .await?;
-        let known: Vec<i64> = from_json(&row.try_get::<String, _>("known")?)?;
-        if let Some(unknown) = wanted.iter().find(|b| !known.contains(&b.0)) {
-            return Err(StorageError::UnknownBuilder(format!("#{unknown}")));
-        }
-        let next_buildset: i64 = row.try_get("next_buildset")?;
-        let next_request: i64 = row.try_get("next_request")?;
-        let mut buildsets = Vec::with_capacity(params.len());
-        let mut requests = Vec::new();
-        let mut stamps = Vec::new();
-        let mut properties = Vec::new();
-        let mut added = Vec::with_capacity(params.len());
-        let mut request_id = next_request;
-        for (i, p) in params.iter().enumerate() {
-            let buildset_id = next_buildset + i as i64;
-            let submitted = us(p.submitted_at);
-            let empty = p.builder_ids.is_empty();
-            buildsets.push(json!([
-                buildset_id,
-                p.reason,
-                p.external_idstring,
-                submitted,
-                empty,
-                empty.then_some(submitted),
-                empty.then_some(ResultCode::Success.code()),
-                p.parent_buildid.map(|b| b.0),
-                p.parent_relationship,
-                p.rebuilt_buildid.map(|b| b.0),
-                p.parent_request_id.map(|r| r.0),
-                p.trigger_key,
-                p.depth,
-            ]));
-            let mut by_builder = BTreeMap::new();
-            for builder in &p.builder_ids {
-                requests.push(json!([
-                    request_id,
-                    buildset_id,
-                    builder.0,
-                    p.priority,
-                    submitted,
-                    p.waited_for
-                ]));
-                by_builder.insert(*builder, RequestId(request_id));
-                request_id += 1;
-            }
-            for s in &p.sourcestamps {
-                stamps.push(json!([
-                    buildset_id,
-                    s.codebase,
-                    s.repository,
-                    s.branch.as_deref().unwrap_or(""),
-                    s.revision.as_deref().unwrap_or(""),
-                    s.project,
-                ]));
-            }
-            for (name, property) in &p.properties {
-                properties.push(json!([
-                    buildset_id,
-                    name,
-                    property.value.to_string(),
-                    property.source
-                ]));
-            }
-            added.push(AddedBuildset {
-                buildset_id: BuildsetId(buildset_id),
-                requests: by_builder,
-            });
-        }
-
+/// Writes the ends of builds known to run on the caller's master: their columns, their
+/// artifacts, and their `build_finished` reports.
+async fn end_builds(tx: &mut SqliteConnection, ends: &[&FinishedBuild]) -> Result<()> {
+    let values = Value::from(
+        ends.iter()
+            .map(|e| {
+                json!([
+                    e.build_id.0,
+                    micros(e.complete_at),
+                    e.results.code(),
+                    e.return_value.as_ref().map(|v| v.to_string()),
+                    e.error,
+                    e.traceback,
+                    e.state_string,
+                ])
+            })
+            .collect::<Vec<_>>(),
+    )
+    .to_string();
+    // Joined on the primary key alone, so that SQLite walks the JSON array once and
+    // looks each build up (with the master's running builds as the outer loop it
+    // rescanned the array per build: quadratic in the batch).
+    sqlx::query(
+        "UPDATE builds SET complete_at = j.value ->> 1, results = j.value ->> 2, return_value = j.value ->> 3,
+                           error = j.value ->> 4, traceback = j.value ->> 5,
+                           state_string = COALESCE(j.value ->> 6, builds.state_string)
+         FROM json_each(?) j
+         WHERE builds.id = j.value ->> 0",
+    )
+    .bind(&values)
+    .execute(&mut *tx)
+    .await?;
+    outbox::record_finished(&mut *tx, &json_ids(ends.iter().map(|e| e.build_id.0))).await?;
+    let artifacts: Vec<Value> = ends
+        .iter()
+        .flat_map(|e| {
+            e.artifacts
+                .iter()
+                .map(move |a| json!([e.build_id.0, a.path, a.size, a.location]))
+        })
+        .collect();
+    if !artifacts.is_empty() {
         sqlx::query(
-            "INSERT INTO buildsets (id, reason, external_idstring, submitted_at, complete, complete_at, results,
-                                    parent_buildid, parent_relationship, rebuilt_buildid, parent_request_id, trigger_key,
-                                    depth)
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-                    value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, value ->> 12
-             FROM json_each(?)",
+            "INSERT OR REPLACE INTO build_artifacts (build_id, path, size, location)
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?)",
         )
-        .bind(Value::from(buildsets).to_string())
+        .bind(Value::from(artifacts).to_string())
         .execute(&mut *tx)
-        .await
-        .map_err(|e| {
-            fk_to_not_found(
-                e,
-                "build or request",
-                params.iter().find_map(|p| {
-                    p.parent_buildid
-                        .or(p.rebuilt_buildid)
-                        .map(|b| b.0)
-                        .or(p.parent_request_id.map(|r| r.0))
-                }),
-            )
-        })?;
-        if !requests.is_empty() {
-            sqlx::query(
-                "INSERT INTO buildrequests (id, buildset_id, builder_id, priority, submitted_at, waited_for)
-                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 FROM json_each(?)",
-            )
-            .bind(Value::from(requests).to_string())
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !stamps.is_empty() {
-            let stamps = Value::from(stamps).to_string();
-            // The WHERE clause is required by SQLite's grammar for INSERT ... SELECT ... ON CONFLICT.
-            sqlx::query(
-                "INSERT INTO sourcestamps (codebase, repository, branch, revision, project)
-                 SELECT DISTINCT value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5
-                 FROM json_each(?) WHERE true
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(&stamps)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "INSERT OR IGNORE INTO buildset_sourcestamps (buildset_id, sourcestamp_id)
-                 SELECT j.value ->> 0, s.id FROM json_each(?) j JOIN sourcestamps s
-                   ON s.codebase = j.value ->> 1 AND s.repository = j.value ->> 2 AND s.branch = j.value ->> 3
-                  AND s.revision = j.value ->> 4 AND s.project = j.value ->> 5",
-            )
-            .bind(&stamps)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !properties.is_empty() {
-            sqlx::query(
-                "INSERT INTO buildset_properties (buildset_id, name, value, source)
-                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?)",
-            )
-            .bind(Value::from(properties).to_string())
-            .execute(&mut *tx)
-            .await?;
-        }
-        let new_ids = json_ids(added.iter().map(|a| a.buildset_id.0));
-        outbox::record_submitted(&mut tx, &new_ids).await?;
-        let empty: Vec<i64> = added
-            .iter()
-            .filter(|a| a.requests.is_empty())
-            .map(|a| a.buildset_id.0)
-            .collect();
-        if !empty.is_empty() {
-            outbox::record_complete(&mut tx, &json_ids(empty)).await?;
-        }
-        tx.commit().await?;
-        Ok(added)
+        .await?;
     }
+    Ok(())
+}
 
-    pub(super) async fn start_available(&self, params: &StartAvailable) -> Result<StartOutcome> {
+#[async_trait]
+impl BuildWrites for SqliteStore {
+    async fn build_start_available(&self, params: &StartAvailable) -> Result<StartOutcome> {
         let mut conn = self.writer.lock().await;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         // A master that was expired (or shut down) starts nothing until it registers
@@ -273,7 +158,7 @@ impl SqliteStore {
         );
         sqlx::query("INSERT INTO buildrequest_claims (request_id, master_id, claimed_at) SELECT value, ?, ? FROM json_each(?)")
             .bind(params.master_id.0)
-            .bind(us(params.now))
+            .bind(micros(params.now))
             .bind(&all)
             .execute(&mut *tx)
             .await
@@ -295,7 +180,7 @@ impl SqliteStore {
                 "UPDATE buildrequests SET complete = 1, complete_at = ?, results = ?
                  WHERE id IN (SELECT value FROM json_each(?))",
             )
-            .bind(us(params.now))
+            .bind(micros(params.now))
             .bind(ResultCode::Cancelled.code())
             .bind(json_ids(flagged.iter().map(|(id, _)| *id)))
             .execute(&mut *tx)
@@ -333,7 +218,7 @@ impl SqliteStore {
             )
             .bind(builder.0)
             .bind(params.master_id.0)
-            .bind(us(params.now))
+            .bind(micros(params.now))
             .bind(&params.state_string)
             .bind(Value::from(pairs).to_string())
             .execute(&mut *tx)
@@ -372,13 +257,14 @@ impl SqliteStore {
         Ok(outcome)
     }
 
-    pub(super) async fn finish_and_settle(
+    async fn build_finish_batch(
         &self,
         master: MasterId,
-        ends: &[BuildEnd],
-    ) -> Result<Settled> {
+        ends: &[FinishedBuild],
+    ) -> Result<FinishOutcome> {
+        let ends = &*text::finished_all(ends);
         if ends.is_empty() {
-            return Ok(Settled::default());
+            return Ok(FinishOutcome::default());
         }
         let ids = json_ids(ends.iter().map(|e| e.build_id.0));
         let mut conn = self.writer.lock().await;
@@ -394,53 +280,31 @@ impl SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         let running: BTreeSet<i64> = from_json(&running)?;
-        let mut settled = Settled::default();
+        let mut outcome = FinishOutcome::default();
         if running.is_empty() {
             tx.rollback().await?;
-            settled.refused = ends.iter().map(|e| e.build_id).collect();
-            settled.refused.sort();
-            return Ok(settled);
+            outcome.refused = ends.iter().map(|e| e.build_id).collect();
+            outcome.refused.sort();
+            return Ok(outcome);
         }
-        let values = Value::from(
-            ends.iter()
-                .filter(|e| running.contains(&e.build_id.0))
-                .map(|e| {
-                    json!([
-                        e.build_id.0,
-                        us(e.complete_at),
-                        e.results.code(),
-                        e.return_value.as_ref().map(|v| v.to_string()),
-                        e.error,
-                        e.traceback,
-                        e.state_string,
-                    ])
-                })
-                .collect::<Vec<_>>(),
-        )
-        .to_string();
-        // Joined on the primary key alone, so that SQLite walks the JSON array once and
-        // looks each build up (with the master's running builds as the outer loop it
-        // rescanned the array per build: quadratic in the batch).
-        sqlx::query(
-            "UPDATE builds SET complete_at = j.value ->> 1, results = j.value ->> 2, return_value = j.value ->> 3,
-                               error = j.value ->> 4, traceback = j.value ->> 5,
-                               state_string = COALESCE(j.value ->> 6, builds.state_string)
-             FROM json_each(?) j
-             WHERE builds.id = j.value ->> 0",
-        )
-        .bind(&values)
-        .execute(&mut *tx)
-        .await?;
-        outbox::record_finished(&mut tx, &json_ids(running.iter().copied())).await?;
+        let ending: Vec<&FinishedBuild> = ends
+            .iter()
+            .filter(|e| running.contains(&e.build_id.0))
+            .collect();
+        end_builds(&mut tx, &ending).await?;
         let mut complete = Vec::new();
         let mut release = Vec::new();
         for e in ends {
             if !running.contains(&e.build_id.0) {
-                settled.refused.push(e.build_id);
+                outcome.refused.push(e.build_id);
             } else if e.results == ResultCode::Retry {
                 release.push(e.request_id.0);
             } else {
-                complete.push(json!([e.request_id.0, us(e.complete_at), e.results.code()]));
+                complete.push(json!([
+                    e.request_id.0,
+                    micros(e.complete_at),
+                    e.results.code()
+                ]));
             }
         }
         let mut buildsets = Vec::new();
@@ -462,7 +326,7 @@ impl SqliteStore {
             .bind(&complete)
             .execute(&mut *tx)
             .await?;
-            settled.completed = open.iter().map(|(id, _)| RequestId(*id)).collect();
+            outcome.completed = open.iter().map(|(id, _)| RequestId(*id)).collect();
             buildsets = open.iter().map(|(_, bs)| BuildsetId(*bs)).collect();
         }
         if !release.is_empty() {
@@ -481,36 +345,84 @@ impl SqliteStore {
                 .bind(json_ids(held.iter().copied()))
                 .execute(&mut *tx)
                 .await?;
-            settled.released = held.into_iter().map(RequestId).collect();
-        }
-        let artifacts: Vec<Value> = ends
-            .iter()
-            .filter(|e| running.contains(&e.build_id.0))
-            .flat_map(|e| {
-                e.artifacts
-                    .iter()
-                    .map(move |a| json!([e.build_id.0, a.path, a.size, a.location]))
-            })
-            .collect();
-        if !artifacts.is_empty() {
-            sqlx::query(
-                "INSERT OR REPLACE INTO build_artifacts (build_id, path, size, location)
-                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?)",
-            )
-            .bind(Value::from(artifacts).to_string())
-            .execute(&mut *tx)
-            .await?;
+            outcome.released = held.into_iter().map(RequestId).collect();
         }
         let latest = ends
             .iter()
             .map(|e| e.complete_at)
             .max()
             .unwrap_or_else(kiln_model::now);
-        settled.buildsets_completed = complete_buildsets(&mut tx, buildsets, latest).await?;
+        outcome.buildsets_completed = complete_buildsets(&mut tx, buildsets, latest).await?;
         tx.commit().await?;
-        settled.completed.sort();
-        settled.released.sort();
-        settled.refused.sort();
-        Ok(settled)
+        outcome.completed.sort();
+        outcome.released.sort();
+        outcome.refused.sort();
+        Ok(outcome)
+    }
+
+    async fn build_add(&self, params: &NewBuild) -> Result<Build> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        let row = sqlx::query(
+            "SELECT r.builder_id, r.complete, c.master_id FROM buildrequests r
+             LEFT JOIN buildrequest_claims c ON c.request_id = r.id WHERE r.id = ?",
+        )
+        .bind(params.request_id.0)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StorageError::not_found("build request", params.request_id))?;
+        let holder: Option<i64> = row.try_get("master_id")?;
+        if holder != Some(params.master_id.0) || row.try_get::<i64, _>("complete")? != 0 {
+            return Err(StorageError::ClaimLost {
+                request: params.request_id,
+                master: params.master_id,
+            });
+        }
+        let builder_id: i64 = row.try_get("builder_id")?;
+        let sql = format!(
+            "INSERT INTO builds (number, builder_id, buildrequest_id, master_id, worker_slot, started_at, state_string)
+             SELECT COALESCE(MAX(number), 0) + 1, ?, ?, ?, ?, ?, ? FROM builds WHERE builder_id = ?
+             RETURNING {}",
+            BUILD_COLUMNS.replace("b.", "")
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(builder_id)
+            .bind(params.request_id.0)
+            .bind(params.master_id.0)
+            .bind(params.worker_slot)
+            .bind(micros(params.started_at))
+            .bind(&params.state_string)
+            .bind(builder_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let build = build_from_row(&row)?;
+        outbox::record_started(&mut tx, &json_ids([build.id.0])).await?;
+        tx.commit().await?;
+        Ok(build)
+    }
+
+    async fn build_finish(&self, master: MasterId, build: &FinishedBuild) -> Result<()> {
+        let build = &*text::finished(build);
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        let running: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM builds WHERE id = ? AND master_id = ? AND complete_at IS NULL",
+        )
+        .bind(build.build_id.0)
+        .bind(master.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if running.is_some() {
+            end_builds(&mut tx, &[build]).await?;
+            tx.commit().await?;
+            return Ok(());
+        }
+        tx.rollback().await?;
+        drop(conn);
+        self.build_get(build.build_id).await?;
+        Err(StorageError::NotOwner {
+            build: build.build_id,
+            master,
+        })
     }
 }

@@ -358,7 +358,7 @@ async fn summary(engine: &Engine, ours: &BTreeSet<BuildsetId>, json_out: bool) -
                 .await?;
             // Listed newest first: pushing in that order pops the oldest first.
             stack.extend(children.iter().map(|c| Item::Buildset(c.id, depth + 1)));
-            let artifacts = client.store().build_artifacts(build.id).await?;
+            let artifacts = client.build_artifacts(build.id).await?;
             let builder = names.get(&build.builder_id.0).cloned().unwrap_or_default();
             let indent = if depth == 0 {
                 String::new()

@@ -9,9 +9,9 @@ use anyhow::{Result, anyhow, ensure};
 use kiln_engine::model::{BuilderStatus, DEPENDENCY, Properties, ResultCode};
 use kiln_engine::wasm::{Grants, Limits, WasmHost, WasmHostConfig, WasmPolicy};
 use kiln_engine::{
-    BuilderConfig, Client, Engine, EngineConfig, Event, FnExecutor, JobError, Outcome, Submission,
+    BuilderConfig, Engine, EngineConfig, Event, FnExecutor, JobError, Outcome, Submission,
 };
-use kiln_storage::{BuildFilter, BuildsetFilter, FinishBuild, NewBuild, NewBuildset};
+use kiln_storage::{BuildFilter, BuildsetFilter, FinishedBuild, NewBuild, NewBuildset};
 use serde_json::json;
 
 mod support;
@@ -406,8 +406,7 @@ async fn a_rerun_parent_adopts_the_children_its_dead_master_started() -> Result<
     {
         // A master that ran the parent, which triggered two children: the first has
         // finished, the second is queued. Then the master died.
-        let client = Client::open(&db.url).await?;
-        let store = client.store();
+        let store = kiln_storage::open(&db.url).await?;
         let ago = kiln_engine::model::now() - chrono::TimeDelta::hours(1);
         let ghost = store.master_register("ghost", ago).await?.master_id;
         let parent_b = store.builder_ensure("parent", None).await?;
@@ -461,16 +460,20 @@ async fn a_rerun_parent_adopts_the_children_its_dead_master_started() -> Result<
             })
             .await?;
         store
-            .build_finish(&FinishBuild {
-                build_id: b.id,
-                master_id: ghost,
-                results: ResultCode::Success,
-                return_value: Some(json!("first")),
-                error: None,
-                traceback: None,
-                state_string: None,
-                complete_at: ago,
-            })
+            .build_finish(
+                ghost,
+                &FinishedBuild {
+                    build_id: b.id,
+                    request_id: first,
+                    results: ResultCode::Success,
+                    return_value: Some(json!("first")),
+                    error: None,
+                    traceback: None,
+                    state_string: None,
+                    artifacts: Vec::new(),
+                    complete_at: ago,
+                },
+            )
             .await?;
         store
             .request_complete(&[first], ResultCode::Success, ago)
@@ -495,7 +498,7 @@ async fn a_rerun_parent_adopts_the_children_its_dead_master_started() -> Result<
         .await?;
     ensure!(wait_all(&engine, parent_set).await? == ResultCode::Success);
     let client = engine.client();
-    let children = client.store().buildset_children(parent_request).await?;
+    let children = client.children(parent_request).await?;
     ensure!(
         children.len() == 2,
         "the re-run started {} children",
@@ -787,7 +790,6 @@ async fn resubmit_runs_only_what_failed_or_was_cancelled_unless_asked_for_all() 
     ensure!(resubmitted.reason.contains("nightly"));
     let props = engine
         .client()
-        .store()
         .buildset_properties(again.buildset_id)
         .await?;
     ensure!(props["flavour"].value == json!("full"));

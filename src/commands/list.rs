@@ -1,0 +1,257 @@
+//! `kiln list`: buildsets, requests, builds, builders, masters and reporters as tables.
+
+use anyhow::{Result, anyhow, bail};
+use kiln_engine::Client;
+use kiln_engine::model::{BuildsetId, RequestId};
+use kiln_engine::storage::{
+    BuildFilter, BuildsetFilter, ClaimFilter, RequestFilter, RequestOrder, RequestOrderField,
+};
+use serde_json::json;
+
+use super::{Out, builder_names, builds_table, name_of, request_status};
+use crate::cli::{ClaimState, ListWhat};
+use crate::render::{self, Table};
+
+/// The id of an optional builder filter given by name.
+async fn builder_id(
+    client: &Client,
+    name: Option<&str>,
+) -> Result<Option<kiln_engine::model::BuilderId>> {
+    Ok(match name {
+        Some(name) => Some(client.builder_named(name).await?.id),
+        None => None,
+    })
+}
+
+fn parse_order(text: &str) -> Result<RequestOrder> {
+    let (descending, field) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let field = match field {
+        "id" => RequestOrderField::Id,
+        "priority" => RequestOrderField::Priority,
+        "submitted_at" => RequestOrderField::SubmittedAt,
+        "builder" | "builderid" => RequestOrderField::BuilderId,
+        "buildset" | "buildsetid" => RequestOrderField::BuildsetId,
+        "complete_at" => RequestOrderField::CompleteAt,
+        other => bail!(
+            "cannot order by {other:?}: expected id, priority, submitted_at, builder, buildset or complete_at (prefix - for descending)"
+        ),
+    };
+    Ok(RequestOrder { field, descending })
+}
+
+pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<()> {
+    match what {
+        ListWhat::Buildsets { complete, page } => {
+            let filter = BuildsetFilter {
+                complete,
+                limit: page.limit,
+                offset: page.offset,
+                ..Default::default()
+            };
+            let buildsets = client.buildsets(&filter).await?;
+            out.emit(&json!({ "buildsets": buildsets }), || {
+                let mut table =
+                    Table::new(&["id", "status", "results", "reason", "submitted", "duration"]);
+                for bs in &buildsets {
+                    table.row(vec![
+                        bs.id.to_string(),
+                        if bs.complete { "complete" } else { "running" }.into(),
+                        render::results(bs.results),
+                        bs.reason.clone(),
+                        render::time(bs.submitted_at),
+                        render::duration(bs.submitted_at, bs.complete_at),
+                    ]);
+                }
+                table.print();
+            })
+        }
+        ListWhat::Requests {
+            builder,
+            buildset,
+            complete,
+            claimed,
+            claimed_by,
+            branch,
+            repository,
+            order,
+            page,
+        } => {
+            let builder_id = builder_id(client, builder.as_deref()).await?;
+            let claimed = match (claimed_by, claimed) {
+                (Some(master), _) => {
+                    let masters = client.masters().await?;
+                    let found = masters
+                        .iter()
+                        .find(|m| m.name == master || m.id.to_string() == master)
+                        .ok_or_else(|| anyhow!("unknown master {master:?}"))?;
+                    ClaimFilter::ClaimedBy(found.id)
+                }
+                (None, ClaimState::Any) => ClaimFilter::Any,
+                (None, ClaimState::Claimed) => ClaimFilter::Claimed,
+                (None, ClaimState::Unclaimed) => ClaimFilter::Unclaimed,
+            };
+            let filter = RequestFilter {
+                builder_id,
+                buildset_id: buildset.map(BuildsetId),
+                complete,
+                claimed,
+                branch,
+                repository,
+                order: order
+                    .iter()
+                    .map(|o| parse_order(o))
+                    .collect::<Result<_>>()?,
+                limit: page.limit,
+                offset: page.offset,
+            };
+            let requests = client.requests(&filter).await?;
+            let names = builder_names(client).await?;
+            out.emit(&json!({ "buildrequests": requests }), || {
+                let mut table = Table::new(&[
+                    "id",
+                    "buildset",
+                    "builder",
+                    "priority",
+                    "status",
+                    "results",
+                    "submitted",
+                ]);
+                for r in &requests {
+                    table.row(vec![
+                        r.id.to_string(),
+                        r.buildset_id.to_string(),
+                        name_of(&names, r.builder_id.0),
+                        r.priority.to_string(),
+                        request_status(r),
+                        render::results(r.results),
+                        render::time(r.submitted_at),
+                    ]);
+                }
+                table.print();
+            })
+        }
+        ListWhat::Builds {
+            builder,
+            request,
+            buildset,
+            complete,
+            page,
+        } => {
+            let builder_id = builder_id(client, builder.as_deref()).await?;
+            let filter = BuildFilter {
+                builder_id,
+                request_id: request.map(RequestId),
+                buildset_id: buildset.map(BuildsetId),
+                complete,
+                descending: false,
+                limit: page.limit,
+                offset: page.offset,
+            };
+            let builds = client.builds(&filter).await?;
+            let names = builder_names(client).await?;
+            out.emit(&json!({ "builds": builds }), || {
+                builds_table(&names, &builds).print()
+            })
+        }
+        ListWhat::Builders => {
+            let builders = client.builders().await?;
+            let mut rows = Vec::new();
+            for b in &builders {
+                let latest = client.latest_successful_build(b.id).await?;
+                let status = client.builder_status(b).await?;
+                rows.push(json!({
+                    "builder": b,
+                    "status": status,
+                    "latest_successful_build": latest.as_ref().map(|l| l.id),
+                }));
+            }
+            out.emit(&json!({ "builders": rows }), || {
+                let mut table = Table::new(&[
+                    "id",
+                    "name",
+                    "status",
+                    "latest success",
+                    "depends on",
+                    "description",
+                ]);
+                for (b, row) in builders.iter().zip(&rows) {
+                    let latest = row["latest_successful_build"]
+                        .as_i64()
+                        .map(|id| format!("build {id}"));
+                    let status = row["status"].as_str().unwrap_or_default().replace('_', " ");
+                    table.row(vec![
+                        b.id.to_string(),
+                        b.name.clone(),
+                        status,
+                        render::opt(latest),
+                        b.depends_on.join(", "),
+                        render::opt(b.description.clone()),
+                    ]);
+                }
+                table.print();
+            })
+        }
+        ListWhat::Masters => {
+            let masters = client.masters().await?;
+            out.emit(&json!({ "masters": masters }), || {
+                let mut table = Table::new(&["id", "name", "active", "last heartbeat"]);
+                for m in &masters {
+                    table.row(vec![
+                        m.id.to_string(),
+                        m.name.clone(),
+                        m.active.to_string(),
+                        render::time(m.last_active),
+                    ]);
+                }
+                table.print();
+            })
+        }
+        ListWhat::Reporters => {
+            let reporters = client.reporters().await?;
+            out.emit(&json!({ "reporters": reporters }), || {
+                let mut table = Table::new(&[
+                    "name",
+                    "delivered",
+                    "pending",
+                    "dropped",
+                    "attempts",
+                    "leased by",
+                    "last error",
+                ]);
+                for r in &reporters {
+                    table.row(vec![
+                        r.name.clone(),
+                        r.delivered.to_string(),
+                        r.pending.to_string(),
+                        r.dropped.to_string(),
+                        r.attempts.to_string(),
+                        render::opt(r.owner.map(|m| format!("master {m}"))),
+                        render::opt(r.last_error.clone()),
+                    ]);
+                }
+                table.print();
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_fields_accept_a_minus_for_descending_and_reject_unknown_fields() {
+        let o = parse_order("-priority").ok();
+        assert_eq!(
+            o,
+            Some(RequestOrder {
+                field: RequestOrderField::Priority,
+                descending: true
+            })
+        );
+        assert!(parse_order("colour").is_err());
+    }
+}

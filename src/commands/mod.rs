@@ -1,0 +1,139 @@
+//! The commands, one file each: open the database, call the engine's client, print.
+//! Nothing here reaches the database except through [`Client`].
+
+mod cancel;
+mod list;
+mod logs;
+mod plugin;
+mod rebuild;
+mod reporter;
+mod resubmit;
+mod run;
+mod serve;
+mod show;
+mod submit;
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use anyhow::{Result, anyhow, bail};
+use kiln_engine::Client;
+use kiln_engine::model::{Build, BuildId};
+use kiln_engine::storage::StoreOptions;
+use serde::Serialize;
+
+use crate::cli::{Cli, Command, PluginWhat, ReporterWhat};
+use crate::render::{self, Table};
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Run { pipeline } => return run::run(pipeline, &cli.db, cli.json).await,
+        Command::Plugin {
+            what: PluginWhat::Check { file },
+        } => return plugin::check(file, cli.json),
+        Command::Serve(args) => return serve::serve(args, &cli.db).await,
+        _ => {}
+    }
+    // Commands never create a database: a mistyped path must be an error, not an empty file.
+    let options = StoreOptions {
+        create_if_missing: false,
+        ..StoreOptions::default()
+    };
+    let client = Client::open_with(&cli.db, &options).await?;
+    let out = Out { json: cli.json };
+    match cli.command {
+        Command::Submit(args) => submit::submit(&client, &out, args).await?,
+        Command::List { what } => list::list(&client, &out, what).await?,
+        Command::Show { what } => show::show(&client, &out, what).await?,
+        Command::Logs(args) => logs::logs(&client, &out, args).await?,
+        Command::Cancel { what } => cancel::cancel(&client, &out, what).await?,
+        Command::Run { .. } | Command::Plugin { .. } | Command::Serve(_) => unreachable_command()?,
+        Command::Reporter {
+            what: ReporterWhat::Remove { name },
+        } => reporter::remove(&client, &out, &name).await?,
+        Command::Resubmit { buildset, all } => {
+            resubmit::resubmit(&client, &out, buildset, all).await?
+        }
+        Command::Rebuild { build } => rebuild::rebuild(&client, &out, &build).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Commands handled before the database is opened never reach the table below.
+fn unreachable_command() -> Result<()> {
+    bail!("internal error: this command is handled elsewhere")
+}
+
+/// How a command prints: JSON for programs, or text for people.
+pub(crate) struct Out {
+    json: bool,
+}
+
+impl Out {
+    /// Prints `value` as JSON, or runs `human` to print it for people.
+    pub(crate) fn emit<T: Serialize>(&self, value: &T, human: impl FnOnce()) -> Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+        } else {
+            human();
+        }
+        Ok(())
+    }
+}
+
+/// Every builder's name by id.
+/// Builder names by id, for display.
+pub(crate) async fn builder_names(client: &Client) -> Result<BTreeMap<i64, String>> {
+    Ok(client
+        .builders()
+        .await?
+        .into_iter()
+        .map(|b| (b.id.0, b.name))
+        .collect())
+}
+
+pub(crate) fn name_of(names: &BTreeMap<i64, String>, id: i64) -> String {
+    names.get(&id).cloned().unwrap_or_else(|| format!("#{id}"))
+}
+
+pub(crate) fn request_status(r: &kiln_engine::model::BuildRequest) -> String {
+    match (r.complete, r.claimed_by) {
+        (true, _) => "complete".into(),
+        (false, Some(m)) if r.cancel_requested => format!("cancelling (master {m})"),
+        (false, Some(m)) => format!("claimed by master {m}"),
+        (false, None) => "queued".into(),
+    }
+}
+
+pub(crate) fn builds_table(names: &BTreeMap<i64, String>, builds: &[Build]) -> Table {
+    let mut table = Table::new(&[
+        "id", "builder", "number", "request", "results", "state", "started", "duration",
+    ]);
+    for b in builds {
+        table.row(vec![
+            b.id.to_string(),
+            name_of(names, b.builder_id.0),
+            b.number.to_string(),
+            b.request_id.to_string(),
+            render::results(b.results),
+            b.state_string.clone(),
+            render::time(b.started_at),
+            render::duration(b.started_at, b.complete_at),
+        ]);
+    }
+    table
+}
+
+/// A build by id (`42`) or by builder and number (`compile/7`).
+pub(crate) async fn find_build(client: &Client, text: &str) -> Result<Build> {
+    if let Ok(id) = text.parse::<i64>() {
+        return Ok(client.build(BuildId(id)).await?);
+    }
+    let (builder, number) = text
+        .rsplit_once('/')
+        .ok_or_else(|| anyhow!("build {text:?} is neither an id nor BUILDER/NUMBER"))?;
+    let number: i64 = number
+        .parse()
+        .map_err(|_| anyhow!("build {text:?}: {number:?} is not a build number"))?;
+    Ok(client.build_by_number(builder, number).await?)
+}

@@ -1,0 +1,81 @@
+//! `kiln submit`: one buildset, with properties and sourcestamps from the command line.
+
+use anyhow::{Context, Result, anyhow, bail};
+use kiln_engine::model::{Property, SourceStamp};
+use kiln_engine::{Client, Submission};
+
+use super::Out;
+use crate::cli::SubmitArgs;
+use crate::render::Table;
+
+fn parse_property(text: &str) -> Result<(String, serde_json::Value)> {
+    let (name, value) = text.split_once('=').ok_or_else(|| {
+        anyhow!("property {text:?} is not NAME=JSON (for example -p retries=3 or -p 'tag=\"v1\"')")
+    })?;
+    let name = name.trim();
+    if name.is_empty() {
+        bail!("property {text:?} has an empty name");
+    }
+    let value = serde_json::from_str(value).with_context(|| {
+        format!("property {name:?}: {value:?} is not valid JSON (strings need quotes: -p '{name}=\"{value}\"')")
+    })?;
+    Ok((name.to_owned(), value))
+}
+
+pub(super) async fn submit(client: &Client, out: &Out, args: SubmitArgs) -> Result<()> {
+    let mut submission = Submission::new(args.reason).priority(args.priority);
+    submission.builders = args.builders;
+    submission.external_idstring = args.external_id;
+    for text in &args.properties {
+        let (name, value) = parse_property(text)?;
+        if submission
+            .properties
+            .insert(name.clone(), Property::new(value, &args.property_source))
+            .is_some()
+        {
+            bail!("property {name:?} is given twice");
+        }
+    }
+    let stamp_given = args.repository.is_some()
+        || args.branch.is_some()
+        || args.revision.is_some()
+        || args.project.is_some()
+        || args.codebase.is_some();
+    if stamp_given {
+        submission.sourcestamps.push(SourceStamp {
+            codebase: args.codebase.unwrap_or_default(),
+            repository: args.repository.unwrap_or_default(),
+            branch: args.branch,
+            revision: args.revision,
+            project: args.project.unwrap_or_default(),
+        });
+    }
+    let submitted = client.submit(&submission).await?;
+    out.emit(&submitted, || {
+        println!("submitted buildset {}", submitted.buildset_id);
+        let mut table = Table::new(&["builder", "request"]);
+        for (builder, request) in &submitted.requests {
+            table.row(vec![builder.clone(), request.to_string()]);
+        }
+        table.print();
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn properties_parse_as_name_equals_json_and_reject_the_rest() {
+        assert_eq!(parse_property("n=3").ok(), Some(("n".into(), json!(3))));
+        assert_eq!(
+            parse_property("tags=[\"a\"]").ok(),
+            Some(("tags".into(), json!(["a"])))
+        );
+        assert_eq!(parse_property("eq==\"x\"").ok().map(|p| p.0), None);
+        for bad in ["novalue", "=3", "s=text", "n="] {
+            assert!(parse_property(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Buildsets: reads, and hanging children from a new parent build.
+
+use async_trait::async_trait;
+use kiln_model::{
+    BuildId, BuilderId, Buildset, BuildsetId, ChildBuildset, Properties, RequestId, SourceStamp,
+    SourceStampId,
+};
+
+use super::{all, one, query};
+use crate::Result;
+use crate::query::{BuildsetField, Page, Query};
+use crate::rows::{
+    Col, buildset_from_row, from_json, properties_from_rows, result_code, sourcestamp_from_row,
+};
+use crate::seam::Buildsets;
+use crate::sql::{Dialect, Sql};
+
+#[async_trait]
+impl<D: Dialect> Buildsets for D {
+    async fn buildset_get(&self, id: BuildsetId) -> Result<Buildset> {
+        let mut sql = Sql::new("SELECT * FROM buildsets WHERE id = ");
+        sql.bind(id.0);
+        one(self, sql, "buildset", id, buildset_from_row).await
+    }
+
+    async fn buildset_query(&self, q: &Query<BuildsetField>) -> Result<Page<Buildset>> {
+        query(self, q, buildset_from_row).await
+    }
+
+    async fn buildset_properties(&self, id: BuildsetId) -> Result<Properties> {
+        self.buildset_get(id).await?;
+        let mut sql =
+            Sql::new("SELECT name, value, source FROM buildset_properties WHERE buildset_id = ");
+        sql.bind(id.0);
+        properties_from_rows(&self.read(sql).await?)
+    }
+
+    async fn buildset_sourcestamps(&self, id: BuildsetId) -> Result<Vec<SourceStamp>> {
+        self.buildset_get(id).await?;
+        let mut sql = Sql::new(
+            "SELECT s.codebase, s.repository, s.branch, s.revision, s.project
+             FROM buildset_sourcestamps bs JOIN sourcestamps s ON s.id = bs.sourcestamp_id
+             WHERE bs.buildset_id = ",
+        );
+        sql.bind(id.0);
+        let mut stamps = all(self, sql, sourcestamp_from_row).await?;
+        // Sorted here, so that text sorts by its bytes on every backend.
+        stamps.sort();
+        Ok(stamps)
+    }
+
+    async fn buildset_sourcestamp_ids(&self, id: BuildsetId) -> Result<Vec<SourceStampId>> {
+        self.buildset_get(id).await?;
+        let mut sql =
+            Sql::new("SELECT sourcestamp_id FROM buildset_sourcestamps WHERE buildset_id = ");
+        sql.bind(id.0).push(" ORDER BY sourcestamp_id");
+        all(self, sql, |row| {
+            Ok(SourceStampId(row.int("sourcestamp_id")?))
+        })
+        .await
+    }
+
+    async fn buildset_children(&self, parent_request: RequestId) -> Result<Vec<ChildBuildset>> {
+        let mut sql = Sql::new(
+            "SELECT bs.id AS buildset_id, bs.trigger_key, bs.parent_relationship, r.waited_for,
+                    bs.parent_buildid, r.id AS request_id, r.builder_id, bl.name AS builder,
+                    r.complete, r.results, lb.id AS build_id, lb.return_value
+             FROM buildsets bs JOIN buildrequests r ON r.buildset_id = bs.id
+             JOIN builders bl ON bl.id = r.builder_id
+             LEFT JOIN builds lb ON lb.id = (SELECT MAX(b.id) FROM builds b WHERE b.buildrequest_id = r.id)
+             WHERE bs.parent_request_id = ",
+        );
+        sql.bind(parent_request.0).push(" ORDER BY bs.id, r.id");
+        all(self, sql, |row| {
+            Ok(ChildBuildset {
+                buildset_id: BuildsetId(row.int("buildset_id")?),
+                trigger_key: row.opt_text("trigger_key")?,
+                relationship: row.opt_text("parent_relationship")?,
+                waited_for: row.flag("waited_for")?,
+                parent_buildid: row.opt_int("parent_buildid")?.map(BuildId),
+                request_id: RequestId(row.int("request_id")?),
+                builder_id: BuilderId(row.int("builder_id")?),
+                builder: row.text("builder")?,
+                complete: row.flag("complete")?,
+                results: result_code(row.opt_int("results")?)?,
+                build_id: row.opt_int("build_id")?.map(BuildId),
+                return_value: row
+                    .opt_text("return_value")?
+                    .as_deref()
+                    .map(from_json)
+                    .transpose()?,
+            })
+        })
+        .await
+    }
+
+    async fn buildset_adopt(&self, ids: &[BuildsetId], parent_build: BuildId) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut sql = Sql::new("UPDATE buildsets SET parent_buildid = ");
+        sql.bind(parent_build.0)
+            .push(" WHERE id IN ")
+            .bind_list(ids.iter().map(|b| b.0));
+        self.write(sql)
+            .await
+            .map_err(|e| e.fk_not_found("build", parent_build))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,48 @@
+//! Build requests: reads, priorities, and the cancels a master should look at.
+
+use async_trait::async_trait;
+use kiln_model::{BuildRequest, MasterId, RequestId};
+
+use super::{all, one, query};
+use crate::query::{Page, Query, RequestField};
+use crate::rows::{Col, REQUEST_FROM, request_from_row};
+use crate::seam::Requests;
+use crate::sql::{Dialect, Sql};
+use crate::{Result, StorageError, validate};
+
+#[async_trait]
+impl<D: Dialect> Requests for D {
+    async fn request_get(&self, id: RequestId) -> Result<BuildRequest> {
+        let mut sql = Sql::new(REQUEST_FROM);
+        sql.push(" WHERE r.id = ").bind(id.0);
+        one(self, sql, "build request", id, request_from_row).await
+    }
+
+    async fn request_query(&self, q: &Query<RequestField>) -> Result<Page<BuildRequest>> {
+        query(self, q, request_from_row).await
+    }
+
+    async fn request_set_priority(&self, id: RequestId, priority: i32) -> Result<()> {
+        validate::priority(priority)?;
+        let mut sql = Sql::new("UPDATE buildrequests SET priority = ");
+        sql.bind(priority)
+            .push(" WHERE complete = 0 AND id = ")
+            .bind(id.0);
+        if self.write(sql).await? == 0 {
+            self.request_get(id).await?;
+            return Err(StorageError::Invalid(format!(
+                "build request {id} is complete; its priority no longer matters"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn request_cancel_pending(&self, master: MasterId) -> Result<Vec<RequestId>> {
+        let mut sql = Sql::new(
+            "SELECT r.id FROM buildrequests r JOIN buildrequest_claims c ON c.request_id = r.id
+             WHERE r.complete = 0 AND r.cancel_requested = 1 AND c.master_id = ",
+        );
+        sql.bind(master.0).push(" ORDER BY r.id");
+        all(self, sql, |row| Ok(RequestId(row.int("id")?))).await
+    }
+}

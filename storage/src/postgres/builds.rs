@@ -1,0 +1,476 @@
+//! Builds in PostgreSQL: the scheduler's hot path (claim and start many, finish many,
+//! each in one transaction with a fixed number of statements however many rows it
+//! touches) and the one-at-a-time starts and finishes. Per-row values travel as arrays,
+//! one per column, unpacked with `unnest`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use async_trait::async_trait;
+use sqlx::{PgConnection, Row};
+
+use super::requests::complete_buildsets;
+use super::{
+    MAX_TX_ATTEMPTS, PostgresStore, ids_of, listen, lock_active_master, lock_builders, outbox,
+    retryable, retrying,
+};
+use crate::rows::{BUILD_COLUMNS, build_from_row, micros, started_from_json};
+use crate::seam::{BuildWrites, Builds};
+use crate::{
+    FinishOutcome, FinishedBuild, NewBuild, Result, StartAvailable, StartOutcome, StartedBuild,
+    StorageError, StoreSignal, fk_to_not_found, text,
+};
+use kiln_model::{Artifact, Build, BuilderId, BuildsetId, MasterId, RequestId, ResultCode};
+
+/// A build as one JSON object, with `b` as the table alias (the keys of
+/// [`BUILD_COLUMNS`](crate::rows::BUILD_COLUMNS)).
+const BUILD_JSON: &str = "json_build_object('id', b.id, 'number', b.number, 'builder_id', b.builder_id, \
+     'buildrequest_id', b.buildrequest_id, 'master_id', b.master_id, 'worker_slot', b.worker_slot, \
+     'started_at', b.started_at, 'complete_at', b.complete_at, 'state_string', b.state_string, \
+     'locks_duration_s', b.locks_duration_s, 'results', b.results, 'return_value', b.return_value, \
+     'error', b.error, 'traceback', b.traceback)";
+
+/// A request joined with its claim, as one JSON object (`r` and `c`).
+const REQUEST_JSON: &str = "json_build_object('id', r.id, 'buildset_id', r.buildset_id, \
+     'builder_id', r.builder_id, 'priority', r.priority, 'submitted_at', r.submitted_at, 'waited_for', r.waited_for, \
+     'complete', r.complete, 'complete_at', r.complete_at, 'results', r.results, 'cancel_requested', r.cancel_requested, \
+     'claimed_by', c.master_id, 'claimed_at', c.claimed_at)";
+
+/// A buildset's reason, properties, stamps and depth as one JSON array, with `bs` as the
+/// alias.
+const CONTEXT_JSON: &str = "json_build_array(bs.reason, \
+     (SELECT COALESCE(json_agg(json_build_array(p.name, p.value, p.source)), '[]'::json) \
+      FROM buildset_properties p WHERE p.buildset_id = bs.id), \
+     (SELECT COALESCE(json_agg(json_build_array(s.codebase, s.repository, s.branch, s.revision, s.project)), '[]'::json) \
+      FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id \
+      WHERE bss.buildset_id = bs.id), bs.depth)";
+
+/// Writes the ends of builds known to run on the caller's master (and locked by it):
+/// their columns, their artifacts, and their `build_finished` reports.
+async fn end_builds(tx: &mut PgConnection, ends: &[&FinishedBuild]) -> Result<()> {
+    sqlx::query(
+        "UPDATE builds SET complete_at = t.at, results = t.res, return_value = t.rv, error = t.err,
+                           traceback = t.tb, state_string = COALESCE(t.st, builds.state_string)
+         FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
+             AS t(id, at, res, rv, err, tb, st)
+         WHERE builds.id = t.id",
+    )
+    .bind(ids_of(ends, |e| e.build_id.0))
+    .bind(ids_of(ends, |e| micros(e.complete_at)))
+    .bind(ids_of(ends, |e| i64::from(e.results.code())))
+    .bind(
+        ends.iter()
+            .map(|e| e.return_value.as_ref().map(|v| v.to_string()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(ends.iter().map(|e| e.error.clone()).collect::<Vec<_>>())
+    .bind(ends.iter().map(|e| e.traceback.clone()).collect::<Vec<_>>())
+    .bind(ends.iter().map(|e| e.state_string.clone()).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    outbox::record_finished(&mut *tx, &ids_of(ends, |e| e.build_id.0)).await?;
+    let artifacts: Vec<(i64, &Artifact)> = ends
+        .iter()
+        .flat_map(|e| e.artifacts.iter().map(move |a| (e.build_id.0, a)))
+        .collect();
+    if !artifacts.is_empty() {
+        sqlx::query(
+            "INSERT INTO build_artifacts (build_id, path, size, location)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[])
+             ON CONFLICT (build_id, path) DO UPDATE SET size = excluded.size, location = excluded.location",
+        )
+        .bind(ids_of(&artifacts, |(b, _)| *b))
+        .bind(artifacts.iter().map(|(_, a)| a.path.clone()).collect::<Vec<_>>())
+        .bind(ids_of(&artifacts, |(_, a)| {
+            i64::try_from(a.size).unwrap_or(i64::MAX)
+        }))
+        .bind(
+            artifacts
+                .iter()
+                .map(|(_, a)| a.location.clone())
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl BuildWrites for PostgresStore {
+    async fn build_start_available(&self, params: &StartAvailable) -> Result<StartOutcome> {
+        retrying!(self.start_available(params))
+    }
+
+    async fn build_finish_batch(
+        &self,
+        master: MasterId,
+        ends: &[FinishedBuild],
+    ) -> Result<FinishOutcome> {
+        let ends = &*text::finished_all(ends);
+        retrying!(self.finish_batch(master, ends))
+    }
+
+    async fn build_add(&self, params: &NewBuild) -> Result<Build> {
+        retrying!(async {
+            let mut tx = self.pool.begin().await?;
+            let row = sqlx::query(
+                "SELECT r.builder_id, r.complete, c.master_id FROM buildrequests r
+                 LEFT JOIN buildrequest_claims c ON c.request_id = r.id WHERE r.id = $1 FOR UPDATE OF r",
+            )
+            .bind(params.request_id.0)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StorageError::not_found("build request", params.request_id))?;
+            let holder: Option<i64> = row.try_get("master_id")?;
+            if holder != Some(params.master_id.0) || row.try_get::<i64, _>("complete")? != 0 {
+                return Err(StorageError::ClaimLost {
+                    request: params.request_id,
+                    master: params.master_id,
+                });
+            }
+            let builder_id: i64 = row.try_get("builder_id")?;
+            lock_builders(&mut tx, &[builder_id]).await?;
+            let sql = format!(
+                "INSERT INTO builds (number, builder_id, buildrequest_id, master_id, worker_slot, started_at, state_string)
+                 SELECT COALESCE(MAX(number), 0) + 1, $1, $2, $3, $4, $5, $6 FROM builds WHERE builder_id = $1
+                 RETURNING {}",
+                BUILD_COLUMNS.replace("b.", "")
+            );
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(builder_id)
+                .bind(params.request_id.0)
+                .bind(params.master_id.0)
+                .bind(params.worker_slot)
+                .bind(micros(params.started_at))
+                .bind(&params.state_string)
+                .fetch_one(&mut *tx)
+                .await?;
+            let build = build_from_row(&row)?;
+            outbox::record_started(&mut tx, &[build.id.0]).await?;
+            tx.commit().await?;
+            Ok(build)
+        })
+    }
+
+    async fn build_finish(&self, master: MasterId, build: &FinishedBuild) -> Result<()> {
+        let build = &*text::finished(build);
+        let finished = retrying!(async {
+            let mut tx = self.pool.begin().await?;
+            let running: Option<i64> = sqlx::query_scalar(
+                "SELECT id FROM builds WHERE id = $1 AND master_id = $2 AND complete_at IS NULL FOR UPDATE",
+            )
+            .bind(build.build_id.0)
+            .bind(master.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if running.is_some() {
+                end_builds(&mut tx, &[build]).await?;
+                tx.commit().await?;
+                return Ok(true);
+            }
+            tx.rollback().await?;
+            Ok(false)
+        })?;
+        if finished {
+            return Ok(());
+        }
+        self.build_get(build.build_id).await?;
+        Err(StorageError::NotOwner {
+            build: build.build_id,
+            master,
+        })
+    }
+}
+
+impl PostgresStore {
+    async fn start_available(&self, params: &StartAvailable) -> Result<StartOutcome> {
+        let wanted: Vec<(BuilderId, &Vec<i64>)> = params
+            .free_slots
+            .iter()
+            .filter(|(_, slots)| !slots.is_empty())
+            .map(|(b, s)| (*b, s))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(StartOutcome::default());
+        }
+        let mut tx = self.pool.begin().await?;
+        lock_active_master(&mut tx, params.master_id).await?;
+        // The builders with queued work, in Buildbot's order across builders, each with
+        // how many of its free slots it can fill; the limit is shared out in that order.
+        let heads = sqlx::query(
+            "SELECT w.builder, LEAST(w.n, h.queued) AS available
+             FROM unnest($1::bigint[], $2::bigint[]) AS w(builder, n)
+             JOIN builders bl ON bl.id = w.builder
+             CROSS JOIN LATERAL (
+                 SELECT r.priority FROM buildrequests r
+                 WHERE r.builder_id = w.builder AND r.complete = 0
+                   AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                 ORDER BY r.priority DESC, r.id LIMIT 1) top
+             CROSS JOIN LATERAL (
+                 SELECT r.submitted_at FROM buildrequests r
+                 WHERE r.builder_id = w.builder AND r.complete = 0
+                   AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                 ORDER BY r.submitted_at LIMIT 1) oldest
+             CROSS JOIN LATERAL (
+                 SELECT count(*) AS queued FROM (
+                     SELECT 1 FROM buildrequests r
+                     WHERE r.builder_id = w.builder AND r.complete = 0
+                       AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                     LIMIT w.n) q) h
+             ORDER BY top.priority DESC, oldest.submitted_at, bl.name COLLATE \"C\"",
+        )
+        .bind(ids_of(&wanted, |(b, _)| b.0))
+        .bind(ids_of(&wanted, |(_, s)| s.len() as i64))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut room = params.limit as i64;
+        let mut shares: Vec<(i64, i64)> = Vec::new();
+        for head in &heads {
+            if room == 0 {
+                break;
+            }
+            let take = head.try_get::<i64, _>("available")?.min(room);
+            room -= take;
+            shares.push((head.try_get("builder")?, take));
+        }
+        // Per builder, its share of the most urgent requests nobody holds. Rows another
+        // master is claiming right now are skipped, not waited for.
+        let rows = sqlx::query(
+            "SELECT x.id, x.cancel_requested, x.buildset_id, x.builder_id
+             FROM unnest($1::bigint[], $2::bigint[]) AS w(builder, n)
+             CROSS JOIN LATERAL (
+                 SELECT r.id, r.cancel_requested, r.buildset_id, r.builder_id, r.priority
+                 FROM buildrequests r
+                 WHERE r.builder_id = w.builder AND r.complete = 0
+                   AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                 ORDER BY r.priority DESC, r.id
+                 LIMIT w.n
+                 FOR UPDATE OF r SKIP LOCKED) x",
+        )
+        .bind(ids_of(&shares, |(b, _)| *b))
+        .bind(ids_of(&shares, |(_, n)| *n))
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            tx.rollback().await?;
+            return Ok(StartOutcome::default());
+        }
+        let candidates: Vec<i64> = rows
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<std::result::Result<_, _>>()?;
+        // A claim committed between the snapshot above and the lock is not taken twice:
+        // the primary key turns it into "not inserted".
+        let claimed: BTreeSet<i64> = sqlx::query_scalar(
+            "INSERT INTO buildrequest_claims (request_id, master_id, claimed_at)
+             SELECT id, $2, $3 FROM unnest($1::bigint[]) id
+             ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+        )
+        .bind(&candidates)
+        .bind(params.master_id.0)
+        .bind(micros(params.now))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| fk_to_not_found(e, "master", Some(params.master_id)))?
+        .into_iter()
+        .collect();
+
+        // Per builder, in claim order: (request, cancel flag, buildset).
+        let mut by_builder: BTreeMap<i64, Vec<(i64, bool, i64)>> = BTreeMap::new();
+        for row in &rows {
+            let id: i64 = row.try_get("id")?;
+            if claimed.contains(&id) {
+                by_builder
+                    .entry(row.try_get("builder_id")?)
+                    .or_default()
+                    .push((
+                        id,
+                        row.try_get::<i64, _>("cancel_requested")? != 0,
+                        row.try_get("buildset_id")?,
+                    ));
+            }
+        }
+
+        // Requests cancelled while an earlier (now released) claim held them end here.
+        let mut outcome = StartOutcome::default();
+        let flagged: Vec<(i64, i64)> = by_builder
+            .values()
+            .flatten()
+            .filter(|(_, cancel, _)| *cancel)
+            .map(|(id, _, bs)| (*id, *bs))
+            .collect();
+        if !flagged.is_empty() {
+            sqlx::query(
+                "UPDATE buildrequests SET complete = 1, complete_at = $1, results = $2 WHERE id = ANY($3)",
+            )
+            .bind(micros(params.now))
+            .bind(ResultCode::Cancelled.code())
+            .bind(ids_of(&flagged, |(id, _)| *id))
+            .execute(&mut *tx)
+            .await?;
+            outcome.cancelled = flagged.iter().map(|(id, _)| RequestId(*id)).collect();
+            outcome.cancelled.sort();
+            let buildsets = flagged.iter().map(|(_, bs)| BuildsetId(*bs));
+            outcome.buildsets_completed =
+                complete_buildsets(&mut tx, buildsets, params.now).await?;
+        }
+
+        // Numbered under the builders' row locks, so that masters starting builds of one
+        // builder at once take turns.
+        let (mut builders, mut requests, mut slots, mut offsets) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (builder, found) in &by_builder {
+            let free = wanted
+                .iter()
+                .find(|(b, _)| b.0 == *builder)
+                .map(|(_, s)| s.as_slice())
+                .unwrap_or(&[]);
+            let runnable = found.iter().filter(|(_, cancel, _)| !cancel).zip(free);
+            for (offset, ((id, _, _), slot)) in runnable.enumerate() {
+                builders.push(*builder);
+                requests.push(*id);
+                slots.push(*slot);
+                offsets.push(offset as i64 + 1);
+            }
+        }
+        if requests.is_empty() {
+            tx.commit().await?;
+            return Ok(outcome);
+        }
+        let distinct: Vec<i64> = by_builder.keys().copied().collect();
+        lock_builders(&mut tx, &distinct).await?;
+        sqlx::query(
+            "INSERT INTO builds (number, builder_id, buildrequest_id, master_id, worker_slot, started_at, state_string)
+             SELECT (SELECT COALESCE(MAX(number), 0) FROM builds WHERE builder_id = t.builder) + t.k,
+                    t.builder, t.request, $5, t.slot, $6, $7
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(builder, request, slot, k)",
+        )
+        .bind(&builders)
+        .bind(&requests)
+        .bind(&slots)
+        .bind(&offsets)
+        .bind(params.master_id.0)
+        .bind(micros(params.now))
+        .bind(&params.state_string)
+        .execute(&mut *tx)
+        .await?;
+        // The new builds with their claimed requests and their buildsets' contexts, in
+        // claim order, in one value.
+        let sql = format!(
+            "SELECT COALESCE(json_agg(json_build_array({BUILD_JSON}, {REQUEST_JSON}, {CONTEXT_JSON})
+                                      ORDER BY r.priority DESC, r.id), '[]'::json)::text
+             FROM builds b JOIN buildrequests r ON r.id = b.buildrequest_id
+             JOIN buildsets bs ON bs.id = r.buildset_id
+             LEFT JOIN buildrequest_claims c ON c.request_id = r.id
+             WHERE b.buildrequest_id = ANY($1) AND b.master_id = $2 AND b.complete_at IS NULL"
+        );
+        let started: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(&requests)
+            .bind(params.master_id.0)
+            .fetch_one(&mut *tx)
+            .await?;
+        let started = started_from_json(&started)?;
+        let build_ids: Vec<i64> = started.iter().map(|(b, _, _)| b.id.0).collect();
+        outbox::record_started(&mut tx, &build_ids).await?;
+        tx.commit().await?;
+        outcome.started = started
+            .into_iter()
+            .map(|(build, request, context)| StartedBuild {
+                request,
+                build,
+                context,
+            })
+            .collect();
+        Ok(outcome)
+    }
+
+    async fn finish_batch(
+        &self,
+        master: MasterId,
+        ends: &[FinishedBuild],
+    ) -> Result<FinishOutcome> {
+        if ends.is_empty() {
+            return Ok(FinishOutcome::default());
+        }
+        let mut tx = self.pool.begin().await?;
+        // Which builds still run on this master: only those are finished. They are
+        // locked, so that expiring this master meanwhile waits, then finds them done.
+        let running: BTreeSet<i64> = sqlx::query_scalar(
+            "SELECT id FROM builds WHERE id = ANY($1) AND master_id = $2 AND complete_at IS NULL
+             ORDER BY id FOR UPDATE",
+        )
+        .bind(ids_of(ends, |e| e.build_id.0))
+        .bind(master.0)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let mut outcome = FinishOutcome::default();
+        if running.is_empty() {
+            tx.rollback().await?;
+            outcome.refused = ends.iter().map(|e| e.build_id).collect();
+            outcome.refused.sort();
+            return Ok(outcome);
+        }
+        let mine: Vec<&FinishedBuild> = ends
+            .iter()
+            .filter(|e| running.contains(&e.build_id.0))
+            .collect();
+        end_builds(&mut tx, &mine).await?;
+        let mut complete = Vec::new();
+        let mut release = Vec::new();
+        for e in ends {
+            if !running.contains(&e.build_id.0) {
+                outcome.refused.push(e.build_id);
+            } else if e.results == ResultCode::Retry {
+                release.push(e.request_id.0);
+            } else {
+                complete.push(e);
+            }
+        }
+        let mut buildsets = Vec::new();
+        if !complete.is_empty() {
+            let rows = sqlx::query(
+                "UPDATE buildrequests r SET complete = 1, complete_at = t.at, results = t.res
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS t(id, at, res)
+                 WHERE r.id = t.id AND r.complete = 0
+                 RETURNING r.id, r.buildset_id",
+            )
+            .bind(ids_of(&complete, |e| e.request_id.0))
+            .bind(ids_of(&complete, |e| micros(e.complete_at)))
+            .bind(ids_of(&complete, |e| i64::from(e.results.code())))
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in &rows {
+                outcome.completed.push(RequestId(row.try_get("id")?));
+                buildsets.push(BuildsetId(row.try_get("buildset_id")?));
+            }
+        }
+        if !release.is_empty() {
+            let held: Vec<i64> = sqlx::query_scalar(
+                "DELETE FROM buildrequest_claims c USING buildrequests r
+                 WHERE c.master_id = $1 AND c.request_id = ANY($2) AND r.id = c.request_id AND r.complete = 0
+                 RETURNING c.request_id",
+            )
+            .bind(master.0)
+            .bind(&release)
+            .fetch_all(&mut *tx)
+            .await?;
+            if !held.is_empty() {
+                listen::notify(&mut tx, &[StoreSignal::Work]).await?;
+            }
+            outcome.released = held.into_iter().map(RequestId).collect();
+        }
+        let latest = ends
+            .iter()
+            .map(|e| e.complete_at)
+            .max()
+            .unwrap_or_else(kiln_model::now);
+        outcome.buildsets_completed = complete_buildsets(&mut tx, buildsets, latest).await?;
+        tx.commit().await?;
+        outcome.completed.sort();
+        outcome.released.sort();
+        outcome.refused.sort();
+        Ok(outcome)
+    }
+}
