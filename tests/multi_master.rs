@@ -26,7 +26,7 @@ const PARENTS: usize = 6;
 const CHILDREN: usize = 4;
 /// The victim is killed once it has finished this many builds (and while it runs a
 /// parent that waits on its children).
-const KILL_AFTER: u64 = 100;
+const KILL_AFTER: u64 = 30;
 /// Turns a hang into a failure; never a pacing device.
 const GUARD: Duration = Duration::from_secs(180);
 
@@ -47,7 +47,7 @@ max_concurrent = 2
 [[builder]]
 name = "child"
 plugin = "bundled:sleep"
-kwargs = { seconds = 1.5 }
+kwargs = { seconds = 4.0 }
 
 # Not submitted: `kiln serve` submits only with --submit; the test submits itself.
 [[submit]]
@@ -311,14 +311,33 @@ async fn three_masters_share_the_work_and_finish_a_killed_ones_exactly_once() ->
         .filter(|b| b.results == Some(ResultCode::Retry))
         .count();
     ensure!(retried > 0, "the victim was killed with builds running");
-    // The parents that waited on the victim ran again elsewhere and succeeded.
+    // The parents still waiting when the victim died (a parent seen waiting may have
+    // finished on the victim in the moment before the kill) ended as RETRY and ran
+    // again elsewhere, where they succeeded.
+    let mut killed_parents = 0;
     for parent in &waiting {
+        let ended = builds
+            .iter()
+            .find(|b| b.id == parent.id)
+            .ok_or_else(|| anyhow!("parent build {} vanished", parent.id))?;
+        if ended.results != Some(ResultCode::Retry) {
+            continue;
+        }
+        killed_parents += 1;
         let rerun = builds
             .iter()
             .find(|b| b.request_id == parent.request_id && b.results == Some(ResultCode::Success))
             .ok_or_else(|| anyhow!("parent request {} never succeeded", parent.request_id))?;
-        ensure!(rerun.master_id != victim, "the re-run ran elsewhere");
+        ensure!(
+            rerun.master_id != victim,
+            "the re-run of parent request {} ran on the dead victim",
+            parent.request_id
+        );
     }
+    ensure!(
+        killed_parents > 0,
+        "no parent was still waiting on its children when the victim died"
+    );
     let mut numbers: Vec<(i64, i64)> = builds.iter().map(|b| (b.builder_id.0, b.number)).collect();
     numbers.sort_unstable();
     numbers.dedup();
