@@ -5,6 +5,7 @@
 //! - drain throughput: JOBS buildsets submitted up front, then drained by the engine;
 //! - end-to-end throughput: submits and execution overlapping, one buildset per submit
 //!   call and 100 per `submit_many` call;
+//! - 16 tasks each submitting one buildset per call, with and without group commit;
 //! - submit-to-start latency on an idle engine (median and p99 over 200 submits).
 //!
 //! It measures and prints; it asserts nothing about speed.
@@ -114,6 +115,52 @@ async fn end_to_end(jobs: usize, per_submit: usize) -> Result<f64> {
     Ok(rate)
 }
 
+/// `clients` tasks each submitting one buildset per call, as REST clients and
+/// embedders with many tasks do; returns submissions/s and the p50 and p99 of one
+/// submit call. The engine runs the builds meanwhile. `group` is the engine's
+/// `max_group_commit` (0: every submit commits alone).
+async fn concurrent_submits(
+    jobs: usize,
+    clients: usize,
+    group: usize,
+) -> Result<(f64, Duration, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}", dir.path().join("concurrent.db").display());
+    let mut config = EngineConfig::new(url).master_name("concurrent");
+    config.event_capacity = 1 << 20;
+    config.max_group_commit = group;
+    let engine = std::sync::Arc::new(Engine::open(config).await?);
+    engine
+        .register_builder(BuilderConfig::new("noop"), noop())
+        .await?;
+    let mut events = engine.subscribe();
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(clients);
+    for c in 0..clients {
+        let engine = engine.clone();
+        let mine = jobs / clients + usize::from(c < jobs % clients);
+        tasks.push(tokio::spawn(async move {
+            let submission = Submission::new("bench").builder("noop");
+            let mut took = Vec::with_capacity(mine);
+            for _ in 0..mine {
+                let one = Instant::now();
+                engine.submit(&submission).await?;
+                took.push(one.elapsed());
+            }
+            anyhow::Ok(took)
+        }));
+    }
+    let mut took = Vec::with_capacity(jobs);
+    for task in tasks {
+        took.extend(task.await??);
+    }
+    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    wait_completions(&mut events, jobs).await?;
+    engine.shutdown().await;
+    took.sort();
+    Ok((rate, took[took.len() / 2], took[took.len() * 99 / 100]))
+}
+
 async fn latency(samples: usize) -> Result<(Duration, Duration)> {
     let dir = tempfile::tempdir()?;
     let engine = open(&dir, "latency").await?;
@@ -208,6 +255,18 @@ async fn main() -> Result<()> {
         "  end to end, 100 per submit:  {:>8.0} jobs/s",
         end_to_end(jobs, 100).await?
     );
+    for (what, group) in [
+        (
+            "group commit",
+            kiln_engine::config::DEFAULT_MAX_GROUP_COMMIT,
+        ),
+        ("one commit each", 0),
+    ] {
+        let (rate, p50, p99) = concurrent_submits(jobs, 16, group).await?;
+        println!(
+            "  16 tasks submitting 1 each, {what:<15} {rate:>8.0} submits/s, p50 {p50:?}, p99 {p99:?}"
+        );
+    }
     let (write, read) = primitives(5_000).await?;
     println!("  one UPDATE (autocommit):     {write:?}; one SELECT by id: {read:?}");
     let (median, p99) = latency(200).await?;

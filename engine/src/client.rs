@@ -4,11 +4,13 @@
 //! adds the scheduler.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::DEFAULT_MAX_GROUP_COMMIT;
 use crate::error::{EngineError, Result};
+use crate::group_commit::GroupCommit;
 use kiln_model::{
     Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, BuilderStatus, Buildset,
     BuildsetId, ChildBuildset, LogEntry, LogQuery, MAX_PRIORITY, MIN_PRIORITY, Master, MasterId,
@@ -225,6 +227,11 @@ pub struct Submitted {
 pub struct Client {
     store: Arc<dyn Store>,
     limits: SubmitLimits,
+    /// Concurrent submits share transactions through this.
+    submits: GroupCommit,
+    /// Builder ids by name, as read so far: a builder's id never changes and builders
+    /// are never removed, so a name once seen needs no further read.
+    builder_ids: Arc<RwLock<BTreeMap<String, BuilderId>>>,
 }
 
 impl Client {
@@ -241,9 +248,19 @@ impl Client {
     /// A client over an already open store.
     pub fn from_store(store: Arc<dyn Store>) -> Client {
         Client {
+            submits: GroupCommit::new(store.clone(), DEFAULT_MAX_GROUP_COMMIT),
             store,
             limits: SubmitLimits::default(),
+            builder_ids: Arc::default(),
         }
+    }
+
+    /// The same client, sharing a transaction among at most `max` concurrently
+    /// submitted buildsets (see [`DEFAULT_MAX_GROUP_COMMIT`]); 0 writes each submit call
+    /// in a transaction of its own.
+    pub fn with_group_commit(mut self, max: usize) -> Client {
+        self.submits = GroupCommit::new(self.store.clone(), max);
+        self
     }
 
     /// The same client, holding submissions to other limits.
@@ -362,6 +379,10 @@ impl Client {
     }
 
     /// Submits a buildset. Every builder must already be known to the database.
+    ///
+    /// Concurrent submits (from any number of tasks sharing this client or the engine
+    /// that holds it) are written together, one transaction per turn of the writer, and
+    /// each returns once its own commit is done: a lone submit waits for nothing else.
     pub async fn submit(&self, submission: &Submission) -> Result<Submitted> {
         only(self.submit_many(std::slice::from_ref(submission)).await?)
     }
@@ -392,20 +413,7 @@ impl Client {
         for s in submissions {
             s.validate(&self.limits)?;
         }
-        let all_cached = submissions
-            .iter()
-            .flat_map(|s| &s.builders)
-            .all(|n| cached.contains_key(n));
-        let known: BTreeMap<String, BuilderId> = if all_cached {
-            cached.clone()
-        } else {
-            self.store
-                .builder_list()
-                .await?
-                .into_iter()
-                .map(|b| (b.name, b.id))
-                .collect()
-        };
+        let known = self.builder_ids_of(submissions, cached).await?;
         let mut params = Vec::with_capacity(submissions.len());
         for s in submissions {
             let mut builder_ids = Vec::with_capacity(s.builders.len());
@@ -432,7 +440,7 @@ impl Client {
                 ..NewBuildset::default()
             });
         }
-        let added = self.store.buildset_add_many(&params).await?;
+        let added = self.submits.add(params).await?;
         Ok(submissions
             .iter()
             .zip(added)
@@ -455,6 +463,47 @@ impl Client {
                 }
             })
             .collect())
+    }
+
+    /// The ids of the builders `submissions` name, from `cached` (an engine's own
+    /// builders), else from what this client has read before, else read afresh. A name
+    /// that is nowhere is left out (the caller reports it).
+    async fn builder_ids_of(
+        &self,
+        submissions: &[Submission],
+        cached: &BTreeMap<String, BuilderId>,
+    ) -> Result<BTreeMap<String, BuilderId>> {
+        let names = || submissions.iter().flat_map(|s| &s.builders);
+        let mut known = BTreeMap::new();
+        let mut missing = false;
+        {
+            let seen = self
+                .builder_ids
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            for name in names() {
+                match cached.get(name).or_else(|| seen.get(name)) {
+                    Some(id) => {
+                        known.insert(name.clone(), *id);
+                    }
+                    None => missing = true,
+                }
+            }
+        }
+        if missing {
+            let builders = self.store.builder_list().await?;
+            let mut seen = self
+                .builder_ids
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            seen.extend(builders.into_iter().map(|b| (b.name, b.id)));
+            for name in names() {
+                if let Some(id) = seen.get(name) {
+                    known.insert(name.clone(), *id);
+                }
+            }
+        }
+        Ok(known)
     }
 
     /// One buildset.

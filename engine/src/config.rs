@@ -16,6 +16,10 @@ use kiln_storage::StoreOptions;
 /// How often the claim loop looks at the database when nothing woke it: the delay before
 /// this engine sees work submitted by another process. Submits through this engine wake
 /// it at once.
+/// The most buildsets that concurrent submits share one transaction with (group
+/// commit, see `Client::submit`). Bounds how long one commit holds the writer when
+/// thousands of callers queue at once; a single call carrying more is written alone.
+pub const DEFAULT_MAX_GROUP_COMMIT: usize = 1_024;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a master records that it is alive.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
@@ -63,6 +67,8 @@ pub struct EngineConfig {
     pub outbox_prune_interval: Duration,
     /// What one submission may carry (text sizes, properties, builders, stamps).
     pub submit_limits: SubmitLimits,
+    /// See [`DEFAULT_MAX_GROUP_COMMIT`]; 0 gives every submit a transaction of its own.
+    pub max_group_commit: usize,
     /// Database connection tuning.
     pub store: StoreOptions,
     /// Where builds get their result directories (`<dir>/<builder>/<number>/`), whose
@@ -86,6 +92,7 @@ impl EngineConfig {
             event_capacity: DEFAULT_EVENT_CAPACITY,
             outbox_prune_interval: crate::reporting::DEFAULT_OUTBOX_PRUNE_INTERVAL,
             submit_limits: SubmitLimits::default(),
+            max_group_commit: DEFAULT_MAX_GROUP_COMMIT,
             store: StoreOptions::default(),
             results_dir: None,
         }

@@ -54,7 +54,9 @@ impl Engine {
             );
         }
         info!(master = %config.master_name, id = %registered.master_id, backend = store.backend(), "engine started");
-        let client = Client::from_store(store.clone()).with_limits(config.submit_limits);
+        let client = Client::from_store(store.clone())
+            .with_limits(config.submit_limits)
+            .with_group_commit(config.max_group_commit);
         let scheduler = Scheduler::start(store, registered.master_id, config);
         Ok(Engine { client, scheduler })
     }

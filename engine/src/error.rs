@@ -18,6 +18,9 @@ pub enum EngineError {
     /// Input that breaks a rule (bad priority, empty name, ...).
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// Something the engine cannot explain to the caller went wrong (a bug, not input).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The engine is shutting down and takes no new work.
     #[error("the engine is shutting down")]
     ShuttingDown,

@@ -27,6 +27,7 @@ pub mod dependencies;
 pub mod engine;
 pub mod error;
 pub mod events;
+mod group_commit;
 pub mod reporting;
 pub mod scheduler;
 

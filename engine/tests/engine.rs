@@ -19,7 +19,7 @@ use tokio::sync::{Semaphore, broadcast, watch};
 
 /// Turns a hang into a failure; never a pacing device.
 mod support;
-use support::{Db, db, guard};
+use support::{Db, backends, db, guard};
 
 fn config(db: &Db, name: &str) -> EngineConfig {
     EngineConfig::new(&db.url).master_name(name)
@@ -956,5 +956,86 @@ async fn a_dropped_engine_stops_claiming_work() -> Result<()> {
         "nobody claimed it: {request:?}"
     );
     other.shutdown().await;
+    Ok(())
+}
+
+/// Submits from many tasks at once share transactions (group commit); each caller must
+/// still get its own buildset, with its own reason and requests, on every backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_single_submits_each_get_their_own_buildset_on_every_backend() -> Result<()> {
+    const TASKS: usize = 24;
+    const EACH: usize = 12;
+    let seed = fastrand::u64(..);
+    eprintln!("seed {seed}");
+    for backend in backends("concurrent_submits").await? {
+        let engine =
+            Arc::new(Engine::open(EngineConfig::new(&backend.url).master_name("group")).await?);
+        let names = ["a", "b", "c", "d"];
+        for name in names {
+            engine
+                .register_builder(BuilderConfig::new(name), echo())
+                .await?;
+        }
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let engine = engine.clone();
+            let mut rng = fastrand::Rng::with_seed(seed ^ t as u64);
+            tasks.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for i in 0..EACH {
+                    let mut submission =
+                        Submission::new(format!("task {t} item {i}")).priority(rng.i32(-5..=5));
+                    for name in names {
+                        if rng.bool() {
+                            submission = submission.builder(name);
+                        }
+                    }
+                    let submitted = engine.submit(&submission).await?;
+                    mine.push((submission, submitted));
+                }
+                anyhow::Ok(mine)
+            }));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for task in tasks {
+            for (submission, submitted) in guard("the submits", task).await??? {
+                ensure!(
+                    seen.insert(submitted.buildset_id),
+                    "buildset {} was answered twice ({})",
+                    submitted.buildset_id,
+                    backend.name
+                );
+                let stored = engine.client().buildset(submitted.buildset_id).await?;
+                ensure!(
+                    stored.reason == submission.reason,
+                    "{:?} got the buildset of {:?} ({})",
+                    submission.reason,
+                    stored.reason,
+                    backend.name
+                );
+                let requested: Vec<&String> = submitted.requests.keys().collect();
+                let wanted: Vec<&String> = {
+                    let mut w: Vec<&String> = submission.builders.iter().collect();
+                    w.sort();
+                    w
+                };
+                ensure!(requested == wanted, "{requested:?} for {wanted:?}");
+                for (name, request) in &submitted.requests {
+                    let request = engine.client().request(*request).await?;
+                    let builder = engine.client().builder(request.builder_id).await?;
+                    ensure!(
+                        request.buildset_id == submitted.buildset_id
+                            && &builder.name == name
+                            && request.priority == submission.priority,
+                        "request {} does not belong to {:?}",
+                        request.id,
+                        submission.reason
+                    );
+                }
+            }
+        }
+        ensure!(seen.len() == TASKS * EACH);
+        engine.shutdown().await;
+    }
     Ok(())
 }

@@ -111,7 +111,7 @@ impl From<EngineError> for ApiError {
                 | StorageError::NotOwner { .. }
                 | StorageError::ClaimLost { .. },
             ) => ApiError::Conflict(message),
-            EngineError::Storage(_) => ApiError::Internal(message),
+            EngineError::Internal(_) | EngineError::Storage(_) => ApiError::Internal(message),
         }
     }
 }
