@@ -118,6 +118,10 @@ pub struct StoreOptions {
     pub create_if_missing: bool,
     /// How hard a commit works to survive a power cut.
     pub durability: Durability,
+    /// SQLite: how often a background connection copies the write-ahead log into the
+    /// database file (see [`DEFAULT_CHECKPOINT_INTERVAL`]). Zero leaves checkpoints to
+    /// the writer, as SQLite does by default.
+    pub checkpoint_interval: Duration,
 }
 
 /// How hard a commit works to survive a power cut (SQLite's `synchronous`).
@@ -134,6 +138,12 @@ pub enum Durability {
 /// How long a SQLite write waits for another writer: long enough to ride out a burst of
 /// claims from several masters on one file.
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a SQLite store checkpoints its write-ahead log in the background. SQLite
+/// otherwise checkpoints on the writer's own turn every 1,000 pages, and that commit then
+/// waits for the checkpoint's copy and disk flush: on this machine the 15 ms at the p99
+/// of submit-to-start. Off the writer, a checkpoint runs beside the writes (SQLite's
+/// PASSIVE mode never blocks a writer).
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 /// Connections per store: SQLite serialises writes anyway, a few readers help the API.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
 
@@ -144,6 +154,7 @@ impl Default for StoreOptions {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             create_if_missing: true,
             durability: Durability::Normal,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
         }
     }
 }

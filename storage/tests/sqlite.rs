@@ -2,9 +2,11 @@
 
 mod conformance;
 
+use std::time::Duration;
+
 use anyhow::{Result, anyhow, ensure};
 use conformance::Harness;
-use kiln_storage::{self as storage, StorageError};
+use kiln_storage::{self as storage, NewBuildset, StorageError};
 
 /// A fresh SQLite file per test, in its own temporary directory.
 async fn sqlite() -> Result<Harness> {
@@ -137,5 +139,46 @@ async fn opening_a_missing_file_without_create_is_a_missing_error_and_creates_no
         .ok_or_else(|| anyhow!("a missing database opened"))?;
     ensure!(matches!(err, StorageError::Missing(_)), "{err}");
     ensure!(!path.exists(), "no file was created");
+    Ok(())
+}
+
+/// Writes about 8 MiB (some 2,000 pages, past SQLite's own 1,000-page checkpoint mark) in
+/// one transaction and returns the database file's size afterwards: whatever the writer
+/// checkpointed on its own turn is in it, the rest is still in the write-ahead log.
+async fn main_file_after_a_large_write(checkpoint_interval: Duration) -> Result<u64> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("kiln.db");
+    let options = storage::StoreOptions {
+        checkpoint_interval,
+        ..Default::default()
+    };
+    let store = storage::open_with(&path.display().to_string(), &options).await?;
+    let builder = store.builder_ensure("b", None).await?;
+    let reason = "x".repeat(1_000);
+    let batch: Vec<NewBuildset> = (0..8_000)
+        .map(|_| NewBuildset {
+            reason: reason.clone(),
+            builder_ids: vec![builder],
+            ..NewBuildset::default()
+        })
+        .collect();
+    store.buildset_add_many(&batch).await?;
+    Ok(std::fs::metadata(&path)?.len())
+}
+
+#[tokio::test]
+async fn the_writer_leaves_checkpoints_to_the_background_and_checkpoints_itself_without_it()
+-> Result<()> {
+    // A background interval longer than the test: only the writer could checkpoint.
+    let background = main_file_after_a_large_write(Duration::from_secs(3_600)).await?;
+    let writer = main_file_after_a_large_write(Duration::ZERO).await?;
+    ensure!(
+        background < 1 << 20,
+        "the writer checkpointed on its own turn: the file holds {background} bytes"
+    );
+    ensure!(
+        writer > 4 << 20,
+        "without background checkpoints the writer checkpoints itself: {writer} bytes"
+    );
     Ok(())
 }

@@ -13,7 +13,8 @@ mod outbox;
 mod requests;
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
@@ -35,6 +36,11 @@ const SQLITE_NOTADB: &str = "26";
 const PAGE_CACHE_KIB: u64 = 64 << 10;
 /// How much of the database file each connection maps into memory for reading.
 const MMAP_BYTES: u64 = 256 << 20;
+
+/// With checkpoints in the background, the writer still checkpoints itself once the log
+/// holds this many pages (64 MiB at 4 KiB pages): a backstop that bounds the log should
+/// the background fall behind, far past what it lets accumulate.
+const WRITER_CHECKPOINT_BACKSTOP_PAGES: u32 = 16_384;
 
 /// SQLite's "unable to open database file" error code.
 const SQLITE_CANTOPEN: &str = "14";
@@ -104,7 +110,19 @@ impl SqliteStore {
             }
             e => not_kiln_or(url, e),
         };
-        let mut writer = connect.connect().await.map_err(open_error)?;
+        let background_checkpoints = !options.checkpoint_interval.is_zero();
+        let mut writer = match background_checkpoints {
+            true => connect
+                .clone()
+                .pragma(
+                    "wal_autocheckpoint",
+                    WRITER_CHECKPOINT_BACKSTOP_PAGES.to_string(),
+                )
+                .connect()
+                .await
+                .map_err(open_error)?,
+            false => connect.connect().await.map_err(open_error)?,
+        };
         let reader = SqlitePoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .min_connections(1)
@@ -113,7 +131,7 @@ impl SqliteStore {
             // A local file connection does not go stale; pinging it before every use
             // doubled the cost of each read.
             .test_before_acquire(false)
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await
             .map_err(open_error)?;
         check_foreign_schema(&mut writer, url).await?;
@@ -127,12 +145,48 @@ impl SqliteStore {
             sqlx::migrate::MigrateError::Execute(inner) => not_kiln_or(url, inner),
             other => StorageError::Migration(other),
         })?;
+        let writer = Arc::new(Mutex::new(writer));
+        if background_checkpoints {
+            let checkpointer = connect.connect().await.map_err(open_error)?;
+            tokio::spawn(checkpoint_loop(
+                checkpointer,
+                options.checkpoint_interval,
+                Arc::downgrade(&writer),
+            ));
+        }
         Ok(SqliteStore {
-            writer: Arc::new(Mutex::new(writer)),
+            writer,
             reader,
             _scratch: scratch,
         })
     }
+}
+
+/// Copies the write-ahead log into the database file every `every`, on a connection of
+/// its own, until the store (its writer) is dropped. PASSIVE: it copies what no reader
+/// still needs and never waits for, or blocks, the writer; the writer restarts the log
+/// from its beginning once everything is copied.
+async fn checkpoint_loop(
+    mut conn: SqliteConnection,
+    every: Duration,
+    writer: Weak<Mutex<SqliteConnection>>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if writer.strong_count() == 0 {
+            break;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut conn)
+            .await
+        {
+            // The writer's backstop still bounds the log; say so once per failure.
+            tracing::debug!(error = %e, "background WAL checkpoint failed");
+        }
+    }
+    let _ = conn.close().await;
 }
 
 /// Refuses a database that already holds tables but not Kiln's migration history.
