@@ -1,7 +1,8 @@
 //! Lifecycle benchmark: submit -> claim -> run a no-op job -> finish the build ->
 //! complete the request -> complete the buildset, on SQLite, through the public API.
 //!
-//! `cargo bench -p kiln-engine --bench lifecycle [-- JOBS]` prints:
+//! `cargo bench -p kiln-engine --bench lifecycle [-- JOBS] [concurrent]` prints (with
+//! `concurrent`, only the 16 concurrent submitters running their builds):
 //! - drain throughput: JOBS buildsets submitted up front, then drained by the engine;
 //! - end-to-end throughput: submits and execution overlapping, one buildset per submit
 //!   call and 100 per `submit_many` call;
@@ -258,6 +259,15 @@ async fn main() -> Result<()> {
         .find_map(|a| a.parse().ok())
         .unwrap_or(5_000);
     println!("kiln lifecycle benchmark, SQLite (WAL, synchronous=NORMAL), {jobs} no-op jobs");
+    // `-- concurrent`: only the concurrent submitters, running their builds (to profile).
+    if std::env::args().any(|a| a == "concurrent") {
+        let group = kiln_engine::config::DEFAULT_MAX_GROUP_COMMIT;
+        let (rate, p50, p99) = concurrent_submits(jobs, 16, group, true).await?;
+        println!(
+            "  16 tasks submitting 1 each, group commit, running them: {rate:.0} submits/s, p50 {p50:?}, p99 {p99:?}"
+        );
+        return Ok(());
+    }
     println!(
         "  drain (queued up front):     {:>8.0} jobs/s",
         drain(jobs).await?
