@@ -6,7 +6,8 @@
 //! - drain throughput: JOBS buildsets submitted up front, then drained by the engine;
 //! - end-to-end throughput: submits and execution overlapping, one buildset per submit
 //!   call and 100 per `submit_many` call;
-//! - 16 tasks each submitting one buildset per call, with and without group commit;
+//! - 16 tasks each submitting one buildset per call, with and without group commit,
+//!   and one serial caller;
 //! - submit-to-start latency on an idle engine (median and p99 over 1,000 submits), with
 //!   WAL checkpoints in the background and on the writer's turn.
 //!
@@ -292,6 +293,10 @@ async fn main() -> Result<()> {
             "  16 tasks submitting 1 each, {what:<34} {rate:>6.0} submits/s, p50 {p50:?}, p99 {p99:?}"
         );
     }
+    let (rate, p50, p99) = concurrent_submits(jobs, 1, group, false).await?;
+    println!(
+        "  1 caller submitting 1 at a time, nobody runs them:  {rate:>6.0} submits/s, p50 {p50:?}, p99 {p99:?}"
+    );
     let (write, read) = primitives(5_000).await?;
     println!("  one UPDATE (autocommit):     {write:?}; one SELECT by id: {read:?}");
     for (what, checkpoints) in [
