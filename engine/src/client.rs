@@ -227,7 +227,7 @@ pub struct Submitted {
 pub struct Client {
     store: Arc<dyn Store>,
     limits: SubmitLimits,
-    /// Concurrent submits share transactions through this.
+    /// Concurrent submits, cancels and priority changes share transactions through this.
     submits: GroupCommit,
     /// Builder ids by name, as read so far: a builder's id never changes and builders
     /// are never removed, so a name once seen needs no further read.
@@ -256,8 +256,8 @@ impl Client {
     }
 
     /// The same client, sharing a transaction among at most `max` concurrently
-    /// submitted buildsets (see [`DEFAULT_MAX_GROUP_COMMIT`]); 0 writes each submit call
-    /// in a transaction of its own.
+    /// submitted buildsets, cancelled requests or priority changes (see
+    /// [`DEFAULT_MAX_GROUP_COMMIT`]); 0 writes each call in a transaction of its own.
     pub fn with_group_commit(mut self, max: usize) -> Client {
         self.submits = GroupCommit::new(self.store.clone(), max);
         self
@@ -342,7 +342,7 @@ impl Client {
     /// Changes the priority of a request not complete yet (it decides the order among
     /// requests nobody claimed yet).
     pub async fn set_priority(&self, id: RequestId, priority: i32) -> Result<()> {
-        Ok(self.store.request_set_priority(id, priority).await?)
+        self.submits.set_priority(id, priority).await
     }
 
     /// The most recently finished SUCCESS or WARNINGS build of a builder.
@@ -577,7 +577,7 @@ impl Client {
     /// flagged and its master stops the build. Fails if the request does not exist.
     pub async fn cancel_request(&self, id: RequestId) -> Result<CancelOutcome> {
         self.store.request_get(id).await?;
-        Ok(self.store.request_cancel(&[id], kiln_model::now()).await?)
+        self.submits.cancel(vec![id], kiln_model::now()).await
     }
 
     /// Cancels every incomplete request of a buildset.
@@ -592,7 +592,7 @@ impl Client {
             })
             .await?;
         let ids: Vec<RequestId> = requests.iter().map(|r| r.id).collect();
-        Ok(self.store.request_cancel(&ids, kiln_model::now()).await?)
+        self.submits.cancel(ids, kiln_model::now()).await
     }
 
     /// Rebuilds a build: a new buildset for the same builder with the same sourcestamps,

@@ -13,13 +13,14 @@ use crate::error::{EngineError, Result};
 use crate::events::DEFAULT_EVENT_CAPACITY;
 use kiln_storage::StoreOptions;
 
+/// The most items (buildsets submitted, requests cancelled, priorities changed) that
+/// concurrent calls share one transaction with (group commit, see `Client::submit`).
+/// Bounds how long one commit holds the writer when thousands of callers queue at once;
+/// a single call carrying more is written alone.
+pub const DEFAULT_MAX_GROUP_COMMIT: usize = 1_024;
 /// How often the claim loop looks at the database when nothing woke it: the delay before
 /// this engine sees work submitted by another process. Submits through this engine wake
 /// it at once.
-/// The most buildsets that concurrent submits share one transaction with (group
-/// commit, see `Client::submit`). Bounds how long one commit holds the writer when
-/// thousands of callers queue at once; a single call carrying more is written alone.
-pub const DEFAULT_MAX_GROUP_COMMIT: usize = 1_024;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a master records that it is alive.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);

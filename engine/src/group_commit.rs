@@ -1,38 +1,66 @@
-//! Group commit for submissions: concurrent submits from any number of tasks share one
-//! transaction per turn of the writer.
+//! Group commit for the single-item write paths: concurrent submits, cancels and
+//! priority changes from any number of tasks share one transaction per kind and turn of
+//! the writer.
 //!
-//! A caller hands its buildsets to one committer task per [`Client`](crate::Client) and
+//! A caller hands its write to one committer task per [`Client`](crate::Client) and
 //! waits for its own answer. The committer takes the first queued entry and everything
 //! else that queued while its previous commit ran (up to
-//! [`DEFAULT_MAX_GROUP_COMMIT`](crate::config::DEFAULT_MAX_GROUP_COMMIT) buildsets), writes them with one `buildset_add_many`, and answers each caller once
-//! that commit is done at the store's configured durability. There is no timer: a lone
-//! caller waits for nothing but its own commit, and under load the group grows by
-//! itself to what queued during one commit.
+//! [`DEFAULT_MAX_GROUP_COMMIT`](crate::config::DEFAULT_MAX_GROUP_COMMIT) items), writes
+//! the submits with one `buildset_add_many`, the cancels with one `request_cancel_each`
+//! and the priority changes with one `request_set_priority_each`, and answers each
+//! caller once its commit is done at the store's configured durability. There is no
+//! timer: a lone caller waits for nothing but its own commit, and under load the group
+//! grows by itself to what queued during one commit.
 //!
-//! Each caller keeps all-or-none for what it submitted: when a group's transaction
-//! fails, every entry is written again in a transaction of its own, so that a refused
-//! submission answers its own caller only.
+//! Each caller keeps all-or-none for what it asked: when a group's transaction fails,
+//! every entry is written again in a transaction of its own, so that a refused write
+//! answers its own caller only.
 
 use std::sync::{Arc, OnceLock};
 
-use kiln_storage::{AddedBuildset, NewBuildset, Store};
+use kiln_model::{RequestId, Timestamp};
+use kiln_storage::{AddedBuildset, CancelOutcome, NewBuildset, Store};
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
 use crate::error::{EngineError, Result};
 
-/// How many callers may wait for the committer before further submits wait to queue:
-/// a bound on the memory that a burst of submissions holds.
+/// How many callers may wait for the committer before further writes wait to queue:
+/// a bound on the memory that a burst of writes holds.
 const QUEUE_CAPACITY: usize = 4_096;
 
 type Answer = Result<Vec<AddedBuildset>>;
 
-struct Entry {
-    buildsets: Vec<NewBuildset>,
-    reply: oneshot::Sender<Answer>,
+/// One caller's write and where its answer goes.
+enum Entry {
+    Submit {
+        buildsets: Vec<NewBuildset>,
+        reply: oneshot::Sender<Answer>,
+    },
+    Cancel {
+        ids: Vec<RequestId>,
+        now: Timestamp,
+        reply: oneshot::Sender<Result<CancelOutcome>>,
+    },
+    Priority {
+        id: RequestId,
+        priority: i32,
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
-/// The submit side of a client: a handle on its committer task, started on first use.
+impl Entry {
+    /// How much of a group this entry takes.
+    fn size(&self) -> usize {
+        match self {
+            Entry::Submit { buildsets, .. } => buildsets.len().max(1),
+            Entry::Cancel { ids, .. } => ids.len().max(1),
+            Entry::Priority { .. } => 1,
+        }
+    }
+}
+
+/// The write side of a client: a handle on its committer task, started on first use.
 #[derive(Clone)]
 pub(crate) struct GroupCommit {
     store: Arc<dyn Store>,
@@ -41,7 +69,7 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Groups of at most `max_group` buildsets; 0 writes every call on its own.
+    /// Groups of at most `max_group` items; 0 writes every call on its own.
     pub(crate) fn new(store: Arc<dyn Store>, max_group: usize) -> Self {
         GroupCommit {
             store,
@@ -56,31 +84,80 @@ impl GroupCommit {
         if self.max_group == 0 || buildsets.len() >= self.max_group {
             return Ok(self.store.buildset_add_many(&buildsets).await?);
         }
+        let (reply, answer) = oneshot::channel();
+        match self.queue(Entry::Submit { buildsets, reply }).await {
+            Some(Entry::Submit { buildsets, .. }) => {
+                Ok(self.store.buildset_add_many(&buildsets).await?)
+            }
+            _ => answer.await.unwrap_or(Err(EngineError::ShuttingDown)),
+        }
+    }
+
+    /// Cancels `ids` as [`Store::request_cancel`] does, sharing the transaction with
+    /// other cancels queued meanwhile.
+    pub(crate) async fn cancel(
+        &self,
+        ids: Vec<RequestId>,
+        now: Timestamp,
+    ) -> Result<CancelOutcome> {
+        if self.max_group == 0 || ids.len() >= self.max_group {
+            return Ok(self.store.request_cancel(&ids, now).await?);
+        }
+        let (reply, answer) = oneshot::channel();
+        match self.queue(Entry::Cancel { ids, now, reply }).await {
+            Some(Entry::Cancel { ids, now, .. }) => {
+                Ok(self.store.request_cancel(&ids, now).await?)
+            }
+            _ => answer.await.unwrap_or(Err(EngineError::ShuttingDown)),
+        }
+    }
+
+    /// Changes a request's priority, sharing the transaction with other changes queued
+    /// meanwhile.
+    pub(crate) async fn set_priority(&self, id: RequestId, priority: i32) -> Result<()> {
+        if self.max_group == 0 {
+            return Ok(self.store.request_set_priority(id, priority).await?);
+        }
+        let (reply, answer) = oneshot::channel();
+        match self
+            .queue(Entry::Priority {
+                id,
+                priority,
+                reply,
+            })
+            .await
+        {
+            Some(Entry::Priority { id, priority, .. }) => {
+                Ok(self.store.request_set_priority(id, priority).await?)
+            }
+            _ => answer.await.unwrap_or(Err(EngineError::ShuttingDown)),
+        }
+    }
+
+    /// Queues an entry for the committer, starting it on first use. Gives the entry
+    /// back when the committer is gone (the runtime that started it has ended): the
+    /// caller then writes it itself. Otherwise the committer answers every entry it
+    /// takes; no answer means its runtime is shutting down mid-commit, and whether the
+    /// commit happened is unknown.
+    async fn queue(&self, entry: Entry) -> Option<Entry> {
         let queue = self.queue.get_or_init(|| {
             let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
             tokio::spawn(commit_loop(self.store.clone(), rx, self.max_group));
             tx
         });
-        let (reply, answer) = oneshot::channel();
-        if let Err(refused) = queue.send(Entry { buildsets, reply }).await {
-            // The committer is gone (the runtime that started it has ended): write here.
-            return Ok(self.store.buildset_add_many(&refused.0.buildsets).await?);
-        }
-        // The committer answers every entry it takes; no answer means its runtime is
-        // shutting down mid-commit, and whether the commit happened is unknown.
-        answer.await.unwrap_or(Err(EngineError::ShuttingDown))
+        queue.send(entry).await.err().map(|refused| refused.0)
     }
 }
 
 /// Takes groups off the queue until every handle on it is dropped.
 async fn commit_loop(store: Arc<dyn Store>, mut queue: mpsc::Receiver<Entry>, max_group: usize) {
     while let Some(first) = queue.recv().await {
-        let mut count = first.buildsets.len();
+        let mut count = first.size();
         let mut group = vec![first];
         while count < max_group {
             match queue.try_recv() {
                 Ok(entry) => {
-                    count += entry.buildsets.len();
+                    count += entry.size();
                     group.push(entry);
                 }
                 Err(_) => break,
@@ -90,21 +167,51 @@ async fn commit_loop(store: Arc<dyn Store>, mut queue: mpsc::Receiver<Entry>, ma
     }
 }
 
-/// Writes one group and answers each of its callers.
-async fn commit(store: &dyn Store, mut group: Vec<Entry>) {
+/// Writes one group, one transaction per kind of write, and answers each caller.
+async fn commit(store: &dyn Store, group: Vec<Entry>) {
+    let mut submits = Vec::new();
+    let mut cancels = Vec::new();
+    let mut priorities = Vec::new();
+    for entry in group {
+        match entry {
+            Entry::Submit { buildsets, reply } => submits.push((buildsets, reply)),
+            Entry::Cancel { ids, now, reply } => cancels.push((ids, now, reply)),
+            Entry::Priority {
+                id,
+                priority,
+                reply,
+            } => priorities.push(((id, priority), reply)),
+        }
+    }
+    if !submits.is_empty() {
+        commit_submits(store, submits).await;
+    }
+    if !cancels.is_empty() {
+        commit_cancels(store, cancels).await;
+    }
+    if !priorities.is_empty() {
+        commit_priorities(store, priorities).await;
+    }
+}
+
+/// Writes a group's submits with one `buildset_add_many`.
+async fn commit_submits(
+    store: &dyn Store,
+    mut group: Vec<(Vec<NewBuildset>, oneshot::Sender<Answer>)>,
+) {
     if group.len() == 1 {
-        if let Some(entry) = group.pop() {
-            let answer = store.buildset_add_many(&entry.buildsets).await;
-            let _ = entry.reply.send(answer.map_err(EngineError::from));
+        if let Some((buildsets, reply)) = group.pop() {
+            let answer = store.buildset_add_many(&buildsets).await;
+            let _ = reply.send(answer.map_err(EngineError::from));
         }
         return;
     }
-    let lengths: Vec<usize> = group.iter().map(|e| e.buildsets.len()).collect();
+    let lengths: Vec<usize> = group.iter().map(|(b, _)| b.len()).collect();
     let mut replies = Vec::with_capacity(group.len());
     let mut all = Vec::with_capacity(lengths.iter().sum());
-    for entry in group {
-        all.extend(entry.buildsets);
-        replies.push(entry.reply);
+    for (buildsets, reply) in group {
+        all.extend(buildsets);
+        replies.push(reply);
     }
     match store.buildset_add_many(&all).await {
         Ok(added) if added.len() == all.len() => {
@@ -128,12 +235,87 @@ async fn commit(store: &dyn Store, mut group: Vec<Entry>) {
         Err(e) => {
             // One entry may be at fault (a row the backend refuses): give each its own
             // transaction and its own answer.
-            debug!(error = %e, entries = replies.len(), "group commit failed; writing entries one by one");
+            debug!(error = %e, entries = replies.len(), "group commit of submits failed; writing entries one by one");
             let mut start = 0;
             for (reply, n) in replies.into_iter().zip(&lengths) {
                 let mine = &all[start..start + n];
                 start += n;
                 let answer = store.buildset_add_many(mine).await;
+                let _ = reply.send(answer.map_err(EngineError::from));
+            }
+        }
+    }
+}
+
+type CancelEntry = (
+    Vec<RequestId>,
+    Timestamp,
+    oneshot::Sender<Result<CancelOutcome>>,
+);
+
+/// Writes a group's cancels with one `request_cancel_each`, in the order they queued.
+async fn commit_cancels(store: &dyn Store, group: Vec<CancelEntry>) {
+    // One time for the group: the latest any of its callers asked at.
+    let now = group
+        .iter()
+        .map(|(_, now, _)| *now)
+        .max()
+        .unwrap_or_else(kiln_model::now);
+    let (groups, replies): (Vec<Vec<RequestId>>, Vec<_>) = group
+        .into_iter()
+        .map(|(ids, _, reply)| (ids, reply))
+        .unzip();
+    match store.request_cancel_each(&groups, now).await {
+        Ok(outcomes) if outcomes.len() == groups.len() => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Ok(outcomes) => {
+            let said = format!(
+                "the store answered {} cancel outcomes for {} cancels",
+                outcomes.len(),
+                groups.len()
+            );
+            for reply in replies {
+                let _ = reply.send(Err(EngineError::Internal(said.clone())));
+            }
+        }
+        Err(e) => {
+            debug!(error = %e, entries = replies.len(), "group commit of cancels failed; writing entries one by one");
+            for (reply, ids) in replies.into_iter().zip(groups) {
+                let answer = store.request_cancel(&ids, now).await;
+                let _ = reply.send(answer.map_err(EngineError::from));
+            }
+        }
+    }
+}
+
+type PriorityEntry = ((RequestId, i32), oneshot::Sender<Result<()>>);
+
+/// Writes a group's priority changes with one `request_set_priority_each`.
+async fn commit_priorities(store: &dyn Store, group: Vec<PriorityEntry>) {
+    let (changes, replies): (Vec<(RequestId, i32)>, Vec<_>) = group.into_iter().unzip();
+    match store.request_set_priority_each(&changes).await {
+        Ok(answers) if answers.len() == changes.len() => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer.map_err(EngineError::from));
+            }
+        }
+        Ok(answers) => {
+            let said = format!(
+                "the store answered {} priority changes for {} asked",
+                answers.len(),
+                changes.len()
+            );
+            for reply in replies {
+                let _ = reply.send(Err(EngineError::Internal(said.clone())));
+            }
+        }
+        Err(e) => {
+            debug!(error = %e, entries = replies.len(), "group commit of priorities failed; writing entries one by one");
+            for (reply, (id, priority)) in replies.into_iter().zip(changes) {
+                let answer = store.request_set_priority(id, priority).await;
                 let _ = reply.send(answer.map_err(EngineError::from));
             }
         }
@@ -156,7 +338,7 @@ mod tests {
 
     fn entry(buildsets: Vec<NewBuildset>) -> (Entry, oneshot::Receiver<Answer>) {
         let (reply, answer) = oneshot::channel();
-        (Entry { buildsets, reply }, answer)
+        (Entry::Submit { buildsets, reply }, answer)
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use kiln_engine::{
     BuilderConfig, Client, Engine, EngineConfig, EngineError, Event, FnExecutor, JobError, Outcome,
     Submission,
 };
-use kiln_storage::{BuildFilter, ClaimFilter, NewBuild, NewBuildset, RequestFilter};
+use kiln_storage::{BuildFilter, ClaimFilter, NewBuild, NewBuildset, RequestFilter, StorageError};
 use serde_json::json;
 use tokio::sync::{Semaphore, broadcast, watch};
 
@@ -1036,6 +1036,86 @@ async fn concurrent_single_submits_each_get_their_own_buildset_on_every_backend(
         }
         ensure!(seen.len() == TASKS * EACH);
         engine.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Cancels and priority changes from many tasks at once share transactions (group
+/// commit); each caller must still get the answer for its own request, on every backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cancels_and_priority_changes_each_get_their_own_answer_on_every_backend()
+-> Result<()> {
+    const TASKS: usize = 16;
+    const EACH: usize = 10;
+    let seed = fastrand::u64(..);
+    eprintln!("seed {seed}");
+    for backend in backends("concurrent_cancels").await? {
+        let store = kiln_storage::open(&backend.url).await?;
+        // Known to the database, served by nobody: the requests stay unclaimed.
+        store.builder_ensure("idle", None).await?;
+        let client = Client::from_store(store);
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let client = client.clone();
+            let mut rng = fastrand::Rng::with_seed(seed ^ t as u64);
+            tasks.push(tokio::spawn(async move {
+                let mut checked = 0;
+                for i in 0..EACH {
+                    let submitted = client
+                        .submit(&Submission::new(format!("task {t} item {i}")).builder("idle"))
+                        .await?;
+                    let request = submitted.requests["idle"];
+                    let priority = rng.i32(-100..=100);
+                    client.set_priority(request, priority).await?;
+                    ensure!(
+                        client.request(request).await?.priority == priority,
+                        "request {request} did not get priority {priority}"
+                    );
+                    let refused = client.set_priority(request, 1_000_000).await;
+                    ensure!(
+                        matches!(refused, Err(EngineError::Storage(StorageError::Invalid(_)))),
+                        "{refused:?}"
+                    );
+                    if rng.bool() {
+                        let outcome = client.cancel_request(request).await?;
+                        ensure!(
+                            outcome.completed == [request] && outcome.flagged.is_empty(),
+                            "the cancel of {request} answered {outcome:?}"
+                        );
+                        ensure!(
+                            outcome.buildsets_completed.len() == 1
+                                && outcome.buildsets_completed[0].buildset_id
+                                    == submitted.buildset_id,
+                            "{outcome:?}"
+                        );
+                    } else {
+                        let outcome = client.cancel_buildset(submitted.buildset_id).await?;
+                        ensure!(outcome.completed == [request], "{outcome:?}");
+                    }
+                    let again = client.cancel_request(request).await?;
+                    ensure!(again == Default::default(), "a second cancel did {again:?}");
+                    let late = client.set_priority(request, 1).await;
+                    ensure!(
+                        matches!(late, Err(EngineError::Storage(StorageError::Invalid(_)))),
+                        "{late:?}"
+                    );
+                    checked += 1;
+                }
+                anyhow::Ok(checked)
+            }));
+        }
+        let mut checked = 0;
+        for task in tasks {
+            checked += guard("the cancels", task).await???;
+        }
+        ensure!(checked == TASKS * EACH);
+        let open = client
+            .requests(&RequestFilter {
+                complete: Some(false),
+                ..RequestFilter::default()
+            })
+            .await?;
+        ensure!(open.is_empty(), "{} requests were left open", open.len());
     }
     Ok(())
 }

@@ -159,7 +159,9 @@ fn push_value(qb: &mut Sql, value: &FilterValue) {
     match value {
         FilterValue::Int(v) => qb.bind(*v),
         FilterValue::Text(v) => qb.bind(super::text::storable(v).into_owned()),
-        FilterValue::Bool(v) => qb.bind(i64::from(*v)),
+        // A literal, not a parameter: SQLite uses a partial index (`WHERE complete =
+        // 0`) only when the query's term is that same literal.
+        FilterValue::Bool(v) => qb.push(if *v { "1" } else { "0" }),
         FilterValue::Time(v) => qb.bind(micros(*v)),
         FilterValue::Result(v) => qb.bind(i64::from(v.code())),
         FilterValue::Null => qb.push("NULL"),
@@ -171,6 +173,14 @@ fn push_in(qb: &mut Sql, col: &str, values: &[FilterValue], negate: bool) {
     let has_null = values.contains(&FilterValue::Null);
     let concrete: Vec<&FilterValue> = values.iter().filter(|v| **v != FilterValue::Null).collect();
     qb.push("(");
+    // One value is `col = v`, not `col IN (v)`: SQLite matches a partial index's
+    // `WHERE complete = 0` only against an equality.
+    if let ([one], false, false) = (concrete.as_slice(), negate, has_null) {
+        qb.push(col).push(" = ");
+        push_value(qb, one);
+        qb.push(")");
+        return;
+    }
     let mut first = true;
     if !concrete.is_empty() {
         qb.push(col)
@@ -389,4 +399,168 @@ pub(crate) fn log_list(query: &LogQuery) -> Sql {
     qb.push(" ORDER BY id");
     push_limit(&mut qb, query.limit, None);
     qb
+}
+
+/// Tables that grow with the work, with the aliases the queries give them: a read may
+/// not walk one of these without an index.
+#[cfg(test)]
+pub(crate) const LARGE_TABLES: &[(&str, &str)] = &[
+    ("buildsets", "bs"),
+    ("buildrequests", "r"),
+    ("builds", "b"),
+    ("buildrequest_claims", "c"),
+    ("build_logs", "build_logs"),
+    ("events", "events"),
+    ("buildset_properties", "p"),
+    ("buildset_sourcestamps", "bss"),
+];
+
+/// One read the dashboard makes, for the plan tests.
+#[cfg(test)]
+pub(crate) struct DashboardRead {
+    /// What the read is, for the failure message.
+    pub what: &'static str,
+    /// A page of a whole table in its key order, with no filter: walking the table's
+    /// own B-tree from one end and stopping at the page's limit is bounded, so a plain
+    /// scan in key order is what such a read should do.
+    pub key_order_page: bool,
+    /// The rows of one buildset: how many there are is bounded by that buildset's
+    /// builders and attempts, not by the database, so sorting them is bounded too.
+    pub one_buildsets_rows: bool,
+    pub sql: Sql,
+}
+
+/// The reads the dashboard and the API make on every page, as each backend runs them:
+/// a page of each list newest first, filtered as the API lets, and a build's log
+/// followed from a record on. Both backends' plan tests check them.
+#[cfg(test)]
+pub(crate) fn dashboard_reads(contains: &str, byte_order: &str) -> Result<Vec<DashboardRead>> {
+    use crate::query::Query;
+    use kiln_model::{BuildId, LogLevel};
+    fn page<F: Shape>(q: Query<F>, contains: &str, byte_order: &str) -> Result<Sql> {
+        Ok(statements(&q.limit(100), contains, byte_order)?.select)
+    }
+    Ok(vec![
+        DashboardRead {
+            what: "buildsets newest first",
+            key_order_page: true,
+            one_buildsets_rows: false,
+            sql: page(
+                Query::new().order_by(BuildsetField::Id, true),
+                contains,
+                byte_order,
+            )?,
+        },
+        DashboardRead {
+            what: "incomplete buildsets newest first",
+            key_order_page: false,
+            one_buildsets_rows: false,
+            sql: page(
+                Query::new()
+                    .filter(BuildsetField::Complete, Op::Eq, false)
+                    .order_by(BuildsetField::Id, true),
+                contains,
+                byte_order,
+            )?,
+        },
+        DashboardRead {
+            what: "builds newest first",
+            key_order_page: true,
+            one_buildsets_rows: false,
+            sql: page(
+                Query::new().order_by(BuildField::Id, true),
+                contains,
+                byte_order,
+            )?,
+        },
+        DashboardRead {
+            what: "a builder's builds newest first",
+            key_order_page: false,
+            one_buildsets_rows: false,
+            sql: page(
+                Query::new()
+                    .filter(BuildField::BuilderId, Op::Eq, 1_i64)
+                    .order_by(BuildField::Id, true),
+                contains,
+                byte_order,
+            )?,
+        },
+        DashboardRead {
+            what: "a buildset's builds",
+            key_order_page: false,
+            one_buildsets_rows: true,
+            sql: page(
+                Query::new().filter(BuildField::BuildsetId, Op::Eq, 1_i64),
+                contains,
+                byte_order,
+            )?,
+        },
+        DashboardRead {
+            what: "a buildset's requests",
+            key_order_page: false,
+            one_buildsets_rows: true,
+            sql: page(
+                Query::new().filter(RequestField::BuildsetId, Op::Eq, 1_i64),
+                contains,
+                byte_order,
+            )?,
+        },
+        DashboardRead {
+            what: "a builder's queue in claim order",
+            key_order_page: false,
+            one_buildsets_rows: false,
+            sql: page(
+                Query::new()
+                    .filter(RequestField::BuilderId, Op::Eq, 1_i64)
+                    .filter(RequestField::Complete, Op::Eq, false)
+                    .order_by(RequestField::Priority, true),
+                contains,
+                byte_order,
+            )?,
+        },
+        DashboardRead {
+            what: "a builder's requests newest first",
+            key_order_page: false,
+            one_buildsets_rows: false,
+            sql: page(
+                Query::new()
+                    .filter(RequestField::BuilderId, Op::Eq, 1_i64)
+                    .order_by(RequestField::Id, true),
+                contains,
+                byte_order,
+            )?,
+        },
+        DashboardRead {
+            what: "requests newest first",
+            key_order_page: true,
+            one_buildsets_rows: false,
+            sql: page(
+                Query::new().order_by(RequestField::Id, true),
+                contains,
+                byte_order,
+            )?,
+        },
+        DashboardRead {
+            what: "builders by name",
+            key_order_page: false,
+            one_buildsets_rows: false,
+            sql: page(
+                Query::new().order_by(BuilderField::Name, false),
+                contains,
+                byte_order,
+            )?,
+        },
+        DashboardRead {
+            what: "a build's log from a record on",
+            key_order_page: false,
+            one_buildsets_rows: false,
+            sql: log_list(&LogQuery {
+                build_id: Some(BuildId(1)),
+                min_level: Some(LogLevel::Info),
+                after_id: Some(10),
+                limit: Some(500),
+                ..LogQuery::default()
+            }),
+        },
+    ])
 }

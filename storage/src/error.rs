@@ -74,6 +74,13 @@ pub enum StorageError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+    /// The SQLite writer's synchronous connection failed.
+    #[error("database error: {0}")]
+    Sqlite(#[source] rusqlite::Error),
+    /// The store's own machinery failed (a writer task that panicked): a bug, not the
+    /// input's fault nor the database's.
+    #[error("internal storage error: {0}")]
+    Internal(String),
     /// Applying migrations failed.
     #[error("database migration failed: {0}")]
     Migration(#[source] sqlx::migrate::MigrateError),
@@ -98,9 +105,24 @@ impl StorageError {
     pub(crate) fn fk_not_found(self, entity: &'static str, id: impl ToString) -> StorageError {
         match self {
             StorageError::Database(e) => fk_to_not_found(e, entity, Some(id)),
+            StorageError::Sqlite(e) if is_foreign_key_violation(&e) => {
+                StorageError::not_found(entity, id.to_string())
+            }
             other => other,
         }
     }
+}
+
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        StorageError::Sqlite(e)
+    }
+}
+
+/// Whether SQLite refused a write for a foreign key.
+pub(crate) fn is_foreign_key_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY)
 }
 
 impl From<sqlx::Error> for StorageError {

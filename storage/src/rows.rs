@@ -73,6 +73,30 @@ where
     }
 }
 
+/// A row of the SQLite writer's synchronous connection (rusqlite), read like the others.
+pub(crate) struct SyncRow<'a, 'b>(pub(crate) &'a rusqlite::Row<'b>);
+
+impl Col for SyncRow<'_, '_> {
+    fn int(&self, name: &str) -> Result<i64> {
+        Ok(self.0.get(name)?)
+    }
+    fn opt_int(&self, name: &str) -> Result<Option<i64>> {
+        Ok(self.0.get(name)?)
+    }
+    fn int32(&self, name: &str) -> Result<i32> {
+        Ok(self.0.get(name)?)
+    }
+    fn float(&self, name: &str) -> Result<f64> {
+        Ok(self.0.get(name)?)
+    }
+    fn text(&self, name: &str) -> Result<String> {
+        Ok(self.0.get(name)?)
+    }
+    fn opt_text(&self, name: &str) -> Result<Option<String>> {
+        Ok(self.0.get(name)?)
+    }
+}
+
 /// A timestamp as stored: microseconds since the Unix epoch.
 pub(crate) fn micros(t: Timestamp) -> i64 {
     t.timestamp_micros()

@@ -169,7 +169,21 @@ pub trait Requests: Send + Sync + 'static {
     /// Changes the priority of an incomplete request (it decides the order among
     /// requests not claimed yet). A complete request or a priority out of range is
     /// [`StorageError::Invalid`]; a missing one is `NotFound`.
-    async fn request_set_priority(&self, id: RequestId, priority: i32) -> Result<()>;
+    async fn request_set_priority(&self, id: RequestId, priority: i32) -> Result<()> {
+        let mut answers = self.request_set_priority_each(&[(id, priority)]).await?;
+        answers.pop().unwrap_or_else(|| {
+            Err(StorageError::Invalid(
+                "changing one priority returned no answer".into(),
+            ))
+        })
+    }
+    /// Changes several priorities in one transaction (group commit), each with its own
+    /// answer as [`request_set_priority`](Self::request_set_priority) gives it. The outer
+    /// error is the transaction's: then nothing changed.
+    async fn request_set_priority_each(
+        &self,
+        changes: &[(RequestId, i32)],
+    ) -> Result<Vec<Result<()>>>;
     /// Requests claimed by this master that somebody asked to cancel.
     async fn request_cancel_pending(&self, master: MasterId) -> Result<Vec<RequestId>>;
 }
@@ -201,7 +215,19 @@ pub trait RequestWrites: Send + Sync + 'static {
     /// for their master to stop. Complete and unknown ids are ignored. The requests of
     /// waited-for child buildsets these requests' builds started are cancelled too,
     /// recursively.
-    async fn request_cancel(&self, ids: &[RequestId], now: Timestamp) -> Result<CancelOutcome>;
+    async fn request_cancel(&self, ids: &[RequestId], now: Timestamp) -> Result<CancelOutcome> {
+        let mut outcomes = self.request_cancel_each(&[ids.to_vec()], now).await?;
+        outcomes
+            .pop()
+            .ok_or_else(|| StorageError::Invalid("cancelling returned no outcome".into()))
+    }
+    /// Several cancels in one transaction (group commit), applied in order, each with the
+    /// outcome [`request_cancel`](Self::request_cancel) would give it at its turn.
+    async fn request_cancel_each(
+        &self,
+        groups: &[Vec<RequestId>],
+        now: Timestamp,
+    ) -> Result<Vec<CancelOutcome>>;
 }
 
 /// Builds: reads, what a running build writes of itself, and deletion.

@@ -148,8 +148,8 @@ pub(crate) trait Dialect: Send + Sync + 'static {
     /// changed.
     async fn write(&self, sql: Sql) -> Result<u64>;
     /// Runs several write statements in one transaction: all of them or none. Says how
-    /// many rows they changed.
-    async fn write_all(&self, statements: Vec<Sql>) -> Result<u64>;
+    /// many rows each changed, in order.
+    async fn write_all(&self, statements: Vec<Sql>) -> Result<Vec<u64>>;
     /// Runs one write statement with a `RETURNING` clause.
     async fn write_returning(&self, sql: Sql) -> Result<Vec<Self::Row>>;
 

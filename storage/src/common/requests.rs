@@ -22,19 +22,41 @@ impl<D: Dialect> Requests for D {
         query(self, q, request_from_row).await
     }
 
-    async fn request_set_priority(&self, id: RequestId, priority: i32) -> Result<()> {
-        validate::priority(priority)?;
-        let mut sql = Sql::new("UPDATE buildrequests SET priority = ");
-        sql.bind(priority)
-            .push(" WHERE complete = 0 AND id = ")
-            .bind(id.0);
-        if self.write(sql).await? == 0 {
-            self.request_get(id).await?;
-            return Err(StorageError::Invalid(format!(
-                "build request {id} is complete; its priority no longer matters"
-            )));
+    async fn request_set_priority_each(
+        &self,
+        changes: &[(RequestId, i32)],
+    ) -> Result<Vec<Result<()>>> {
+        // Out-of-range priorities are answered without a statement; the rest change in
+        // one transaction, one statement each, so that each has its own answer.
+        let mut statements = Vec::with_capacity(changes.len());
+        for (id, priority) in changes {
+            if validate::priority(*priority).is_ok() {
+                let mut sql = Sql::new("UPDATE buildrequests SET priority = ");
+                sql.bind(*priority)
+                    .push(" WHERE complete = 0 AND id = ")
+                    .bind(id.0);
+                statements.push(sql);
+            }
         }
-        Ok(())
+        let mut changed = self.write_all(statements).await?.into_iter();
+        let mut answers = Vec::with_capacity(changes.len());
+        for (id, priority) in changes {
+            if let Err(e) = validate::priority(*priority) {
+                answers.push(Err(e));
+                continue;
+            }
+            if changed.next() != Some(0) {
+                answers.push(Ok(()));
+                continue;
+            }
+            answers.push(match self.request_get(*id).await {
+                Ok(_) => Err(StorageError::Invalid(format!(
+                    "build request {id} is complete; its priority no longer matters"
+                ))),
+                Err(e) => Err(e),
+            });
+        }
+        Ok(answers)
     }
 
     async fn request_cancel_pending(&self, master: MasterId) -> Result<Vec<RequestId>> {

@@ -219,13 +219,38 @@ impl RequestWrites for PostgresStore {
         })
     }
 
-    async fn request_cancel(&self, ids: &[RequestId], now: Timestamp) -> Result<CancelOutcome> {
-        let list = ids_of(ids, |r| r.0);
+    async fn request_cancel_each(
+        &self,
+        groups: &[Vec<RequestId>],
+        now: Timestamp,
+    ) -> Result<Vec<CancelOutcome>> {
         retrying!(async {
             let mut tx = self.pool.begin().await?;
-            // The requests asked for and, recursively, those of the waited-for child
-            // buildsets their builds started; locked so that a claim cannot slip in.
-            let locked: Vec<i64> = sqlx::query_scalar(
+            let mut outcomes = Vec::with_capacity(groups.len());
+            for ids in groups {
+                outcomes.push(cancel_in(&mut tx, ids, now).await?);
+            }
+            // One notification for the whole transaction, however many it flagged.
+            if outcomes.iter().any(|o| !o.flagged.is_empty()) {
+                listen::notify(&mut tx, &[StoreSignal::Cancel]).await?;
+            }
+            tx.commit().await?;
+            Ok(outcomes)
+        })
+    }
+}
+
+/// Cancels `ids` (and what hangs off them) inside the caller's transaction; the caller
+/// notifies the masters of what it flagged.
+async fn cancel_in(
+    tx: &mut PgConnection,
+    ids: &[RequestId],
+    now: Timestamp,
+) -> Result<CancelOutcome> {
+    let list = ids_of(ids, |r| r.0);
+    // The requests asked for and, recursively, those of the waited-for child
+    // buildsets their builds started; locked so that a claim cannot slip in.
+    let locked: Vec<i64> = sqlx::query_scalar(
                 "WITH RECURSIVE tree (id) AS (
                      SELECT unnest($1::bigint[])
                      UNION
@@ -237,39 +262,38 @@ impl RequestWrites for PostgresStore {
             .bind(&list)
             .fetch_all(&mut *tx)
             .await?;
-            // Their claims, read by a statement of its own: one that waited for a
-            // claimer's lock sees the claim only with a snapshot taken after that claimer
-            // committed. (Claiming locks the request row but does not change it, so the
-            // locking statement's own join would still see no claim, and the request
-            // would complete as CANCELLED while its build ran.)
-            let rows = sqlx::query(
-                "SELECT r.id, r.buildset_id, c.master_id FROM buildrequests r
+    // Their claims, read by a statement of its own: one that waited for a
+    // claimer's lock sees the claim only with a snapshot taken after that claimer
+    // committed. (Claiming locks the request row but does not change it, so the
+    // locking statement's own join would still see no claim, and the request
+    // would complete as CANCELLED while its build ran.)
+    let rows = sqlx::query(
+        "SELECT r.id, r.buildset_id, c.master_id FROM buildrequests r
                  LEFT JOIN buildrequest_claims c ON c.request_id = r.id
                  WHERE r.id = ANY($1) ORDER BY r.id",
-            )
-            .bind(&locked)
-            .fetch_all(&mut *tx)
+    )
+    .bind(&locked)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut outcome = CancelOutcome::default();
+    let mut buildsets = BTreeSet::new();
+    for row in &rows {
+        let id = RequestId(row.try_get("id")?);
+        if row.try_get::<Option<i64>, _>("master_id")?.is_some() {
+            outcome.flagged.push(id);
+        } else {
+            outcome.completed.push(id);
+            buildsets.insert(BuildsetId(row.try_get("buildset_id")?));
+        }
+    }
+    if !outcome.flagged.is_empty() {
+        sqlx::query("UPDATE buildrequests SET cancel_requested = 1 WHERE id = ANY($1)")
+            .bind(ids_of(&outcome.flagged, |r| r.0))
+            .execute(&mut *tx)
             .await?;
-            let mut outcome = CancelOutcome::default();
-            let mut buildsets = BTreeSet::new();
-            for row in &rows {
-                let id = RequestId(row.try_get("id")?);
-                if row.try_get::<Option<i64>, _>("master_id")?.is_some() {
-                    outcome.flagged.push(id);
-                } else {
-                    outcome.completed.push(id);
-                    buildsets.insert(BuildsetId(row.try_get("buildset_id")?));
-                }
-            }
-            if !outcome.flagged.is_empty() {
-                sqlx::query("UPDATE buildrequests SET cancel_requested = 1 WHERE id = ANY($1)")
-                    .bind(ids_of(&outcome.flagged, |r| r.0))
-                    .execute(&mut *tx)
-                    .await?;
-                listen::notify(&mut tx, &[StoreSignal::Cancel]).await?;
-            }
-            if !outcome.completed.is_empty() {
-                sqlx::query(
+    }
+    if !outcome.completed.is_empty() {
+        sqlx::query(
                     "UPDATE buildrequests SET complete = 1, complete_at = $1, results = $2, cancel_requested = 1
                      WHERE id = ANY($3)",
                 )
@@ -278,10 +302,7 @@ impl RequestWrites for PostgresStore {
                 .bind(ids_of(&outcome.completed, |r| r.0))
                 .execute(&mut *tx)
                 .await?;
-            }
-            outcome.buildsets_completed = complete_buildsets(&mut tx, buildsets, now).await?;
-            tx.commit().await?;
-            Ok(outcome)
-        })
     }
+    outcome.buildsets_completed = complete_buildsets(&mut *tx, buildsets, now).await?;
+    Ok(outcome)
 }

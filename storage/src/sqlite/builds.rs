@@ -8,17 +8,19 @@
 use std::collections::BTreeSet;
 
 use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Value, json};
-use sqlx::{Connection, Row, SqliteConnection};
 
 use super::json::{BUILD_JSON, CONTEXT_JSON, REQUEST_JSON};
 use super::requests::complete_buildsets;
 use super::{SqliteStore, outbox};
-use crate::rows::{BUILD_COLUMNS, build_from_row, from_json, json_ids, micros, started_from_json};
+use crate::rows::{
+    BUILD_COLUMNS, SyncRow, build_from_row, from_json, json_ids, micros, started_from_json,
+};
 use crate::seam::{BuildWrites, Builds};
 use crate::{
     FinishOutcome, FinishedBuild, NewBuild, Result, StartAvailable, StartOutcome, StartedBuild,
-    StorageError, fk_to_not_found, text,
+    StorageError, text,
 };
 use kiln_model::{Build, BuilderId, BuildsetId, MasterId, RequestId, ResultCode};
 
@@ -53,7 +55,7 @@ const CANDIDATES_SQL: &str = "SELECT json_group_array(json_array(id, cancel_requ
 
 /// Writes the ends of builds known to run on the caller's master: their columns, their
 /// artifacts, and their `build_finished` reports.
-async fn end_builds(tx: &mut SqliteConnection, ends: &[&FinishedBuild]) -> Result<()> {
+fn end_builds(tx: &Connection, ends: &[&FinishedBuild]) -> Result<()> {
     let values = Value::from(
         ends.iter()
             .map(|e| {
@@ -73,17 +75,15 @@ async fn end_builds(tx: &mut SqliteConnection, ends: &[&FinishedBuild]) -> Resul
     // Joined on the primary key alone, so that SQLite walks the JSON array once and
     // looks each build up (with the master's running builds as the outer loop it
     // rescanned the array per build: quadratic in the batch).
-    sqlx::query(
+    tx.prepare_cached(
         "UPDATE builds SET complete_at = j.value ->> 1, results = j.value ->> 2, return_value = j.value ->> 3,
                            error = j.value ->> 4, traceback = j.value ->> 5,
                            state_string = COALESCE(j.value ->> 6, builds.state_string)
          FROM json_each(?) j
          WHERE builds.id = j.value ->> 0",
-    )
-    .bind(&values)
-    .execute(&mut *tx)
-    .await?;
-    outbox::record_finished(&mut *tx, &json_ids(ends.iter().map(|e| e.build_id.0))).await?;
+    )?
+    .execute([&values])?;
+    outbox::record_finished(tx, &json_ids(ends.iter().map(|e| e.build_id.0)))?;
     let artifacts: Vec<Value> = ends
         .iter()
         .flat_map(|e| {
@@ -93,13 +93,11 @@ async fn end_builds(tx: &mut SqliteConnection, ends: &[&FinishedBuild]) -> Resul
         })
         .collect();
     if !artifacts.is_empty() {
-        sqlx::query(
+        tx.prepare_cached(
             "INSERT OR REPLACE INTO build_artifacts (build_id, path, size, location)
              SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?)",
-        )
-        .bind(Value::from(artifacts).to_string())
-        .execute(&mut *tx)
-        .await?;
+        )?
+        .execute([Value::from(artifacts).to_string()])?;
     }
     Ok(())
 }
@@ -107,157 +105,9 @@ async fn end_builds(tx: &mut SqliteConnection, ends: &[&FinishedBuild]) -> Resul
 #[async_trait]
 impl BuildWrites for SqliteStore {
     async fn build_start_available(&self, params: &StartAvailable) -> Result<StartOutcome> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        // A master that was expired (or shut down) starts nothing until it registers
-        // again: what it claimed now would belong to nobody alive.
-        let active: Option<i64> = sqlx::query_scalar("SELECT active FROM masters WHERE id = ?")
-            .bind(params.master_id.0)
-            .fetch_optional(&mut *tx)
-            .await?;
-        match active {
-            None => return Err(StorageError::not_found("master", params.master_id)),
-            Some(0) => return Err(StorageError::MasterInactive(params.master_id)),
-            Some(_) => {}
-        }
-        // The builders with queued work, in Buildbot's order across builders; then,
-        // builder by builder in that order, its most urgent requests until the limit.
-        let wanted: Vec<Value> = params
-            .free_slots
-            .iter()
-            .filter(|(_, slots)| !slots.is_empty())
-            .map(|(builder, slots)| json!([builder.0, slots.len()]))
-            .collect();
-        let heads: String = sqlx::query_scalar(HEADS_SQL)
-            .bind(Value::from(wanted).to_string())
-            .fetch_one(&mut *tx)
-            .await?;
-        let heads: Vec<(i64, usize)> = from_json(&heads)?;
-        let mut claimed: Vec<(BuilderId, Vec<Candidate>)> = Vec::new();
-        let mut room = params.limit;
-        for (builder, slots) in heads {
-            if room == 0 {
-                break;
-            }
-            let found: String = sqlx::query_scalar(CANDIDATES_SQL)
-                .bind(builder)
-                .bind(slots.min(room) as i64)
-                .fetch_one(&mut *tx)
-                .await?;
-            let found: Vec<Candidate> = from_json(&found)?;
-            room = room.saturating_sub(found.len());
-            if !found.is_empty() {
-                claimed.push((BuilderId(builder), found));
-            }
-        }
-        if claimed.is_empty() {
-            tx.rollback().await?;
-            return Ok(StartOutcome::default());
-        }
-        let all = json_ids(
-            claimed
-                .iter()
-                .flat_map(|(_, found)| found.iter().map(|(id, _, _)| *id)),
-        );
-        sqlx::query("INSERT INTO buildrequest_claims (request_id, master_id, claimed_at) SELECT value, ?, ? FROM json_each(?)")
-            .bind(params.master_id.0)
-            .bind(micros(params.now))
-            .bind(&all)
-            .execute(&mut *tx)
+        let params = params.clone();
+        self.transaction(move |tx| start_available(tx, &params))
             .await
-            .map_err(|e| fk_to_not_found(e, "master", Some(params.master_id)))?;
-
-        // Requests cancelled while an earlier (now released) claim held them end here.
-        let mut outcome = StartOutcome::default();
-        let flagged: Vec<(i64, i64)> = claimed
-            .iter()
-            .flat_map(|(_, found)| {
-                found
-                    .iter()
-                    .filter(|(_, cancel, _)| *cancel != 0)
-                    .map(|(id, _, bs)| (*id, *bs))
-            })
-            .collect();
-        if !flagged.is_empty() {
-            sqlx::query(
-                "UPDATE buildrequests SET complete = 1, complete_at = ?, results = ?
-                 WHERE id IN (SELECT value FROM json_each(?))",
-            )
-            .bind(micros(params.now))
-            .bind(ResultCode::Cancelled.code())
-            .bind(json_ids(flagged.iter().map(|(id, _)| *id)))
-            .execute(&mut *tx)
-            .await?;
-            outcome.cancelled = flagged.iter().map(|(id, _)| RequestId(*id)).collect();
-            outcome.cancelled.sort();
-            let buildsets = flagged.iter().map(|(_, bs)| BuildsetId(*bs));
-            outcome.buildsets_completed =
-                complete_buildsets(&mut tx, buildsets, params.now).await?;
-        }
-
-        let mut runnable = Vec::new();
-        for (builder, found) in &claimed {
-            let slots = params
-                .free_slots
-                .iter()
-                .find(|(b, _)| b == builder)
-                .map(|(_, s)| s.as_slice())
-                .unwrap_or(&[]);
-            let pairs: Vec<Value> = found
-                .iter()
-                .filter(|(_, cancel, _)| *cancel == 0)
-                .zip(slots)
-                .map(|((id, _, _), slot)| json!([id, slot]))
-                .collect();
-            if pairs.is_empty() {
-                continue;
-            }
-            runnable.extend(pairs.iter().filter_map(|p| p[0].as_i64()));
-            sqlx::query(
-                "INSERT INTO builds (number, builder_id, buildrequest_id, master_id, worker_slot, started_at, state_string)
-                 SELECT (SELECT COALESCE(MAX(number), 0) FROM builds WHERE builder_id = ?1) + j.key + 1,
-                        ?1, j.value ->> 0, ?2, j.value ->> 1, ?3, ?4
-                 FROM json_each(?5) j ORDER BY j.key",
-            )
-            .bind(builder.0)
-            .bind(params.master_id.0)
-            .bind(micros(params.now))
-            .bind(&params.state_string)
-            .bind(Value::from(pairs).to_string())
-            .execute(&mut *tx)
-            .await?;
-        }
-        if runnable.is_empty() {
-            tx.commit().await?;
-            return Ok(outcome);
-        }
-        // The new builds with their claimed requests and their buildsets' contexts, in
-        // claim order, in one row.
-        let sql = format!(
-            "SELECT json_group_array(json_array({BUILD_JSON}, {REQUEST_JSON}, {CONTEXT_JSON})
-                                     ORDER BY r.priority DESC, r.id)
-             FROM builds b JOIN buildrequests r ON r.id = b.buildrequest_id
-             JOIN buildsets bs ON bs.id = r.buildset_id
-             LEFT JOIN buildrequest_claims c ON c.request_id = r.id
-             WHERE b.buildrequest_id IN (SELECT value FROM json_each(?)) AND b.master_id = ? AND b.complete_at IS NULL"
-        );
-        let started: String = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-            .bind(json_ids(runnable))
-            .bind(params.master_id.0)
-            .fetch_one(&mut *tx)
-            .await?;
-        let started = started_from_json(&started)?;
-        outbox::record_started(&mut tx, &json_ids(started.iter().map(|(b, _, _)| b.id.0))).await?;
-        tx.commit().await?;
-        outcome.started = started
-            .into_iter()
-            .map(|(build, request, context)| StartedBuild {
-                request,
-                build,
-                context,
-            })
-            .collect();
-        Ok(outcome)
     }
 
     async fn build_finish_batch(
@@ -265,174 +115,327 @@ impl BuildWrites for SqliteStore {
         master: MasterId,
         ends: &[FinishedBuild],
     ) -> Result<FinishOutcome> {
-        let ends = &*text::finished_all(ends);
+        let ends = text::finished_all(ends).into_owned();
         if ends.is_empty() {
             return Ok(FinishOutcome::default());
         }
-        let ids = json_ids(ends.iter().map(|e| e.build_id.0));
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        // Which builds still run on this master: only those are finished. Inside this
-        // BEGIN IMMEDIATE transaction nobody can change that before the UPDATE below.
-        let running: String = sqlx::query_scalar(
-            "SELECT json_group_array(id) FROM builds
-             WHERE id IN (SELECT value FROM json_each(?)) AND master_id = ? AND complete_at IS NULL",
-        )
-        .bind(&ids)
-        .bind(master.0)
-        .fetch_one(&mut *tx)
-        .await?;
-        let running: BTreeSet<i64> = from_json(&running)?;
-        let mut outcome = FinishOutcome::default();
-        if running.is_empty() {
-            tx.rollback().await?;
-            outcome.refused = ends.iter().map(|e| e.build_id).collect();
-            outcome.refused.sort();
-            return Ok(outcome);
-        }
-        let ending: Vec<&FinishedBuild> = ends
-            .iter()
-            .filter(|e| running.contains(&e.build_id.0))
-            .collect();
-        end_builds(&mut tx, &ending).await?;
-        let mut complete = Vec::new();
-        let mut release = Vec::new();
-        for e in ends {
-            if !running.contains(&e.build_id.0) {
-                outcome.refused.push(e.build_id);
-            } else if e.results == ResultCode::Retry {
-                release.push(e.request_id.0);
-            } else {
-                complete.push(json!([
-                    e.request_id.0,
-                    micros(e.complete_at),
-                    e.results.code()
-                ]));
-            }
-        }
-        let mut buildsets = Vec::new();
-        if !complete.is_empty() {
-            let complete = Value::from(complete).to_string();
-            let open: String = sqlx::query_scalar(
-                "SELECT json_group_array(json_array(id, buildset_id)) FROM buildrequests
-                 WHERE id IN (SELECT value ->> 0 FROM json_each(?)) AND complete = 0",
-            )
-            .bind(&complete)
-            .fetch_one(&mut *tx)
-            .await?;
-            let open: Vec<(i64, i64)> = from_json(&open)?;
-            sqlx::query(
-                "UPDATE buildrequests SET complete = 1, complete_at = j.value ->> 1, results = j.value ->> 2
-                 FROM json_each(?) j
-                 WHERE buildrequests.id = j.value ->> 0 AND buildrequests.complete = 0",
-            )
-            .bind(&complete)
-            .execute(&mut *tx)
-            .await?;
-            outcome.completed = open.iter().map(|(id, _)| RequestId(*id)).collect();
-            buildsets = open.iter().map(|(_, bs)| BuildsetId(*bs)).collect();
-        }
-        if !release.is_empty() {
-            let release = json_ids(release);
-            let held: String = sqlx::query_scalar(
-                "SELECT json_group_array(request_id) FROM buildrequest_claims
-                 WHERE master_id = ? AND request_id IN (SELECT value FROM json_each(?))
-                   AND request_id IN (SELECT id FROM buildrequests WHERE complete = 0)",
-            )
-            .bind(master.0)
-            .bind(&release)
-            .fetch_one(&mut *tx)
-            .await?;
-            let held: Vec<i64> = from_json(&held)?;
-            sqlx::query("DELETE FROM buildrequest_claims WHERE request_id IN (SELECT value FROM json_each(?))")
-                .bind(json_ids(held.iter().copied()))
-                .execute(&mut *tx)
-                .await?;
-            outcome.released = held.into_iter().map(RequestId).collect();
-        }
-        let latest = ends
-            .iter()
-            .map(|e| e.complete_at)
-            .max()
-            .unwrap_or_else(kiln_model::now);
-        outcome.buildsets_completed = complete_buildsets(&mut tx, buildsets, latest).await?;
-        tx.commit().await?;
-        outcome.completed.sort();
-        outcome.released.sort();
-        outcome.refused.sort();
-        Ok(outcome)
+        self.transaction(move |tx| finish_batch(tx, master, &ends))
+            .await
     }
 
     async fn build_add(&self, params: &NewBuild) -> Result<Build> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let row = sqlx::query(
-            "SELECT r.builder_id, r.complete, c.master_id FROM buildrequests r
-             LEFT JOIN buildrequest_claims c ON c.request_id = r.id WHERE r.id = ?",
-        )
-        .bind(params.request_id.0)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| StorageError::not_found("build request", params.request_id))?;
-        let holder: Option<i64> = row.try_get("master_id")?;
-        if holder != Some(params.master_id.0) || row.try_get::<i64, _>("complete")? != 0 {
-            return Err(StorageError::ClaimLost {
-                request: params.request_id,
-                master: params.master_id,
-            });
-        }
-        let builder_id: i64 = row.try_get("builder_id")?;
-        let sql = format!(
-            "INSERT INTO builds (number, builder_id, buildrequest_id, master_id, worker_slot, started_at, state_string)
-             SELECT COALESCE(MAX(number), 0) + 1, ?, ?, ?, ?, ?, ? FROM builds WHERE builder_id = ?
-             RETURNING {}",
-            BUILD_COLUMNS.replace("b.", "")
-        );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(builder_id)
-            .bind(params.request_id.0)
-            .bind(params.master_id.0)
-            .bind(params.worker_slot)
-            .bind(micros(params.started_at))
-            .bind(&params.state_string)
-            .bind(builder_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let build = build_from_row(&row)?;
-        outbox::record_started(&mut tx, &json_ids([build.id.0])).await?;
-        tx.commit().await?;
-        Ok(build)
+        let params = params.clone();
+        self.transaction(move |tx| {
+            let (builder_id, complete, holder): (i64, i64, Option<i64>) = tx
+                .prepare_cached(
+                    "SELECT r.builder_id, r.complete, c.master_id FROM buildrequests r
+                     LEFT JOIN buildrequest_claims c ON c.request_id = r.id WHERE r.id = ?",
+                )?
+                .query_row([params.request_id.0], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?
+                .ok_or_else(|| StorageError::not_found("build request", params.request_id))?;
+            if holder != Some(params.master_id.0) || complete != 0 {
+                return Err(StorageError::ClaimLost {
+                    request: params.request_id,
+                    master: params.master_id,
+                });
+            }
+            let build = tx.prepare_cached(&BUILD_ADD_SQL)?.query_row(
+                params![
+                    builder_id,
+                    params.request_id.0,
+                    params.master_id.0,
+                    params.worker_slot,
+                    micros(params.started_at),
+                    params.state_string,
+                    builder_id
+                ],
+                |row| Ok(build_from_row(&SyncRow(row))),
+            )??;
+            outbox::record_started(tx, &json_ids([build.id.0]))?;
+            Ok(build)
+        })
+        .await
     }
 
     async fn build_finish(&self, master: MasterId, build: &FinishedBuild) -> Result<()> {
-        let build = &*text::finished(build);
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let running: Option<i64> = sqlx::query_scalar(
-            "SELECT id FROM builds WHERE id = ? AND master_id = ? AND complete_at IS NULL",
-        )
-        .bind(build.build_id.0)
-        .bind(master.0)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if running.is_some() {
-            end_builds(&mut tx, &[build]).await?;
-            tx.commit().await?;
+        let build = text::finished(build).into_owned();
+        let id = build.build_id;
+        let finished = self
+            .transaction(move |tx| {
+                let running: Option<i64> = tx
+                    .prepare_cached(
+                        "SELECT id FROM builds WHERE id = ? AND master_id = ? AND complete_at IS NULL",
+                    )?
+                    .query_row([build.build_id.0, master.0], |r| r.get(0))
+                    .optional()?;
+                if running.is_none() {
+                    return Ok(false);
+                }
+                end_builds(tx, &[&build])?;
+                Ok(true)
+            })
+            .await?;
+        if finished {
             return Ok(());
         }
-        tx.rollback().await?;
-        drop(conn);
-        self.build_get(build.build_id).await?;
-        Err(StorageError::NotOwner {
-            build: build.build_id,
-            master,
-        })
+        self.build_get(id).await?;
+        Err(StorageError::NotOwner { build: id, master })
     }
+}
+
+/// Inserts one build numbered after its builder's highest, handing the row back.
+static BUILD_ADD_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "INSERT INTO builds (number, builder_id, buildrequest_id, master_id, worker_slot, started_at, state_string)
+         SELECT COALESCE(MAX(number), 0) + 1, ?, ?, ?, ?, ?, ? FROM builds WHERE builder_id = ?
+         RETURNING {}",
+        BUILD_COLUMNS.replace("b.", "")
+    )
+});
+
+/// The new builds with their claimed requests and their buildsets' contexts, in claim
+/// order, in one row.
+static STARTED_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT json_group_array(json_array({BUILD_JSON}, {REQUEST_JSON}, {CONTEXT_JSON})
+                                 ORDER BY r.priority DESC, r.id)
+         FROM builds b JOIN buildrequests r ON r.id = b.buildrequest_id
+         JOIN buildsets bs ON bs.id = r.buildset_id
+         LEFT JOIN buildrequest_claims c ON c.request_id = r.id
+         WHERE b.buildrequest_id IN (SELECT value FROM json_each(?)) AND b.master_id = ? AND b.complete_at IS NULL"
+    )
+});
+
+/// Claims and starts what the master has room for, inside the caller's transaction.
+fn start_available(tx: &Connection, params: &StartAvailable) -> Result<StartOutcome> {
+    // A master that was expired (or shut down) starts nothing until it registers again:
+    // what it claimed now would belong to nobody alive.
+    let active: Option<i64> = tx
+        .prepare_cached("SELECT active FROM masters WHERE id = ?")?
+        .query_row([params.master_id.0], |r| r.get(0))
+        .optional()?;
+    match active {
+        None => return Err(StorageError::not_found("master", params.master_id)),
+        Some(0) => return Err(StorageError::MasterInactive(params.master_id)),
+        Some(_) => {}
+    }
+    // The builders with queued work, in Buildbot's order across builders; then, builder
+    // by builder in that order, its most urgent requests until the limit.
+    let wanted: Vec<Value> = params
+        .free_slots
+        .iter()
+        .filter(|(_, slots)| !slots.is_empty())
+        .map(|(builder, slots)| json!([builder.0, slots.len()]))
+        .collect();
+    let heads: String = tx
+        .prepare_cached(HEADS_SQL)?
+        .query_row([Value::from(wanted).to_string()], |r| r.get(0))?;
+    let heads: Vec<(i64, usize)> = from_json(&heads)?;
+    let mut claimed: Vec<(BuilderId, Vec<Candidate>)> = Vec::new();
+    let mut room = params.limit;
+    for (builder, slots) in heads {
+        if room == 0 {
+            break;
+        }
+        let found: String = tx
+            .prepare_cached(CANDIDATES_SQL)?
+            .query_row(params![builder, slots.min(room) as i64], |r| r.get(0))?;
+        let found: Vec<Candidate> = from_json(&found)?;
+        room = room.saturating_sub(found.len());
+        if !found.is_empty() {
+            claimed.push((BuilderId(builder), found));
+        }
+    }
+    if claimed.is_empty() {
+        return Ok(StartOutcome::default());
+    }
+    let all = json_ids(
+        claimed
+            .iter()
+            .flat_map(|(_, found)| found.iter().map(|(id, _, _)| *id)),
+    );
+    tx.prepare_cached(
+        "INSERT INTO buildrequest_claims (request_id, master_id, claimed_at)
+         SELECT value, ?, ? FROM json_each(?)",
+    )?
+    .execute(params![params.master_id.0, micros(params.now), all])
+    .map_err(|e| StorageError::from(e).fk_not_found("master", params.master_id))?;
+
+    // Requests cancelled while an earlier (now released) claim held them end here.
+    let mut outcome = StartOutcome::default();
+    let flagged: Vec<(i64, i64)> = claimed
+        .iter()
+        .flat_map(|(_, found)| {
+            found
+                .iter()
+                .filter(|(_, cancel, _)| *cancel != 0)
+                .map(|(id, _, bs)| (*id, *bs))
+        })
+        .collect();
+    if !flagged.is_empty() {
+        tx.prepare_cached(
+            "UPDATE buildrequests SET complete = 1, complete_at = ?, results = ?
+             WHERE id IN (SELECT value FROM json_each(?))",
+        )?
+        .execute(params![
+            micros(params.now),
+            ResultCode::Cancelled.code(),
+            json_ids(flagged.iter().map(|(id, _)| *id))
+        ])?;
+        outcome.cancelled = flagged.iter().map(|(id, _)| RequestId(*id)).collect();
+        outcome.cancelled.sort();
+        let buildsets = flagged.iter().map(|(_, bs)| BuildsetId(*bs));
+        outcome.buildsets_completed = complete_buildsets(tx, buildsets, params.now)?;
+    }
+
+    let mut runnable = Vec::new();
+    for (builder, found) in &claimed {
+        let slots = params
+            .free_slots
+            .iter()
+            .find(|(b, _)| b == builder)
+            .map(|(_, s)| s.as_slice())
+            .unwrap_or(&[]);
+        let pairs: Vec<Value> = found
+            .iter()
+            .filter(|(_, cancel, _)| *cancel == 0)
+            .zip(slots)
+            .map(|((id, _, _), slot)| json!([id, slot]))
+            .collect();
+        if pairs.is_empty() {
+            continue;
+        }
+        runnable.extend(pairs.iter().filter_map(|p| p[0].as_i64()));
+        tx.prepare_cached(
+            "INSERT INTO builds (number, builder_id, buildrequest_id, master_id, worker_slot, started_at, state_string)
+             SELECT (SELECT COALESCE(MAX(number), 0) FROM builds WHERE builder_id = ?1) + j.key + 1,
+                    ?1, j.value ->> 0, ?2, j.value ->> 1, ?3, ?4
+             FROM json_each(?5) j ORDER BY j.key",
+        )?
+        .execute(params![
+            builder.0,
+            params.master_id.0,
+            micros(params.now),
+            params.state_string,
+            Value::from(pairs).to_string()
+        ])?;
+    }
+    if runnable.is_empty() {
+        return Ok(outcome);
+    }
+    let started: String = tx
+        .prepare_cached(&STARTED_SQL)?
+        .query_row(params![json_ids(runnable), params.master_id.0], |r| {
+            r.get(0)
+        })?;
+    let started = started_from_json(&started)?;
+    outbox::record_started(tx, &json_ids(started.iter().map(|(b, _, _)| b.id.0)))?;
+    outcome.started = started
+        .into_iter()
+        .map(|(build, request, context)| StartedBuild {
+            request,
+            build,
+            context,
+        })
+        .collect();
+    Ok(outcome)
+}
+
+/// Finishes the builds still running on `master` among `ends`, inside the caller's
+/// transaction (which, being `BEGIN IMMEDIATE`, nobody can change that in meanwhile).
+fn finish_batch(
+    tx: &Connection,
+    master: MasterId,
+    ends: &[FinishedBuild],
+) -> Result<FinishOutcome> {
+    let ids = json_ids(ends.iter().map(|e| e.build_id.0));
+    let running: String = tx
+        .prepare_cached(
+            "SELECT json_group_array(id) FROM builds
+             WHERE id IN (SELECT value FROM json_each(?)) AND master_id = ? AND complete_at IS NULL",
+        )?
+        .query_row(params![ids, master.0], |r| r.get(0))?;
+    let running: BTreeSet<i64> = from_json(&running)?;
+    let mut outcome = FinishOutcome::default();
+    if running.is_empty() {
+        outcome.refused = ends.iter().map(|e| e.build_id).collect();
+        outcome.refused.sort();
+        return Ok(outcome);
+    }
+    let ending: Vec<&FinishedBuild> = ends
+        .iter()
+        .filter(|e| running.contains(&e.build_id.0))
+        .collect();
+    end_builds(tx, &ending)?;
+    let mut complete = Vec::new();
+    let mut release = Vec::new();
+    for e in ends {
+        if !running.contains(&e.build_id.0) {
+            outcome.refused.push(e.build_id);
+        } else if e.results == ResultCode::Retry {
+            release.push(e.request_id.0);
+        } else {
+            complete.push(json!([
+                e.request_id.0,
+                micros(e.complete_at),
+                e.results.code()
+            ]));
+        }
+    }
+    let mut buildsets = Vec::new();
+    if !complete.is_empty() {
+        let complete = Value::from(complete).to_string();
+        let open: String = tx
+            .prepare_cached(
+                "SELECT json_group_array(json_array(id, buildset_id)) FROM buildrequests
+                 WHERE id IN (SELECT value ->> 0 FROM json_each(?)) AND complete = 0",
+            )?
+            .query_row([&complete], |r| r.get(0))?;
+        let open: Vec<(i64, i64)> = from_json(&open)?;
+        tx.prepare_cached(
+            "UPDATE buildrequests SET complete = 1, complete_at = j.value ->> 1, results = j.value ->> 2
+             FROM json_each(?) j
+             WHERE buildrequests.id = j.value ->> 0 AND buildrequests.complete = 0",
+        )?
+        .execute([&complete])?;
+        outcome.completed = open.iter().map(|(id, _)| RequestId(*id)).collect();
+        buildsets = open.iter().map(|(_, bs)| BuildsetId(*bs)).collect();
+    }
+    if !release.is_empty() {
+        let held: String = tx
+            .prepare_cached(
+                "SELECT json_group_array(request_id) FROM buildrequest_claims
+                 WHERE master_id = ? AND request_id IN (SELECT value FROM json_each(?))
+                   AND request_id IN (SELECT id FROM buildrequests WHERE complete = 0)",
+            )?
+            .query_row(params![master.0, json_ids(release)], |r| r.get(0))?;
+        let held: Vec<i64> = from_json(&held)?;
+        tx.prepare_cached(
+            "DELETE FROM buildrequest_claims WHERE request_id IN (SELECT value FROM json_each(?))",
+        )?
+        .execute([json_ids(held.iter().copied())])?;
+        outcome.released = held.into_iter().map(RequestId).collect();
+    }
+    let latest = ends
+        .iter()
+        .map(|e| e.complete_at)
+        .max()
+        .unwrap_or_else(kiln_model::now);
+    outcome.buildsets_completed = complete_buildsets(tx, buildsets, latest)?;
+    outcome.completed.sort();
+    outcome.released.sort();
+    outcome.refused.sort();
+    Ok(outcome)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use sqlx::Row;
 
     /// The plan SQLite chooses for `sql`, one line per step.
     async fn plan(store: &SqliteStore, sql: &str, binds: &[&str]) -> Result<Vec<String>> {

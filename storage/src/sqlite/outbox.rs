@@ -5,8 +5,10 @@
 //! by "is any reporter registered?", so a database without reporters pays one cheap
 //! statement per transaction and stores nothing.
 
+use std::sync::LazyLock;
+
 use async_trait::async_trait;
-use sqlx::SqliteConnection;
+use rusqlite::Connection;
 
 use super::SqliteStore;
 use crate::common::REPORTER_COLUMNS;
@@ -31,9 +33,8 @@ fn insert(select: &str) -> String {
 const BUILDERS_OF_BS: &str = "(SELECT json_group_array(bl.name) FROM buildrequests r
      JOIN builders bl ON bl.id = r.builder_id WHERE r.buildset_id = bs.id)";
 
-/// Records `buildset_submitted` for a JSON array of buildset ids.
-pub(super) async fn record_submitted(tx: &mut SqliteConnection, ids: &str) -> Result<()> {
-    let sql = insert(&format!(
+static RECORD_SUBMITTED_SQL: LazyLock<String> = LazyLock::new(|| {
+    insert(&format!(
         "SELECT 'buildset_submitted', bs.id, NULL, NULL, NULL, bs.submitted_at,
                 json_object('event', 'buildset_submitted', 'buildset_id', bs.id, 'reason', bs.reason,
                             'external_idstring', bs.external_idstring, 'submitted_at', {},
@@ -43,11 +44,12 @@ pub(super) async fn record_submitted(tx: &mut SqliteConnection, ids: &str) -> Re
          WHERE bs.id IN (SELECT value FROM json_each(?)) AND EXISTS (SELECT 1 FROM reporters)
          ORDER BY bs.id",
         secs("bs.submitted_at")
-    ));
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(ids)
-        .execute(&mut *tx)
-        .await?;
+    ))
+});
+
+/// Records `buildset_submitted` for a JSON array of buildset ids.
+pub(super) fn record_submitted(tx: &Connection, ids: &str) -> Result<()> {
+    tx.prepare_cached(&RECORD_SUBMITTED_SQL)?.execute([ids])?;
     Ok(())
 }
 
@@ -65,23 +67,22 @@ const BUILD_FROM: &str = "FROM builds b JOIN buildrequests r ON r.id = b.buildre
      WHERE b.id IN (SELECT value FROM json_each(?)) AND EXISTS (SELECT 1 FROM reporters)
      ORDER BY b.id";
 
-/// Records `build_started` for a JSON array of build ids.
-pub(super) async fn record_started(tx: &mut SqliteConnection, ids: &str) -> Result<()> {
-    let sql = insert(&format!(
+static RECORD_STARTED_SQL: LazyLock<String> = LazyLock::new(|| {
+    insert(&format!(
         "SELECT 'build_started', r.buildset_id, b.id, bl.name, NULL, b.started_at,
                 json_object('event', 'build_started', {}) {BUILD_FROM}",
         build_fields()
-    ));
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(ids)
-        .execute(&mut *tx)
-        .await?;
+    ))
+});
+
+/// Records `build_started` for a JSON array of build ids.
+pub(super) fn record_started(tx: &Connection, ids: &str) -> Result<()> {
+    tx.prepare_cached(&RECORD_STARTED_SQL)?.execute([ids])?;
     Ok(())
 }
 
-/// Records `build_finished` for a JSON array of build ids (finished by now).
-pub(super) async fn record_finished(tx: &mut SqliteConnection, ids: &str) -> Result<()> {
-    let sql = insert(&format!(
+static RECORD_FINISHED_SQL: LazyLock<String> = LazyLock::new(|| {
+    insert(&format!(
         "SELECT 'build_finished', r.buildset_id, b.id, bl.name, b.results, b.complete_at,
                 json_object('event', 'build_finished', {},
                             'complete_at', {}, 'duration_s', {},
@@ -91,17 +92,17 @@ pub(super) async fn record_finished(tx: &mut SqliteConnection, ids: &str) -> Res
         build_fields(),
         secs("b.complete_at"),
         secs("(b.complete_at - b.started_at)")
-    ));
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(ids)
-        .execute(&mut *tx)
-        .await?;
+    ))
+});
+
+/// Records `build_finished` for a JSON array of build ids (finished by now).
+pub(super) fn record_finished(tx: &Connection, ids: &str) -> Result<()> {
+    tx.prepare_cached(&RECORD_FINISHED_SQL)?.execute([ids])?;
     Ok(())
 }
 
-/// Records `buildset_complete` for a JSON array of buildset ids (complete by now).
-pub(super) async fn record_complete(tx: &mut SqliteConnection, ids: &str) -> Result<()> {
-    let sql = insert(&format!(
+static RECORD_COMPLETE_SQL: LazyLock<String> = LazyLock::new(|| {
+    insert(&format!(
         "SELECT 'buildset_complete', bs.id, NULL, NULL, bs.results, bs.complete_at,
                 json_object('event', 'buildset_complete', 'buildset_id', bs.id, 'reason', bs.reason,
                             'external_idstring', bs.external_idstring, 'results', bs.results,
@@ -113,11 +114,12 @@ pub(super) async fn record_complete(tx: &mut SqliteConnection, ids: &str) -> Res
         secs("bs.submitted_at"),
         secs("bs.complete_at"),
         secs("(bs.complete_at - bs.submitted_at)")
-    ));
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(ids)
-        .execute(&mut *tx)
-        .await?;
+    ))
+});
+
+/// Records `buildset_complete` for a JSON array of buildset ids (complete by now).
+pub(super) fn record_complete(tx: &Connection, ids: &str) -> Result<()> {
+    tx.prepare_cached(&RECORD_COMPLETE_SQL)?.execute([ids])?;
     Ok(())
 }
 
@@ -139,48 +141,49 @@ impl OutboxWrites for SqliteStore {
     }
 
     async fn reporter_progress(&self, p: &ReporterProgress) -> Result<()> {
-        let p = &*text::delivery(p);
-        let mut conn = self.writer.lock().await;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
-        let updated = sqlx::query(
-            "UPDATE reporters SET cursor = MAX(cursor, ?1), delivered = delivered + ?2, dropped = dropped + ?3,
-                                  attempts = ?4, last_error = COALESCE(?5, last_error), lease_until = ?6
-             WHERE name = ?7 AND owner = ?8 AND lease_until >= ?9",
-        )
-        .bind(p.cursor)
-        .bind(i64::try_from(p.delivered).unwrap_or(i64::MAX))
-        .bind(p.dropped.len() as i64)
-        .bind(i64::from(p.attempts))
-        .bind(&p.last_error)
-        .bind(micros(p.lease_until))
-        .bind(&p.name)
-        .bind(p.master.0)
-        .bind(micros(p.now))
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StorageError::LeaseLost {
-                reporter: p.name.clone(),
-                master: p.master,
-            });
-        }
-        if !p.dropped.is_empty() {
-            let rows: Vec<serde_json::Value> = p
-                .dropped
-                .iter()
-                .map(|(seq, attempts, error)| serde_json::json!([seq, attempts, error]))
-                .collect();
-            sqlx::query(
-                "INSERT OR REPLACE INTO reporter_dropped (reporter, seq, attempts, error, at)
-                 SELECT ?, value ->> 0, value ->> 1, value ->> 2, ? FROM json_each(?)",
-            )
-            .bind(&p.name)
-            .bind(micros(p.now))
-            .bind(serde_json::Value::from(rows).to_string())
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let p = text::delivery(p).into_owned();
+        self.transaction(move |tx| {
+            let updated = tx
+                .prepare_cached(
+                    "UPDATE reporters SET cursor = MAX(cursor, ?1), delivered = delivered + ?2, dropped = dropped + ?3,
+                                          attempts = ?4, last_error = COALESCE(?5, last_error), lease_until = ?6
+                     WHERE name = ?7 AND owner = ?8 AND lease_until >= ?9",
+                )?
+                .execute(rusqlite::params![
+                    p.cursor,
+                    i64::try_from(p.delivered).unwrap_or(i64::MAX),
+                    p.dropped.len() as i64,
+                    i64::from(p.attempts),
+                    p.last_error,
+                    micros(p.lease_until),
+                    p.name,
+                    p.master.0,
+                    micros(p.now),
+                ])?;
+            if updated == 0 {
+                return Err(StorageError::LeaseLost {
+                    reporter: p.name.clone(),
+                    master: p.master,
+                });
+            }
+            if !p.dropped.is_empty() {
+                let rows: Vec<serde_json::Value> = p
+                    .dropped
+                    .iter()
+                    .map(|(seq, attempts, error)| serde_json::json!([seq, attempts, error]))
+                    .collect();
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO reporter_dropped (reporter, seq, attempts, error, at)
+                     SELECT ?, value ->> 0, value ->> 1, value ->> 2, ? FROM json_each(?)",
+                )?
+                .execute(rusqlite::params![
+                    p.name,
+                    micros(p.now),
+                    serde_json::Value::from(rows).to_string()
+                ])?;
+            }
+            Ok(())
+        })
+        .await
     }
 }

@@ -5,14 +5,16 @@ use std::collections::BTreeSet;
 use std::sync::LazyLock;
 
 use async_trait::async_trait;
-use sqlx::{Connection, Row, SqliteConnection};
+use rusqlite::{Connection, params};
 
 use super::{SqliteStore, outbox};
 use crate::rows::{self, json_ids, micros, result_code};
 use crate::seam::RequestWrites;
-use crate::{CancelOutcome, CompletedBuildset, Result, StorageError, fk_to_not_found, validate};
+use crate::{CancelOutcome, CompletedBuildset, Result, StorageError, validate};
 use kiln_model::{BuildsetId, MasterId, RequestId, ResultCode, Timestamp};
 
+/// Finds which of a JSON array of buildsets have all their requests complete, with the
+/// worst of their results, as one JSON array of `[id, results]`. The ranking is generated
 /// from [`ResultCode::severity`] so that SQL and Rust cannot disagree.
 static COMPLETABLE_BUILDSETS_SQL: LazyLock<String> = LazyLock::new(|| {
     let to_severity: String = ResultCode::ALL
@@ -35,8 +37,8 @@ static COMPLETABLE_BUILDSETS_SQL: LazyLock<String> = LazyLock::new(|| {
 
 /// Completes those of the given buildsets whose requests are all complete now, with the
 /// worst of their results.
-pub(super) async fn complete_buildsets(
-    tx: &mut SqliteConnection,
+pub(super) fn complete_buildsets(
+    tx: &Connection,
     ids: impl IntoIterator<Item = BuildsetId>,
     now: Timestamp,
 ) -> Result<Vec<CompletedBuildset>> {
@@ -44,23 +46,22 @@ pub(super) async fn complete_buildsets(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let found: String = sqlx::query_scalar(sqlx::AssertSqlSafe(COMPLETABLE_BUILDSETS_SQL.as_str()))
-        .bind(json_ids(ids.iter().map(|b| b.0)))
-        .fetch_one(&mut *tx)
-        .await?;
+    let found: String = tx
+        .prepare_cached(COMPLETABLE_BUILDSETS_SQL.as_str())?
+        .query_row([json_ids(ids.iter().map(|b| b.0))], |r| r.get(0))?;
     let found: Vec<(i64, Option<i64>)> = rows::from_json(&found)?;
     if found.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query(
+    tx.prepare_cached(
         "UPDATE buildsets SET complete = 1, complete_at = ?, results = j.value ->> 1
          FROM json_each(?) j WHERE buildsets.id = j.value ->> 0",
-    )
-    .bind(micros(now))
-    .bind(serde_json::to_string(&found).map_err(|e| StorageError::Invalid(e.to_string()))?)
-    .execute(&mut *tx)
-    .await?;
-    outbox::record_complete(&mut *tx, &json_ids(found.iter().map(|(id, _)| *id))).await?;
+    )?
+    .execute(params![
+        micros(now),
+        serde_json::to_string(&found).map_err(|e| StorageError::Invalid(e.to_string()))?
+    ])?;
+    outbox::record_complete(tx, &json_ids(found.iter().map(|(id, _)| *id)))?;
     found
         .into_iter()
         .map(|(id, results)| {
@@ -85,54 +86,52 @@ impl RequestWrites for SqliteStore {
             return Ok(());
         }
         let list = json_ids(ids.iter().map(|r| r.0));
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let rows = sqlx::query(
-            "SELECT r.id, r.complete, c.master_id FROM buildrequests r
-             LEFT JOIN buildrequest_claims c ON c.request_id = r.id
-             WHERE r.id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(&list)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut found = BTreeSet::new();
-        let mut taken = Vec::new();
-        for row in &rows {
-            let id = RequestId(row.try_get("id")?);
-            found.insert(id);
-            let claimed: Option<i64> = row.try_get("master_id")?;
-            if claimed.is_some() || row.try_get::<i64, _>("complete")? != 0 {
-                taken.push(id);
+        self.transaction(move |tx| {
+            let mut found = BTreeSet::new();
+            let mut taken = Vec::new();
+            let mut statement = tx.prepare_cached(
+                "SELECT r.id, r.complete, c.master_id FROM buildrequests r
+                 LEFT JOIN buildrequest_claims c ON c.request_id = r.id
+                 WHERE r.id IN (SELECT value FROM json_each(?))",
+            )?;
+            let mut rows = statement.query([&list])?;
+            while let Some(row) = rows.next()? {
+                let id = RequestId(row.get("id")?);
+                found.insert(id);
+                let claimed: Option<i64> = row.get("master_id")?;
+                if claimed.is_some() || row.get::<_, i64>("complete")? != 0 {
+                    taken.push(id);
+                }
             }
-        }
-        if let Some(missing) = ids.difference(&found).next() {
-            return Err(StorageError::not_found("build request", missing));
-        }
-        if !taken.is_empty() {
-            return Err(StorageError::AlreadyClaimed(taken));
-        }
-        sqlx::query("INSERT INTO buildrequest_claims (request_id, master_id, claimed_at) SELECT value, ?, ? FROM json_each(?)")
-            .bind(master.0)
-            .bind(micros(now))
-            .bind(&list)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| fk_to_not_found(e, "master", Some(master)))?;
-        tx.commit().await?;
-        Ok(())
+            if let Some(missing) = ids.difference(&found).next() {
+                return Err(StorageError::not_found("build request", missing));
+            }
+            if !taken.is_empty() {
+                return Err(StorageError::AlreadyClaimed(taken));
+            }
+            tx.prepare_cached(
+                "INSERT INTO buildrequest_claims (request_id, master_id, claimed_at)
+                 SELECT value, ?, ? FROM json_each(?)",
+            )?
+            .execute(params![master.0, micros(now), list])
+            .map_err(|e| StorageError::from(e).fk_not_found("master", master))?;
+            Ok(())
+        })
+        .await
     }
 
     async fn request_unclaim(&self, ids: &[RequestId], master: MasterId) -> Result<()> {
-        sqlx::query(
-            "DELETE FROM buildrequest_claims
-             WHERE master_id = ? AND request_id IN (SELECT value FROM json_each(?))
-               AND request_id IN (SELECT id FROM buildrequests WHERE complete = 0)",
-        )
-        .bind(master.0)
-        .bind(json_ids(ids.iter().map(|r| r.0)))
-        .execute(&mut *self.writer.lock().await)
-        .await?;
-        Ok(())
+        let list = json_ids(ids.iter().map(|r| r.0));
+        self.transaction(move |tx| {
+            tx.prepare_cached(
+                "DELETE FROM buildrequest_claims
+                 WHERE master_id = ? AND request_id IN (SELECT value FROM json_each(?))
+                   AND request_id IN (SELECT id FROM buildrequests WHERE complete = 0)",
+            )?
+            .execute(params![master.0, list])?;
+            Ok(())
+        })
+        .await
     }
 
     async fn request_complete(
@@ -147,42 +146,58 @@ impl RequestWrites for SqliteStore {
             return Ok(Vec::new());
         }
         let list = json_ids(ids.iter().map(|r| r.0));
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let rows = sqlx::query("SELECT id, complete, buildset_id FROM buildrequests WHERE id IN (SELECT value FROM json_each(?))")
-            .bind(&list)
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut open = BTreeSet::new();
-        let mut buildsets = BTreeSet::new();
-        for row in &rows {
-            if row.try_get::<i64, _>("complete")? == 0 {
-                open.insert(RequestId(row.try_get("id")?));
-                buildsets.insert(BuildsetId(row.try_get("buildset_id")?));
+        self.transaction(move |tx| {
+            let mut open = BTreeSet::new();
+            let mut buildsets = BTreeSet::new();
+            {
+                let mut statement = tx.prepare_cached(
+                    "SELECT id, complete, buildset_id FROM buildrequests
+                     WHERE id IN (SELECT value FROM json_each(?))",
+                )?;
+                let mut rows = statement.query([&list])?;
+                while let Some(row) = rows.next()? {
+                    if row.get::<_, i64>("complete")? == 0 {
+                        open.insert(RequestId(row.get("id")?));
+                        buildsets.insert(BuildsetId(row.get("buildset_id")?));
+                    }
+                }
             }
-        }
-        let refused: Vec<RequestId> = ids.difference(&open).copied().collect();
-        if !refused.is_empty() {
-            return Err(StorageError::NotClaimed(refused));
-        }
-        sqlx::query("UPDATE buildrequests SET complete = 1, complete_at = ?, results = ? WHERE id IN (SELECT value FROM json_each(?))")
-            .bind(micros(now))
-            .bind(results.code())
-            .bind(&list)
-            .execute(&mut *tx)
-            .await?;
-        let completed = complete_buildsets(&mut tx, buildsets, now).await?;
-        tx.commit().await?;
-        Ok(completed)
+            let refused: Vec<RequestId> = ids.difference(&open).copied().collect();
+            if !refused.is_empty() {
+                return Err(StorageError::NotClaimed(refused));
+            }
+            tx.prepare_cached(
+                "UPDATE buildrequests SET complete = 1, complete_at = ?, results = ?
+                 WHERE id IN (SELECT value FROM json_each(?))",
+            )?
+            .execute(params![micros(now), results.code(), list])?;
+            complete_buildsets(tx, buildsets, now)
+        })
+        .await
     }
 
-    async fn request_cancel(&self, ids: &[RequestId], now: Timestamp) -> Result<CancelOutcome> {
-        let list = json_ids(ids.iter().map(|r| r.0));
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        // The requests asked for and, recursively, those of the waited-for child
-        // buildsets their builds started.
-        let rows = sqlx::query(
+    async fn request_cancel_each(
+        &self,
+        groups: &[Vec<RequestId>],
+        now: Timestamp,
+    ) -> Result<Vec<CancelOutcome>> {
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let groups = groups.to_vec();
+        self.transaction(move |tx| groups.iter().map(|ids| cancel_in(tx, ids, now)).collect())
+            .await
+    }
+}
+
+/// Cancels `ids` (and what hangs off them) inside the caller's transaction.
+fn cancel_in(tx: &Connection, ids: &[RequestId], now: Timestamp) -> Result<CancelOutcome> {
+    // The requests asked for and, recursively, those of the waited-for child buildsets
+    // their builds started.
+    let mut outcome = CancelOutcome::default();
+    let mut buildsets = BTreeSet::new();
+    {
+        let mut statement = tx.prepare_cached(
             "WITH RECURSIVE tree (id) AS (
                  SELECT value FROM json_each(?)
                  UNION
@@ -191,36 +206,35 @@ impl RequestWrites for SqliteStore {
              SELECT r.id, r.buildset_id, c.master_id FROM buildrequests r
              LEFT JOIN buildrequest_claims c ON c.request_id = r.id
              WHERE r.complete = 0 AND r.id IN (SELECT id FROM tree) ORDER BY r.id",
-        )
-        .bind(&list)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut outcome = CancelOutcome::default();
-        let mut buildsets = BTreeSet::new();
-        for row in &rows {
-            let id = RequestId(row.try_get("id")?);
-            if row.try_get::<Option<i64>, _>("master_id")?.is_some() {
+        )?;
+        let mut rows = statement.query([json_ids(ids.iter().map(|r| r.0))])?;
+        while let Some(row) = rows.next()? {
+            let id = RequestId(row.get("id")?);
+            if row.get::<_, Option<i64>>("master_id")?.is_some() {
                 outcome.flagged.push(id);
             } else {
                 outcome.completed.push(id);
-                buildsets.insert(BuildsetId(row.try_get("buildset_id")?));
+                buildsets.insert(BuildsetId(row.get("buildset_id")?));
             }
         }
-        sqlx::query("UPDATE buildrequests SET cancel_requested = 1 WHERE id IN (SELECT value FROM json_each(?))")
-            .bind(json_ids(outcome.flagged.iter().map(|r| r.0)))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
+    }
+    if !outcome.flagged.is_empty() {
+        tx.prepare_cached(
+            "UPDATE buildrequests SET cancel_requested = 1 WHERE id IN (SELECT value FROM json_each(?))",
+        )?
+        .execute([json_ids(outcome.flagged.iter().map(|r| r.0))])?;
+    }
+    if !outcome.completed.is_empty() {
+        tx.prepare_cached(
             "UPDATE buildrequests SET complete = 1, complete_at = ?, results = ?, cancel_requested = 1
              WHERE id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(micros(now))
-        .bind(ResultCode::Cancelled.code())
-        .bind(json_ids(outcome.completed.iter().map(|r| r.0)))
-        .execute(&mut *tx)
-        .await?;
-        outcome.buildsets_completed = complete_buildsets(&mut tx, buildsets, now).await?;
-        tx.commit().await?;
-        Ok(outcome)
+        )?
+        .execute(params![
+            micros(now),
+            ResultCode::Cancelled.code(),
+            json_ids(outcome.completed.iter().map(|r| r.0))
+        ])?;
     }
+    outcome.buildsets_completed = complete_buildsets(tx, buildsets, now)?;
+    Ok(outcome)
 }

@@ -26,10 +26,10 @@ use kiln_model::{
     ProgressReport, Property, ReportKind, RequestId, ResultCode, SourceStamp, Timestamp,
 };
 use kiln_storage::{
-    BuildField, BuildFilter, BuilderField, BuildsetField, BuildsetFilter, ClaimFilter,
-    ExpireMasters, FilterValue, FinishedBuild, MasterField, NewBuild, NewBuildset, Op, Query,
-    ReporterProgress, RequestField, RequestFilter, RequestOrder, RequestOrderField, StartAvailable,
-    StorageError, Store,
+    BuildField, BuildFilter, BuilderField, BuildsetField, BuildsetFilter, CancelOutcome,
+    ClaimFilter, ExpireMasters, FilterValue, FinishedBuild, MasterField, NewBuild, NewBuildset, Op,
+    Query, ReporterProgress, RequestField, RequestFilter, RequestOrder, RequestOrderField,
+    StartAvailable, StorageError, Store,
 };
 use serde_json::json;
 
@@ -95,6 +95,8 @@ macro_rules! conformance_tests {
                 concurrent_claims_from_several_masters_never_claim_a_request_twice,
                 cancelling_completes_unclaimed_requests_and_flags_claimed_ones,
                 cancelling_the_last_open_request_completes_the_buildset,
+                cancels_in_one_transaction_each_get_the_outcome_of_their_own_turn,
+                priority_changes_in_one_transaction_each_get_their_own_answer,
             ],
             builds: [
                 build_numbers_are_unique_per_builder_under_concurrent_starts,

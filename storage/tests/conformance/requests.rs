@@ -571,3 +571,90 @@ pub async fn cancelling_the_last_open_request_completes_the_buildset(h: &Harness
     ensure!(done.complete && done.results == Some(ResultCode::Cancelled));
     Ok(())
 }
+
+pub async fn cancels_in_one_transaction_each_get_the_outcome_of_their_own_turn(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["a", "b"]).await?;
+    let (first, r1) = buildset(s, &b, at(1)).await?;
+    let (second, r2) = buildset(s, &b, at(1)).await?;
+    let m = master(s, "m").await?;
+    s.request_claim(&[r2[0]], m, at(1)).await?;
+    let groups = vec![
+        vec![r1[0], r1[1]],
+        // Asked again by a later caller: already complete at its turn, so ignored.
+        vec![r1[0], r2[0]],
+        vec![RequestId(77_777)],
+        vec![r2[1]],
+    ];
+    let outcomes = s.request_cancel_each(&groups, at(3)).await?;
+    ensure!(outcomes.len() == 4, "{outcomes:?}");
+    ensure!(
+        outcomes[0].completed == [r1[0], r1[1]]
+            && outcomes[0].flagged.is_empty()
+            && outcomes[0].buildsets_completed.len() == 1
+            && outcomes[0].buildsets_completed[0].buildset_id == first,
+        "{:?}",
+        outcomes[0]
+    );
+    ensure!(
+        outcomes[1].completed.is_empty() && outcomes[1].flagged == [r2[0]],
+        "{:?}",
+        outcomes[1]
+    );
+    ensure!(outcomes[2] == CancelOutcome::default(), "{:?}", outcomes[2]);
+    ensure!(
+        outcomes[3].completed == [r2[1]] && outcomes[3].buildsets_completed.is_empty(),
+        "the second buildset still has its claimed request open: {:?}",
+        outcomes[3]
+    );
+    ensure!(!s.buildset_get(second).await?.complete);
+    ensure!(s.request_cancel_pending(m).await? == [r2[0]]);
+    ensure!(s.request_cancel_each(&[], at(4)).await?.is_empty());
+    Ok(())
+}
+
+pub async fn priority_changes_in_one_transaction_each_get_their_own_answer(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["a"]).await?;
+    let (_, open) = buildset(s, &b, at(1)).await?;
+    let (_, done) = buildset(s, &b, at(1)).await?;
+    s.request_complete(&done, ResultCode::Success, at(2))
+        .await?;
+    let answers = s
+        .request_set_priority_each(&[
+            (open[0], 7),
+            (done[0], 3),
+            (RequestId(66_666), 3),
+            (open[0], 100_000),
+            (open[0], -9),
+        ])
+        .await?;
+    ensure!(answers.len() == 5);
+    ensure!(answers[0].is_ok(), "{:?}", answers[0]);
+    ensure!(
+        matches!(answers[1], Err(StorageError::Invalid(_))),
+        "{:?}",
+        answers[1]
+    );
+    ensure!(
+        matches!(answers[2], Err(StorageError::NotFound { .. })),
+        "{:?}",
+        answers[2]
+    );
+    ensure!(
+        matches!(answers[3], Err(StorageError::Invalid(_))),
+        "{:?}",
+        answers[3]
+    );
+    ensure!(answers[4].is_ok(), "{:?}", answers[4]);
+    ensure!(
+        s.request_get(open[0]).await?.priority == -9,
+        "the changes apply in order"
+    );
+    ensure!(s.request_set_priority_each(&[]).await?.is_empty());
+    Ok(())
+}
