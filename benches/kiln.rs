@@ -1,0 +1,1010 @@
+//! Kiln's benchmark in one command, round-robin, every figure next to the floor it is
+//! measured against in the same run:
+//!
+//! ```text
+//! cargo bench --bench kiln [-- --rounds R] [--jobs N] [--scale] [--no-memory]
+//! cargo bench --bench kiln -- --profile lifecycle|rest|serial|postgres   # one part, once
+//! ```
+//!
+//! Each round runs, one after another: the raw SQLite floor (rusqlite on Kiln's own
+//! schema, the same rows Kiln writes for a job: buildset, request, claim, build, and the
+//! finish of build, request and buildset) with one commit per item and with 100 items
+//! per commit, at `synchronous=NORMAL` and `FULL`; Kiln's lifecycle of N no-op WASM jobs
+//! at NORMAL and FULL; 16 HTTP clients each posting one buildset at a time to a `kiln
+//! serve` process; one embedder calling `submit` in a loop; submit-to-start latency on
+//! an idle engine, alone and with 100,000 requests queued for a builder nobody serves;
+//! and, when `KILN_POSTGRES_URL` names a database, PostgreSQL's floor (the same rows
+//! through sqlx, 100 per commit, set-based) and Kiln on PostgreSQL with 1 and 2 masters.
+//! Before the rounds, a child process measures the resident memory of 10,000 builds
+//! suspended in WASM timers. `--scale` adds the lifecycle with 1,000,000 buildsets
+//! already in the database.
+//!
+//! The summary gives each figure's median over the rounds and its ratio to its floor,
+//! taken within each round (the median of those ratios): this 2-core machine moves
+//! ±20% from one hour to the next, a ratio inside one round much less. It measures and
+//! prints; it asserts nothing about speed.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use kiln_bundled as bundled;
+use kiln_engine::wasm::{Grants, Limits, WasmHost, WasmHostConfig};
+use kiln_engine::{BuilderConfig, Engine, EngineConfig, Event, Submission};
+use kiln_storage::{Durability, NewBuildset, StoreOptions};
+use tokio::sync::broadcast;
+
+/// Rounds by default: enough for a median, short enough to run often.
+const DEFAULT_ROUNDS: usize = 3;
+/// Jobs per lifecycle run by default (the issue's N).
+const DEFAULT_JOBS: usize = 20_000;
+/// Concurrent REST clients.
+const REST_CLIENTS: usize = 16;
+/// Submits per REST and serial run.
+const SUBMITS: usize = 8_000;
+/// Items per commit in the batched floor.
+const FLOOR_BATCH: usize = 100;
+/// Samples per latency run.
+const LATENCY_SAMPLES: usize = 1_000;
+/// Requests queued for a builder nobody serves in the loaded latency run.
+const FOREIGN_QUEUED: usize = 100_000;
+/// Builds suspended at once in the memory run.
+const SUSPENDED: usize = 10_000;
+/// Buildsets in the database for `--scale`.
+const SCALE_ROWS: usize = 1_000_000;
+
+fn arg_value(name: &str) -> Option<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1)?.parse().ok()
+}
+
+fn has_arg(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+// ---- the floors ----
+
+/// Kiln's schema in a fresh SQLite file, migrated by Kiln itself, with a master and a
+/// builder row; returns (master id, builder id).
+async fn kiln_schema(path: &Path) -> Result<(i64, i64)> {
+    let store = kiln_storage::open(&format!("sqlite://{}", path.display())).await?;
+    let master = store
+        .master_register("floor", kiln_engine::model::now())
+        .await?
+        .master_id;
+    let builder = store.builder_ensure("noop", None).await?;
+    drop(store);
+    Ok((master.0, builder.0))
+}
+
+/// The raw SQLite floor: the rows of `jobs` lifecycles, `batch` items per transaction
+/// for each step (submit; claim and start; finish build, request and buildset).
+/// Prepared statements, row at a time, no reads, no JSON, no async: what SQLite itself
+/// costs for this work. Returns jobs/s.
+fn sqlite_floor(
+    path: &Path,
+    ids: (i64, i64),
+    sync: &str,
+    jobs: usize,
+    batch: usize,
+) -> Result<f64> {
+    use rusqlite::{Connection, params};
+    let (master, builder) = ids;
+    let conn = Connection::open(path)?;
+    let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous={sync}; PRAGMA foreign_keys=ON; PRAGMA cache_size=-65536;"
+    ))?;
+    let base: i64 = conn.query_row("SELECT coalesce(max(id), 0) FROM buildsets", [], |r| {
+        r.get(0)
+    })?;
+    let t = kiln_engine::model::now().timestamp_micros();
+    let jobs = jobs as i64;
+    let batch = batch as i64;
+    let start = Instant::now();
+    let mut i = 1;
+    while i <= jobs {
+        let end = (i + batch).min(jobs + 1);
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        {
+            let mut s1 = conn.prepare_cached(
+                "INSERT INTO buildsets (id, reason, submitted_at) VALUES (?1, 'bench', ?2)",
+            )?;
+            let mut s2 = conn.prepare_cached(
+                "INSERT INTO buildrequests (id, buildset_id, builder_id, priority, submitted_at)
+                 VALUES (?1, ?1, ?2, 0, ?3)",
+            )?;
+            for k in i..end {
+                s1.execute(params![base + k, t])?;
+                s2.execute(params![base + k, builder, t])?;
+            }
+        }
+        conn.execute_batch("COMMIT")?;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        {
+            let mut c = conn.prepare_cached(
+                "INSERT INTO buildrequest_claims (request_id, master_id, claimed_at) VALUES (?1, ?2, ?3)",
+            )?;
+            let mut s = conn.prepare_cached(
+                "INSERT INTO builds (id, number, builder_id, buildrequest_id, master_id, worker_slot, started_at)
+                 VALUES (?1, ?1, ?2, ?1, ?3, 0, ?4)",
+            )?;
+            for k in i..end {
+                c.execute(params![base + k, master, t])?;
+                s.execute(params![base + k, builder, master, t])?;
+            }
+        }
+        conn.execute_batch("COMMIT")?;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        {
+            let mut f = conn.prepare_cached(
+                "UPDATE builds SET complete_at = ?2, results = 0, state_string = 'finished' WHERE id = ?1",
+            )?;
+            let mut r = conn.prepare_cached(
+                "UPDATE buildrequests SET complete = 1, complete_at = ?2, results = 0 WHERE id = ?1 AND complete = 0",
+            )?;
+            let mut s = conn.prepare_cached(
+                "UPDATE buildsets SET complete = 1, complete_at = ?2, results = 0 WHERE id = ?1 AND complete = 0",
+            )?;
+            for k in i..end {
+                f.execute(params![base + k, t])?;
+                r.execute(params![base + k, t])?;
+                s.execute(params![base + k, t])?;
+            }
+        }
+        conn.execute_batch("COMMIT")?;
+        i = end;
+    }
+    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    let done: i64 = conn.query_row(
+        "SELECT count(*) FROM buildsets WHERE complete = 1 AND id > ?1",
+        [base],
+        |r| r.get(0),
+    )?;
+    ensure!(done == jobs, "the floor completed {done} of {jobs}");
+    Ok(rate)
+}
+
+async fn sqlite_floor_run(sync: &'static str, jobs: usize, batch: usize) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("floor.db");
+    let ids = kiln_schema(&path).await?;
+    tokio::task::spawn_blocking(move || sqlite_floor(&path, ids, sync, jobs, batch)).await?
+}
+
+/// PostgreSQL's floor: the same rows on Kiln's schema through sqlx, 100 items per
+/// transaction per step, each step one set-based statement per table (`unnest`).
+async fn postgres_floor(base: &str, jobs: usize) -> Result<f64> {
+    use kiln_storage::postgres;
+    let schema = format!("kiln_floor_{}", std::process::id());
+    postgres::drop_schema(base, &schema).await?;
+    let url = postgres::create_schema(base, &schema).await?;
+    let store = kiln_storage::open(&url).await?;
+    let master = store
+        .master_register("floor", kiln_engine::model::now())
+        .await?
+        .master_id
+        .0;
+    let builder = store.builder_ensure("noop", None).await?.0;
+    drop(store);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await?;
+    let t = kiln_engine::model::now().timestamp_micros();
+    let start = Instant::now();
+    let mut i = 1i64;
+    let jobs_i = jobs as i64;
+    while i <= jobs_i {
+        let end = (i + FLOOR_BATCH as i64).min(jobs_i + 1);
+        let ids: Vec<i64> = (i..end).collect();
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO buildsets (id, reason, submitted_at) SELECT x, 'bench', $2 FROM unnest($1::bigint[]) x",
+        )
+        .bind(&ids)
+        .bind(t)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO buildrequests (id, buildset_id, builder_id, priority, submitted_at)
+             SELECT x, x, $2, 0, $3 FROM unnest($1::bigint[]) x",
+        )
+        .bind(&ids)
+        .bind(builder)
+        .bind(t)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO buildrequest_claims (request_id, master_id, claimed_at)
+             SELECT x, $2, $3 FROM unnest($1::bigint[]) x",
+        )
+        .bind(&ids)
+        .bind(master)
+        .bind(t)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO builds (id, number, builder_id, buildrequest_id, master_id, worker_slot, started_at)
+             SELECT x, x, $2, x, $3, 0, $4 FROM unnest($1::bigint[]) x",
+        )
+        .bind(&ids)
+        .bind(builder)
+        .bind(master)
+        .bind(t)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut tx = pool.begin().await?;
+        for table in ["builds", "buildrequests", "buildsets"] {
+            let done = match table {
+                "builds" => "",
+                _ => ", complete = 1",
+            };
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE {table} SET complete_at = $2, results = 0{done} WHERE id = ANY($1)"
+            )))
+            .bind(&ids)
+            .bind(t)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        i = end;
+    }
+    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    pool.close().await;
+    postgres::drop_schema(base, &schema).await?;
+    Ok(rate)
+}
+
+// ---- Kiln ----
+
+fn host(dir: &tempfile::TempDir, max_instances: u32) -> Arc<WasmHost> {
+    Arc::new(WasmHost::new(WasmHostConfig {
+        cache_dir: Some(dir.path().join("cache")),
+        max_instances,
+    }))
+}
+
+fn plugin(name: &str) -> Result<&'static [u8]> {
+    bundled::get(name).ok_or_else(|| anyhow!("no bundled plugin {name}"))
+}
+
+/// An engine on `url` whose builder "noop" runs the no-op WASM job.
+async fn noop_engine(
+    url: &str,
+    name: &str,
+    host: &WasmHost,
+    store: StoreOptions,
+) -> Result<Engine> {
+    let mut config = EngineConfig::new(url).master_name(name);
+    config.event_capacity = 1 << 20;
+    config.store = store;
+    let engine = Engine::open(config).await?;
+    let executor = host
+        .job_executor(
+            "noop",
+            plugin("noop")?,
+            Limits::default(),
+            Grants::default(),
+        )
+        .await?;
+    engine
+        .register_builder(BuilderConfig::new("noop"), executor)
+        .await?;
+    Ok(engine)
+}
+
+async fn count(
+    events: &mut broadcast::Receiver<Event>,
+    n: usize,
+    pick: impl Fn(&Event) -> bool,
+) -> Result<()> {
+    let mut seen = 0;
+    while seen < n {
+        let event = events
+            .recv()
+            .await
+            .map_err(|e| anyhow!("event stream: {e}"))?;
+        if pick(&event) {
+            seen += 1;
+        }
+    }
+    Ok(())
+}
+
+fn sqlite_url(dir: &tempfile::TempDir, name: &str) -> String {
+    format!(
+        "sqlite://{}",
+        dir.path().join(format!("{name}.db")).display()
+    )
+}
+
+/// Fills a database with `rows` complete buildsets (one request and build each) for
+/// builder "noop" through the store's batch path, so that a run meets a large table.
+async fn prefill(url: &str, rows: usize) -> Result<()> {
+    let store = kiln_storage::open(url).await?;
+    let builder = store.builder_ensure("noop", None).await?;
+    let master = store
+        .master_register("prefill", kiln_engine::model::now())
+        .await?
+        .master_id;
+    let one = NewBuildset {
+        reason: "history".into(),
+        builder_ids: vec![builder],
+        submitted_at: kiln_engine::model::now(),
+        ..NewBuildset::default()
+    };
+    let chunk = vec![one; 10_000];
+    let mut left = rows;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        let added = store.buildset_add_many(&chunk[..n]).await?;
+        let requests: Vec<_> = added.iter().map(|a| a.requests[&builder]).collect();
+        let now = kiln_engine::model::now();
+        store.request_claim(&requests, master, now).await?;
+        store
+            .request_complete(&requests, kiln_engine::model::ResultCode::Success, now)
+            .await?;
+        left -= n;
+    }
+    store.master_deactivate(master).await?;
+    Ok(())
+}
+
+/// Kiln's lifecycle: `jobs` buildsets submitted in one call, run by the no-op WASM job;
+/// jobs/s from the submit to the last buildset complete.
+async fn lifecycle(durability: Durability, jobs: usize, history: usize) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let url = sqlite_url(&dir, "lifecycle");
+    if history > 0 {
+        prefill(&url, history).await?;
+    }
+    let host = host(&dir, 64);
+    let store = StoreOptions {
+        durability,
+        ..StoreOptions::default()
+    };
+    let engine = noop_engine(&url, "lifecycle", &host, store).await?;
+    let mut events = engine.subscribe();
+    let batch = vec![Submission::new("bench").builder("noop"); jobs];
+    let start = Instant::now();
+    engine.submit_many(&batch).await?;
+    let failed = std::sync::atomic::AtomicUsize::new(0);
+    count(&mut events, jobs, |e| match e {
+        Event::BuildsetComplete { results, .. } => {
+            if *results != kiln_engine::model::ResultCode::Success {
+                failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            true
+        }
+        _ => false,
+    })
+    .await?;
+    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    engine.shutdown().await;
+    let failed = failed.into_inner();
+    ensure!(failed == 0, "{failed} no-op builds did not succeed");
+    Ok(rate)
+}
+
+/// One embedder task calling `submit` in a loop while the engine runs the builds;
+/// (submits/s, p50, p99 of one call).
+async fn serial(submits: usize) -> Result<(f64, Duration, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let host = host(&dir, 64);
+    let engine = noop_engine(
+        &sqlite_url(&dir, "serial"),
+        "serial",
+        &host,
+        StoreOptions::default(),
+    )
+    .await?;
+    let mut events = engine.subscribe();
+    let submission = Submission::new("bench").builder("noop");
+    let mut took = Vec::with_capacity(submits);
+    let start = Instant::now();
+    for _ in 0..submits {
+        let one = Instant::now();
+        engine.submit(&submission).await?;
+        took.push(one.elapsed());
+    }
+    let rate = submits as f64 / start.elapsed().as_secs_f64();
+    count(&mut events, submits, |e| {
+        matches!(e, Event::BuildsetComplete { .. })
+    })
+    .await?;
+    engine.shutdown().await;
+    took.sort();
+    Ok((rate, percentile(&took, 0.5), percentile(&took, 0.99)))
+}
+
+/// Submit-to-start on an idle engine, with `foreign` requests queued for a builder
+/// nobody serves; (p50, p99).
+async fn latency(foreign: usize) -> Result<(Duration, Duration)> {
+    let dir = tempfile::tempdir()?;
+    let url = sqlite_url(&dir, "latency");
+    if foreign > 0 {
+        let store = kiln_storage::open(&url).await?;
+        let nobody = store.builder_ensure("nobody", None).await?;
+        let one = NewBuildset {
+            reason: "waits".into(),
+            builder_ids: vec![nobody],
+            submitted_at: kiln_engine::model::now(),
+            ..NewBuildset::default()
+        };
+        for chunk in vec![one; foreign].chunks(10_000) {
+            store.buildset_add_many(chunk).await?;
+        }
+    }
+    let host = host(&dir, 64);
+    let engine = noop_engine(&url, "latency", &host, StoreOptions::default()).await?;
+    let mut events = engine.subscribe();
+    let mut took = Vec::with_capacity(LATENCY_SAMPLES);
+    for _ in 0..LATENCY_SAMPLES {
+        let start = Instant::now();
+        engine
+            .submit(&Submission::new("bench").builder("noop"))
+            .await?;
+        count(&mut events, 1, |e| matches!(e, Event::BuildStarted { .. })).await?;
+        took.push(start.elapsed());
+        count(&mut events, 1, |e| {
+            matches!(e, Event::BuildsetComplete { .. })
+        })
+        .await?;
+    }
+    engine.shutdown().await;
+    took.sort();
+    Ok((percentile(&took, 0.5), percentile(&took, 0.99)))
+}
+
+/// A `kiln serve` process running the no-op builder; stopped when dropped.
+struct Server {
+    child: Child,
+    address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const TOKEN: &str = "bench-token";
+
+fn serve() -> Result<Server> {
+    let dir = tempfile::tempdir()?;
+    let pipeline = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &pipeline,
+        "[[builder]]\nname = \"noop\"\nplugin = \"bundled:noop\"\n",
+    )?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--db")
+        .arg(dir.path().join("serve.db"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--token", TOKEN])
+        .arg(&pipeline)
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting kiln serve")?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let address = loop {
+        let Some(line) = lines.next() else {
+            bail!("kiln serve ended before it listened");
+        };
+        let line = line?;
+        if let Some(rest) = line.split("API at http://").nth(1) {
+            break rest
+                .split('/')
+                .next()
+                .ok_or_else(|| anyhow!("no address in {line:?}"))?
+                .to_owned();
+        }
+    };
+    // Keep reading its stdout so that the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Ok(Server {
+        child,
+        address,
+        _dir: dir,
+    })
+}
+
+/// `clients` HTTP clients (keep-alive connections), each posting one buildset at a
+/// time to `kiln serve`, `submits` in all; (submits/s, p50, p99 of one POST).
+async fn rest(clients: usize, submits: usize) -> Result<(f64, Duration, Duration)> {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let server = serve()?;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(clients)
+        .build_http();
+    let uri: hyper::Uri = format!("http://{}/api/v2/buildsets", server.address).parse()?;
+    let body = Bytes::from_static(br#"{"builders": ["noop"], "reason": "bench"}"#);
+    let post = {
+        let (client, uri, body) = (client.clone(), uri.clone(), body.clone());
+        move || {
+            let request = hyper::Request::post(uri.clone())
+                .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(Full::new(body.clone()));
+            let client = client.clone();
+            async move {
+                let response = client.request(request?).await?;
+                let status = response.status();
+                let bytes = response.into_body().collect().await?.to_bytes();
+                ensure!(
+                    status == hyper::StatusCode::CREATED,
+                    "POST /buildsets answered {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                );
+                anyhow::Ok(())
+            }
+        }
+    };
+    // Warm the connections and the server's first plugin load.
+    post().await?;
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(clients);
+    for c in 0..clients {
+        let post = post.clone();
+        let mine = submits / clients + usize::from(c < submits % clients);
+        tasks.push(tokio::spawn(async move {
+            let mut took = Vec::with_capacity(mine);
+            for _ in 0..mine {
+                let one = Instant::now();
+                post().await?;
+                took.push(one.elapsed());
+            }
+            anyhow::Ok(took)
+        }));
+    }
+    let mut took = Vec::with_capacity(submits);
+    for task in tasks {
+        took.extend(task.await??);
+    }
+    let rate = submits as f64 / start.elapsed().as_secs_f64();
+    drop(server);
+    took.sort();
+    Ok((rate, percentile(&took, 0.5), percentile(&took, 0.99)))
+}
+
+/// The lifecycle with `masters` engines (each its own pool and master row) sharing one
+/// PostgreSQL schema; (jobs/s, requests started more than once).
+async fn postgres_lifecycle(base: &str, masters: usize, jobs: usize) -> Result<(f64, usize)> {
+    use kiln_storage::postgres;
+    let schema = format!("kiln_bench_{}_{masters}", std::process::id());
+    postgres::drop_schema(base, &schema).await?;
+    let url = postgres::create_schema(base, &schema).await?;
+    let dir = tempfile::tempdir()?;
+    let host = host(&dir, 64);
+    let mut engines = Vec::new();
+    let mut events = Vec::new();
+    for i in 0..masters {
+        let store = StoreOptions {
+            max_connections: 8,
+            ..StoreOptions::default()
+        };
+        let engine = noop_engine(&url, &format!("bench-{i}"), &host, store).await?;
+        events.push(engine.subscribe());
+        engines.push(engine);
+    }
+    let batch = vec![Submission::new("bench").builder("noop"); jobs];
+    let start = Instant::now();
+    engines[0].submit_many(&batch).await?;
+    // Every engine hears of the builds it finished itself; together they are all.
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let all = Arc::new(tokio::sync::Notify::new());
+    let mut waits = Vec::new();
+    for mut rx in events {
+        let (done, all) = (done.clone(), all.clone());
+        waits.push(tokio::spawn(async move {
+            while let Ok(event) = rx.recv().await {
+                if matches!(event, Event::BuildFinished { .. })
+                    && done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == jobs
+                {
+                    all.notify_one();
+                }
+            }
+        }));
+    }
+    all.notified().await;
+    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    let builds = engines[0].client().builds(&Default::default()).await?;
+    let mut per_request: BTreeMap<_, usize> = BTreeMap::new();
+    for b in &builds {
+        *per_request.entry(b.request_id).or_default() += 1;
+    }
+    let doubles = per_request.values().filter(|n| **n > 1).count();
+    for w in waits {
+        w.abort();
+    }
+    for engine in engines {
+        engine.shutdown().await;
+    }
+    postgres::drop_schema(base, &schema).await?;
+    Ok((rate, doubles))
+}
+
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// In a child process of its own (so that nothing else inflates its peak): `SUSPENDED`
+/// builds sleeping in WASM timers at once. Prints one line for the parent.
+async fn memory_child() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = EngineConfig::new(sqlite_url(&dir, "memory")).master_name("memory");
+    config.event_capacity = 1 << 20;
+    // Room for every sleeper, in the engine and in the sandbox pool alike.
+    let room = (SUSPENDED + 256) as u32;
+    config.max_running_builds = room;
+    let engine = Engine::open(config).await?;
+    let host = host(&dir, room);
+    let executor = host
+        .job_executor(
+            "sleep",
+            plugin("sleep")?,
+            Limits::default(),
+            Grants::default(),
+        )
+        .await?;
+    engine
+        .register_builder(
+            BuilderConfig::new("sleep").kwargs(serde_json::json!({"seconds": 600})),
+            executor,
+        )
+        .await?;
+    let before = status_kib("VmRSS:").unwrap_or(0);
+    let mut events = engine.subscribe();
+    let batch = vec![Submission::new("sleep").builder("sleep"); SUSPENDED];
+    let start = Instant::now();
+    engine.submit_many(&batch).await?;
+    count(&mut events, SUSPENDED, |e| {
+        matches!(e, Event::BuildStarted { .. })
+    })
+    .await?;
+    let started = start.elapsed();
+    let rss = status_kib("VmRSS:").unwrap_or(0);
+    let peak = status_kib("VmHWM:").unwrap_or(0);
+    println!(
+        "MEMORY {SUSPENDED} {} {} {} {:.3}",
+        before / 1024,
+        rss / 1024,
+        peak / 1024,
+        started.as_secs_f64()
+    );
+    // The sleepers are not waited for: the process ends here.
+    std::process::exit(0);
+}
+
+fn memory() -> Result<String> {
+    let out = Command::new(std::env::current_exe()?)
+        .arg("--memory-child")
+        .env("RUST_BACKTRACE", "0")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = stdout.lines().find(|l| l.starts_with("MEMORY ")) else {
+        return Ok(format!(
+            "did not finish: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        ));
+    };
+    let f: Vec<&str> = line.split_whitespace().collect();
+    Ok(format!(
+        "{} builds suspended in WASM timers: RSS {} MiB before, {} MiB with all started (peak {} MiB), all started after {} s",
+        f[1], f[2], f[3], f[4], f[5]
+    ))
+}
+
+// ---- the report ----
+
+/// What each figure is measured against.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Floor {
+    SqliteNormalBatch,
+    SqliteFullBatch,
+    SqliteNormalEach,
+    Postgres,
+}
+
+/// One figure over the rounds.
+struct Series {
+    unit: String,
+    floor: Option<Floor>,
+    /// One value per round.
+    values: Vec<f64>,
+}
+
+#[derive(Default)]
+struct Figures {
+    /// Per figure (in print order), its series.
+    values: BTreeMap<(usize, String), Series>,
+    /// Per floor, one value per round.
+    floors: BTreeMap<Floor, Vec<f64>>,
+    /// Per figure, its ratio to its floor per round.
+    ratios: BTreeMap<(usize, String), Vec<f64>>,
+}
+
+impl Figures {
+    fn floor(&mut self, floor: Floor, value: f64) {
+        self.floors.entry(floor).or_default().push(value);
+    }
+
+    fn add(&mut self, order: usize, name: &str, unit: &str, floor: Option<Floor>, value: f64) {
+        let key = (order, name.to_owned());
+        if let Some(f) = floor
+            && let Some(base) = self.floors.get(&f).and_then(|v| v.last())
+        {
+            self.ratios
+                .entry(key.clone())
+                .or_default()
+                .push(value / base);
+        }
+        self.values
+            .entry(key)
+            .or_insert_with(|| Series {
+                unit: unit.to_owned(),
+                floor,
+                values: Vec::new(),
+            })
+            .values
+            .push(value);
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn span(values: &[f64]) -> (f64, f64) {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() -> Result<()> {
+    // Benchmarks must not pay for backtrace capture on every error value.
+    // SAFETY: set before the runtime starts any thread, so nothing reads the
+    // environment concurrently.
+    unsafe { std::env::set_var("RUST_BACKTRACE", "0") };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> Result<()> {
+    if has_arg("--memory-child") {
+        return memory_child().await;
+    }
+    // `--profile WHAT`: only that part, once, for a profiler to watch.
+    if let Some(what) = std::env::args().skip_while(|a| a != "--profile").nth(1) {
+        let jobs = arg_value("--jobs").unwrap_or(DEFAULT_JOBS);
+        match what.as_str() {
+            "lifecycle" => println!(
+                "{:.0} jobs/s",
+                lifecycle(Durability::Normal, jobs, 0).await?
+            ),
+            "rest" => println!("{:?}", rest(REST_CLIENTS, SUBMITS).await?),
+            "serial" => println!("{:?}", serial(SUBMITS / 2).await?),
+            "postgres" => {
+                let base = std::env::var("KILN_POSTGRES_URL")?;
+                println!("{:?}", postgres_lifecycle(&base, 1, jobs).await?);
+            }
+            other => bail!("--profile takes lifecycle, rest, serial or postgres, not {other}"),
+        }
+        return Ok(());
+    }
+    let rounds = arg_value("--rounds").unwrap_or(DEFAULT_ROUNDS).max(1);
+    let jobs = arg_value("--jobs").unwrap_or(DEFAULT_JOBS).max(100);
+    let postgres = std::env::var("KILN_POSTGRES_URL").ok();
+    println!(
+        "kiln benchmark: {rounds} rounds, N = {jobs} no-op WASM jobs, {} cores, SQLite {}{}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        rusqlite::version(),
+        if postgres.is_some() {
+            ", PostgreSQL from KILN_POSTGRES_URL"
+        } else {
+            ", no PostgreSQL (set KILN_POSTGRES_URL)"
+        }
+    );
+    if !has_arg("--no-memory") {
+        println!("memory: {}", memory()?);
+    }
+    let mut figures = Figures::default();
+    let each = (jobs / 10).max(100);
+    for round in 1..=rounds {
+        println!("round {round}/{rounds}");
+        let f = sqlite_floor_run("NORMAL", jobs, FLOOR_BATCH).await?;
+        figures.floor(Floor::SqliteNormalBatch, f);
+        println!("  floor, SQLite NORMAL, {FLOOR_BATCH} per commit: {f:.0} jobs/s");
+        let f = sqlite_floor_run("FULL", jobs, FLOOR_BATCH).await?;
+        figures.floor(Floor::SqliteFullBatch, f);
+        println!("  floor, SQLite FULL, {FLOOR_BATCH} per commit:   {f:.0} jobs/s");
+        let f = sqlite_floor_run("NORMAL", each, 1).await?;
+        figures.floor(Floor::SqliteNormalEach, f);
+        println!("  floor, SQLite NORMAL, 1 per commit:   {f:.0} jobs/s ({each} jobs)");
+        let f = sqlite_floor_run("FULL", each, 1).await?;
+        figures.add(0, "floor, SQLite FULL, 1 per commit", "jobs/s", None, f);
+        println!("  floor, SQLite FULL, 1 per commit:     {f:.0} jobs/s ({each} jobs)");
+
+        let v = lifecycle(Durability::Normal, jobs, 0).await?;
+        println!("  Kiln lifecycle, NORMAL: {v:.0} jobs/s");
+        figures.add(
+            1,
+            "lifecycle, NORMAL",
+            "jobs/s",
+            Some(Floor::SqliteNormalBatch),
+            v,
+        );
+        let v = lifecycle(Durability::Full, jobs, 0).await?;
+        println!("  Kiln lifecycle, FULL:   {v:.0} jobs/s");
+        figures.add(
+            2,
+            "lifecycle, FULL",
+            "jobs/s",
+            Some(Floor::SqliteFullBatch),
+            v,
+        );
+
+        let (rate, p50, p99) = rest(REST_CLIENTS, SUBMITS).await?;
+        println!(
+            "  REST, {REST_CLIENTS} clients: {rate:.0} submits/s, p50 {p50:.2?}, p99 {p99:.2?}"
+        );
+        figures.add(
+            3,
+            "REST, 16 clients posting 1 buildset",
+            "submits/s",
+            Some(Floor::SqliteNormalEach),
+            rate,
+        );
+        figures.add(4, "REST p50", "µs", None, micros(p50));
+        figures.add(5, "REST p99", "µs", None, micros(p99));
+
+        let (rate, p50, p99) = serial(SUBMITS / 2).await?;
+        println!("  serial embedder: {rate:.0} submits/s, p50 {p50:.2?}, p99 {p99:.2?}");
+        figures.add(
+            6,
+            "serial embedder calling submit",
+            "submits/s",
+            Some(Floor::SqliteNormalEach),
+            rate,
+        );
+        figures.add(7, "serial submit p50", "µs", None, micros(p50));
+        figures.add(8, "serial submit p99", "µs", None, micros(p99));
+
+        let (p50, p99) = latency(0).await?;
+        println!("  submit-to-start, idle: p50 {p50:.2?}, p99 {p99:.2?}");
+        figures.add(9, "submit-to-start p50, idle", "µs", None, micros(p50));
+        figures.add(10, "submit-to-start p99, idle", "µs", None, micros(p99));
+        let (p50, p99) = latency(FOREIGN_QUEUED).await?;
+        println!(
+            "  submit-to-start, {FOREIGN_QUEUED} queued for nobody: p50 {p50:.2?}, p99 {p99:.2?}"
+        );
+        figures.add(
+            11,
+            "submit-to-start p50, 100k queued elsewhere",
+            "µs",
+            None,
+            micros(p50),
+        );
+        figures.add(
+            12,
+            "submit-to-start p99, 100k queued elsewhere",
+            "µs",
+            None,
+            micros(p99),
+        );
+
+        if let Some(base) = &postgres {
+            let f = postgres_floor(base, jobs).await?;
+            figures.floor(Floor::Postgres, f);
+            println!("  floor, PostgreSQL, {FLOOR_BATCH} per commit: {f:.0} jobs/s");
+            for masters in [1, 2] {
+                let (rate, doubles) = postgres_lifecycle(base, masters, jobs).await?;
+                println!(
+                    "  PostgreSQL, {masters} master(s): {rate:.0} jobs/s, {doubles} double claims"
+                );
+                figures.add(
+                    12 + masters,
+                    &format!("PostgreSQL lifecycle, {masters} master(s)"),
+                    "jobs/s",
+                    Some(Floor::Postgres),
+                    rate,
+                );
+                figures.add(
+                    15 + masters,
+                    &format!("PostgreSQL double claims, {masters} master(s)"),
+                    "",
+                    None,
+                    doubles as f64,
+                );
+            }
+        }
+        if has_arg("--scale") {
+            let v = lifecycle(Durability::Normal, jobs, SCALE_ROWS).await?;
+            println!(
+                "  Kiln lifecycle, NORMAL, {SCALE_ROWS} buildsets already in the database: {v:.0} jobs/s"
+            );
+            figures.add(
+                20,
+                "lifecycle, NORMAL, 1M buildsets in the database",
+                "jobs/s",
+                Some(Floor::SqliteNormalBatch),
+                v,
+            );
+        }
+    }
+    println!();
+    println!(
+        "summary over {rounds} rounds (median, min–max; ratio = the median of each round's figure / its floor in that round)"
+    );
+    for (floor, values) in &figures.floors {
+        let (lo, hi) = span(values);
+        println!(
+            "  {:<52} {:>9.0} jobs/s  ({lo:.0}–{hi:.0})",
+            format!("{floor:?} floor"),
+            median(values)
+        );
+    }
+    for (
+        key,
+        Series {
+            unit,
+            floor,
+            values,
+        },
+    ) in &figures.values
+    {
+        let (lo, hi) = span(values);
+        let ratio = figures
+            .ratios
+            .get(key)
+            .map(|r| {
+                format!(
+                    "  {:.2}× {:?}",
+                    median(r),
+                    floor.unwrap_or(Floor::SqliteNormalBatch)
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "  {:<52} {:>9.0} {unit:<9} ({lo:.0}–{hi:.0}){ratio}",
+            key.1,
+            median(values)
+        );
+    }
+    Ok(())
+}
