@@ -326,13 +326,21 @@ fn json(value: &toml::Value) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
-/// Checks the file and loads every plugin, reporting all problems at once.
-pub async fn load(base: PathBuf, file: PipelineFile, host: &WasmHost) -> Result<Pipeline> {
+/// Checks the file and loads every plugin, reporting all problems at once. `submits`:
+/// the caller submits the file's `[[submit]]` entries, so the file must declare some
+/// (`kiln run`, `kiln serve --submit`); a server that only runs what clients submit
+/// needs none.
+pub async fn load(
+    base: PathBuf,
+    file: PipelineFile,
+    host: &WasmHost,
+    submits: bool,
+) -> Result<Pipeline> {
     let mut problems: Vec<String> = Vec::new();
     if file.builders.is_empty() {
         problems.push("the file declares no [[builder]]".into());
     }
-    if file.submits.is_empty() {
+    if submits && file.submits.is_empty() {
         problems.push("the file declares nothing to [[submit]]".into());
     }
     let defaults = match file.defaults.apply(Limits::default()) {

@@ -716,6 +716,63 @@ fn plugin_check_names_the_world_or_says_why_not() -> Result<()> {
     Ok(())
 }
 
+/// A `kiln serve` child in `dir` on a free port, killed when dropped, with the first
+/// line it printed and the address that line names.
+struct Served {
+    child: std::process::Child,
+    line: String,
+    address: String,
+}
+
+impl Served {
+    fn start(dir: &Path, pipeline: &Path) -> Result<Served> {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .current_dir(dir)
+            .args([
+                "serve",
+                &pipeline.display().to_string(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "off")
+            .env("XDG_CACHE_HOME", dir.join("cache"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let address = line
+            .split("http://")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .unwrap_or_default()
+            .to_owned();
+        let served = Served {
+            child,
+            line,
+            address,
+        };
+        ensure!(
+            !served.address.is_empty(),
+            "kiln serve did not listen: {:?}",
+            served.line
+        );
+        Ok(served)
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A plain HTTP/1.1 GET; returns the status line and the body.
 fn http_get(address: &str, path: &str) -> Result<(String, String)> {
     use std::io::{Read, Write};
@@ -737,52 +794,51 @@ fn http_get(address: &str, path: &str) -> Result<(String, String)> {
 
 #[test]
 fn kiln_serve_serves_the_dashboard_and_the_api_over_the_example_config() -> Result<()> {
-    use std::io::BufRead;
     let dir = tempfile::tempdir()?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            &example().display().to_string(),
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "off")
-        .env("XDG_CACHE_HOME", dir.path().join("cache"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let result = (|| -> Result<()> {
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
-        ensure!(line.contains("read-only: no --token"), "{line}");
-        let address = line
-            .split("http://")
-            .nth(1)
-            .and_then(|a| a.split('/').next())
-            .ok_or_else(|| anyhow::anyhow!("no address in {line:?}"))?
-            .to_owned();
-        let (status, page) = http_get(&address, "/")?;
-        ensure!(
-            status.contains("200") && page.contains("<title>Kiln</title>"),
-            "{status}"
-        );
-        let (status, body) = http_get(&address, "/api/v2/builders?field=name&order=name")?;
-        ensure!(status.contains("200"), "{status}: {body}");
-        let builders: serde_json::Value = serde_json::from_str(&body)?;
-        ensure!(builders["meta"]["total"] == 8, "{builders}");
-        ensure!(builders["builders"][0] == json!({"name": "artifacts"}));
-        let (status, _) = http_get(&address, "/api/v2/builds?colour=red")?;
-        ensure!(status.contains("400"), "{status}");
-        Ok(())
-    })();
-    child.kill()?;
-    child.wait()?;
-    result
+    let served = Served::start(dir.path(), &example())?;
+    let (line, address) = (&served.line, served.address.as_str());
+    ensure!(line.contains("read-only: no --token"), "{line}");
+    let (status, page) = http_get(address, "/")?;
+    ensure!(
+        status.contains("200") && page.contains("<title>Kiln</title>"),
+        "{status}"
+    );
+    let (status, body) = http_get(address, "/api/v2/builders?field=name&order=name")?;
+    ensure!(status.contains("200"), "{status}: {body}");
+    let builders: serde_json::Value = serde_json::from_str(&body)?;
+    ensure!(builders["meta"]["total"] == 8, "{builders}");
+    ensure!(builders["builders"][0] == json!({"name": "artifacts"}));
+    let (status, _) = http_get(address, "/api/v2/builds?colour=red")?;
+    ensure!(status.contains("400"), "{status}");
+    Ok(())
+}
+
+/// A server runs what its clients submit: a pipeline file with builders and nothing to
+/// `[[submit]]` is enough for `kiln serve` (and not for `kiln run`, which would have
+/// nothing to do).
+#[test]
+fn kiln_serve_takes_a_pipeline_with_builders_and_nothing_to_submit() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pipeline = dir.path().join("builders.toml");
+    std::fs::write(
+        &pipeline,
+        "[[builder]]\nname = \"noop\"\nplugin = \"bundled:noop\"\n",
+    )?;
+    let run = kiln_in(dir.path(), &["run", &pipeline.display().to_string()])?;
+    ensure!(
+        run.code != 0 && run.stderr.contains("nothing to [[submit]]"),
+        "{}",
+        run.stderr
+    );
+    let served = Served::start(dir.path(), &pipeline)?;
+    let (status, body) = http_get(&served.address, "/api/v2/builders?field=name")?;
+    ensure!(status.contains("200"), "{status}: {body}");
+    let builders: serde_json::Value = serde_json::from_str(&body)?;
+    ensure!(
+        builders["builders"] == json!([{"name": "noop"}]),
+        "{builders}"
+    );
+    Ok(())
 }
 
 #[test]

@@ -71,10 +71,12 @@ pub struct Started {
 }
 
 /// Reads and checks a pipeline file, opens its database (the file's, else `db`) and
-/// registers everything it declares.
+/// registers everything it declares. `submits`: the caller will submit the file's
+/// `[[submit]]` entries, which must then exist.
 pub async fn start(
     path: &Path,
     db: &str,
+    submits: bool,
     tune: impl FnOnce(EngineConfig) -> EngineConfig,
 ) -> Result<Started> {
     let (base, file) = pipeline::read(path)?;
@@ -106,7 +108,7 @@ pub async fn start(
         cache_dir,
         ..WasmHostConfig::default()
     }));
-    let pipeline = pipeline::load(base, file, &host).await?;
+    let pipeline = pipeline::load(base, file, &host, submits).await?;
 
     let config =
         tune(EngineConfig::new(storage::database_url(&database)).results_dir(&results_dir));
@@ -148,7 +150,7 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
         submissions,
         reporters: reporter_names,
         ..
-    } = start(path, db, |config| config).await?;
+    } = start(path, db, true, |config| config).await?;
     let mut events = engine.subscribe();
     let submitted = engine.submit_many(&submissions).await?;
     let mut open: BTreeSet<BuildsetId> = submitted.iter().map(|s| s.buildset_id).collect();

@@ -31,7 +31,7 @@ pub async fn serve(args: &ServeArgs, db: &str) -> Result<ExitCode> {
     };
     let (engine, host, submissions) = match &args.config {
         Some(path) => {
-            let started = super::run::start(path, db, tune).await?;
+            let started = super::run::start(path, db, args.submit, tune).await?;
             (started.engine, started.host, started.submissions)
         }
         None => {
