@@ -726,44 +726,53 @@ struct Served {
 
 impl Served {
     fn start(dir: &Path, pipeline: &Path) -> Result<Served> {
-        use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .current_dir(dir)
-            .args([
-                "serve",
-                &pipeline.display().to_string(),
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .env("RUST_LOG", "off")
-            .env("XDG_CACHE_HOME", dir.join("cache"))
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
-        let address = line
-            .split("http://")
-            .nth(1)
-            .and_then(|a| a.split('/').next())
-            .unwrap_or_default()
-            .to_owned();
-        let served = Served {
+        let (child, line, address) =
+            spawn_serve_with(dir, &[], &[&pipeline.display().to_string()])?;
+        Ok(Served {
             child,
             line,
             address,
-        };
-        ensure!(
-            !served.address.is_empty(),
-            "kiln serve did not listen: {:?}",
-            served.line
-        );
-        Ok(served)
+        })
     }
+}
+
+/// Starts `kiln [before…] serve [args…] --listen 127.0.0.1:0` in `dir` and reads its
+/// first line: the child, that line, and the address it names.
+fn spawn_serve_with(
+    dir: &Path,
+    before: &[&str],
+    args: &[&str],
+) -> Result<(std::process::Child, String, String)> {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .current_dir(dir)
+        .args(before)
+        .arg("serve")
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "off")
+        .env("XDG_CACHE_HOME", dir.join("cache"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let address = line
+        .split("http://")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_default()
+        .to_owned();
+    if address.is_empty() {
+        let _ = child.kill();
+        let _ = child.wait();
+        anyhow::bail!("kiln serve did not listen: {line:?}");
+    }
+    Ok((child, line, address))
 }
 
 impl Drop for Served {
@@ -843,33 +852,11 @@ fn kiln_serve_takes_a_pipeline_with_builders_and_nothing_to_submit() -> Result<(
 
 #[test]
 fn kiln_serve_stops_on_sigterm_even_with_an_event_stream_open() -> Result<()> {
-    use std::io::{BufRead, Read, Write};
+    use std::io::{Read, Write};
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("kiln.db");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args([
-            "--db",
-            &db.display().to_string(),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "off")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-    let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    let address = line
-        .split("http://")
-        .nth(1)
-        .and_then(|a| a.split('/').next())
-        .ok_or_else(|| anyhow::anyhow!("no address in {line:?}"))?
-        .to_owned();
+    let (mut child, _, address) =
+        spawn_serve_with(dir.path(), &["--db", &db.display().to_string()], &[])?;
     // A browser's event stream, left open.
     let mut stream = std::net::TcpStream::connect(&address)?;
     write!(
