@@ -61,6 +61,22 @@ pub enum Command {
         #[command(subcommand)]
         what: CancelWhat,
     },
+    /// Fire a schedule now, whatever its timing says (its own ticks are not moved).
+    Fire {
+        /// The schedule's name.
+        schedule: String,
+    },
+    /// Pause a builder for every master sharing the database: its requests stay queued
+    /// and nobody claims them until it is resumed; running builds finish.
+    Pause {
+        /// The builder's name.
+        builder: String,
+    },
+    /// Resume a paused builder: its queued requests run again, highest priority first.
+    Resume {
+        /// The builder's name.
+        builder: String,
+    },
     /// Submit a new buildset that repeats a build (same builder, stamps and properties).
     Rebuild {
         /// The build: an id, or BUILDER/NUMBER.
@@ -153,6 +169,14 @@ pub struct SubmitArgs {
     /// An identifier of your choosing, stored with the buildset.
     #[arg(long)]
     pub external_id: Option<String>,
+    /// Make the submit idempotent: while a buildset with this key exists, submitting
+    /// again with it prints that buildset and adds nothing.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// A delayed run: not before this time, an RFC 3339 time or a delay from now such as
+    /// 90s, 15m, 2h, 3d. Until then the requests wait as scheduled.
+    #[arg(long, value_name = "WHEN")]
+    pub not_before: Option<String>,
     /// The repository of the sourcestamp to build.
     #[arg(long)]
     pub repository: Option<String>,
@@ -254,6 +278,8 @@ pub enum ListWhat {
     Masters,
     /// Reporters: how far each got through the outbox, what it dropped, its last error.
     Reporters,
+    /// Schedules: timing, last and next fire, the last buildset each made.
+    Schedules,
 }
 
 #[derive(Debug, Subcommand)]

@@ -14,7 +14,10 @@ use kiln_engine::model::{Property, SourceStamp};
 use kiln_engine::wasm::{
     DirGrant, Grants, HttpGrant, Limits, WasmExecutor, WasmHost, WasmPolicy, WasmReporter,
 };
-use kiln_engine::{BuildLimits, BuilderConfig, ReporterConfig, Submission};
+use kiln_engine::{
+    BuildLimits, BuilderConfig, CatchUp, ReporterConfig, RetryPolicy, ScheduleConfig, Submission,
+    Timing,
+};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -40,6 +43,50 @@ pub struct PipelineFile {
     /// Result reporters.
     #[serde(default, rename = "reporter")]
     pub reporters: Vec<ReporterSection>,
+    /// Schedules (`kiln serve` fires them).
+    #[serde(default, rename = "schedule")]
+    pub schedules: Vec<ScheduleSection>,
+}
+
+/// `[[schedule]]`: a submission made every interval or at a cron pattern's times.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSection {
+    /// Its unique name (its fires are recorded under it).
+    pub name: String,
+    /// An interval such as `15m`, `1h 30m` or `90s`.
+    pub every: Option<String>,
+    /// A cron pattern such as `0 2 * * *` (minute hour day month weekday).
+    pub cron: Option<String>,
+    /// The IANA time zone the cron pattern is read in (default UTC).
+    pub timezone: Option<String>,
+    /// Builder names: one request each.
+    pub builders: Vec<String>,
+    /// Why (default: `schedule <name>`).
+    pub reason: Option<String>,
+    /// Buildset properties.
+    #[serde(default)]
+    pub properties: BTreeMap<String, toml::Value>,
+    /// Higher runs first.
+    #[serde(default)]
+    pub priority: i32,
+    /// `one` (the default), `none` or `all`: what to do about ticks missed while no
+    /// master ran.
+    #[serde(default)]
+    pub catch_up: CatchUp,
+    /// Fire only when the sourcestamp's repository and branch have a newer revision.
+    #[serde(default)]
+    pub only_if_changed: bool,
+    /// The sourcestamp's repository.
+    pub repository: Option<String>,
+    /// The sourcestamp's branch.
+    pub branch: Option<String>,
+    /// The sourcestamp's revision.
+    pub revision: Option<String>,
+    /// The sourcestamp's project.
+    pub project: Option<String>,
+    /// The sourcestamp's codebase.
+    pub codebase: Option<String>,
 }
 
 /// `[run]`
@@ -185,6 +232,42 @@ pub struct BuilderSection {
     /// successful build.
     #[serde(default)]
     pub on_missing_dependency: MissingDependency,
+    /// Automatic retries of its builds.
+    #[serde(default)]
+    pub retry: Option<RetrySection>,
+}
+
+/// `[builder.retry]`: EXCEPTION (and, with `on_failure`, FAILURE) runs the request again
+/// after a backoff that doubles, until `attempts` builds have run.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySection {
+    /// Builds one request may run in all, the first included.
+    pub attempts: u32,
+    /// Whether FAILURE is retried too.
+    #[serde(default)]
+    pub on_failure: bool,
+    /// The first wait, in seconds (it doubles each time).
+    pub backoff_s: Option<f64>,
+    /// The longest wait, in seconds.
+    pub max_backoff_s: Option<f64>,
+}
+
+impl RetrySection {
+    fn policy(&self) -> Result<RetryPolicy, String> {
+        let defaults = RetryPolicy::default();
+        let policy = RetryPolicy {
+            attempts: self.attempts,
+            on_failure: self.on_failure,
+            backoff: seconds(self.backoff_s, "backoff_s", defaults.backoff)?,
+            max_backoff: seconds(self.max_backoff_s, "max_backoff_s", defaults.max_backoff)?,
+        };
+        policy.check().map_err(|e| match e {
+            kiln_engine::EngineError::Invalid(why) => format!("retry: {why}"),
+            other => format!("retry: {other}"),
+        })?;
+        Ok(policy)
+    }
 }
 
 /// One entry of `depends_on`.
@@ -301,6 +384,8 @@ pub struct Pipeline {
     pub reporters: Vec<(ReporterConfig, WasmReporter)>,
     /// The buildsets to submit, in file order.
     pub submissions: Vec<Submission>,
+    /// The schedules, in file order.
+    pub schedules: Vec<ScheduleConfig>,
 }
 
 /// Reads a pipeline file and checks everything it can without running anything.
@@ -370,6 +455,13 @@ pub async fn load(
         if b.max_concurrent == Some(0) {
             problems.push(format!("{here}: max_concurrent must be at least 1"));
         }
+        let retry = match b.retry.as_ref().map(RetrySection::policy).transpose() {
+            Ok(policy) => policy.unwrap_or_default(),
+            Err(e) => {
+                problems.push(format!("{here}: {e}"));
+                continue;
+            }
+        };
         if let Some(kwargs) = &b.kwargs
             && !kwargs.is_table()
         {
@@ -402,12 +494,12 @@ pub async fn load(
             }
         };
         match plugin_bytes(&base, &b.plugin, &here) {
-            Ok(bytes) => loading.push((b, limits, build_limits, grants, bytes)),
+            Ok(bytes) => loading.push((b, limits, build_limits, grants, retry, bytes)),
             Err(e) => problems.push(e),
         }
     }
     let mut builders = Vec::new();
-    for (b, limits, build_limits, grants, bytes) in loading {
+    for (b, limits, build_limits, grants, retry, bytes) in loading {
         let loaded = host.load_job(&b.plugin, Arc::from(bytes), &limits).await;
         match loaded.and_then(|plugin| WasmExecutor::new(plugin, limits, grants)) {
             Ok(executor) => {
@@ -415,6 +507,7 @@ pub async fn load(
                 config.description = b.description.clone();
                 config.max_concurrent = b.max_concurrent;
                 config.limits = build_limits;
+                config.retry = retry;
                 config.args = b.args.as_ref().map(json).unwrap_or(Value::Null);
                 config.kwargs = b.kwargs.as_ref().map(json).unwrap_or(Value::Null);
                 config.depends_on = b
@@ -471,30 +564,22 @@ pub async fn load(
             problems.push(format!("{here}: count must be within 1..={MAX_COUNT}"));
             continue;
         }
-        let mut submission = Submission::new(s.reason.clone().unwrap_or_else(|| "kiln run".into()))
-            .priority(s.priority);
-        submission.builders = s.builders.clone();
-        submission.properties = s
-            .properties
-            .iter()
-            .map(|(k, v)| (k.clone(), Property::new(json(v), "config")))
-            .collect();
-        let has_stamp = s.repository.is_some()
-            || s.branch.is_some()
-            || s.revision.is_some()
-            || s.project.is_some()
-            || s.codebase.is_some();
-        if has_stamp {
-            submission.sourcestamps.push(SourceStamp {
-                codebase: s.codebase.clone().unwrap_or_default(),
-                repository: s.repository.clone().unwrap_or_default(),
-                branch: s.branch.clone(),
-                revision: s.revision.clone(),
-                project: s.project.clone().unwrap_or_default(),
-            });
-        }
+        let submission = submission_of(
+            s.reason.clone().unwrap_or_else(|| "kiln run".into()),
+            &s.builders,
+            &s.properties,
+            s.priority,
+            [
+                &s.repository,
+                &s.branch,
+                &s.revision,
+                &s.project,
+                &s.codebase,
+            ],
+        );
         submissions.extend(std::iter::repeat_n(submission, count as usize));
     }
+    let schedules = schedules_of(&file.schedules, &names, &mut problems);
     if !problems.is_empty() {
         let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
         bail!(
@@ -509,7 +594,110 @@ pub async fn load(
         policies,
         reporters,
         submissions,
+        schedules,
     })
+}
+
+/// A submission from a `[[submit]]` or `[[schedule]]` entry's fields; `stamp` is the
+/// sourcestamp's repository, branch, revision, project and codebase, any of them given.
+fn submission_of(
+    reason: String,
+    builders: &[String],
+    properties: &BTreeMap<String, toml::Value>,
+    priority: i32,
+    stamp: [&Option<String>; 5],
+) -> Submission {
+    let mut submission = Submission::new(reason).priority(priority);
+    submission.builders = builders.to_vec();
+    submission.properties = properties
+        .iter()
+        .map(|(k, v)| (k.clone(), Property::new(json(v), "config")))
+        .collect();
+    let [repository, branch, revision, project, codebase] = stamp;
+    if stamp.iter().any(|f| f.is_some()) {
+        submission.sourcestamps.push(SourceStamp {
+            codebase: codebase.clone().unwrap_or_default(),
+            repository: repository.clone().unwrap_or_default(),
+            branch: branch.clone(),
+            revision: revision.clone(),
+            project: project.clone().unwrap_or_default(),
+        });
+    }
+    submission
+}
+
+/// The `[[schedule]]` entries, checked: timing, builders, names.
+fn schedules_of(
+    sections: &[ScheduleSection],
+    builders: &BTreeSet<String>,
+    problems: &mut Vec<String>,
+) -> Vec<ScheduleConfig> {
+    let mut names = BTreeSet::new();
+    let mut schedules = Vec::new();
+    for s in sections {
+        let here = format!("schedule {:?}", s.name);
+        if !names.insert(s.name.clone()) {
+            problems.push(format!("{here} is declared twice"));
+        }
+        for name in &s.builders {
+            if !builders.contains(name) {
+                problems.push(format!(
+                    "{here} names builder {name:?}, which the file does not declare"
+                ));
+            }
+        }
+        let timing = match (&s.every, &s.cron) {
+            (Some(every), None) => {
+                if s.timezone.is_some() {
+                    problems.push(format!("{here}: timezone applies to cron, not to every"));
+                }
+                match humantime::parse_duration(every) {
+                    Ok(d) => Timing::Every {
+                        seconds: d.as_secs(),
+                    },
+                    Err(e) => {
+                        problems.push(format!(
+                            "{here}: every = {every:?} is not an interval such as \"15m\" ({e})"
+                        ));
+                        continue;
+                    }
+                }
+            }
+            (None, Some(pattern)) => Timing::Cron {
+                pattern: pattern.clone(),
+                timezone: s.timezone.clone().unwrap_or_else(|| "UTC".into()),
+            },
+            _ => {
+                problems.push(format!("{here}: give either every or cron"));
+                continue;
+            }
+        };
+        let config = ScheduleConfig {
+            name: s.name.clone(),
+            timing,
+            submission: submission_of(
+                s.reason.clone().unwrap_or_default(),
+                &s.builders,
+                &s.properties,
+                s.priority,
+                [
+                    &s.repository,
+                    &s.branch,
+                    &s.revision,
+                    &s.project,
+                    &s.codebase,
+                ],
+            ),
+            catch_up: s.catch_up,
+            only_if_changed: s.only_if_changed,
+        };
+        match config.check() {
+            Ok(()) => schedules.push(config),
+            Err(kiln_engine::EngineError::Invalid(why)) => problems.push(why),
+            Err(e) => problems.push(format!("{here}: {e}")),
+        }
+    }
+    schedules
 }
 
 impl GrantsSection {

@@ -119,17 +119,31 @@ pub fn progress_lines(node: &ProgressNode, depth: usize, out: &mut Vec<String>) 
 
 /// An RFC 3339 time, or an age before now such as `90s`, `15m`, `2h` or `3d`.
 pub fn parse_when(s: &str) -> Result<Timestamp> {
+    parse_relative(s, "an age", |now, span| now.checked_sub_signed(span))
+}
+
+/// An RFC 3339 time, or a delay from now such as `90s`, `15m`, `2h` or `3d`.
+pub fn parse_later(s: &str) -> Result<Timestamp> {
+    parse_relative(s, "a delay", |now, span| now.checked_add_signed(span))
+}
+
+/// An RFC 3339 time, or a span such as `15m` applied to now by `apply`.
+fn parse_relative(
+    s: &str,
+    what: &str,
+    apply: impl Fn(Timestamp, TimeDelta) -> Option<Timestamp>,
+) -> Result<Timestamp> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&chrono::Utc));
     }
     let bad = || {
         anyhow!(
-            "bad time {s:?}: expected an RFC 3339 time (2026-01-31T12:00:00Z) or an age such as 90s, 15m, 2h, 3d"
+            "bad time {s:?}: expected an RFC 3339 time (2026-01-31T12:00:00Z) or {what} such as 90s, 15m, 2h, 3d"
         )
     };
     let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
     let n: i64 = number.parse().map_err(|_| bad())?;
-    let age = match unit {
+    let span = match unit {
         "s" => TimeDelta::try_seconds(n),
         "m" => TimeDelta::try_minutes(n),
         "h" => TimeDelta::try_hours(n),
@@ -137,9 +151,7 @@ pub fn parse_when(s: &str) -> Result<Timestamp> {
         _ => None,
     }
     .ok_or_else(bad)?;
-    kiln_engine::model::now()
-        .checked_sub_signed(age)
-        .ok_or_else(bad)
+    apply(kiln_engine::model::now(), span).ok_or_else(bad)
 }
 
 #[cfg(test)]
@@ -156,7 +168,12 @@ mod tests {
         );
         for bad in ["", "m", "10", "10y", "yesterday", "-5m"] {
             assert!(parse_when(bad).is_err(), "{bad}");
+            assert!(parse_later(bad).is_err(), "{bad}");
         }
+        let in_two_hours = parse_later("2h").map(|t| t - kiln_engine::model::now());
+        assert!(
+            in_two_hours.is_ok_and(|d| d > TimeDelta::minutes(119) && d <= TimeDelta::hours(2))
+        );
     }
 
     #[test]

@@ -276,6 +276,68 @@ async fn submit_cancel_and_rebuild_change_the_database() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_and_an_idempotency_key_are_kept_in_the_database() -> Result<()> {
+    let (_dir, db) = filled().await?;
+    let paused = kiln(&db, &["pause", "idle"])?.ok()?;
+    ensure!(
+        paused.stdout.contains("builder idle paused"),
+        "{}",
+        paused.stdout
+    );
+    let listed = kiln(&db, &["list", "builders", "--json"])?.ok()?.json()?;
+    let idle = listed["builders"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["builder"]["name"] == "idle"))
+        .ok_or_else(|| anyhow!("{listed}"))?;
+    ensure!(idle["builder"]["paused"] == true, "{listed}");
+    let table = kiln(&db, &["list", "builders"])?.ok()?;
+    ensure!(table.stdout.contains("paused"), "{}", table.stdout);
+    let resumed = kiln(&db, &["resume", "idle", "--json"])?.ok()?.json()?;
+    ensure!(resumed["paused"] == false, "{resumed}");
+    kiln(&db, &["pause", "nobody"])?.fails_with("unknown builder")?;
+
+    let args = [
+        "submit",
+        "-b",
+        "idle",
+        "--idempotency-key",
+        "nightly-7",
+        "--json",
+    ];
+    let first = kiln(&db, &args)?.ok()?.json()?;
+    let second = kiln(&db, &args)?.ok()?.json()?;
+    ensure!(
+        first["existing"] == false && second["existing"] == true,
+        "{second}"
+    );
+    ensure!(
+        first["buildset_id"] == second["buildset_id"],
+        "{first} {second}"
+    );
+    let later = kiln(
+        &db,
+        &["submit", "-b", "idle", "--not-before", "2h", "--json"],
+    )?
+    .ok()?
+    .json()?;
+    let request = later["requests"]["idle"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("{later}"))?;
+    let shown = kiln(&db, &["show", "request", &request.to_string(), "--json"])?
+        .ok()?
+        .json()?;
+    ensure!(shown.to_string().contains("not_before"), "{shown}");
+    kiln(&db, &["submit", "-b", "idle", "--not-before", "soon"])?.fails_with("bad time")?;
+    let said = kiln(&db, &args[..args.len() - 1])?.ok()?;
+    ensure!(
+        said.stdout.contains("holds this idempotency key already"),
+        "{}",
+        said.stdout
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_fails_with_a_clear_message_and_writes_nothing() -> Result<()> {
     let (dir, db) = filled().await?;
     kiln(&db, &["submit", "-b", "nope"])?.fails_with("unknown builder \"nope\"")?;
@@ -638,6 +700,16 @@ stack_kib = 1
 [builder.grants]
 dirs = [{ host = "missing", guest = "/m" }]
 
+[[builder]]
+name = "e"
+plugin = "bundled:echo"
+retry = { attempts = 0 }
+
+[[builder]]
+name = "f"
+plugin = "bundled:echo"
+retry = { attempts = 3, backoff_s = 60, max_backoff_s = 1 }
+
 [[submit]]
 builders = ["a", "ghost"]
 "#;
@@ -650,6 +722,8 @@ builders = ["a", "ghost"]
         "does not export `run",
         "stack",
         "names builder \"ghost\"",
+        "builder \"e\": retry: retry attempts 0 is outside 1..=100",
+        "builder \"f\": retry: retry backoff 60s is longer than its maximum 1s",
     ] {
         ensure!(
             run.stderr.contains(expected),
@@ -822,17 +896,118 @@ fn kiln_serve_serves_the_dashboard_and_the_api_over_the_example_config() -> Resu
     Ok(())
 }
 
+/// A pipeline file with one bundled no-op builder and nothing to submit.
+fn noop_pipeline(dir: &Path) -> Result<PathBuf> {
+    let pipeline = dir.join("builders.toml");
+    std::fs::write(
+        &pipeline,
+        "[[builder]]\nname = \"noop\"\nplugin = \"bundled:noop\"\n",
+    )?;
+    Ok(pipeline)
+}
+
+/// What operators' tooling probes: liveness, readiness and Prometheus metrics.
+#[test]
+fn kiln_serve_answers_health_readiness_and_metrics_probes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pipeline = noop_pipeline(dir.path())?;
+    let served = Served::start(dir.path(), &pipeline)?;
+    let (status, body) = http_get(&served.address, "/healthz")?;
+    ensure!(
+        status.contains("200") && body.contains("ok"),
+        "{status}: {body}"
+    );
+    let (status, body) = http_get(&served.address, "/readyz")?;
+    ensure!(
+        status.contains("200") && body.contains("ready"),
+        "{status}: {body}"
+    );
+    let (status, body) = http_get(&served.address, "/metrics")?;
+    ensure!(status.contains("200"), "{status}: {body}");
+    for line in [
+        "kiln_masters_alive 1",
+        r#"kiln_requests_queued{builder="noop"} 0"#,
+        "kiln_sandboxes_in_use 0",
+        "# EOF",
+    ] {
+        ensure!(body.lines().any(|l| l == line), "no {line:?} in {body}");
+    }
+    Ok(())
+}
+
+/// A pipeline's schedules run under `kiln serve`, list from the database and fire on
+/// demand from the command line.
+#[test]
+fn a_served_pipelines_schedules_list_and_fire_from_the_command_line() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pipeline = dir.path().join("scheduled.toml");
+    std::fs::write(
+        &pipeline,
+        r#"
+[[builder]]
+name = "noop"
+plugin = "bundled:noop"
+
+[[schedule]]
+name = "nightly"
+cron = "0 2 * * *"
+timezone = "Europe/Rome"
+builders = ["noop"]
+
+[[schedule]]
+name = "quarterly"
+every = "15m"
+builders = ["noop"]
+catch_up = "all"
+"#,
+    )?;
+    let _served = Served::start(dir.path(), &pipeline)?;
+    let db = dir.path().join("kiln.db");
+    let listed = kiln(&db, &["list", "schedules", "--json"])?.ok()?.json()?;
+    let names: Vec<&str> = listed["schedules"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["name"].as_str()).collect())
+        .unwrap_or_default();
+    ensure!(names == ["nightly", "quarterly"], "{listed}");
+    let table = kiln(&db, &["list", "schedules"])?.ok()?;
+    ensure!(
+        table.stdout.contains("0 2 * * * (Europe/Rome)") && table.stdout.contains("every 900 s"),
+        "{}",
+        table.stdout
+    );
+    let fired = kiln(&db, &["fire", "nightly", "--json"])?.ok()?.json()?;
+    ensure!(fired["buildset_id"].is_i64(), "{fired}");
+    kiln(&db, &["fire", "nobody"])?.fails_with("not found")?;
+
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[[builder]]\nname = \"noop\"\nplugin = \"bundled:noop\"\n\n[[schedule]]\nname = \"x\"\nevery = \"soon\"\nbuilders = [\"noop\", \"ghost\"]\n\n[[schedule]]\nname = \"y\"\ncron = \"0 2 * * *\"\ntimezone = \"Mars/Olympus\"\nbuilders = [\"noop\"]\n",
+    )?;
+    let bad = kiln_in(
+        dir.path(),
+        &["serve", "bad.toml", "--listen", "127.0.0.1:0"],
+    )?;
+    for expected in [
+        "every = \"soon\" is not an interval",
+        "names builder \"ghost\"",
+        "unknown time zone \"Mars/Olympus\"",
+    ] {
+        ensure!(
+            bad.code != 0 && bad.stderr.contains(expected),
+            "{expected}: {}",
+            bad.stderr
+        );
+    }
+    Ok(())
+}
+
 /// A server runs what its clients submit: a pipeline file with builders and nothing to
 /// `[[submit]]` is enough for `kiln serve` (and not for `kiln run`, which would have
 /// nothing to do).
 #[test]
 fn kiln_serve_takes_a_pipeline_with_builders_and_nothing_to_submit() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let pipeline = dir.path().join("builders.toml");
-    std::fs::write(
-        &pipeline,
-        "[[builder]]\nname = \"noop\"\nplugin = \"bundled:noop\"\n",
-    )?;
+    let pipeline = noop_pipeline(dir.path())?;
     let run = kiln_in(dir.path(), &["run", &pipeline.display().to_string()])?;
     ensure!(
         run.code != 0 && run.stderr.contains("nothing to [[submit]]"),

@@ -196,9 +196,16 @@ async fn a_server_killed_under_submit_load_loses_nothing_it_acknowledged() -> Re
                     ..Default::default()
                 })
                 .await?;
+            // Delivery is at least once: count the acknowledged buildsets reported
+            // complete, not the reports (a repeat must not stand in for a missing one).
             let heard = std::fs::read_to_string(&events).unwrap_or_default();
-            let complete = heard.matches("\"buildset_complete\"").count();
-            if open.is_empty() && complete >= acked.len() {
+            let complete: BTreeSet<i64> = heard
+                .lines()
+                .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+                .filter(|e| e["event"] == "buildset_complete")
+                .filter_map(|e| e["buildset_id"].as_i64())
+                .collect();
+            if open.is_empty() && acked.iter().all(|b| complete.contains(&b.0)) {
                 return anyhow::Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -15,7 +15,7 @@ use kiln_model::{
     Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, BuilderStatus, Buildset,
     BuildsetId, ChildBuildset, LogEntry, LogQuery, MAX_PRIORITY, MIN_PRIORITY, Master, MasterId,
     ProgressNode, ProgressRecord, Properties, Property, Report, ReporterState, RequestId,
-    ResultCode, SourceStamp,
+    ResultCode, Schedule, SourceStamp,
 };
 use kiln_storage::{
     self as storage, BuildField, BuildFilter, BuilderField, BuildsetField, BuildsetFilter,
@@ -42,6 +42,16 @@ pub struct Submission {
     /// An identifier of the submitter's choosing.
     #[serde(default)]
     pub external_idstring: Option<String>,
+    /// Makes the submission idempotent: while a buildset with this key exists, submitting
+    /// again with the key returns that buildset ([`Submitted::existing`]) and adds
+    /// nothing, however many submits race on however many masters. At most
+    /// [`SubmitLimits::name_bytes`] bytes.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// A delayed run: the requests are not claimable before this time (a time in the
+    /// past means at once). At most [`SubmitLimits::delay`] ahead.
+    #[serde(default)]
+    pub not_before: Option<kiln_model::Timestamp>,
 }
 
 impl Submission {
@@ -88,6 +98,25 @@ impl Submission {
         self.external_idstring = Some(id.into());
         self
     }
+
+    /// Delays the run until `at` (see [`Submission::not_before`]).
+    pub fn not_before(mut self, at: kiln_model::Timestamp) -> Self {
+        self.not_before = Some(at);
+        self
+    }
+
+    /// Delays the run by `delay` from now.
+    pub fn delay(self, delay: std::time::Duration) -> Self {
+        let at = kiln_model::now()
+            + chrono::TimeDelta::from_std(delay).unwrap_or(chrono::TimeDelta::MAX);
+        self.not_before(at)
+    }
+
+    /// Sets the idempotency key (see [`Submission::idempotency_key`]).
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
 }
 
 /// Bytes of a name a client gives: a builder, a property, a property's source.
@@ -100,6 +129,9 @@ pub const DEFAULT_MAX_PROPERTIES_BYTES: usize = 1 << 20;
 pub const DEFAULT_MAX_BUILDERS: usize = 1_000;
 /// Sourcestamps one submission may carry.
 pub const DEFAULT_MAX_SOURCESTAMPS: usize = 100;
+/// How far ahead a delayed run may be: a year and a day. A later time is more likely a
+/// mistake (milliseconds for seconds) than a plan.
+pub const DEFAULT_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
 
 /// What one submission may carry. Every bound has a default above; an engine takes its
 /// own from [`EngineConfig::submit_limits`](crate::EngineConfig::submit_limits).
@@ -115,6 +147,8 @@ pub struct SubmitLimits {
     pub builders: usize,
     /// See [`DEFAULT_MAX_SOURCESTAMPS`].
     pub sourcestamps: usize,
+    /// See [`DEFAULT_MAX_DELAY`].
+    pub delay: std::time::Duration,
 }
 
 impl Default for SubmitLimits {
@@ -125,6 +159,7 @@ impl Default for SubmitLimits {
             properties_bytes: DEFAULT_MAX_PROPERTIES_BYTES,
             builders: DEFAULT_MAX_BUILDERS,
             sourcestamps: DEFAULT_MAX_SOURCESTAMPS,
+            delay: DEFAULT_MAX_DELAY,
         }
     }
 }
@@ -158,6 +193,25 @@ impl Submission {
         check_text("reason", &self.reason, limits.text_bytes)?;
         if let Some(id) = &self.external_idstring {
             check_text("external_idstring", id, limits.text_bytes)?;
+        }
+        if let Some(at) = self.not_before {
+            let latest = kiln_model::now()
+                + chrono::TimeDelta::from_std(limits.delay).unwrap_or(chrono::TimeDelta::MAX);
+            if at > latest {
+                return Err(EngineError::Invalid(format!(
+                    "not_before: {at} is more than {} days ahead",
+                    limits.delay.as_secs() / 86_400
+                )));
+            }
+        }
+        if let Some(key) = &self.idempotency_key {
+            check_text("idempotency_key", key, limits.name_bytes)?;
+            if key.trim().is_empty() {
+                return Err(EngineError::Invalid(
+                    "idempotency_key: empty; leave it out for a submission that is not idempotent"
+                        .into(),
+                ));
+            }
         }
         if self.builders.len() > limits.builders {
             return Err(EngineError::Invalid(format!(
@@ -220,6 +274,10 @@ pub struct Submitted {
     pub buildset_id: BuildsetId,
     /// Its requests by builder name.
     pub requests: BTreeMap<String, RequestId>,
+    /// Whether the buildset existed already: its idempotency key was taken, nothing was
+    /// added, and this is the buildset holding the key (with its own builders).
+    #[serde(default)]
+    pub existing: bool,
 }
 
 /// Reads and control actions on a Kiln database.
@@ -363,6 +421,86 @@ impl Client {
             .ok_or_else(|| EngineError::UnknownBuilder(name.to_owned()))
     }
 
+    /// Pauses (`true`) or resumes a builder by name, for every master sharing the
+    /// database: while paused, nobody claims its requests (they stay queued) and builds
+    /// already running finish. Returns the builder as it is now.
+    pub async fn set_builder_paused(&self, name: &str, paused: bool) -> Result<Builder> {
+        let builder = self.builder_named(name).await?;
+        self.store.builder_set_paused(builder.id, paused).await?;
+        Ok(Builder { paused, ..builder })
+    }
+
+    /// How many requests wait in each builder's queue (incomplete, claimed by nobody),
+    /// for the builders with any.
+    pub async fn queue_depths(&self) -> Result<Vec<(BuilderId, u64)>> {
+        Ok(self.store.request_queue_depths().await?)
+    }
+
+    /// One schedule, with its last and next fire.
+    pub async fn schedule(&self, name: &str) -> Result<Schedule> {
+        Ok(self.store.schedule_get(name).await?)
+    }
+
+    /// Every schedule, by name.
+    pub async fn schedules(&self) -> Result<Vec<Schedule>> {
+        Ok(self.store.schedule_list().await?)
+    }
+
+    /// Fires a schedule now, whatever its timing and `only_if_changed` say, from the
+    /// definition its engine stored (so any process can): one buildset with the
+    /// schedule's submission, its `schedule` property and `forced` = true. The schedule's
+    /// own ticks are not moved.
+    pub async fn force_schedule(&self, name: &str) -> Result<Submitted> {
+        let submission = self.forced_submission(name).await?;
+        self.submit(&submission).await
+    }
+
+    pub(crate) async fn forced_submission(&self, name: &str) -> Result<Submission> {
+        let row = self.schedule(name).await?;
+        let config: crate::schedules::ScheduleConfig = serde_json::from_value(row.definition)
+            .map_err(|e| {
+                EngineError::Internal(format!(
+                    "schedule {name:?} has an unreadable definition: {e}"
+                ))
+            })?;
+        let mut submission = config.submission_for(kiln_model::now(), None);
+        submission.idempotency_key = None;
+        submission.properties.insert(
+            "forced".into(),
+            Property::new(serde_json::json!(true), "schedule"),
+        );
+        Ok(submission)
+    }
+
+    /// Registers a schedule's row (see [`Schedules::schedule_register`](kiln_storage::seam::Schedules)).
+    pub(crate) async fn register_schedule_row(
+        &self,
+        config: &crate::schedules::ScheduleConfig,
+    ) -> Result<Schedule> {
+        let definition = serde_json::to_string(config)
+            .map_err(|e| EngineError::Internal(format!("encoding a schedule: {e}")))?;
+        let now = kiln_model::now();
+        let next = config.next_after(now)?;
+        Ok(self
+            .store
+            .schedule_register(&config.name, &definition, next, now)
+            .await?)
+    }
+
+    /// Records that a schedule dealt with a tick.
+    pub(crate) async fn schedule_fired(
+        &self,
+        name: &str,
+        tick: kiln_model::Timestamp,
+        buildset: Option<BuildsetId>,
+        next: Option<kiln_model::Timestamp>,
+    ) -> Result<bool> {
+        Ok(self
+            .store
+            .schedule_fired(name, tick, buildset, next, kiln_model::now())
+            .await?)
+    }
+
     /// All builders.
     pub async fn builders(&self) -> Result<Vec<Builder>> {
         Ok(self.store.builder_list().await?)
@@ -431,6 +569,8 @@ impl Client {
             params.push(NewBuildset {
                 reason: s.reason.clone(),
                 external_idstring: s.external_idstring.clone(),
+                idempotency_key: s.idempotency_key.clone(),
+                not_before: s.not_before,
                 sourcestamps: s.sourcestamps.clone(),
                 properties: s.properties.clone(),
                 builder_ids,
@@ -441,26 +581,30 @@ impl Client {
             });
         }
         let added = self.submits.add(params).await?;
-        Ok(submissions
-            .iter()
-            .zip(added)
-            .map(|(s, added)| {
-                let names: BTreeMap<BuilderId, &String> = s
-                    .builders
-                    .iter()
-                    .filter_map(|n| known.get(n).map(|id| (*id, n)))
-                    .collect();
-                let requests = added
+        let mut names: BTreeMap<BuilderId, String> =
+            known.iter().map(|(n, id)| (*id, n.clone())).collect();
+        // A buildset that held the key already may have other builders than those named
+        // this time: their names are read (rarely: only for such a repeat).
+        for added in added.iter().filter(|a| a.existing) {
+            for builder in added.requests.keys() {
+                if !names.contains_key(builder) {
+                    let b = self.store.builder_get(*builder).await?;
+                    names.insert(*builder, b.name);
+                }
+            }
+        }
+        Ok(added
+            .into_iter()
+            .map(|added| Submitted {
+                buildset_id: added.buildset_id,
+                requests: added
                     .requests
                     .iter()
                     .filter_map(|(builder, request)| {
-                        names.get(builder).map(|n| ((*n).clone(), *request))
+                        names.get(builder).map(|n| (n.clone(), *request))
                     })
-                    .collect();
-                Submitted {
-                    buildset_id: added.buildset_id,
-                    requests,
-                }
+                    .collect(),
+                existing: added.existing,
             })
             .collect())
     }
@@ -615,6 +759,9 @@ impl Client {
                 .await?,
             priority: request.priority,
             external_idstring: original.external_idstring,
+            // A repeat is new work: it must not return the original by its key.
+            idempotency_key: None,
+            not_before: None,
         };
         only(
             self.submit_buildsets(
@@ -693,6 +840,9 @@ impl Client {
             sourcestamps: self.store.buildset_sourcestamps(id).await?,
             priority: requests.first().map_or(0, |r| r.priority),
             external_idstring: original.external_idstring,
+            // A repeat is new work: it must not return the original by its key.
+            idempotency_key: None,
+            not_before: None,
         };
         self.submit(&submission).await
     }

@@ -11,6 +11,7 @@ use crate::client::SubmitLimits;
 use crate::dependencies::{Dependency, MissingDependency, retval_references};
 use crate::error::{EngineError, Result};
 use crate::events::DEFAULT_EVENT_CAPACITY;
+use crate::retry::RetryPolicy;
 use kiln_storage::StoreOptions;
 
 /// The most items (buildsets submitted, requests cancelled, priorities changed) that
@@ -174,6 +175,8 @@ pub struct BuilderConfig {
     /// What one build may write through the engine (state, progress, properties,
     /// children, trigger depth).
     pub limits: BuildLimits,
+    /// How its builds are retried (none automatically by default).
+    pub retry: RetryPolicy,
 }
 
 impl BuilderConfig {
@@ -188,7 +191,14 @@ impl BuilderConfig {
             depends_on: Vec::new(),
             on_missing_dependency: MissingDependency::Fail,
             limits: BuildLimits::default(),
+            retry: RetryPolicy::default(),
         }
+    }
+
+    /// Sets how its builds are retried.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
     }
 
     /// Adds a dependency on the latest successful build of another builder.

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_job::{Executor, Policy, Reporter};
-use kiln_model::{BuildId, BuilderId, Buildset, BuildsetId, MasterId, RequestId};
+use kiln_model::{
+    BuildId, Builder, BuilderId, Buildset, BuildsetId, MasterId, RequestId, Schedule,
+};
 use kiln_storage::{self as storage, CancelOutcome, Store};
 use tokio::sync::broadcast;
 use tracing::{info, warn};
@@ -17,6 +19,7 @@ use crate::error::{EngineError, Result};
 use crate::events::Event;
 use crate::reporting::ReporterConfig;
 use crate::scheduler::Scheduler;
+use crate::schedules::{ScheduleConfig, ScheduleSet};
 
 /// How often [`Engine::reporters_caught_up`] looks at the reporters' cursors.
 const REPORTER_CHECK: Duration = Duration::from_millis(20);
@@ -29,6 +32,48 @@ const REPORTER_CHECK: Duration = Duration::from_millis(20);
 pub struct Engine {
     client: Client,
     scheduler: Scheduler,
+    /// What the engine's own services (schedules) submit through.
+    shared: Arc<Shared>,
+    schedules: Arc<ScheduleSet>,
+}
+
+/// The part of an engine its services hold: submitting as the engine does (group
+/// commit, events, a wake-up of the claim loop).
+pub(crate) struct Shared {
+    pub(crate) client: Client,
+    state: Arc<crate::scheduler::SchedulerState>,
+}
+
+impl Shared {
+    /// Submits and announces what was added.
+    pub(crate) async fn submit(&self, submissions: &[Submission]) -> Result<Vec<Submitted>> {
+        let known = self.state.builder_ids();
+        let submitted = self.client.submit_many_known(submissions, &known).await?;
+        for (submission, s) in submissions.iter().zip(&submitted) {
+            if s.existing {
+                // Nothing was added: the buildset holding the key was announced when it was.
+                continue;
+            }
+            self.state.emit(Event::BuildsetSubmitted {
+                buildset_id: s.buildset_id,
+                reason: submission.reason.clone(),
+                requests: s.requests.clone(),
+            });
+            if s.requests.is_empty() {
+                self.state.emit(Event::BuildsetComplete {
+                    buildset_id: s.buildset_id,
+                    results: kiln_model::ResultCode::Success,
+                });
+            }
+        }
+        self.state.wake_claims();
+        Ok(submitted)
+    }
+
+    /// Becomes `true` when the engine stops.
+    pub(crate) fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.state.stopping_signal()
+    }
 }
 
 impl Engine {
@@ -58,7 +103,16 @@ impl Engine {
             .with_limits(config.submit_limits)
             .with_group_commit(config.max_group_commit);
         let scheduler = Scheduler::start(store, registered.master_id, config);
-        Ok(Engine { client, scheduler })
+        let shared = Arc::new(Shared {
+            client: client.clone(),
+            state: scheduler.shared.clone(),
+        });
+        Ok(Engine {
+            client,
+            scheduler,
+            shared,
+            schedules: Arc::new(ScheduleSet::default()),
+        })
     }
 
     /// Opens an engine with default settings on a database URL.
@@ -99,6 +153,10 @@ impl Engine {
             )));
         }
         config.check_dependencies()?;
+        config
+            .retry
+            .check()
+            .map_err(|e| EngineError::Invalid(format!("builder {:?}: {e}", config.name)))?;
         config
             .limits
             .validate()
@@ -160,26 +218,37 @@ impl Engine {
         crate::client::only(self.submit_many(std::slice::from_ref(submission)).await?)
     }
 
+    /// Registers a schedule (or replaces the one of that name): this engine fires its
+    /// ticks from now on, as every engine that registers it does, and they make one
+    /// buildset per tick between them. Its builders must be known to the database.
+    pub async fn register_schedule(&self, config: ScheduleConfig) -> Result<Schedule> {
+        config.check()?;
+        for builder in &config.submission.builders {
+            self.client.builder_named(builder).await?;
+        }
+        let row = self.client.register_schedule_row(&config).await?;
+        if self.schedules.insert(config) {
+            self.scheduler.spawn_service(crate::schedules::service(
+                self.schedules.clone(),
+                Arc::downgrade(&self.shared),
+            ));
+        }
+        Ok(row)
+    }
+
+    /// Fires a schedule now (see [`Client::force_schedule`]).
+    pub async fn force_schedule(&self, name: &str) -> Result<Submitted> {
+        let submission = self.client.forced_submission(name).await?;
+        crate::client::only(
+            self.shared
+                .submit(std::slice::from_ref(&submission))
+                .await?,
+        )
+    }
+
     /// Submits several buildsets in one transaction (all or none), in the order given.
     pub async fn submit_many(&self, submissions: &[Submission]) -> Result<Vec<Submitted>> {
-        let known = self.scheduler.builder_ids();
-        let submitted = self.client.submit_many_known(submissions, &known).await?;
-        let shared = &self.scheduler.shared;
-        for (submission, s) in submissions.iter().zip(&submitted) {
-            shared.emit(Event::BuildsetSubmitted {
-                buildset_id: s.buildset_id,
-                reason: submission.reason.clone(),
-                requests: s.requests.clone(),
-            });
-            if s.requests.is_empty() {
-                shared.emit(Event::BuildsetComplete {
-                    buildset_id: s.buildset_id,
-                    results: kiln_model::ResultCode::Success,
-                });
-            }
-        }
-        self.scheduler.wake();
-        Ok(submitted)
+        self.shared.submit(submissions).await
     }
 
     /// Waits until a buildset is complete and returns it. Completion by another process is
@@ -225,6 +294,71 @@ impl Engine {
 
     fn after_cancel(&self, outcome: &CancelOutcome) {
         self.scheduler.shared.after_cancel(outcome);
+    }
+
+    /// The engine's metrics in a registry of their own, ready to encode as OpenMetrics
+    /// text or to extend: what it counted since it started (claims, builds started and
+    /// finished per builder and result, durations, submit-to-start latency) and what the
+    /// database says now (queued requests per builder, paused builders, masters alive,
+    /// reporters' outbox lag), read by this call.
+    pub async fn metrics(&self) -> Result<prometheus_client::registry::Registry> {
+        let client = &self.client;
+        let builders = client.builders().await?;
+        let depths: BTreeMap<BuilderId, u64> = client.queue_depths().await?.into_iter().collect();
+        let masters = client
+            .query_masters(
+                &storage::Query::new()
+                    .eq(storage::MasterField::Active, true)
+                    .counted()
+                    .limit(1),
+            )
+            .await?;
+        let reporters = client.reporters().await?;
+        let (in_flight, waiting) = self.scheduler.shared.running_counts();
+        let snapshot = crate::metrics::Snapshot {
+            queued: builders
+                .iter()
+                .map(|b| (b.name.clone(), depths.get(&b.id).copied().unwrap_or(0)))
+                .collect(),
+            paused: builders
+                .iter()
+                .filter(|b| b.paused)
+                .map(|b| b.name.clone())
+                .collect(),
+            masters_alive: masters.total.unwrap_or(masters.items.len() as u64),
+            outbox_lag: reporters.into_iter().map(|r| (r.name, r.pending)).collect(),
+            in_flight: in_flight as u64,
+            waiting: waiting as u64,
+        };
+        let mut registry = prometheus_client::registry::Registry::default();
+        self.scheduler.shared.metrics.register(&mut registry);
+        snapshot.register(&mut registry);
+        Ok(registry)
+    }
+
+    /// Whether this engine can do its work now: the database answers and this master is
+    /// registered and active (not expired by others after a long silence, not shut
+    /// down). An error says which is not the case.
+    pub async fn ready(&self) -> Result<()> {
+        let me = self.client.master(self.master_id()).await?;
+        if me.active {
+            Ok(())
+        } else {
+            Err(EngineError::NotReady(format!(
+                "master {} ({}) is not active: it was shut down or expired by another master",
+                me.id, me.name
+            )))
+        }
+    }
+
+    /// Pauses or resumes a builder (see [`Client::set_builder_paused`]); resuming wakes
+    /// this engine's claim loop, and on PostgreSQL every other master's.
+    pub async fn set_builder_paused(&self, name: &str, paused: bool) -> Result<Builder> {
+        let builder = self.client.set_builder_paused(name, paused).await?;
+        if !paused {
+            self.scheduler.wake();
+        }
+        Ok(builder)
     }
 
     /// Rebuilds a build (see [`Client::rebuild`]).

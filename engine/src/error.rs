@@ -21,6 +21,9 @@ pub enum EngineError {
     /// Something the engine cannot explain to the caller went wrong (a bug, not input).
     #[error("internal error: {0}")]
     Internal(String),
+    /// The engine cannot do its work now (its master is not active).
+    #[error("not ready: {0}")]
+    NotReady(String),
     /// The engine is shutting down and takes no new work.
     #[error("the engine is shutting down")]
     ShuttingDown,

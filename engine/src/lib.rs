@@ -13,8 +13,11 @@
 //! - [`scheduler`]: claims requests, runs builds, buffers what they write, waits on
 //!   children, delivers reports, heartbeats and expires masters.
 //! - [`dependencies`]: builder dependencies and `$retval` substitution.
+//! - [`retry`]: automatic retries with backoff ([`RetryPolicy`]).
+//! - [`schedules`]: periodic and cron submissions ([`ScheduleConfig`]).
 //! - [`reporting`]: how reports are delivered to reporters ([`ReporterConfig`]).
 //! - [`events`]: the live lifecycle [`Event`]s.
+//! - [`metrics`]: what the engine counts for operators ([`Engine::metrics`]).
 //! - [`error`]: the engine's error type.
 //!
 //! Beside it: [`model`] (`kiln-model`, plain data), `kiln-storage` (the database seam;
@@ -28,8 +31,11 @@ pub mod engine;
 pub mod error;
 pub mod events;
 mod group_commit;
+pub mod metrics;
 pub mod reporting;
+pub mod retry;
 pub mod scheduler;
+pub mod schedules;
 
 #[cfg(feature = "wasm")]
 pub use kiln_host as wasm;
@@ -60,3 +66,5 @@ pub use kiln_job::{
     Triggered, WriteError,
 };
 pub use reporting::ReporterConfig;
+pub use retry::RetryPolicy;
+pub use schedules::{CatchUp, ScheduleConfig, Timing};

@@ -472,6 +472,7 @@ async fn a_rerun_parent_adopts_the_children_its_dead_master_started() -> Result<
                     state_string: None,
                     artifacts: Vec::new(),
                     complete_at: ago,
+                    retry_at: None,
                 },
             )
             .await?;

@@ -136,6 +136,7 @@ pub(crate) async fn run_sandboxed(
     let stderr = CappedOutput::new(limits.output_bytes);
     let result_dir = build.as_ref().and_then(BuildContext::result_dir);
     let wasi = wasi_ctx(grants, result_dir, &stdout, &stderr)?;
+    let _live = plugin.engine.live.enter();
     let mut store = Store::new(
         &plugin.engine.engine,
         JobState::new(wasi, build.clone(), *limits),

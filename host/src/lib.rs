@@ -135,9 +135,36 @@ impl Default for WasmHostConfig {
 /// A wasmtime engine with its linker and epoch ticker.
 pub(crate) struct EngineCtx {
     pub(crate) engine: Engine,
+    /// Sandboxes (stores with an instance) alive now, across the host's engines.
+    pub(crate) live: LiveSandboxes,
     pub(crate) linker: Linker<JobState>,
     pub(crate) reporter_linker: Linker<reporter::ReporterState>,
     ticking: Arc<AtomicBool>,
+}
+
+/// Counts sandboxes alive: each holds a [`LiveSandbox`] for as long as its store lives.
+#[derive(Clone, Default)]
+pub(crate) struct LiveSandboxes(Arc<std::sync::atomic::AtomicUsize>);
+
+impl LiveSandboxes {
+    /// Counts one sandbox until the guard drops.
+    pub(crate) fn enter(&self) -> LiveSandbox {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        LiveSandbox(self.0.clone())
+    }
+
+    fn count(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One sandbox counted in [`LiveSandboxes`].
+pub(crate) struct LiveSandbox(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for LiveSandbox {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for EngineCtx {
@@ -149,6 +176,7 @@ impl Drop for EngineCtx {
 /// The plugin host. Cheap to share behind an `Arc`.
 pub struct WasmHost {
     config: WasmHostConfig,
+    live: LiveSandboxes,
     engines: Mutex<BTreeMap<usize, Arc<EngineCtx>>>,
     counters: Arc<cache::Counters>,
 }
@@ -173,6 +201,7 @@ impl WasmHost {
     pub fn new(config: WasmHostConfig) -> Self {
         WasmHost {
             config,
+            live: LiveSandboxes::default(),
             engines: Mutex::new(BTreeMap::new()),
             counters: Arc::new(cache::Counters::default()),
         }
@@ -183,13 +212,23 @@ impl WasmHost {
         self.counters.stats()
     }
 
+    /// Sandboxes in use now (jobs, policies and reporters running or suspended), and
+    /// how many the host's pool holds at most (`max_instances`).
+    pub fn sandboxes(&self) -> (usize, u32) {
+        (self.live.count(), self.config.max_instances)
+    }
+
     /// The engine for a wasm stack limit, created on first use.
     fn engine_for(&self, stack_bytes: usize) -> Result<Arc<EngineCtx>, WasmError> {
         let mut engines = self.engines.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(engine) = engines.get(&stack_bytes) {
             return Ok(engine.clone());
         }
-        let engine = Arc::new(new_engine(stack_bytes, self.config.max_instances)?);
+        let engine = Arc::new(new_engine(
+            stack_bytes,
+            self.config.max_instances,
+            self.live.clone(),
+        )?);
         engines.insert(stack_bytes, engine.clone());
         Ok(engine)
     }
@@ -351,7 +390,11 @@ impl WasmHost {
     }
 }
 
-fn new_engine(stack_bytes: usize, max_instances: u32) -> Result<EngineCtx, WasmError> {
+fn new_engine(
+    stack_bytes: usize,
+    max_instances: u32,
+    live: LiveSandboxes,
+) -> Result<EngineCtx, WasmError> {
     let n = max_instances.max(1);
     let mut pool = PoolingAllocationConfig::default();
     // A component from a Rust guest holds a handful of core instances and tables and
@@ -386,6 +429,7 @@ fn new_engine(stack_bytes: usize, max_instances: u32) -> Result<EngineCtx, WasmE
     spawn_ticker(engine.weak(), ticking.clone())?;
     Ok(EngineCtx {
         engine,
+        live,
         linker,
         reporter_linker,
         ticking,

@@ -89,6 +89,7 @@ impl Policy for WasmPolicy {
             policy: self.plugin.name.clone(),
             reason,
         };
+        let _live = self.plugin.engine.live.enter();
         let mut store = Store::new(
             &self.plugin.engine.engine,
             PolicyState {

@@ -220,6 +220,7 @@ impl WasmReporter {
         let wasi = wasi_ctx(&self.grants, None, &stdout, &stderr)
             .map_err(|e| format!("the sandbox could not be set up: {e:#}"))?;
         let refused = Arc::new(Mutex::new(Vec::new()));
+        let _live = self.plugin.engine.live.enter();
         let mut store = Store::new(
             &self.plugin.engine.engine,
             ReporterState {

@@ -137,6 +137,27 @@ pub struct Builder {
     /// The builders it depends on (jobcontrol's dependencies), by name.
     #[serde(default)]
     pub depends_on: Vec<String>,
+    /// Whether it is paused: no master claims its requests until it is resumed; builds
+    /// already running finish.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// A schedule as stored: what it makes and when it last and next fires.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// Its unique name.
+    pub name: String,
+    /// Its timing, the submission it makes and its options, as its engine wrote them.
+    pub definition: serde_json::Value,
+    /// The latest tick fired or passed over (or its registration time).
+    pub last_fire: Timestamp,
+    /// When it fires next, as its master computed it.
+    pub next_fire: Option<Timestamp>,
+    /// The buildset its latest fire made.
+    pub last_buildset_id: Option<BuildsetId>,
+    /// How many buildsets it has made.
+    pub fires: i64,
 }
 
 /// One running (or once-running) engine process.
@@ -204,6 +225,9 @@ pub struct BuildRequest {
     pub claimed_at: Option<Timestamp>,
     /// Whether somebody asked to cancel it while it was claimed.
     pub cancel_requested: bool,
+    /// Not claimable before this time (a delayed run, or a retry's backoff).
+    #[serde(default)]
+    pub not_before: Option<Timestamp>,
 }
 
 /// One execution of a build request.

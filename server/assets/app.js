@@ -61,6 +61,15 @@ function badge(results, complete = true) {
   return `<span class="badge r-${name}" data-result="${name}">${name}</span>`;
 }
 
+// A request's state: its result once complete; running while a master holds it;
+// scheduled while a delayed run or a retry's backoff keeps it back; queued otherwise.
+function requestBadge(r) {
+  if (r.complete) return badge(r.results, true);
+  if (r.claimed) return badge(null, false);
+  const name = r.not_before != null && r.not_before * 1000 > Date.now() ? "SCHEDULED" : "QUEUED";
+  return `<span class="badge r-${name}" data-result="${name}">${name}</span>`;
+}
+
 function when(seconds) {
   return seconds == null ? "" : new Date(seconds * 1000).toLocaleString();
 }
@@ -150,8 +159,9 @@ async function buildsetPage(id) {
   const stamps = b.sourcestamps.map(s =>
     `<tr><td>${esc(s.repository)}</td><td>${esc(s.branch ?? "")}</td><td><code>${esc(s.revision ?? "")}</code></td><td>${esc(s.project)}</td></tr>`).join("");
   const reqs = requests.buildrequests.map(r => `
-    <tr><td>${r.buildrequestid}</td><td>${esc(names[r.builderid])}</td><td>${badge(r.results, r.complete)}</td>
-    <td>${r.priority}</td><td>${r.claimed ? "master " + r.claimed_by_masterid : '<span class="muted">unclaimed</span>'}</td></tr>`).join("");
+    <tr data-brid="${r.buildrequestid}"><td>${r.buildrequestid}</td><td>${esc(names[r.builderid])}</td><td>${requestBadge(r)}</td>
+    <td>${r.priority}</td><td>${r.claimed ? "master " + r.claimed_by_masterid : '<span class="muted">unclaimed</span>'}</td>
+    <td>${r.not_before != null && !r.complete ? when(r.not_before) : ""}</td></tr>`).join("");
   return `
     <h1>Buildset ${b.bsid} ${badge(b.results, b.complete)}</h1>
     <div class="card"><dl class="facts">
@@ -168,7 +178,7 @@ async function buildsetPage(id) {
     <h2>Builds and the buildsets they triggered</h2>
     <div class="card tree" id="tree">${treeNode(tree.tree, names)}</div>
     <h2>Requests</h2>
-    <table><thead><tr><th>#</th><th>builder</th><th>status</th><th>priority</th><th>claim</th></tr></thead><tbody>${reqs}</tbody></table>
+    <table><thead><tr><th>#</th><th>builder</th><th>status</th><th>priority</th><th>claim</th><th>not before</th></tr></thead><tbody id="requests">${reqs}</tbody></table>
     ${stamps ? `<h2>Sourcestamps</h2><table><thead><tr><th>repository</th><th>branch</th><th>revision</th><th>project</th></tr></thead><tbody>${stamps}</tbody></table>` : ""}
     ${props ? `<h2>Properties</h2><table><thead><tr><th>name</th><th>value</th><th>source</th></tr></thead><tbody>${props}</tbody></table>` : ""}`;
 }
@@ -266,9 +276,46 @@ async function buildersPage() {
     <tr data-builder="${esc(b.name)}"><td>${esc(b.name)}</td>
       <td><span class="badge s-${b.status}">${b.status.replace("_", " ")}</span></td>
       <td>${b.latest_successful_buildid ? `<a href="#/builds/${b.latest_successful_buildid}">build ${b.latest_successful_buildid}</a>` : '<span class="muted">none</span>'}</td>
-      <td>${esc(b.depends_on.join(", "))}</td><td class="muted">${esc(b.description ?? "")}</td></tr>`).join("");
+      <td>${esc(b.depends_on.join(", "))}</td><td class="muted">${esc(b.description ?? "")}</td>
+      <td>${b.paused ? '<span class="badge paused">paused</span> ' : ""}<button class="toggle-pause" data-name="${esc(b.name)}" data-paused="${b.paused}">${b.paused ? "Resume" : "Pause"}</button></td></tr>`).join("");
   return `<h1>Builders</h1>
-    <table id="builders"><thead><tr><th>name</th><th>status</th><th>latest success</th><th>depends on</th><th>description</th></tr></thead><tbody>${rows}</tbody></table>`;
+    <table id="builders"><thead><tr><th>name</th><th>status</th><th>latest success</th><th>depends on</th><th>description</th><th>queue</th></tr></thead><tbody>${rows}</tbody></table>`;
+}
+
+// Pause stops every master from claiming a builder's requests; resume lets them run.
+function wireBuilders() {
+  document.querySelectorAll("button.toggle-pause").forEach(button => button.addEventListener("click", () => {
+    const paused = button.dataset.paused === "true";
+    const method = paused ? "resume" : "pause";
+    act(method, () => rpc(`/builders/${encodeURIComponent(button.dataset.name)}`, method));
+  }));
+}
+
+function timing(t) {
+  if (t?.every) return `every ${t.every.seconds} s`;
+  if (t?.cron) return `<code>${esc(t.cron.pattern)}</code> ${esc(t.cron.timezone)}`;
+  return "";
+}
+
+async function schedulesPage() {
+  const all = await get("/schedules");
+  const rows = all.schedules.map(s => `
+    <tr data-schedule="${esc(s.name)}"><td>${esc(s.name)}</td><td>${timing(s.timing)}</td>
+      <td>${esc((s.builders ?? []).join(", "))}</td>
+      <td class="next-fire">${when(s.next_fire)}</td><td>${s.fires > 0 ? when(s.last_fire) : '<span class="muted">never</span>'}</td>
+      <td>${s.last_bsid ? `<a href="#/buildsets/${s.last_bsid}">buildset ${s.last_bsid}</a>` : '<span class="muted">none yet</span>'}</td>
+      <td>${s.fires}</td>
+      <td><button class="force" data-name="${esc(s.name)}">Fire now</button></td></tr>`).join("");
+  return `<h1>Schedules</h1>
+    <table id="schedules"><thead><tr><th>name</th><th>timing</th><th>builders</th><th>next fire</th><th>last fire</th><th>last buildset</th><th>fires</th><th></th></tr></thead>
+    <tbody>${rows || '<tr><td colspan="8" class="muted">no schedules: add [[schedule]] to the pipeline file</td></tr>'}</tbody></table>`;
+}
+
+function wireSchedules() {
+  document.querySelectorAll("button.force").forEach(button => button.addEventListener("click", async () => {
+    const reply = await act("fire", () => rpc(`/schedules/${encodeURIComponent(button.dataset.name)}`, "force"));
+    if (reply) location.hash = `#/buildsets/${reply.result.bsid}`;
+  }));
 }
 
 async function mastersPage() {
@@ -285,6 +332,7 @@ function route() {
   if (parts[0] === "builds" && parts[1]) return { page: "build", id: Number(parts[1]) };
   if (parts[0] === "builders") return { page: "builders" };
   if (parts[0] === "masters") return { page: "masters" };
+  if (parts[0] === "schedules") return { page: "schedules" };
   return { page: "buildsets" };
 }
 
@@ -302,6 +350,7 @@ async function render() {
     else if (r.page === "build") html = await buildPage(r.id);
     else if (r.page === "builders") html = await buildersPage();
     else if (r.page === "masters") html = await mastersPage();
+    else if (r.page === "schedules") html = await schedulesPage();
     else html = await buildsetsPage();
     // Keep what the user typed and checked in the submit form across live refreshes.
     const checked = [...document.querySelectorAll("input[name=builder]:checked")].map(i => i.value);
@@ -315,6 +364,8 @@ async function render() {
     if (reason != null && document.getElementById("reason")) document.getElementById("reason").value = reason;
     if (r.page === "buildsets") wireBuildsets();
     if (r.page === "buildset") wireBuildset(r.id);
+    if (r.page === "builders") wireBuilders();
+    if (r.page === "schedules") wireSchedules();
     if (r.page === "build") {
       if (keepLog != null) {
         document.getElementById("log").innerHTML = keepLog;

@@ -27,7 +27,7 @@ type Reply = ApiResult<Json<Value>>;
 const TREE_DEPTH: usize = 8;
 
 /// Refuses a read without the token when reads are private.
-fn authorize_read(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+pub(crate) fn authorize_read(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     if state.config.private_reads {
         authorize(state, headers)?;
     }
@@ -608,7 +608,7 @@ async fn builder_value(s: &AppState, b: &Builder) -> ApiResult<Value> {
     Ok(json::builder(b, status, latest.as_ref()))
 }
 
-async fn find_builder(s: &AppState, key: &str) -> ApiResult<Builder> {
+pub(crate) async fn find_builder(s: &AppState, key: &str) -> ApiResult<Builder> {
     let client = s.engine.client();
     match key.parse::<i64>() {
         Ok(n) => Ok(client.builder(kiln_engine::model::BuilderId(n)).await?),
@@ -681,6 +681,43 @@ pub async fn builder_build(
         .map_err(|_| ApiError::BadRequest(format!("build number {number:?} is not a number")))?;
     let build = s.engine.client().build_of(b.id, number).await?;
     build_reply(&s, build, &fields).await
+}
+
+// ---- schedules ----
+
+/// `GET /schedules`: every schedule with its last and next fire (a handful per
+/// database: not paged). `field=` selects fields.
+pub async fn schedules(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    authorize_read(&s, &headers)?;
+    let fields = parse_entity(raw.as_deref(), json::SCHEDULE_FIELDS)?;
+    let all = s.engine.client().schedules().await?;
+    let total = all.len() as u64;
+    Ok(Json(json::collection(
+        "schedules",
+        all.iter().map(json::schedule).collect(),
+        total,
+        &fields,
+    )))
+}
+
+pub async fn schedule(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    authorize_read(&s, &headers)?;
+    let fields = parse_entity(raw.as_deref(), json::SCHEDULE_FIELDS)?;
+    let one = s.engine.client().schedule(&name).await?;
+    Ok(Json(json::entity(
+        "schedules",
+        json::schedule(&one),
+        &fields,
+    )))
 }
 
 // ---- masters ----

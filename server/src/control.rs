@@ -11,6 +11,8 @@
 //! | `/buildrequests/{id}` | `cancel`, `set_priority {priority}` |
 //! | `/buildsets/{id}` | `cancel`, `resubmit {all}` |
 //! | `/builds/{id}` | `stop`, `rebuild` |
+//! | `/builders/{builder}` | `pause`, `resume` |
+//! | `/schedules/{name}` | `force` |
 
 use std::collections::BTreeMap;
 
@@ -77,6 +79,27 @@ pub struct SubmitBody {
     #[serde(default)]
     priority: i32,
     external_idstring: Option<String>,
+    idempotency_key: Option<String>,
+    /// A delayed run: not before this time (seconds since the epoch) ...
+    not_before: Option<f64>,
+    /// ... or this many seconds from now.
+    delay: Option<f64>,
+}
+
+/// The header that makes a submit idempotent, as Stripe and the IETF draft spell it; the
+/// body's `idempotency_key` says the same.
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+/// A time given as seconds since the Unix epoch, as the API writes times.
+fn epoch_seconds(field: &str, seconds: f64) -> ApiResult<kiln_engine::model::Timestamp> {
+    let micros = seconds * 1e6;
+    if !micros.is_finite() || micros.abs() > i64::MAX as f64 {
+        return Err(ApiError::BadRequest(format!(
+            "{field}: {seconds} is not a time in seconds since the epoch"
+        )));
+    }
+    chrono::DateTime::from_timestamp_micros(micros as i64)
+        .ok_or_else(|| ApiError::BadRequest(format!("{field}: {seconds} is out of range")))
 }
 
 fn body<T: for<'de> Deserialize<'de>>(bytes: &Bytes) -> ApiResult<T> {
@@ -106,6 +129,41 @@ pub async fn submit(
     submission.builders = b.builders;
     submission.sourcestamps = b.sourcestamps;
     submission.external_idstring = b.external_idstring;
+    submission.not_before = match (b.not_before, b.delay) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "give not_before or delay, not both".into(),
+            ));
+        }
+        (Some(at), None) => Some(epoch_seconds("not_before", at)?),
+        (None, Some(delay)) => {
+            if !delay.is_finite() || delay < 0.0 {
+                return Err(ApiError::BadRequest(format!(
+                    "delay: {delay} is not a number of seconds ≥ 0"
+                )));
+            }
+            // Bounded by the engine's check of not_before; a huge delay saturates here.
+            let micros = (delay * 1e6).min(i64::MAX as f64) as i64;
+            Some(kiln_engine::model::now() + chrono::TimeDelta::microseconds(micros))
+        }
+        (None, None) => None,
+    };
+    let header_key = headers
+        .get(IDEMPOTENCY_HEADER)
+        .map(|v| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::BadRequest("Idempotency-Key: not visible ASCII".into()))
+        })
+        .transpose()?;
+    submission.idempotency_key = match (header_key, b.idempotency_key) {
+        (Some(h), Some(k)) if h != k => {
+            return Err(ApiError::BadRequest(
+                "the Idempotency-Key header and the body's idempotency_key differ".into(),
+            ));
+        }
+        (h, k) => h.or(k),
+    };
     for (name, p) in b.properties {
         let property = match p {
             PropertyBody::WithSource(value, source) => Property::new(value, source),
@@ -115,9 +173,19 @@ pub async fn submit(
     }
     let submitted = s.engine.submit(&submission).await?;
     let brids: BTreeMap<&String, i64> = submitted.requests.iter().map(|(k, v)| (k, v.0)).collect();
+    // 201 for a new buildset; 200 with `existing` for the one that holds the key.
+    let status = if submitted.existing {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
     Ok((
-        StatusCode::CREATED,
-        Json(json!({ "bsid": submitted.buildset_id.0, "brids": brids })),
+        status,
+        Json(json!({
+            "bsid": submitted.buildset_id.0,
+            "brids": brids,
+            "existing": submitted.existing,
+        })),
     ))
 }
 
@@ -273,6 +341,54 @@ async fn buildset_action(s: &AppState, bsid: &str, call: &Rpc) -> ApiResult<Valu
         }
         _ => Err(unknown_method(call, "cancel, resubmit")),
     }
+}
+
+/// `POST /builders/{builder}` (by id or name): `pause`, `resume`.
+pub async fn builder_rpc(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Json<Value>, RpcError> {
+    let call = call(&s, &headers, raw.as_deref(), &bytes)?;
+    answer(&call, builder_action(&s, &key, &call).await)
+}
+
+async fn builder_action(s: &AppState, key: &str, call: &Rpc) -> ApiResult<Value> {
+    let paused = match call.method.as_str() {
+        "pause" => true,
+        "resume" => false,
+        _ => return Err(unknown_method(call, "pause, resume")),
+    };
+    let name = crate::api::find_builder(s, key).await?.name;
+    let builder = s.engine.set_builder_paused(&name, paused).await?;
+    Ok(json!({ "builderid": builder.id.0, "name": builder.name, "paused": builder.paused }))
+}
+
+/// `POST /schedules/{name}`: `force` (fire now).
+pub async fn schedule_rpc(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    RawQuery(raw): RawQuery,
+    bytes: Bytes,
+) -> Result<Json<Value>, RpcError> {
+    let call = call(&s, &headers, raw.as_deref(), &bytes)?;
+    let result = match call.method.as_str() {
+        "force" => s
+            .engine
+            .force_schedule(&name)
+            .await
+            .map_err(ApiError::from)
+            .map(|submitted| {
+                let brids: BTreeMap<&String, i64> =
+                    submitted.requests.iter().map(|(k, v)| (k, v.0)).collect();
+                json!({ "bsid": submitted.buildset_id.0, "brids": brids })
+            }),
+        _ => Err(unknown_method(&call, "force")),
+    };
+    answer(&call, result)
 }
 
 /// `POST /builds/{id}`: `stop`, `rebuild`.

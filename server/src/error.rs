@@ -36,6 +36,10 @@ pub enum ApiError {
     /// A JSON-RPC call names a method the entity does not have.
     #[error("{0}")]
     NoSuchMethod(String),
+    /// The server cannot serve now (not ready: its master is inactive, or the database
+    /// does not answer).
+    #[error("{0}")]
+    Unavailable(String),
     /// Something failed inside; the details go to the log only.
     #[error("internal error")]
     Internal(String),
@@ -51,6 +55,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -85,6 +90,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => -32001,
             ApiError::NotFound(_) => -32004,
             ApiError::Conflict(_) => -32009,
+            ApiError::Unavailable(_) => -32003,
         }
     }
 }
@@ -111,6 +117,7 @@ impl From<EngineError> for ApiError {
                 | StorageError::NotOwner { .. }
                 | StorageError::ClaimLost { .. },
             ) => ApiError::Conflict(message),
+            EngineError::NotReady(_) => ApiError::Unavailable(message),
             EngineError::Internal(_) | EngineError::Storage(_) => ApiError::Internal(message),
         }
     }

@@ -96,6 +96,7 @@ pub const REQUEST_FIELDS: &[&str] = &[
     "claimed_by_masterid",
     "claimed_at",
     "cancel_requested",
+    "not_before",
 ];
 
 pub fn request(r: &BuildRequest) -> Value {
@@ -113,6 +114,7 @@ pub fn request(r: &BuildRequest) -> Value {
         "claimed_by_masterid": r.claimed_by.map(|m| m.0),
         "claimed_at": opt_time(r.claimed_at),
         "cancel_requested": r.cancel_requested,
+        "not_before": opt_time(r.not_before),
     })
 }
 
@@ -162,6 +164,7 @@ pub const BUILDER_FIELDS: &[&str] = &[
     "name",
     "description",
     "depends_on",
+    "paused",
     "status",
     "latest_successful_buildid",
 ];
@@ -172,6 +175,7 @@ pub fn builder(b: &Builder, status: BuilderStatus, latest: Option<&Build>) -> Va
         "name": b.name,
         "description": b.description,
         "depends_on": b.depends_on,
+        "paused": b.paused,
         "status": status,
         "latest_successful_buildid": latest.map(|l| l.id.0),
     })
@@ -186,6 +190,36 @@ pub fn master(m: &Master) -> Value {
         "name": m.name,
         "active": m.active,
         "last_active": time(m.last_active),
+    })
+}
+
+/// The output fields of a schedule.
+pub const SCHEDULE_FIELDS: &[&str] = &[
+    "name",
+    "timing",
+    "builders",
+    "catch_up",
+    "only_if_changed",
+    "definition",
+    "last_fire",
+    "next_fire",
+    "last_bsid",
+    "fires",
+];
+
+pub fn schedule(s: &kiln_engine::model::Schedule) -> Value {
+    let d = &s.definition;
+    json!({
+        "name": s.name,
+        "timing": d.get("timing").cloned().unwrap_or(Value::Null),
+        "builders": d.pointer("/submission/builders").cloned().unwrap_or(Value::Null),
+        "catch_up": d.get("catch_up").cloned().unwrap_or(Value::Null),
+        "only_if_changed": d.get("only_if_changed").cloned().unwrap_or(Value::Null),
+        "definition": d,
+        "last_fire": time(s.last_fire),
+        "next_fire": opt_time(s.next_fire),
+        "last_bsid": s.last_buildset_id.map(|b| b.0),
+        "fires": s.fires,
     })
 }
 

@@ -7,8 +7,9 @@
 //!
 //! Layout: [`query`] reads Buildbot query strings into storage queries; `json` renders
 //! entities; `api` holds the read endpoints, `control` the writes (submit and JSON-RPC
-//! actions, plugin upload), `stream` the server-sent events, `openapi` the document and
-//! `dashboard` the static page.
+//! actions, plugin upload), `stream` the server-sent events, `openapi` the document,
+//! `ops` the operators' `/metrics`, `/healthz` and `/readyz`, and `dashboard` the static
+//! page.
 
 mod api;
 mod control;
@@ -16,6 +17,7 @@ mod dashboard;
 mod error;
 mod json;
 mod openapi;
+mod ops;
 pub mod query;
 mod serve;
 mod stream;
@@ -176,11 +178,19 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/builds/{id}/triggered", get(api::build_triggered))
         .route("/builders", get(api::builders))
-        .route("/builders/{builder}", get(api::builder))
+        .route(
+            "/builders/{builder}",
+            get(api::builder).post(control::builder_rpc),
+        )
         .route("/builders/{builder}/builds", get(api::builder_builds))
         .route(
             "/builders/{builder}/builds/{number}",
             get(api::builder_build),
+        )
+        .route("/schedules", get(api::schedules))
+        .route(
+            "/schedules/{name}",
+            get(api::schedule).post(control::schedule_rpc),
         )
         .route("/masters", get(api::masters))
         .route("/masters/{id}", get(api::master))
@@ -195,6 +205,9 @@ pub fn router(state: AppState) -> Router {
     let limits = Arc::new(state.config.connections.clone());
     Router::new()
         .nest(PREFIX, api)
+        .route("/metrics", get(ops::metrics))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
         .route("/", get(dashboard::index))
         .route("/app.js", get(dashboard::script))
         .route("/app.css", get(dashboard::style))

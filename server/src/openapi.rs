@@ -64,9 +64,10 @@ fn get(summary: &str, path_params: &[Value]) -> Value {
     json!({"get": {"summary": summary, "parameters": path_params, "responses": responses}})
 }
 
-fn rpc(methods: &str) -> Value {
+fn rpc(methods: &str, path_params: &[Value]) -> Value {
     json!({
         "summary": format!("JSON-RPC 2.0 control action: {methods}; needs the bearer token"),
+        "parameters": path_params,
         "security": [{"bearer": []}],
         "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Rpc"}}}},
         "responses": {
@@ -103,14 +104,15 @@ pub fn spec() -> Value {
         "summary": "submit a buildset: one request per builder; needs the bearer token",
         "security": [{"bearer": []}],
         "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Submission"}}}},
-        "responses": {"201": {"description": "{\"bsid\": N, \"brids\": {builder: id}}"}, "400": {"description": "bad submission or unknown builder"}, "401": {"description": "no or wrong token"}}
+        "parameters": [{"name": "Idempotency-Key", "in": "header", "required": false, "description": "makes the submit idempotent (as the body's idempotency_key): while a buildset with the key exists, it is answered with 200 and nothing is added", "schema": {"type": "string"}}],
+        "responses": {"201": {"description": "{\"bsid\": N, \"brids\": {builder: id}, \"existing\": false}"}, "200": {"description": "the buildset holding the idempotency key: {\"bsid\": N, \"brids\": {...}, \"existing\": true}"}, "400": {"description": "bad submission or unknown builder"}, "401": {"description": "no or wrong token"}}
     });
     paths.insert("/buildsets".into(), buildsets);
     let mut one = get(
         "a buildset with its sourcestamps and properties",
         &[id("buildset id")],
     );
-    one["post"] = rpc("cancel, resubmit {all}");
+    one["post"] = rpc("cancel, resubmit {all}", &[id("buildset id")]);
     paths.insert("/buildsets/{id}".into(), one);
     paths.insert(
         "/buildsets/{id}/properties".into(),
@@ -143,7 +145,7 @@ pub fn spec() -> Value {
         list::<RequestField>("build requests", &[]),
     );
     let mut one = get("a build request", &[id("request id")]);
-    one["post"] = rpc("cancel, set_priority {priority}");
+    one["post"] = rpc("cancel, set_priority {priority}", &[id("request id")]);
     paths.insert("/buildrequests/{id}".into(), one);
     paths.insert(
         "/buildrequests/{id}/builds".into(),
@@ -151,7 +153,7 @@ pub fn spec() -> Value {
     );
     paths.insert("/builds".into(), list::<BuildField>("builds", &[]));
     let mut one = get("a build with its properties", &[id("build id")]);
-    one["post"] = rpc("stop, rebuild");
+    one["post"] = rpc("stop, rebuild", &[id("build id")]);
     paths.insert("/builds/{id}".into(), one);
     paths.insert(
         "/builds/{id}/properties".into(),
@@ -193,13 +195,15 @@ pub fn spec() -> Value {
             &[],
         ),
     );
-    paths.insert(
-        "/builders/{builder}".into(),
-        get(
-            "a builder, by id or name",
-            &[path_param("builder", "id or name")],
-        ),
+    let mut one = get(
+        "a builder, by id or name",
+        &[path_param("builder", "id or name")],
     );
+    one["post"] = rpc(
+        "pause (no master claims its requests; running builds finish), resume",
+        &[path_param("builder", "id or name")],
+    );
+    paths.insert("/builders/{builder}".into(), one);
     paths.insert(
         "/builders/{builder}/builds".into(),
         list::<BuildField>("a builder's builds", &[path_param("builder", "id or name")]),
@@ -214,6 +218,19 @@ pub fn spec() -> Value {
             ],
         ),
     );
+    paths.insert(
+        "/schedules".into(),
+        get(
+            "schedules with their timing, last and next fire (not paged)",
+            &[],
+        ),
+    );
+    let mut one = get("a schedule", &[path_param("name", "the schedule's name")]);
+    one["post"] = rpc(
+        "force (fire now, whatever its timing)",
+        &[path_param("name", "the schedule's name")],
+    );
+    paths.insert("/schedules/{name}".into(), one);
     paths.insert(
         "/masters".into(),
         list::<MasterField>("masters (engine processes)", &[]),
@@ -245,7 +262,10 @@ pub fn spec() -> Value {
                     "properties": {"type": "object", "description": "name -> value, or name -> [value, source]"},
                     "sourcestamps": {"type": "array", "items": {"type": "object"}},
                     "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
-                    "external_idstring": {"type": "string"}}},
+                    "external_idstring": {"type": "string"},
+                    "idempotency_key": {"type": "string", "description": "as the Idempotency-Key header"},
+                    "not_before": {"type": "number", "description": "a delayed run: not claimable before this time (seconds since the epoch)"},
+                    "delay": {"type": "number", "minimum": 0, "description": "a delayed run: not claimable for this many seconds"}}},
                 "buildsets": collection_schema("buildsets", shapes::BUILDSET_FIELDS),
                 "buildrequests": collection_schema("buildrequests", shapes::REQUEST_FIELDS),
                 "builds": collection_schema("builds", shapes::BUILD_FIELDS),

@@ -255,7 +255,7 @@ async fn bad_queries_are_400_with_a_message_that_says_which_part() -> Result<()>
         ("/api/v2/builds?number__like=1", "unknown operator \"like\""),
         ("/api/v2/builds?number=one", "not a whole number"),
         ("/api/v2/builds?results=GREAT", "not a result"),
-        ("/api/v2/builds?complete=maybe", "not true or false"),
+        ("/api/v2/builds?complete=maybe", "is not a boolean"),
         ("/api/v2/builds?started_at__gt=yesterday", "not a time"),
         ("/api/v2/builds?state_string__lt=a", "does not apply"),
         ("/api/v2/builds?number__gt=null", "null can only"),
@@ -815,6 +815,24 @@ async fn the_openapi_document_describes_every_route() -> Result<()> {
     ] {
         ensure!(paths.contains_key(path), "{path} is not documented");
     }
+    // Every path parameter of every operation is declared (POSTs too).
+    for (path, item) in paths {
+        let names: Vec<&str> = path
+            .split('/')
+            .filter_map(|p| p.strip_prefix('{')?.strip_suffix('}'))
+            .collect();
+        for (verb, op) in item.as_object().into_iter().flatten() {
+            for name in &names {
+                ensure!(
+                    op["parameters"].as_array().is_some_and(|ps| ps
+                        .iter()
+                        .any(|p| p["in"] == "path" && p["name"] == *name)),
+                    "{verb} {path} does not declare its path parameter {name}"
+                );
+            }
+        }
+    }
+    ensure!(paths["/builders/{builder}"]["post"].is_object());
     ensure!(
         doc["paths"]["/builds"]["get"]["parameters"]
             .as_array()
@@ -822,5 +840,296 @@ async fn the_openapi_document_describes_every_route() -> Result<()> {
     );
     let page = s.get("/").await?;
     ensure!(page.status == StatusCode::OK && page.text.contains("<title>Kiln"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_builder_is_paused_and_resumed_through_json_rpc_and_shows_it() -> Result<()> {
+    let s = server().await?;
+    let paused = s
+        .rpc("/api/v2/builders/compile", "pause", json!({}))
+        .await?;
+    ensure!(paused.status == StatusCode::OK, "{}", paused.text);
+    ensure!(paused.json["result"]["paused"] == true && paused.json["id"] == 7);
+    let submitted = s
+        .post(
+            "/api/v2/buildsets",
+            json!({"builders": ["compile"]}),
+            Some(TOKEN),
+        )
+        .await?;
+    let bsid = submitted.json["bsid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("no bsid"))?;
+    ensure!(s.ok("/api/v2/builders/compile").await?["builders"][0]["paused"] == true);
+    // Buildbot's boolean spellings select it, in any case.
+    for spelling in ["on", "true", "YES", "1"] {
+        let page = s
+            .ok(&format!("/api/v2/builders?paused={spelling}&field=name"))
+            .await?;
+        ensure!(
+            page["builders"] == json!([{"name": "compile"}]),
+            "{spelling}: {page}"
+        );
+    }
+    let off = s
+        .ok("/api/v2/builders?paused=off&field=name&order=name")
+        .await?;
+    ensure!(off["meta"]["total"] == 2, "{off}");
+    let bad = s.get("/api/v2/builders?paused=maybe").await?;
+    ensure!(bad.status == StatusCode::BAD_REQUEST && bad.text.contains("on/off"));
+    // By id as well as by name; an unknown method names the ones there are.
+    let id = s.ok("/api/v2/builders/compile").await?["builders"][0]["builderid"].clone();
+    let resumed = s
+        .rpc(&format!("/api/v2/builders/{id}"), "resume", json!({}))
+        .await?;
+    ensure!(
+        resumed.json["result"]["paused"] == false,
+        "{}",
+        resumed.text
+    );
+    tokio::time::timeout(
+        GUARD,
+        s.engine.wait_buildset(kiln_engine::model::BuildsetId(bsid)),
+    )
+    .await??;
+    let unknown = s.rpc("/api/v2/builders/compile", "stop", json!({})).await?;
+    ensure!(unknown.status == StatusCode::BAD_REQUEST && unknown.text.contains("pause, resume"));
+    let missing = s.rpc("/api/v2/builders/nobody", "pause", json!({})).await?;
+    ensure!(missing.status == StatusCode::NOT_FOUND, "{}", missing.text);
+    let anonymous = s
+        .post(
+            "/api/v2/builders/compile",
+            json!({"jsonrpc": "2.0", "method": "pause", "id": 1}),
+            None,
+        )
+        .await?;
+    ensure!(anonymous.status == StatusCode::UNAUTHORIZED);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_with_an_idempotency_key_is_made_once_and_answered_with_the_same_buildset()
+-> Result<()> {
+    let s = server().await?;
+    let keyed = |key: &str, body: Value| {
+        Request::post("/api/v2/buildsets")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .header("Idempotency-Key", key)
+            .body(Body::from(body.to_string()))
+    };
+    let first = s.call(keyed("abc", json!({"builders": ["wait"]}))?).await?;
+    ensure!(first.status == StatusCode::CREATED && first.json["existing"] == false);
+    let second = s
+        .call(keyed("abc", json!({"builders": ["compile"]}))?)
+        .await?;
+    ensure!(second.status == StatusCode::OK, "{}", second.text);
+    ensure!(second.json["existing"] == true && second.json["bsid"] == first.json["bsid"]);
+    ensure!(
+        second.json["brids"] == first.json["brids"],
+        "{}",
+        second.text
+    );
+    // The body's key is the same key.
+    let body = s
+        .post(
+            "/api/v2/buildsets",
+            json!({"builders": ["wait"], "idempotency_key": "abc"}),
+            Some(TOKEN),
+        )
+        .await?;
+    ensure!(body.status == StatusCode::OK && body.json["bsid"] == first.json["bsid"]);
+    let differ = s
+        .call(keyed(
+            "abc",
+            json!({"builders": ["wait"], "idempotency_key": "xyz"}),
+        )?)
+        .await?;
+    ensure!(differ.status == StatusCode::BAD_REQUEST && differ.text.contains("differ"));
+    let long = "k".repeat(300);
+    let too_long = s.call(keyed(&long, json!({"builders": ["wait"]}))?).await?;
+    ensure!(
+        too_long.status == StatusCode::BAD_REQUEST,
+        "{}",
+        too_long.text
+    );
+    let total = s.ok("/api/v2/buildsets?limit=1").await?;
+    ensure!(total["meta"]["total"] == 1, "{total}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics_answer_probes_and_metrics_follow_private_reads() -> Result<()>
+{
+    let s = server().await?;
+    s.run(&["compile"]).await?;
+    let health = s.get("/healthz").await?;
+    ensure!(health.status == StatusCode::OK && health.json["status"] == "ok");
+    let ready = s.get("/readyz").await?;
+    ensure!(
+        ready.status == StatusCode::OK && ready.json["status"] == "ready",
+        "{}",
+        ready.text
+    );
+    let response = s
+        .app
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty())?)
+        .await?;
+    ensure!(
+        response.headers()[header::CONTENT_TYPE]
+            .to_str()?
+            .starts_with("application/openmetrics-text")
+    );
+    let metrics = s.get("/metrics").await?;
+    for line in [
+        r#"kiln_builds_finished_total{builder="compile",result="SUCCESS"} 1"#,
+        "kiln_masters_alive 1",
+        "kiln_sandboxes_max 16",
+    ] {
+        ensure!(
+            metrics.text.lines().any(|l| l == line),
+            "no {line:?} in {}",
+            metrics.text
+        );
+    }
+    // A master that is no longer active is not ready.
+    s.engine.shutdown().await;
+    let gone = s.get("/readyz").await?;
+    ensure!(
+        gone.status == StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        gone.text
+    );
+    ensure!(gone.text.contains("not active"), "{}", gone.text);
+
+    let private = server_with(|plugins| ServerConfig {
+        token: Some(TOKEN.into()),
+        private_reads: true,
+        plugins_dir: Some(plugins.to_path_buf()),
+        ..ServerConfig::default()
+    })
+    .await?;
+    ensure!(private.get("/metrics").await?.status == StatusCode::UNAUTHORIZED);
+    ensure!(private.get("/healthz").await?.status == StatusCode::OK);
+    let scraped = private
+        .call(
+            Request::get("/metrics")
+                .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+                .body(Body::empty())?,
+        )
+        .await?;
+    ensure!(scraped.status == StatusCode::OK && scraped.text.ends_with("# EOF\n"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_submit_is_scheduled_and_bad_delays_are_refused() -> Result<()> {
+    let s = server().await?;
+    let r = s
+        .post(
+            "/api/v2/buildsets",
+            json!({"builders": ["compile"], "delay": 3600}),
+            Some(TOKEN),
+        )
+        .await?;
+    ensure!(r.status == StatusCode::CREATED, "{}", r.text);
+    let bsid = r.json["bsid"].as_i64().ok_or_else(|| anyhow!("no bsid"))?;
+    let requests = s
+        .ok(&format!("/api/v2/buildsets/{bsid}/buildrequests"))
+        .await?;
+    let not_before = requests["buildrequests"][0]["not_before"]
+        .as_f64()
+        .ok_or_else(|| anyhow!("{requests}"))?;
+    let now = chrono::Utc::now().timestamp() as f64;
+    ensure!(
+        (now + 3500.0..now + 3700.0).contains(&not_before),
+        "{not_before}"
+    );
+    ensure!(requests["buildrequests"][0]["claimed"] == false);
+    let scheduled = s
+        .ok(&format!(
+            "/api/v2/buildrequests?not_before__gt={now}&field=buildrequestid"
+        ))
+        .await?;
+    ensure!(scheduled["meta"]["total"] == 1, "{scheduled}");
+    for (body, why) in [
+        (json!({"builders": ["compile"], "delay": -1}), "delay"),
+        (
+            json!({"builders": ["compile"], "delay": 1, "not_before": now}),
+            "not both",
+        ),
+        (
+            json!({"builders": ["compile"], "not_before": now + 1e9}),
+            "not_before",
+        ),
+        (
+            json!({"builders": ["compile"], "not_before": 1e300}),
+            "not_before",
+        ),
+    ] {
+        let refused = s
+            .post("/api/v2/buildsets", body.clone(), Some(TOKEN))
+            .await?;
+        ensure!(
+            refused.status == StatusCode::BAD_REQUEST && refused.text.contains(why),
+            "{body}: {} {}",
+            refused.status,
+            refused.text
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_list_with_their_next_fire_and_fire_on_demand() -> Result<()> {
+    let s = server().await?;
+    s.engine
+        .register_schedule(kiln_engine::ScheduleConfig::cron(
+            "nightly",
+            "0 2 * * *",
+            "Europe/Rome",
+            kiln_engine::Submission::new("nightly").builder("compile"),
+        ))
+        .await?;
+    let all = s.ok("/api/v2/schedules").await?;
+    ensure!(all["meta"]["total"] == 1, "{all}");
+    let one = &all["schedules"][0];
+    ensure!(
+        one["name"] == "nightly" && one["builders"] == json!(["compile"]),
+        "{one}"
+    );
+    ensure!(one["timing"]["cron"]["timezone"] == "Europe/Rome", "{one}");
+    ensure!(
+        one["next_fire"]
+            .as_f64()
+            .is_some_and(|t| t > chrono::Utc::now().timestamp() as f64)
+    );
+    ensure!(
+        s.ok("/api/v2/schedules/nightly?field=fires").await?["schedules"][0] == json!({"fires": 0})
+    );
+    let fired = s
+        .rpc("/api/v2/schedules/nightly", "force", json!({}))
+        .await?;
+    ensure!(fired.status == StatusCode::OK, "{}", fired.text);
+    let bsid = fired.json["result"]["bsid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("{}", fired.text))?;
+    let props = s
+        .ok(&format!("/api/v2/buildsets/{bsid}/properties"))
+        .await?;
+    ensure!(props.to_string().contains("forced"), "{props}");
+    ensure!(s.get("/api/v2/schedules/nobody").await?.status == StatusCode::NOT_FOUND);
+    ensure!(
+        s.rpc("/api/v2/schedules/nobody", "force", json!({}))
+            .await?
+            .status
+            == StatusCode::NOT_FOUND
+    );
+    let unknown = s
+        .rpc("/api/v2/schedules/nightly", "pause", json!({}))
+        .await?;
+    ensure!(unknown.status == StatusCode::BAD_REQUEST && unknown.text.contains("force"));
     Ok(())
 }

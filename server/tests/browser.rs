@@ -100,6 +100,22 @@ async fn the_dashboard_shows_work_live_and_stops_a_build_in_a_real_browser() -> 
     engine
         .submit(&kiln_engine::Submission::new("a finished build to show").builder("echo"))
         .await?;
+    engine
+        .register_schedule(kiln_engine::ScheduleConfig::cron(
+            "nightly",
+            "0 2 * * *",
+            "Europe/Rome",
+            kiln_engine::Submission::new("nightly echo").builder("echo"),
+        ))
+        .await?;
+    // A delayed run, shown as scheduled until its time (an hour away).
+    let scheduled = engine
+        .submit(
+            &kiln_engine::Submission::new("a delayed run to show")
+                .builder("echo")
+                .delay(std::time::Duration::from_secs(3600)),
+        )
+        .await?;
     let token = "browser-token";
     let state = AppState::new(
         engine.clone(),
@@ -121,6 +137,7 @@ async fn the_dashboard_shows_work_live_and_stops_a_build_in_a_real_browser() -> 
         .current_dir(browser_dir())
         .env("KILN_URL", format!("http://{address}"))
         .env("KILN_TOKEN", token)
+        .env("KILN_SCHEDULED", scheduled.buildset_id.to_string())
         .env("KILN_SHOTS", &shots)
         .env("KILN_CHROMIUM", &chromium)
         .kill_on_drop(true)
@@ -135,7 +152,7 @@ async fn the_dashboard_shows_work_live_and_stops_a_build_in_a_real_browser() -> 
         out.status.success(),
         "the browser run failed:\n{stdout}\n{stderr}"
     );
-    for page in ["buildsets", "buildset", "build", "builders"] {
+    for page in ["buildsets", "buildset", "build", "builders", "schedules"] {
         let shot = shots.join(format!("{page}.png"));
         ensure!(
             std::fs::metadata(&shot).is_ok_and(|m| m.len() > 1_000),

@@ -181,7 +181,10 @@ pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<(
                     let latest = row["latest_successful_build"]
                         .as_i64()
                         .map(|id| format!("build {id}"));
-                    let status = row["status"].as_str().unwrap_or_default().replace('_', " ");
+                    let mut status = row["status"].as_str().unwrap_or_default().replace('_', " ");
+                    if b.paused {
+                        status.push_str(", paused");
+                    }
                     table.row(vec![
                         b.id.to_string(),
                         b.name.clone(),
@@ -204,6 +207,55 @@ pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<(
                         m.name.clone(),
                         m.active.to_string(),
                         render::time(m.last_active),
+                    ]);
+                }
+                table.print();
+            })
+        }
+        ListWhat::Schedules => {
+            let schedules = client.schedules().await?;
+            out.emit(&json!({ "schedules": schedules }), || {
+                let mut table = Table::new(&[
+                    "name",
+                    "timing",
+                    "builders",
+                    "last fire",
+                    "next fire",
+                    "last buildset",
+                    "fires",
+                ]);
+                for s in &schedules {
+                    let d = &s.definition;
+                    let timing = match (
+                        d.pointer("/timing/every/seconds"),
+                        d.pointer("/timing/cron"),
+                    ) {
+                        (Some(seconds), _) => format!("every {seconds} s"),
+                        (_, Some(cron)) => format!(
+                            "{} ({})",
+                            cron["pattern"].as_str().unwrap_or_default(),
+                            cron["timezone"].as_str().unwrap_or_default()
+                        ),
+                        _ => String::new(),
+                    };
+                    let builders = d
+                        .pointer("/submission/builders")
+                        .and_then(|b| b.as_array())
+                        .map(|b| {
+                            b.iter()
+                                .filter_map(|n| n.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        })
+                        .unwrap_or_default();
+                    table.row(vec![
+                        s.name.clone(),
+                        timing,
+                        builders,
+                        render::time(s.last_fire),
+                        render::opt_time(s.next_fire),
+                        render::opt(s.last_buildset_id),
+                        s.fires.to_string(),
                     ]);
                 }
                 table.print();

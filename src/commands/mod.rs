@@ -55,8 +55,35 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             resubmit::resubmit(&client, &out, buildset, all).await?
         }
         Command::Rebuild { build } => rebuild::rebuild(&client, &out, &build).await?,
+        Command::Pause { builder } => pause(&client, &out, &builder, true).await?,
+        Command::Fire { schedule } => {
+            let submitted = client.force_schedule(&schedule).await?;
+            out.emit(&submitted, || {
+                println!(
+                    "schedule {schedule} fired: buildset {}",
+                    submitted.buildset_id
+                );
+            })?
+        }
+        Command::Resume { builder } => pause(&client, &out, &builder, false).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln pause` and `kiln resume`. Masters on PostgreSQL hear of a resume at once; on
+/// SQLite a running `kiln serve` finds it at its next poll of the database.
+async fn pause(client: &Client, out: &Out, name: &str, paused: bool) -> Result<()> {
+    let builder = client.set_builder_paused(name, paused).await?;
+    out.emit(&builder, || {
+        if paused {
+            println!(
+                "builder {} paused: its requests stay queued until `kiln resume {}`",
+                builder.name, builder.name
+            );
+        } else {
+            println!("builder {} resumed", builder.name);
+        }
+    })
 }
 
 /// Commands handled before the database is opened never reach the table below.

@@ -68,6 +68,8 @@ pub struct Started {
     pub results_dir: PathBuf,
     pub submissions: Vec<kiln_engine::Submission>,
     pub reporters: Vec<String>,
+    /// The file's schedules: `kiln serve` registers them; `kiln run` does not fire them.
+    pub schedules: Vec<kiln_engine::ScheduleConfig>,
 }
 
 /// Reads and checks a pipeline file, opens its database (the file's, else `db`) and
@@ -138,6 +140,7 @@ pub async fn start(
         results_dir,
         submissions: pipeline.submissions,
         reporters,
+        schedules: pipeline.schedules,
     })
 }
 
@@ -149,8 +152,16 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
         results_dir,
         submissions,
         reporters: reporter_names,
+        schedules,
         ..
     } = start(path, db, true, |config| config).await?;
+    if !schedules.is_empty() && !json_out {
+        eprintln!(
+            "kiln run: the file's {} schedule{} fire only under kiln serve",
+            schedules.len(),
+            if schedules.len() == 1 { "" } else { "s" }
+        );
+    }
     let mut events = engine.subscribe();
     let submitted = engine.submit_many(&submissions).await?;
     let mut open: BTreeSet<BuildsetId> = submitted.iter().map(|s| s.buildset_id).collect();

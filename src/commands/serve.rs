@@ -32,6 +32,15 @@ pub async fn serve(args: &ServeArgs, db: &str) -> Result<ExitCode> {
     let (engine, host, submissions) = match &args.config {
         Some(path) => {
             let started = super::run::start(path, db, args.submit, tune).await?;
+            for schedule in started.schedules {
+                let name = schedule.name.clone();
+                let row = started
+                    .engine
+                    .register_schedule(schedule)
+                    .await
+                    .with_context(|| format!("registering schedule {name:?}"))?;
+                info!(schedule = %name, next_fire = ?row.next_fire, "schedule registered");
+            }
             (started.engine, started.host, started.submissions)
         }
         None => {

@@ -26,6 +26,12 @@ pub(super) async fn submit(client: &Client, out: &Out, args: SubmitArgs) -> Resu
     let mut submission = Submission::new(args.reason).priority(args.priority);
     submission.builders = args.builders;
     submission.external_idstring = args.external_id;
+    submission.idempotency_key = args.idempotency_key;
+    submission.not_before = args
+        .not_before
+        .as_deref()
+        .map(crate::render::parse_later)
+        .transpose()?;
     for text in &args.properties {
         let (name, value) = parse_property(text)?;
         if submission
@@ -52,7 +58,14 @@ pub(super) async fn submit(client: &Client, out: &Out, args: SubmitArgs) -> Resu
     }
     let submitted = client.submit(&submission).await?;
     out.emit(&submitted, || {
-        println!("submitted buildset {}", submitted.buildset_id);
+        if submitted.existing {
+            println!(
+                "buildset {} holds this idempotency key already; nothing was submitted",
+                submitted.buildset_id
+            );
+        } else {
+            println!("submitted buildset {}", submitted.buildset_id);
+        }
         let mut table = Table::new(&["builder", "request"]);
         for (builder, request) in &submitted.requests {
             table.row(vec![builder.clone(), request.to_string()]);

@@ -74,6 +74,7 @@ impl Shape for RequestField {
             RequestField::Complete => "r.complete",
             RequestField::CompleteAt => "r.complete_at",
             RequestField::Results => "r.results",
+            RequestField::NotBefore => "r.not_before",
             // Buildbot's rule: claimed means a claim row; unclaimed means no claim and
             // not complete. A request completed without a claim (cancelled while
             // queued) is neither, so it matches neither filter.
@@ -126,7 +127,7 @@ impl Shape for BuildField {
 
 impl Shape for BuilderField {
     fn select() -> String {
-        "SELECT id, name, description, depends_on FROM builders".into()
+        "SELECT id, name, description, depends_on, paused FROM builders".into()
     }
     const ID: &'static str = "id";
 
@@ -135,6 +136,7 @@ impl Shape for BuilderField {
             BuilderField::Id => "id",
             BuilderField::Name => "name",
             BuilderField::Description => "description",
+            BuilderField::Paused => "paused",
         })
     }
 }
@@ -441,6 +443,12 @@ pub(crate) fn dashboard_reads(contains: &str, byte_order: &str) -> Result<Vec<Da
         Ok(statements(&q.limit(100), contains, byte_order)?.select)
     }
     Ok(vec![
+        DashboardRead {
+            what: "queued requests per builder (/metrics)",
+            key_order_page: false,
+            one_buildsets_rows: false,
+            sql: Sql::new(crate::common::QUEUE_DEPTHS_SQL),
+        },
         DashboardRead {
             what: "buildsets newest first",
             key_order_page: true,

@@ -19,6 +19,7 @@ mod collections;
 mod common;
 mod error;
 mod filters;
+mod idempotency;
 mod params;
 #[cfg(feature = "postgres")]
 pub mod postgres;

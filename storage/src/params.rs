@@ -15,6 +15,10 @@ pub struct NewBuildset {
     pub reason: String,
     /// An identifier of the submitter's choosing.
     pub external_idstring: Option<String>,
+    /// Makes the submit idempotent: while a buildset with this key exists, adding
+    /// another with the same key returns that buildset (with `existing` set) instead of
+    /// making a new one, atomically under concurrent submits on every backend.
+    pub idempotency_key: Option<String>,
     /// What to build; identical stamps are stored once.
     pub sourcestamps: Vec<SourceStamp>,
     /// Buildset properties.
@@ -42,6 +46,8 @@ pub struct NewBuildset {
     pub depth: u32,
     /// The submission time.
     pub submitted_at: Timestamp,
+    /// A delayed run: the requests are not claimable before this time.
+    pub not_before: Option<Timestamp>,
 }
 
 /// What adding a buildset made.
@@ -51,6 +57,36 @@ pub struct AddedBuildset {
     pub buildset_id: BuildsetId,
     /// Its requests by builder.
     pub requests: BTreeMap<BuilderId, RequestId>,
+    /// Whether it existed already: its idempotency key was taken, so nothing was added
+    /// and this is the buildset that holds the key.
+    pub existing: bool,
+}
+
+/// One batch of a builder's retention (see
+/// [`retention_sweep`](crate::seam::RetentionWrites::retention_sweep)).
+#[derive(Clone, Debug)]
+pub struct RetentionSweep {
+    /// The builder.
+    pub builder_id: BuilderId,
+    /// Work that completed before this may go.
+    pub cutoff: Timestamp,
+    /// The newest builds (and requests) of the builder that always stay.
+    pub keep_last: u32,
+    /// The most builds, and the most requests, one batch deletes.
+    pub batch: u32,
+}
+
+/// What one batch of retention deleted.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Swept {
+    /// The deleted builds (their result directories are the caller's to remove).
+    pub builds: Vec<Build>,
+    /// Requests deleted.
+    pub requests: u64,
+    /// Buildsets deleted.
+    pub buildsets: u64,
+    /// Another master was sweeping: nothing was done.
+    pub busy: bool,
 }
 
 /// A new build of a claimed request.
@@ -147,6 +183,9 @@ pub struct FinishedBuild {
     pub artifacts: Vec<Artifact>,
     /// When it ended.
     pub complete_at: Timestamp,
+    /// Run the request again (a retry): release it, not claimable before this time,
+    /// whatever the build's result. RETRY without it releases the request at once.
+    pub retry_at: Option<Timestamp>,
 }
 
 /// What [`build_finish_batch`](crate::seam::BuildWrites::build_finish_batch) did.

@@ -120,6 +120,8 @@ fields!(
         CompleteAt = ("complete_at", Time),
         /// Its result.
         Results = ("results", Result),
+        /// Not claimable before this time (a delayed run or a retry's backoff).
+        NotBefore = ("not_before", Time),
         /// Buildbot's `claimed`: true with a claim; false with none and not complete (a
         /// request completed without a claim, cancelled while queued, is neither).
         Claimed = ("claimed", Bool),
@@ -171,6 +173,8 @@ fields!(
         Name = ("name", Text),
         /// Its description.
         Description = ("description", Text),
+        /// Whether it is paused.
+        Paused = ("paused", Bool),
     }
 );
 
@@ -287,10 +291,13 @@ impl FilterValue {
                 Err("contains a NUL character, which Kiln does not store".into())
             }
             FieldType::Text => Ok(FilterValue::Text(text.to_owned())),
-            FieldType::Bool => match text {
-                "true" | "1" | "yes" => Ok(FilterValue::Bool(true)),
-                "false" | "0" | "no" => Ok(FilterValue::Bool(false)),
-                _ => Err(format!("{text:?} is not true or false")),
+            // Buildbot's spellings, in any case.
+            FieldType::Bool => match text.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(FilterValue::Bool(true)),
+                "false" | "0" | "no" | "off" => Ok(FilterValue::Bool(false)),
+                _ => Err(format!(
+                    "{text:?} is not a boolean (true/false, yes/no, on/off, 1/0)"
+                )),
             },
             FieldType::Time => {
                 if let Ok(secs) = text.parse::<f64>() {

@@ -12,7 +12,7 @@ use crate::{BuildsetContext, Result, StorageError};
 use kiln_model::{
     Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId, LogEntry, LogLevel,
     LogRecord, Master, MasterId, ProgressRecord, ProgressReport, Properties, Property, Report,
-    ReportKind, ReporterState, RequestId, ResultCode, SourceStamp, Timestamp,
+    ReportKind, ReporterState, RequestId, ResultCode, Schedule, SourceStamp, Timestamp,
 };
 
 /// The columns of a build, with `b` as the table alias.
@@ -21,7 +21,7 @@ pub(crate) const BUILD_COLUMNS: &str = "b.id, b.number, b.builder_id, b.buildreq
 
 /// A request joined with its claim.
 pub(crate) const REQUEST_FROM: &str = "SELECT r.id, r.buildset_id, r.builder_id, r.priority, r.submitted_at, \
-     r.waited_for, r.complete, r.complete_at, r.results, r.cancel_requested, c.master_id AS claimed_by, c.claimed_at \
+     r.waited_for, r.complete, r.complete_at, r.results, r.cancel_requested, r.not_before, c.master_id AS claimed_by, c.claimed_at \
      FROM buildrequests r LEFT JOIN buildrequest_claims c ON c.request_id = r.id";
 
 /// Reads a named column of a row, whichever backend it came from.
@@ -147,6 +147,18 @@ pub(crate) fn builder_from_row(row: &impl Col) -> Result<Builder> {
         name: row.text("name")?,
         description: row.opt_text("description")?,
         depends_on: from_json(&row.text("depends_on")?)?,
+        paused: row.flag("paused")?,
+    })
+}
+
+pub(crate) fn schedule_from_row(row: &impl Col) -> Result<Schedule> {
+    Ok(Schedule {
+        name: row.text("name")?,
+        definition: json(&row.text("definition")?)?,
+        last_fire: ts(row.int("last_fire")?)?,
+        next_fire: opt_ts(row.opt_int("next_fire")?)?,
+        last_buildset_id: row.opt_int("last_buildset_id")?.map(BuildsetId),
+        fires: row.int("fires")?,
     })
 }
 
@@ -189,6 +201,8 @@ struct RawRequest {
     complete_at: Option<i64>,
     results: Option<i64>,
     cancel_requested: i64,
+    #[serde(default)]
+    not_before: Option<i64>,
     claimed_by: Option<i64>,
     claimed_at: Option<i64>,
 }
@@ -206,6 +220,7 @@ impl RawRequest {
             complete_at: row.opt_int("complete_at")?,
             results: row.opt_int("results")?,
             cancel_requested: row.int("cancel_requested")?,
+            not_before: row.opt_int("not_before")?,
             claimed_by: row.opt_int("claimed_by")?,
             claimed_at: row.opt_int("claimed_at")?,
         })
@@ -225,6 +240,7 @@ impl RawRequest {
             claimed_by: self.claimed_by.map(MasterId),
             claimed_at: opt_ts(self.claimed_at)?,
             cancel_requested: self.cancel_requested != 0,
+            not_before: opt_ts(self.not_before)?,
         })
     }
 }

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use kiln_model::{
     Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId,
     ChildBuildset, LogEntry, LogLevel, LogQuery, LogRecord, Master, MasterId, ProgressRecord,
-    ProgressReport, Properties, Property, Report, ReporterState, RequestId, ResultCode,
+    ProgressReport, Properties, Property, Report, ReporterState, RequestId, ResultCode, Schedule,
     SourceStamp, SourceStampId, Timestamp,
 };
 
@@ -28,7 +28,7 @@ use crate::query::{
 use crate::{
     AddedBuildset, CancelOutcome, CompletedBuildset, ExpireMasters, ExpiredMaster, FinishOutcome,
     FinishedBuild, NewBuild, NewBuildset, RegisteredMaster, ReporterProgress, Result,
-    StartAvailable, StartOutcome, StorageError, StoreSignal,
+    RetentionSweep, StartAvailable, StartOutcome, StorageError, StoreSignal, Swept,
 };
 
 /// The whole seam: every part, plus what a backend says of itself. One implementation
@@ -37,6 +37,7 @@ pub trait Store:
     Masters
     + MasterWrites
     + Builders
+    + BuilderWrites
     + Buildsets
     + BuildsetWrites
     + Requests
@@ -46,6 +47,8 @@ pub trait Store:
     + Output
     + Outbox
     + OutboxWrites
+    + Schedules
+    + RetentionWrites
 {
     /// The backend's name ("sqlite", "postgres").
     fn backend(&self) -> &'static str;
@@ -110,6 +113,62 @@ pub trait Builders: Send + Sync + 'static {
     }
     /// Records the builders a builder depends on, by name (replacing the old list).
     async fn builder_set_depends_on(&self, id: BuilderId, depends_on: &[String]) -> Result<()>;
+}
+
+/// Schedules: each one's last fire, kept so that a restart neither skips nor repeats one.
+#[async_trait]
+pub trait Schedules: Send + Sync + 'static {
+    /// Registers a schedule, or updates its definition and next fire time. A new one
+    /// starts as if it had fired at `now`: ticks before its registration are not caught
+    /// up.
+    async fn schedule_register(
+        &self,
+        name: &str,
+        definition: &str,
+        next_fire: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<Schedule>;
+    /// Records that `tick` was dealt with (fired as `buildset`, or passed over with
+    /// `None`) and when the schedule fires next. Only moves forward: `false` when a
+    /// later or equal tick was recorded already (another master got there first).
+    async fn schedule_fired(
+        &self,
+        name: &str,
+        tick: Timestamp,
+        buildset: Option<BuildsetId>,
+        next_fire: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<bool>;
+    /// One schedule.
+    async fn schedule_get(&self, name: &str) -> Result<Schedule>;
+    /// Every schedule, by name.
+    async fn schedule_list(&self) -> Result<Vec<Schedule>>;
+}
+
+/// Retention: deleting finished work, one entity on demand or a builder's old work in
+/// bounded batches.
+#[async_trait]
+pub trait RetentionWrites: Send + Sync + 'static {
+    /// Deletes a complete buildset with its requests, builds, logs, progress,
+    /// properties, artifacts rows and sourcestamp links; returns the deleted builds
+    /// (whose result directories the caller removes). Buildsets its builds triggered
+    /// stay, without a parent. An incomplete one is [`StorageError::Invalid`].
+    async fn buildset_delete(&self, id: BuildsetId) -> Result<Vec<Build>>;
+    /// One batch of a builder's retention: finished builds that completed before
+    /// `cutoff` and are not among its `keep_last` newest builds (at most `batch`), then
+    /// complete requests of the builder with no build left under the same rule, then
+    /// the complete buildsets those requests leave empty. On PostgreSQL one master
+    /// sweeps at a time: another that tries meanwhile sweeps nothing (`busy`).
+    async fn retention_sweep(&self, params: &RetentionSweep) -> Result<Swept>;
+}
+
+/// Builders: pausing and resuming, which every master sharing the database must hear of.
+#[async_trait]
+pub trait BuilderWrites: Send + Sync + 'static {
+    /// Pauses or resumes a builder. No master claims a paused builder's requests (they
+    /// stay queued; builds already running finish); resuming wakes every master.
+    /// Pausing a paused builder changes nothing. A missing builder is `NotFound`.
+    async fn builder_set_paused(&self, id: BuilderId, paused: bool) -> Result<()>;
 }
 
 /// Buildsets: reads, and hanging children from a new parent build.
@@ -184,6 +243,9 @@ pub trait Requests: Send + Sync + 'static {
         &self,
         changes: &[(RequestId, i32)],
     ) -> Result<Vec<Result<()>>>;
+    /// How many requests wait in each builder's queue (incomplete and claimed by
+    /// nobody), for builders with any; by builder id. Paused builders' queues count.
+    async fn request_queue_depths(&self) -> Result<Vec<(BuilderId, u64)>>;
     /// Requests claimed by this master that somebody asked to cancel.
     async fn request_cancel_pending(&self, master: MasterId) -> Result<Vec<RequestId>>;
 }

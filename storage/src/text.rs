@@ -69,6 +69,7 @@ pub(crate) fn buildsets(params: &[NewBuildset]) -> Cow<'_, [NewBuildset]> {
         |p| {
             has_nul(&p.reason)
                 || opt_has_nul(&p.external_idstring)
+                || opt_has_nul(&p.idempotency_key)
                 || opt_has_nul(&p.parent_relationship)
                 || opt_has_nul(&p.trigger_key)
                 || p.properties
@@ -85,6 +86,7 @@ pub(crate) fn buildsets(params: &[NewBuildset]) -> Cow<'_, [NewBuildset]> {
         |p| {
             fix(&mut p.reason);
             fix_opt(&mut p.external_idstring);
+            fix_opt(&mut p.idempotency_key);
             fix_opt(&mut p.parent_relationship);
             fix_opt(&mut p.trigger_key);
             p.properties = std::mem::take(&mut p.properties)

@@ -33,6 +33,13 @@ pub(crate) fn buildset(params: &NewBuildset) -> Result<()> {
             "a buildset names the same builder twice".into(),
         ));
     }
+    if params
+        .idempotency_key
+        .as_deref()
+        .is_some_and(|k| k.trim().is_empty())
+    {
+        return Err(StorageError::Invalid("the idempotency key is empty".into()));
+    }
     if let Some(name) = params.properties.keys().find(|k| k.trim().is_empty()) {
         return Err(StorageError::Invalid(format!(
             "property name {name:?} is empty"

@@ -11,12 +11,15 @@ use std::time::Duration;
 
 use kiln_job::{BuildContext, BuildSpec, Outcome, StopReason};
 use kiln_model::{Build, BuildRequest, ResultCode};
-use kiln_storage::{CompletedBuildset, FinishOutcome, FinishedBuild, StartedBuild};
+use kiln_storage::{
+    BuildField, CompletedBuildset, FinishOutcome, FinishedBuild, Query, StartedBuild,
+};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, warn};
 
 use super::{RegisteredBuilder, Runtime, SchedulerState, artifacts, triggers};
 use crate::events::Event;
+use crate::retry::Verdict;
 
 /// The most finished builds recorded in one transaction.
 pub(super) const FINISH_BATCH: usize = 512;
@@ -35,6 +38,50 @@ pub(super) struct Done {
     build: Build,
     request: BuildRequest,
     end: FinishedBuild,
+}
+
+/// Applies the builder's retry policy to a build's outcome: the outcome to record, and
+/// when its request may run again if it is retried. Attempts are the request's builds,
+/// counted only when the result may be retried.
+async fn retry_verdict(
+    shared: &SchedulerState,
+    builder: &RegisteredBuilder,
+    request: &BuildRequest,
+    mut outcome: Outcome,
+) -> (Outcome, Option<kiln_model::Timestamp>) {
+    let policy = builder.config.retry;
+    if !policy.may_retry(outcome.results) {
+        return (outcome, None);
+    }
+    let attempts = Query::new()
+        .eq(BuildField::RequestId, request.id.0)
+        .counted()
+        .limit(1);
+    let attempt = match shared.store.build_query(&attempts).await {
+        Ok(page) => u32::try_from(page.total.unwrap_or(1)).unwrap_or(u32::MAX),
+        Err(e) => {
+            // Without the count, a job's RETRY runs again at once (as it did before
+            // retry policies) and anything else completes.
+            warn!(request = %request.id, error = %e, "could not count the request's attempts; not retrying");
+            return (outcome, None);
+        }
+    };
+    match policy.verdict(outcome.results, attempt, fastrand::f64()) {
+        Verdict::Complete => (outcome, None),
+        // At once: released without a time, as RETRY always was.
+        Verdict::Retry(wait) if wait.is_zero() => (outcome, None),
+        Verdict::Retry(wait) => {
+            let at = kiln_model::now()
+                + chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::MAX);
+            debug!(request = %request.id, attempt, ?wait, results = %outcome.results, "retrying");
+            (outcome, Some(at))
+        }
+        Verdict::GiveUp(why) => {
+            outcome.results = ResultCode::Exception;
+            outcome.error = Some(why);
+            (outcome, None)
+        }
+    }
 }
 
 /// Runs one started build and hands its end to the finisher.
@@ -103,6 +150,13 @@ pub(super) async fn run_build(
         },
         Some(StopReason::MasterLost) | None => outcome,
     };
+    // A stopped build is not the job's verdict: a shutdown's RETRY runs again at once.
+    let stopped = stop.borrow().is_some();
+    let (outcome, retry_at) = if stopped {
+        (outcome, None)
+    } else {
+        retry_verdict(&shared, &builder, &request, outcome).await
+    };
     let artifacts = match result_dir {
         Some(dir) => artifacts::collect(dir).await,
         None => Vec::new(),
@@ -117,6 +171,7 @@ pub(super) async fn run_build(
         traceback: outcome.traceback,
         artifacts,
         complete_at: kiln_model::now(),
+        retry_at,
     };
     let finished = Done {
         builder,
@@ -156,6 +211,11 @@ async fn settle(shared: &SchedulerState, mut batch: Vec<Done>) {
             continue;
         }
         debug!(build = %f.end.build_id, builder = %f.builder.config.name, results = %f.end.results, "build finished");
+        shared.metrics.build_finished(
+            &f.builder.config.name,
+            f.end.results,
+            (f.end.complete_at - f.build.started_at).as_seconds_f64(),
+        );
         shared.emit(Event::BuildFinished {
             build_id: f.end.build_id,
             number: f.build.number,

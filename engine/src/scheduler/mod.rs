@@ -107,6 +107,8 @@ pub(crate) struct SchedulerState {
     stopping: watch::Sender<bool>,
     /// What running builds wrote and the flusher has not stored yet.
     pub(crate) outputs: output::Outputs,
+    /// What this engine counts for `/metrics`.
+    pub(crate) metrics: crate::metrics::EngineMetrics,
 }
 
 /// The scheduler's side of the executor interface: what a build's context reaches. Its
@@ -172,6 +174,15 @@ impl SchedulerState {
         Waiting(self)
     }
 
+    /// Builds started here and not recorded as finished, and of those the ones waiting
+    /// on their children.
+    pub(crate) fn running_counts(&self) -> (usize, usize) {
+        (
+            *self.in_flight.borrow(),
+            self.waiting.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     pub(crate) fn emit(&self, event: Event) {
         // No subscribers is fine: events are a courtesy, the store is the truth.
         let _ = self.events.send(event);
@@ -206,6 +217,26 @@ impl SchedulerState {
             n += 1;
         }
         n
+    }
+
+    /// The builders registered here, by name.
+    pub(crate) fn builder_ids(&self) -> std::collections::BTreeMap<String, BuilderId> {
+        self.builders
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|b| (b.config.name.clone(), b.id))
+            .collect()
+    }
+
+    /// Becomes `true` when the engine stops.
+    pub(crate) fn stopping_signal(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
+    /// Wakes the claim loop (new work may be there).
+    pub(crate) fn wake_claims(&self) {
+        self.wake.notify_one();
     }
 
     fn is_stopping(&self) -> bool {
@@ -266,6 +297,7 @@ impl Scheduler {
             events,
             stopping: watch::channel(false).0,
             outputs: output::Outputs::default(),
+            metrics: crate::metrics::EngineMetrics::default(),
         });
         let mut tasks = vec![
             tokio::spawn(claim_loop(shared.clone())),
@@ -309,19 +341,6 @@ impl Scheduler {
         drop(builders);
         self.wake();
         true
-    }
-
-    /// The builders registered here, by name.
-    pub(crate) fn builder_ids(&self) -> std::collections::BTreeMap<String, BuilderId> {
-        let builders = self
-            .shared
-            .builders
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        builders
-            .values()
-            .map(|b| (b.config.name.clone(), b.id))
-            .collect()
     }
 
     /// The configs of the builders registered here.
@@ -518,6 +537,10 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<usize
             continue;
         };
         builder.occupy_slot(slot);
+        shared.metrics.build_started(
+            &builder.config.name,
+            (started.build.started_at - started.request.submitted_at).as_seconds_f64(),
+        );
         // Registered before the task runs, so that a cancel right after BuildStarted
         // always finds the build.
         let (stop_tx, stop_rx) = watch::channel(None);

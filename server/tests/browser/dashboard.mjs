@@ -1,5 +1,6 @@
 // Drives Kiln's dashboard in headless Chromium: submits work through the page, watches
-// a build's progress bar move and its log grow live, stops the build, and saves
+// a build's progress bar move and its log grow live, stops the build, sees a delayed
+// run as scheduled, fires a schedule, pauses and resumes a builder, and saves
 // screenshots of the main pages. Run by server/tests/browser.rs, which starts the
 // server and passes KILN_URL, KILN_TOKEN, KILN_SHOTS and KILN_CHROMIUM.
 import { chromium } from "playwright-core";
@@ -78,11 +79,37 @@ try {
   await page.screenshot({ path: join(shots, "buildsets.png"), fullPage: true });
   await page.goto(url + "/#/builders");
   await page.waitForSelector("#builders tr[data-builder]");
+
+  step = "a delayed run is scheduled, not running";
+  await page.goto(url + "/#/buildsets/" + process.env.KILN_SCHEDULED);
+  await page.waitForSelector('#requests .badge[data-result="SCHEDULED"]');
+  await page.goto(url + "/#/builders");
+  await page.waitForSelector("#builders tr[data-builder]");
+
+  step = "a schedule shows its next fire and fires on demand";
+  await page.goto(url + "/#/schedules");
+  await page.waitForSelector('#schedules tr[data-schedule="nightly"] .next-fire');
+  const next = await page.$eval('#schedules tr[data-schedule="nightly"] .next-fire', el => el.textContent.trim());
+  if (!next) fail("the schedule shows no next fire time");
+  await page.screenshot({ path: join(shots, "schedules.png"), fullPage: true });
+  await page.click('#schedules tr[data-schedule="nightly"] button.force');
+  await page.waitForFunction(() => /^#\/buildsets\/\d+$/.test(location.hash));
+  await page.goto(url + "/#/builders");
+  await page.waitForSelector("#builders tr[data-builder]");
+
+  step = "pause and resume a builder";
+  const row = '#builders tr[data-builder="echo"]';
+  await page.click(`${row} button.toggle-pause`);
+  await page.waitForSelector(`${row} .badge.paused`);
+  const paused = await (await fetch(url + "/api/v2/builders/echo")).json();
+  if (paused.builders[0].paused !== true) fail("the API does not say the builder is paused");
   await page.screenshot({ path: join(shots, "builders.png"), fullPage: true });
+  await page.click(`${row} button.toggle-pause`);
+  await page.waitForFunction(r => !document.querySelector(`${r} .badge.paused`) && document.querySelector(`${r} button.toggle-pause`)?.textContent === "Pause", row);
 
   if (errors.length) fail("the page threw: " + errors.join("; "));
   if (foreign.length) fail("the page loaded something from elsewhere: " + foreign.join(", "));
-  console.log("ok: submitted, watched progress " + first + " -> " + second + ", saw the log, stopped the build");
+  console.log("ok: submitted, watched progress " + first + " -> " + second + ", saw the log, stopped the build, paused and resumed a builder");
 } catch (e) {
   fail(`${step}: ${e.message}`);
 } finally {

@@ -11,7 +11,7 @@ use crate::sql::{Dialect, Sql};
 use crate::text::storable;
 use crate::{Result, StorageError, found_or, validate};
 
-const BUILDER: &str = "SELECT id, name, description, depends_on FROM builders WHERE ";
+const BUILDER: &str = "SELECT id, name, description, depends_on, paused FROM builders WHERE ";
 
 #[async_trait]
 impl<D: Dialect> Builders for D {

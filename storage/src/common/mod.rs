@@ -13,6 +13,9 @@ mod outbox;
 pub(crate) use outbox::REPORTER_COLUMNS;
 mod output;
 mod requests;
+mod schedules;
+#[cfg(test)]
+pub(crate) use requests::QUEUE_DEPTHS_SQL;
 
 use crate::Result;
 use crate::collections::{Shape, page, statements};

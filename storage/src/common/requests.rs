@@ -1,7 +1,7 @@
 //! Build requests: reads, priorities, and the cancels a master should look at.
 
 use async_trait::async_trait;
-use kiln_model::{BuildRequest, MasterId, RequestId};
+use kiln_model::{BuildRequest, BuilderId, MasterId, RequestId};
 
 use super::{all, one, query};
 use crate::query::{Page, Query, RequestField};
@@ -9,6 +9,14 @@ use crate::rows::{Col, REQUEST_FROM, request_from_row};
 use crate::seam::Requests;
 use crate::sql::{Dialect, Sql};
 use crate::{Result, StorageError, validate};
+
+/// Queued requests per builder. The queue's partial index holds incomplete requests
+/// alone, in builder order: the count reads that index and nothing else.
+pub(crate) const QUEUE_DEPTHS_SQL: &str =
+    "SELECT r.builder_id, COUNT(*) AS queued FROM buildrequests r
+     WHERE r.complete = 0
+       AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+     GROUP BY r.builder_id ORDER BY r.builder_id";
 
 #[async_trait]
 impl<D: Dialect> Requests for D {
@@ -57,6 +65,17 @@ impl<D: Dialect> Requests for D {
             });
         }
         Ok(answers)
+    }
+
+    async fn request_queue_depths(&self) -> Result<Vec<(BuilderId, u64)>> {
+        let sql = Sql::new(QUEUE_DEPTHS_SQL);
+        all(self, sql, |row| {
+            Ok((
+                BuilderId(row.int("builder_id")?),
+                u64::try_from(row.int("queued")?).unwrap_or_default(),
+            ))
+        })
+        .await
     }
 
     async fn request_cancel_pending(&self, master: MasterId) -> Result<Vec<RequestId>> {

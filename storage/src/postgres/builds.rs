@@ -32,7 +32,7 @@ const BUILD_JSON: &str = "json_build_object('id', b.id, 'number', b.number, 'bui
 /// A request joined with its claim, as one JSON object (`r` and `c`).
 const REQUEST_JSON: &str = "json_build_object('id', r.id, 'buildset_id', r.buildset_id, \
      'builder_id', r.builder_id, 'priority', r.priority, 'submitted_at', r.submitted_at, 'waited_for', r.waited_for, \
-     'complete', r.complete, 'complete_at', r.complete_at, 'results', r.results, 'cancel_requested', r.cancel_requested, \
+     'complete', r.complete, 'complete_at', r.complete_at, 'results', r.results, 'cancel_requested', r.cancel_requested, 'not_before', r.not_before, \
      'claimed_by', c.master_id, 'claimed_at', c.claimed_at)";
 
 /// A buildset's reason, properties, stamps and depth as one JSON array, with `bs` as the
@@ -195,32 +195,36 @@ impl PostgresStore {
         }
         let mut tx = self.pool.begin().await?;
         lock_active_master(&mut tx, params.master_id).await?;
-        // The builders with queued work, in Buildbot's order across builders, each with
+        // The builders with queued work and not paused, in Buildbot's order across builders, each with
         // how many of its free slots it can fill; the limit is shared out in that order.
         let heads = sqlx::query(
             "SELECT w.builder, LEAST(w.n, h.queued) AS available
              FROM unnest($1::bigint[], $2::bigint[]) AS w(builder, n)
-             JOIN builders bl ON bl.id = w.builder
+             JOIN builders bl ON bl.id = w.builder AND bl.paused = 0
              CROSS JOIN LATERAL (
                  SELECT r.priority FROM buildrequests r
                  WHERE r.builder_id = w.builder AND r.complete = 0
                    AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                   AND (r.not_before IS NULL OR r.not_before <= $3)
                  ORDER BY r.priority DESC, r.id LIMIT 1) top
              CROSS JOIN LATERAL (
                  SELECT r.submitted_at FROM buildrequests r
                  WHERE r.builder_id = w.builder AND r.complete = 0
                    AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                   AND (r.not_before IS NULL OR r.not_before <= $3)
                  ORDER BY r.submitted_at LIMIT 1) oldest
              CROSS JOIN LATERAL (
                  SELECT count(*) AS queued FROM (
                      SELECT 1 FROM buildrequests r
                      WHERE r.builder_id = w.builder AND r.complete = 0
                        AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                       AND (r.not_before IS NULL OR r.not_before <= $3)
                      LIMIT w.n) q) h
              ORDER BY top.priority DESC, oldest.submitted_at, bl.name COLLATE \"C\"",
         )
         .bind(ids_of(&wanted, |(b, _)| b.0))
         .bind(ids_of(&wanted, |(_, s)| s.len() as i64))
+        .bind(micros(params.now))
         .fetch_all(&mut *tx)
         .await?;
         let mut room = params.limit as i64;
@@ -243,12 +247,14 @@ impl PostgresStore {
                  FROM buildrequests r
                  WHERE r.builder_id = w.builder AND r.complete = 0
                    AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                   AND (r.not_before IS NULL OR r.not_before <= $3)
                  ORDER BY r.priority DESC, r.id
                  LIMIT w.n
                  FOR UPDATE OF r SKIP LOCKED) x",
         )
         .bind(ids_of(&shares, |(b, _)| *b))
         .bind(ids_of(&shares, |(_, n)| *n))
+        .bind(micros(params.now))
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
@@ -419,11 +425,15 @@ impl PostgresStore {
         end_builds(&mut tx, &mine).await?;
         let mut complete = Vec::new();
         let mut release = Vec::new();
+        let mut delays: Vec<(i64, i64)> = Vec::new();
         for e in ends {
             if !running.contains(&e.build_id.0) {
                 outcome.refused.push(e.build_id);
-            } else if e.results == ResultCode::Retry {
+            } else if e.results == ResultCode::Retry || e.retry_at.is_some() {
                 release.push(e.request_id.0);
+                if let Some(at) = e.retry_at {
+                    delays.push((e.request_id.0, micros(at)));
+                }
             } else {
                 complete.push(e);
             }
@@ -456,6 +466,18 @@ impl PostgresStore {
             .bind(&release)
             .fetch_all(&mut *tx)
             .await?;
+            // A retry waits out its backoff: not claimable again before its time.
+            delays.retain(|(r, _)| held.contains(r));
+            if !delays.is_empty() {
+                sqlx::query(
+                    "UPDATE buildrequests r SET not_before = t.at
+                     FROM unnest($1::bigint[], $2::bigint[]) AS t(id, at) WHERE r.id = t.id",
+                )
+                .bind(ids_of(&delays, |(r, _)| *r))
+                .bind(ids_of(&delays, |(_, at)| *at))
+                .execute(&mut *tx)
+                .await?;
+            }
             if !held.is_empty() {
                 listen::notify(&mut tx, &[StoreSignal::Work]).await?;
             }

@@ -7,12 +7,14 @@ use async_trait::async_trait;
 use sqlx::Row;
 
 use super::{MAX_TX_ATTEMPTS, PostgresStore, listen, outbox, retryable, retrying};
+use crate::idempotency;
 use crate::rows::micros;
 use crate::seam::BuildsetWrites;
 use crate::{
     AddedBuildset, NewBuildset, Result, StorageError, StoreSignal, fk_to_not_found, text, validate,
 };
 use kiln_model::{BuildsetId, RequestId, ResultCode};
+use sqlx::PgConnection;
 
 /// Column arrays for one multi-row INSERT.
 #[derive(Default)]
@@ -30,6 +32,7 @@ struct BuildsetRows {
     parent_request: Vec<Option<i64>>,
     trigger_key: Vec<Option<String>>,
     depth: Vec<i64>,
+    key: Vec<Option<String>>,
 }
 
 #[derive(Default)]
@@ -40,6 +43,7 @@ struct RequestRows {
     priority: Vec<i32>,
     submitted: Vec<i64>,
     waited_for: Vec<i64>,
+    not_before: Vec<Option<i64>>,
 }
 
 #[derive(Default)]
@@ -60,6 +64,10 @@ struct PropertyRows {
     source: Vec<String>,
 }
 
+/// The first key of the two-key advisory locks that make idempotency keys atomic
+/// across masters ("KILN" in ASCII).
+const IDEMPOTENCY_LOCK_CLASS: i32 = 0x4b49_4c4e;
+
 #[async_trait]
 impl BuildsetWrites for PostgresStore {
     async fn buildset_add_many(&self, params: &[NewBuildset]) -> Result<Vec<AddedBuildset>> {
@@ -77,23 +85,67 @@ impl PostgresStore {
             return Ok(Vec::new());
         }
         let mut tx = self.pool.begin().await?;
-        let wanted: Vec<i64> = params
-            .iter()
-            .flat_map(|p| p.builder_ids.iter().map(|b| b.0))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let known: Vec<i64> = sqlx::query_scalar("SELECT id FROM builders WHERE id = ANY($1)")
-            .bind(&wanted)
+        let keys = idempotency::keys(params);
+        let mut held = Vec::new();
+        if !keys.is_empty() {
+            // One transaction-scoped advisory lock per key, in sorted order (a deadlock
+            // is retried all the same): a concurrent submit with the same key, from any
+            // master, waits here until this one commits and then finds its buildset.
+            // The two-key form keeps Kiln's keys apart from single-key locks.
+            sqlx::query(
+                "SELECT pg_advisory_xact_lock($1, hashtext(k)) FROM unnest($2::text[]) AS k",
+            )
+            .bind(IDEMPOTENCY_LOCK_CLASS)
+            .bind(&keys)
+            .execute(&mut *tx)
+            .await?;
+            let rows = sqlx::query(
+                "SELECT bs.idempotency_key, bs.id, r.builder_id, r.id AS request_id
+                 FROM buildsets bs LEFT JOIN buildrequests r ON r.buildset_id = bs.id
+                 WHERE bs.idempotency_key = ANY($1)",
+            )
+            .bind(&keys)
             .fetch_all(&mut *tx)
             .await?;
-        if let Some(unknown) = wanted.iter().find(|b| !known.contains(b)) {
-            return Err(StorageError::UnknownBuilder(format!("#{unknown}")));
+            for row in rows {
+                held.push((
+                    row.try_get("idempotency_key")?,
+                    row.try_get("id")?,
+                    row.try_get("builder_id")?,
+                    row.try_get("request_id")?,
+                ));
+            }
         }
-        // Ids are drawn from the sequences up front, so that every row of the batch can
-        // be written with one statement per table.
-        let n_requests: i64 = params.iter().map(|p| p.builder_ids.len() as i64).sum();
-        let row = sqlx::query(
+        let plan = idempotency::plan(params, idempotency::gather(held));
+        let added = if plan.fresh.is_empty() {
+            Vec::new()
+        } else {
+            insert(&mut tx, &plan.fresh).await?
+        };
+        tx.commit().await?;
+        plan.answer(added)
+    }
+}
+
+/// Inserts new buildsets, their requests, stamps, properties and reports.
+async fn insert(tx: &mut PgConnection, params: &[&NewBuildset]) -> Result<Vec<AddedBuildset>> {
+    let wanted: Vec<i64> = params
+        .iter()
+        .flat_map(|p| p.builder_ids.iter().map(|b| b.0))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let known: Vec<i64> = sqlx::query_scalar("SELECT id FROM builders WHERE id = ANY($1)")
+        .bind(&wanted)
+        .fetch_all(&mut *tx)
+        .await?;
+    if let Some(unknown) = wanted.iter().find(|b| !known.contains(b)) {
+        return Err(StorageError::UnknownBuilder(format!("#{unknown}")));
+    }
+    // Ids are drawn from the sequences up front, so that every row of the batch can
+    // be written with one statement per table.
+    let n_requests: i64 = params.iter().map(|p| p.builder_ids.len() as i64).sum();
+    let row = sqlx::query(
             "SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('buildsets', 'id')) FROM generate_series(1, $1)) AS bs,
                     ARRAY(SELECT nextval(pg_get_serial_sequence('buildrequests', 'id')) FROM generate_series(1, $2)) AS br",
         )
@@ -101,74 +153,77 @@ impl PostgresStore {
         .bind(n_requests)
         .fetch_one(&mut *tx)
         .await?;
-        let mut buildset_ids: Vec<i64> = row.try_get("bs")?;
-        let mut request_ids: Vec<i64> = row.try_get("br")?;
-        buildset_ids.sort_unstable();
-        request_ids.sort_unstable();
-        let mut next_request = request_ids.into_iter();
+    let mut buildset_ids: Vec<i64> = row.try_get("bs")?;
+    let mut request_ids: Vec<i64> = row.try_get("br")?;
+    buildset_ids.sort_unstable();
+    request_ids.sort_unstable();
+    let mut next_request = request_ids.into_iter();
 
-        let mut bs = BuildsetRows::default();
-        let mut rq = RequestRows::default();
-        let mut st = StampRows::default();
-        let mut pr = PropertyRows::default();
-        let mut added = Vec::with_capacity(params.len());
-        for (p, &buildset_id) in params.iter().zip(&buildset_ids) {
-            let submitted = micros(p.submitted_at);
-            let empty = p.builder_ids.is_empty();
-            bs.id.push(buildset_id);
-            bs.reason.push(p.reason.clone());
-            bs.external.push(p.external_idstring.clone());
-            bs.submitted.push(submitted);
-            bs.complete.push(i64::from(empty));
-            bs.complete_at.push(empty.then_some(submitted));
-            bs.results
-                .push(empty.then_some(i64::from(ResultCode::Success.code())));
-            bs.parent_build.push(p.parent_buildid.map(|b| b.0));
-            bs.relationship.push(p.parent_relationship.clone());
-            bs.rebuilt.push(p.rebuilt_buildid.map(|b| b.0));
-            bs.parent_request.push(p.parent_request_id.map(|r| r.0));
-            bs.trigger_key.push(p.trigger_key.clone());
-            bs.depth.push(i64::from(p.depth));
-            let mut by_builder = BTreeMap::new();
-            for builder in &p.builder_ids {
-                let request_id = next_request.next().ok_or_else(|| {
-                    StorageError::Invalid("the database handed out too few request ids".into())
-                })?;
-                rq.id.push(request_id);
-                rq.buildset.push(buildset_id);
-                rq.builder.push(builder.0);
-                rq.priority.push(p.priority);
-                rq.submitted.push(submitted);
-                rq.waited_for.push(i64::from(p.waited_for));
-                by_builder.insert(*builder, RequestId(request_id));
-            }
-            for s in &p.sourcestamps {
-                st.buildset.push(buildset_id);
-                st.codebase.push(s.codebase.clone());
-                st.repository.push(s.repository.clone());
-                st.branch.push(s.branch.clone().unwrap_or_default());
-                st.revision.push(s.revision.clone().unwrap_or_default());
-                st.project.push(s.project.clone());
-            }
-            for (name, property) in &p.properties {
-                pr.buildset.push(buildset_id);
-                pr.name.push(name.clone());
-                pr.value.push(property.value.to_string());
-                pr.source.push(property.source.clone());
-            }
-            added.push(AddedBuildset {
-                buildset_id: BuildsetId(buildset_id),
-                requests: by_builder,
-            });
+    let mut bs = BuildsetRows::default();
+    let mut rq = RequestRows::default();
+    let mut st = StampRows::default();
+    let mut pr = PropertyRows::default();
+    let mut added = Vec::with_capacity(params.len());
+    for (p, &buildset_id) in params.iter().zip(&buildset_ids) {
+        let submitted = micros(p.submitted_at);
+        let empty = p.builder_ids.is_empty();
+        bs.id.push(buildset_id);
+        bs.reason.push(p.reason.clone());
+        bs.external.push(p.external_idstring.clone());
+        bs.submitted.push(submitted);
+        bs.complete.push(i64::from(empty));
+        bs.complete_at.push(empty.then_some(submitted));
+        bs.results
+            .push(empty.then_some(i64::from(ResultCode::Success.code())));
+        bs.parent_build.push(p.parent_buildid.map(|b| b.0));
+        bs.relationship.push(p.parent_relationship.clone());
+        bs.rebuilt.push(p.rebuilt_buildid.map(|b| b.0));
+        bs.parent_request.push(p.parent_request_id.map(|r| r.0));
+        bs.trigger_key.push(p.trigger_key.clone());
+        bs.depth.push(i64::from(p.depth));
+        bs.key.push(p.idempotency_key.clone());
+        let mut by_builder = BTreeMap::new();
+        for builder in &p.builder_ids {
+            let request_id = next_request.next().ok_or_else(|| {
+                StorageError::Invalid("the database handed out too few request ids".into())
+            })?;
+            rq.id.push(request_id);
+            rq.buildset.push(buildset_id);
+            rq.builder.push(builder.0);
+            rq.priority.push(p.priority);
+            rq.submitted.push(submitted);
+            rq.waited_for.push(i64::from(p.waited_for));
+            rq.not_before.push(p.not_before.map(micros));
+            by_builder.insert(*builder, RequestId(request_id));
         }
+        for s in &p.sourcestamps {
+            st.buildset.push(buildset_id);
+            st.codebase.push(s.codebase.clone());
+            st.repository.push(s.repository.clone());
+            st.branch.push(s.branch.clone().unwrap_or_default());
+            st.revision.push(s.revision.clone().unwrap_or_default());
+            st.project.push(s.project.clone());
+        }
+        for (name, property) in &p.properties {
+            pr.buildset.push(buildset_id);
+            pr.name.push(name.clone());
+            pr.value.push(property.value.to_string());
+            pr.source.push(property.source.clone());
+        }
+        added.push(AddedBuildset {
+            buildset_id: BuildsetId(buildset_id),
+            requests: by_builder,
+            existing: false,
+        });
+    }
 
-        sqlx::query(
+    sqlx::query(
             "INSERT INTO buildsets (id, reason, external_idstring, submitted_at, complete, complete_at, results,
                                     parent_buildid, parent_relationship, rebuilt_buildid, parent_request_id, trigger_key,
-                                    depth)
+                                    depth, idempotency_key)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
                                   $7::bigint[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::text[],
-                                  $13::bigint[])",
+                                  $13::bigint[], $14::text[])",
         )
         .bind(&bs.id)
         .bind(&bs.reason)
@@ -183,6 +238,7 @@ impl PostgresStore {
         .bind(&bs.parent_request)
         .bind(&bs.trigger_key)
         .bind(&bs.depth)
+        .bind(&bs.key)
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -197,10 +253,11 @@ impl PostgresStore {
                 }),
             )
         })?;
-        if !rq.id.is_empty() {
-            sqlx::query(
-                "INSERT INTO buildrequests (id, buildset_id, builder_id, priority, submitted_at, waited_for)
-                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::integer[], $5::bigint[], $6::bigint[])",
+    if !rq.id.is_empty() {
+        sqlx::query(
+                "INSERT INTO buildrequests (id, buildset_id, builder_id, priority, submitted_at, waited_for, not_before)
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::integer[], $5::bigint[], $6::bigint[],
+                                      $7::bigint[])",
             )
             .bind(&rq.id)
             .bind(&rq.buildset)
@@ -208,13 +265,14 @@ impl PostgresStore {
             .bind(&rq.priority)
             .bind(&rq.submitted)
             .bind(&rq.waited_for)
+            .bind(&rq.not_before)
             .execute(&mut *tx)
             .await?;
-        }
-        if !st.buildset.is_empty() {
-            // Sorted, so that two masters adding the same new stamps lock them in one
-            // order; a stamp another transaction is adding waits for it to commit.
-            sqlx::query(
+    }
+    if !st.buildset.is_empty() {
+        // Sorted, so that two masters adding the same new stamps lock them in one
+        // order; a stamp another transaction is adding waits for it to commit.
+        sqlx::query(
                 "INSERT INTO sourcestamps (codebase, repository, branch, revision, project)
                  SELECT DISTINCT c, r, b, v, p FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
                      AS t(c, r, b, v, p)
@@ -228,7 +286,7 @@ impl PostgresStore {
             .bind(&st.project)
             .execute(&mut *tx)
             .await?;
-            sqlx::query(
+        sqlx::query(
                 "INSERT INTO buildset_sourcestamps (buildset_id, sourcestamp_id)
                  SELECT t.bs, s.id
                  FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS t(bs, c, r, b, v, p)
@@ -244,30 +302,28 @@ impl PostgresStore {
             .bind(&st.project)
             .execute(&mut *tx)
             .await?;
-        }
-        if !pr.buildset.is_empty() {
-            sqlx::query(
-                "INSERT INTO buildset_properties (buildset_id, name, value, source)
-                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])",
-            )
-            .bind(&pr.buildset)
-            .bind(&pr.name)
-            .bind(&pr.value)
-            .bind(&pr.source)
-            .execute(&mut *tx)
-            .await?;
-        }
-        outbox::record_submitted(&mut tx, &buildset_ids).await?;
-        let empty: Vec<i64> = added
-            .iter()
-            .filter(|a| a.requests.is_empty())
-            .map(|a| a.buildset_id.0)
-            .collect();
-        outbox::record_complete(&mut tx, &empty).await?;
-        if !rq.id.is_empty() {
-            listen::notify(&mut tx, &[StoreSignal::Work]).await?;
-        }
-        tx.commit().await?;
-        Ok(added)
     }
+    if !pr.buildset.is_empty() {
+        sqlx::query(
+            "INSERT INTO buildset_properties (buildset_id, name, value, source)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])",
+        )
+        .bind(&pr.buildset)
+        .bind(&pr.name)
+        .bind(&pr.value)
+        .bind(&pr.source)
+        .execute(&mut *tx)
+        .await?;
+    }
+    outbox::record_submitted(&mut *tx, &buildset_ids).await?;
+    let empty: Vec<i64> = added
+        .iter()
+        .filter(|a| a.requests.is_empty())
+        .map(|a| a.buildset_id.0)
+        .collect();
+    outbox::record_complete(&mut *tx, &empty).await?;
+    if !rq.id.is_empty() {
+        listen::notify(&mut *tx, &[StoreSignal::Work]).await?;
+    }
+    Ok(added)
 }

@@ -18,12 +18,14 @@
 //! is retried a few times. Transactions that make work for other masters end with a
 //! `NOTIFY`; [`listen`] turns those into [`StoreSignal`](super::StoreSignal)s.
 
+mod builders;
 mod builds;
 mod buildsets;
 mod listen;
 mod masters;
 mod outbox;
 mod requests;
+mod retention;
 
 use std::str::FromStr;
 

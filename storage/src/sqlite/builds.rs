@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, named_params, params};
 use serde_json::{Value, json};
 
 use super::json::{BUILD_JSON, CONTEXT_JSON, REQUEST_JSON};
@@ -27,8 +27,8 @@ use kiln_model::{Build, BuilderId, BuildsetId, MasterId, RequestId, ResultCode};
 /// A request about to be claimed: id, cancel_requested, buildset id.
 type Candidate = (i64, i64, i64);
 
-/// Of a JSON array of `[builder id, free slots]`, the builders with queued work that
-/// nobody claimed, as a JSON array of `[builder id, free slots]` in Buildbot's order
+/// Of a JSON array of `[builder id, free slots]` (`:wanted`), the builders not paused with
+/// queued work that nobody claimed and that is due by `:now`, as a JSON array of `[builder id, free slots]` in Buildbot's order
 /// across builders: highest queued priority first, then oldest queued request, then
 /// name. Each builder costs two index seeks, however long its queue.
 const HEADS_SQL: &str = "SELECT COALESCE(json_group_array(json_array(builder, slots) ORDER BY top DESC, oldest, name), '[]')
@@ -36,22 +36,25 @@ const HEADS_SQL: &str = "SELECT COALESCE(json_group_array(json_array(builder, sl
                   (SELECT r.priority FROM buildrequests r
                    WHERE r.builder_id = w.value ->> 0 AND r.complete = 0
                      AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                     AND (r.not_before IS NULL OR r.not_before <= :now)
                    ORDER BY r.priority DESC, r.id LIMIT 1) AS top,
                   (SELECT r.submitted_at FROM buildrequests r
                    WHERE r.builder_id = w.value ->> 0 AND r.complete = 0
                      AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                     AND (r.not_before IS NULL OR r.not_before <= :now)
                    ORDER BY r.submitted_at LIMIT 1) AS oldest
-           FROM json_each(?) w JOIN builders bl ON bl.id = w.value ->> 0)
+           FROM json_each(:wanted) w JOIN builders bl ON bl.id = w.value ->> 0 AND bl.paused = 0)
      WHERE top IS NOT NULL";
 
-/// Of one builder (first parameter), its most urgent unclaimed requests (at most the
-/// second parameter), by priority then id, as a JSON array of [`Candidate`]s. One seek
+/// Of one builder (`:builder`), its most urgent unclaimed requests due by `:now` (at most
+/// `:limit`), by priority then id, as a JSON array of [`Candidate`]s. One seek
 /// into the partial queue index, however long the queue.
 const CANDIDATES_SQL: &str = "SELECT json_group_array(json_array(id, cancel_requested, buildset_id) ORDER BY priority DESC, id) FROM (
      SELECT r.id, r.cancel_requested, r.buildset_id, r.priority FROM buildrequests r
-     WHERE r.builder_id = ? AND r.complete = 0
+     WHERE r.builder_id = :builder AND r.complete = 0
        AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
-     ORDER BY r.priority DESC, r.id LIMIT ?)";
+       AND (r.not_before IS NULL OR r.not_before <= :now)
+     ORDER BY r.priority DESC, r.id LIMIT :limit)";
 
 /// Writes the ends of builds known to run on the caller's master: their columns, their
 /// artifacts, and their `build_finished` reports.
@@ -230,9 +233,11 @@ fn start_available(tx: &Connection, params: &StartAvailable) -> Result<StartOutc
         .filter(|(_, slots)| !slots.is_empty())
         .map(|(builder, slots)| json!([builder.0, slots.len()]))
         .collect();
-    let heads: String = tx
-        .prepare_cached(HEADS_SQL)?
-        .query_row([Value::from(wanted).to_string()], |r| r.get(0))?;
+    let now = micros(params.now);
+    let heads: String = tx.prepare_cached(HEADS_SQL)?.query_row(
+        named_params! {":wanted": Value::from(wanted).to_string(), ":now": now},
+        |r| r.get(0),
+    )?;
     let heads: Vec<(i64, usize)> = from_json(&heads)?;
     let mut claimed: Vec<(BuilderId, Vec<Candidate>)> = Vec::new();
     let mut room = params.limit;
@@ -240,9 +245,10 @@ fn start_available(tx: &Connection, params: &StartAvailable) -> Result<StartOutc
         if room == 0 {
             break;
         }
-        let found: String = tx
-            .prepare_cached(CANDIDATES_SQL)?
-            .query_row(params![builder, slots.min(room) as i64], |r| r.get(0))?;
+        let found: String = tx.prepare_cached(CANDIDATES_SQL)?.query_row(
+            named_params! {":builder": builder, ":limit": slots.min(room) as i64, ":now": now},
+            |r| r.get(0),
+        )?;
         let found: Vec<Candidate> = from_json(&found)?;
         room = room.saturating_sub(found.len());
         if !found.is_empty() {
@@ -372,11 +378,15 @@ fn finish_batch(
     end_builds(tx, &ending)?;
     let mut complete = Vec::new();
     let mut release = Vec::new();
+    let mut delays = Vec::new();
     for e in ends {
         if !running.contains(&e.build_id.0) {
             outcome.refused.push(e.build_id);
-        } else if e.results == ResultCode::Retry {
+        } else if e.results == ResultCode::Retry || e.retry_at.is_some() {
             release.push(e.request_id.0);
+            if let Some(at) = e.retry_at {
+                delays.push((e.request_id.0, micros(at)));
+            }
         } else {
             complete.push(json!([
                 e.request_id.0,
@@ -417,6 +427,19 @@ fn finish_batch(
             "DELETE FROM buildrequest_claims WHERE request_id IN (SELECT value FROM json_each(?))",
         )?
         .execute([json_ids(held.iter().copied())])?;
+        // A retry waits out its backoff: not claimable again before its time.
+        let delays: Vec<Value> = delays
+            .into_iter()
+            .filter(|(r, _)| held.contains(r))
+            .map(|(r, at)| json!([r, at]))
+            .collect();
+        if !delays.is_empty() {
+            tx.prepare_cached(
+                "UPDATE buildrequests SET not_before = j.value ->> 1 FROM json_each(?) j
+                 WHERE buildrequests.id = j.value ->> 0",
+            )?
+            .execute([Value::from(delays).to_string()])?;
+        }
         outcome.released = held.into_iter().map(RequestId).collect();
     }
     let latest = ends
@@ -435,20 +458,20 @@ fn finish_batch(
 mod tests {
     use super::*;
 
-    use sqlx::Row;
-
-    /// The plan SQLite chooses for `sql`, one line per step.
+    /// The plan SQLite chooses for `sql`, one line per step, with `binds` for its
+    /// parameters in the order SQLite numbers them (named ones by first appearance).
+    /// Run on the synchronous writer connection, the one the claim queries run on.
     async fn plan(store: &SqliteStore, sql: &str, binds: &[&str]) -> Result<Vec<String>> {
-        let explain = format!("EXPLAIN QUERY PLAN {sql}");
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(explain));
-        for b in binds {
-            query = query.bind(*b);
-        }
-        let mut conn = store.writer.lock().await;
-        let rows = query.fetch_all(&mut *conn).await?;
-        rows.iter()
-            .map(|r| Ok(r.try_get::<String, _>("detail")?))
-            .collect()
+        let _turn = store.writer.lock().await;
+        let conn = store
+            .sync
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut statement = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+        let rows = statement.query_map(rusqlite::params_from_iter(binds.iter()), |r| {
+            r.get::<_, String>("detail")
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
     }
 
     /// The claim path seeks; it never walks a whole table, however many requests are
@@ -459,8 +482,14 @@ mod tests {
         let url = format!("sqlite://{}", dir.path().join("plan.db").display());
         let store = SqliteStore::open(&url, &crate::StoreOptions::default()).await?;
         for (what, sql, binds) in [
-            ("heads", HEADS_SQL, &["[[1, 4]]"][..]),
-            ("candidates", CANDIDATES_SQL, &["1", "4"][..]),
+            // Named parameters are numbered by first appearance: :now, :wanted.
+            ("heads", HEADS_SQL, &["1700000000000000", "[[1, 4]]"][..]),
+            // :builder, :now, :limit.
+            (
+                "candidates",
+                CANDIDATES_SQL,
+                &["1", "1700000000000000", "4"][..],
+            ),
         ] {
             let steps = plan(&store, sql, binds).await?;
             let scans: Vec<&String> = steps

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::{SqliteStore, outbox};
+use crate::idempotency;
 use crate::rows::{from_json, json_ids, micros};
 use crate::seam::BuildsetWrites;
 use crate::{AddedBuildset, NewBuildset, Result, StorageError, text, validate};
@@ -29,8 +30,38 @@ impl BuildsetWrites for SqliteStore {
     }
 }
 
-/// Adds buildsets inside the caller's transaction.
+/// Adds buildsets inside the caller's transaction; those whose idempotency key a
+/// buildset holds already get that buildset back (inside BEGIN IMMEDIATE nobody else
+/// can take a key between the look-up and the insert).
 fn add_many(tx: &rusqlite::Connection, params: &[NewBuildset]) -> Result<Vec<AddedBuildset>> {
+    let keys = idempotency::keys(params);
+    if keys.is_empty() {
+        return insert(tx, &params.iter().collect::<Vec<_>>());
+    }
+    let mut held = Vec::new();
+    for row in tx
+        .prepare_cached(
+            "SELECT bs.idempotency_key, bs.id, r.builder_id, r.id
+             FROM buildsets bs LEFT JOIN buildrequests r ON r.buildset_id = bs.id
+             WHERE bs.idempotency_key IN (SELECT value FROM json_each(?))",
+        )?
+        .query_map([Value::from(keys).to_string()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
+    {
+        held.push(row?);
+    }
+    let plan = idempotency::plan(params, idempotency::gather(held));
+    let added = if plan.fresh.is_empty() {
+        Vec::new()
+    } else {
+        insert(tx, &plan.fresh)?
+    };
+    plan.answer(added)
+}
+
+/// Inserts new buildsets, their requests, stamps, properties and reports.
+fn insert(tx: &rusqlite::Connection, params: &[&NewBuildset]) -> Result<Vec<AddedBuildset>> {
     // One statement checks the builders and finds the next free ids: inside BEGIN
     // IMMEDIATE nobody else inserts, so the ids can be handed out here and every row
     // of the batch written with one statement per table.
@@ -75,6 +106,7 @@ fn add_many(tx: &rusqlite::Connection, params: &[NewBuildset]) -> Result<Vec<Add
             p.parent_request_id.map(|r| r.0),
             p.trigger_key,
             p.depth,
+            p.idempotency_key,
         ]));
         let mut by_builder = BTreeMap::new();
         for builder in &p.builder_ids {
@@ -84,7 +116,8 @@ fn add_many(tx: &rusqlite::Connection, params: &[NewBuildset]) -> Result<Vec<Add
                 builder.0,
                 p.priority,
                 submitted,
-                p.waited_for
+                p.waited_for,
+                p.not_before.map(micros),
             ]));
             by_builder.insert(*builder, RequestId(request_id));
             request_id += 1;
@@ -110,15 +143,16 @@ fn add_many(tx: &rusqlite::Connection, params: &[NewBuildset]) -> Result<Vec<Add
         added.push(AddedBuildset {
             buildset_id: BuildsetId(buildset_id),
             requests: by_builder,
+            existing: false,
         });
     }
 
     tx.prepare_cached(
             "INSERT INTO buildsets (id, reason, external_idstring, submitted_at, complete, complete_at, results,
                                     parent_buildid, parent_relationship, rebuilt_buildid, parent_request_id, trigger_key,
-                                    depth)
+                                    depth, idempotency_key)
              SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-                    value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, value ->> 12
+                    value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, value ->> 12, value ->> 13
              FROM json_each(?)",
         )?
         .execute([Value::from(buildsets).to_string()])
@@ -136,8 +170,9 @@ fn add_many(tx: &rusqlite::Connection, params: &[NewBuildset]) -> Result<Vec<Add
         })?;
     if !requests.is_empty() {
         tx.prepare_cached(
-                "INSERT INTO buildrequests (id, buildset_id, builder_id, priority, submitted_at, waited_for)
-                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 FROM json_each(?)",
+                "INSERT INTO buildrequests (id, buildset_id, builder_id, priority, submitted_at, waited_for, not_before)
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6
+                 FROM json_each(?)",
             )?
             .execute([Value::from(requests).to_string()])?;
     }

@@ -11,12 +11,14 @@
 //! and back: measured here, an UPDATE cost 60 µs through it and 16 µs raw, and the
 //! lifecycle's 6–8 statements per transaction made the writer a chain of thread wake-ups.
 
+mod builders;
 mod builds;
 mod buildsets;
 mod json;
 mod masters;
 mod outbox;
 mod requests;
+mod retention;
 
 use std::str::FromStr;
 use std::sync::{Arc, PoisonError, Weak};

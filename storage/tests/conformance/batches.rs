@@ -15,6 +15,7 @@ fn end(build: &kiln_model::Build, results: ResultCode, at: Timestamp) -> Finishe
         state_string: Some(format!("ended {results}")),
         artifacts: Vec::new(),
         complete_at: at,
+        retry_at: None,
     }
 }
 

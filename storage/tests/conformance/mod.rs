@@ -10,6 +10,7 @@ pub mod buildsets;
 pub mod children;
 pub mod input;
 pub mod masters;
+pub mod operators;
 pub mod outbox;
 pub mod output;
 pub mod queries;
@@ -29,7 +30,7 @@ use kiln_storage::{
     BuildField, BuildFilter, BuilderField, BuildsetField, BuildsetFilter, CancelOutcome,
     ClaimFilter, ExpireMasters, FilterValue, FinishedBuild, MasterField, NewBuild, NewBuildset, Op,
     Query, ReporterProgress, RequestField, RequestFilter, RequestOrder, RequestOrderField,
-    StartAvailable, StorageError, Store,
+    RetentionSweep, StartAvailable, StorageError, Store,
 };
 use serde_json::json;
 
@@ -150,6 +151,15 @@ macro_rules! conformance_tests {
                 collection_queries_filter_order_and_page_in_the_database,
                 the_priority_of_an_open_request_can_change,
                 an_expired_master_starts_nothing_until_it_registers_again,
+            ],
+            operators: [
+                a_paused_builder_keeps_its_queue_until_resumed_while_other_builders_run,
+                a_second_submit_with_the_same_idempotency_key_returns_the_first_buildset,
+                concurrent_submits_with_shared_keys_from_several_stores_make_one_buildset_per_key,
+                a_delayed_request_waits_for_its_time_while_due_work_runs,
+                a_retried_build_keeps_its_result_and_its_request_waits_out_the_backoff,
+                deleting_a_buildset_takes_its_builds_and_outputs_and_refuses_unfinished_work,
+                retention_keeps_the_newest_and_the_recent_and_deletes_the_rest_in_batches,
             ],
             shapes: [
                 outbox_seqs_are_never_reused_after_the_prune_empties_the_outbox,
@@ -299,6 +309,7 @@ fn finish(build: &kiln_model::Build, results: ResultCode, at: Timestamp) -> Fini
         state_string: None,
         artifacts: Vec::new(),
         complete_at: at,
+        retry_at: None,
     }
 }
 

@@ -40,6 +40,7 @@ pub async fn every_lifecycle_change_writes_its_event_in_the_same_transaction(
             state_string: Some("done".into()),
             artifacts: vec![],
             complete_at: at(5),
+            retry_at: None,
         }],
     )
     .await?;

@@ -1,0 +1,605 @@
+//! Operators' controls end to end, on every backend: pausing builders (across a restart
+//! and between masters), idempotent submits from several engines at once, and the
+//! metrics and readiness an operator scrapes. Tests wait on events; timeouts only turn
+//! a hang into a failure.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use kiln_engine::model::ResultCode;
+use kiln_engine::storage::RequestFilter;
+use kiln_engine::{
+    BuilderConfig, Engine, EngineConfig, Event, FnExecutor, Outcome, RetryPolicy, Submission,
+};
+use serde_json::json;
+
+mod support;
+use support::{backends, guard};
+
+fn ok() -> FnExecutor {
+    FnExecutor::new(|_| async { Ok(Outcome::success(json!(null))) })
+}
+
+async fn engine(url: &str, name: &str) -> Result<Engine> {
+    let engine = Engine::open(EngineConfig::new(url).master_name(name)).await?;
+    engine
+        .register_builder(BuilderConfig::new("held"), ok())
+        .await?;
+    engine
+        .register_builder(BuilderConfig::new("free"), ok())
+        .await?;
+    Ok(engine)
+}
+
+async fn unclaimed(engine: &Engine, builder: &str) -> Result<usize> {
+    let id = engine.client().builder_named(builder).await?.id;
+    let requests = engine
+        .client()
+        .requests(&RequestFilter {
+            builder_id: Some(id),
+            complete: Some(false),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(requests.iter().all(|r| r.claimed_by.is_none()));
+    Ok(requests.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_builder_keeps_its_queue_across_a_restart_and_runs_it_when_resumed() -> Result<()>
+{
+    for backend in backends("pause_restart").await? {
+        let engine = engine(&backend.url, "m1").await?;
+        engine.set_builder_paused("held", true).await?;
+        let mut held = Vec::new();
+        for i in 0..5 {
+            let s = Submission::new(format!("held {i}")).builder("held");
+            held.push(engine.submit(&s).await?.buildset_id);
+        }
+        // The builder that is not paused runs while the paused one waits: by the time
+        // its buildset is complete the claim loop has offered both builders' slots.
+        let free = engine
+            .submit(&Submission::new("free").builder("free"))
+            .await?;
+        guard("the free builder", engine.wait_buildset(free.buildset_id)).await??;
+        ensure!(unclaimed(&engine, "held").await? == 5, "{}", backend.name);
+        engine.shutdown().await;
+
+        // Restarted: still paused, still queued.
+        let engine = self::engine(&backend.url, "m1").await?;
+        ensure!(engine.client().builder_named("held").await?.paused);
+        let again = engine
+            .submit(&Submission::new("free again").builder("free"))
+            .await?;
+        guard("the free builder", engine.wait_buildset(again.buildset_id)).await??;
+        ensure!(unclaimed(&engine, "held").await? == 5, "{}", backend.name);
+
+        let resumed = engine.set_builder_paused("held", false).await?;
+        ensure!(!resumed.paused);
+        for id in held {
+            let done = guard("a resumed request", engine.wait_buildset(id)).await??;
+            ensure!(done.results == Some(ResultCode::Success));
+        }
+        engine.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_on_one_master_lets_another_master_run_the_queue() -> Result<()> {
+    for backend in backends("pause_masters").await? {
+        // The master that runs "held" and a second process that only pauses and resumes.
+        let runner = engine(&backend.url, "runner").await?;
+        let operator = kiln_engine::Client::open(&backend.url).await?;
+        operator.set_builder_paused("held", true).await?;
+        let queued = runner
+            .submit(&Submission::new("queued").builder("held"))
+            .await?;
+        let free = runner
+            .submit(&Submission::new("free").builder("free"))
+            .await?;
+        guard("the free builder", runner.wait_buildset(free.buildset_id)).await??;
+        ensure!(unclaimed(&runner, "held").await? == 1);
+        // PostgreSQL notifies the runner; SQLite's runner finds it at its next poll.
+        operator.set_builder_paused("held", false).await?;
+        let done = guard(
+            "the resumed request",
+            runner.wait_buildset(queued.buildset_id),
+        )
+        .await??;
+        ensure!(
+            done.results == Some(ResultCode::Success),
+            "{}",
+            backend.name
+        );
+        runner.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_submits_with_one_key_on_two_masters_make_one_buildset_and_one_event() -> Result<()>
+{
+    for backend in backends("idempotent_engines").await? {
+        let a = std::sync::Arc::new(engine(&backend.url, "a").await?);
+        let b = std::sync::Arc::new(engine(&backend.url, "b").await?);
+        let mut events = a.subscribe();
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let engine = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tasks.push(tokio::spawn(async move {
+                let s = Submission::new(format!("try {i}"))
+                    .builder("free")
+                    .idempotency_key("release-1.0");
+                engine.submit(&s).await
+            }));
+        }
+        let mut ids = BTreeSet::new();
+        let mut new = 0;
+        for task in tasks {
+            let submitted = task.await??;
+            ids.insert(submitted.buildset_id);
+            new += usize::from(!submitted.existing);
+            ensure!(submitted.requests.contains_key("free"));
+        }
+        ensure!(
+            ids.len() == 1,
+            "{}: one buildset, got {ids:?}",
+            backend.name
+        );
+        ensure!(
+            new == 1,
+            "{}: {new} submits said they made it",
+            backend.name
+        );
+        let Some(&id) = ids.first() else {
+            anyhow::bail!("no buildset")
+        };
+        guard("the keyed buildset", a.wait_buildset(id)).await??;
+        // Engine a announced the buildset at most once (once if it made it).
+        let mut announced = 0;
+        while let Ok(event) = events.try_recv() {
+            if matches!(event, Event::BuildsetSubmitted { .. }) {
+                announced += 1;
+            }
+        }
+        ensure!(
+            announced <= 1,
+            "{}: announced {announced} times",
+            backend.name
+        );
+        // A key-less repeat is new work; an empty key is refused.
+        let fresh = a.submit(&Submission::new("again").builder("free")).await?;
+        ensure!(!fresh.existing && fresh.buildset_id != id);
+        ensure!(
+            a.submit(
+                &Submission::new("blank")
+                    .builder("free")
+                    .idempotency_key(" ")
+            )
+            .await
+            .is_err()
+        );
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_builds_by_builder_and_result_and_read_queues_from_the_database() -> Result<()>
+{
+    for backend in backends("metrics").await? {
+        let engine = Engine::open(EngineConfig::new(&backend.url).master_name("m")).await?;
+        // A builder name with the bytes a label value must escape.
+        let odd = "odd \"name\"\\ with\nnewline";
+        engine
+            .register_builder(BuilderConfig::new(odd), ok())
+            .await?;
+        engine
+            .register_builder(
+                BuilderConfig::new("fails"),
+                FnExecutor::new(|_| async { Ok(Outcome::with_results(ResultCode::Failure, None)) }),
+            )
+            .await?;
+        engine
+            .register_builder(BuilderConfig::new("held"), ok())
+            .await?;
+        engine.set_builder_paused("held", true).await?;
+        for _ in 0..3 {
+            let s = engine
+                .submit(&Submission::new("m").builder(odd).builder("fails"))
+                .await?;
+            guard("a buildset", engine.wait_buildset(s.buildset_id)).await??;
+        }
+        for _ in 0..2 {
+            engine.submit(&Submission::new("q").builder("held")).await?;
+        }
+        engine.ready().await?;
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &engine.metrics().await?)?;
+        let has = |line: &str| text.lines().any(|l| l == line);
+        let escaped = r#"odd \"name\"\\ with\nnewline"#;
+        for line in [
+            format!(r#"kiln_builds_finished_total{{builder="{escaped}",result="SUCCESS"}} 3"#),
+            r#"kiln_builds_finished_total{builder="fails",result="FAILURE"} 3"#.to_owned(),
+            format!(r#"kiln_builds_started_total{{builder="{escaped}"}} 3"#),
+            "kiln_claims_total 6".to_owned(),
+            r#"kiln_requests_queued{builder="held"} 2"#.to_owned(),
+            r#"kiln_requests_queued{builder="fails"} 0"#.to_owned(),
+            r#"kiln_builder_paused{builder="held"} 1"#.to_owned(),
+            "kiln_masters_alive 1".to_owned(),
+            "kiln_submit_to_start_seconds_count 6".to_owned(),
+            r#"kiln_build_duration_seconds_count{builder="fails"} 3"#.to_owned(),
+        ] {
+            ensure!(has(&line), "{}: no line {line:?} in\n{text}", backend.name);
+        }
+        ensure!(text.ends_with("# EOF\n"));
+        engine.shutdown().await;
+    }
+    Ok(())
+}
+
+/// A job that fails with an exception until its `n`th attempt, counting attempts by
+/// build number.
+fn flaky(succeed_at: i64) -> FnExecutor {
+    FnExecutor::new(move |ctx| async move {
+        if ctx.number() >= succeed_at {
+            Ok(Outcome::success(json!(ctx.number())))
+        } else {
+            Ok(Outcome::exception("not yet", None))
+        }
+    })
+}
+
+fn quick(attempts: u32, on_failure: bool) -> RetryPolicy {
+    RetryPolicy {
+        attempts,
+        on_failure,
+        backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(80),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exceptions_are_retried_with_backoff_until_the_attempts_run_out() -> Result<()> {
+    for backend in backends("retries").await? {
+        let mut config = EngineConfig::new(&backend.url).master_name("m");
+        config.poll_interval = Duration::from_millis(20);
+        let engine = Engine::open(config).await?;
+        let name = backend.name;
+        engine
+            .register_builder(
+                BuilderConfig::new("third-time").retry(quick(5, false)),
+                flaky(3),
+            )
+            .await?;
+        engine
+            .register_builder(
+                BuilderConfig::new("hopeless").retry(quick(3, false)),
+                flaky(99),
+            )
+            .await?;
+        engine
+            .register_builder(
+                BuilderConfig::new("fails").retry(quick(3, false)),
+                FnExecutor::new(|_| async { Ok(Outcome::with_results(ResultCode::Failure, None)) }),
+            )
+            .await?;
+        engine
+            .register_builder(
+                BuilderConfig::new("fails-retried").retry(quick(2, true)),
+                FnExecutor::new(|_| async { Ok(Outcome::with_results(ResultCode::Failure, None)) }),
+            )
+            .await?;
+        engine
+            .register_builder(
+                BuilderConfig::new("asks-again").retry(quick(2, false)),
+                FnExecutor::new(|_| async { Ok(Outcome::with_results(ResultCode::Retry, None)) }),
+            )
+            .await?;
+        let expect = [
+            ("third-time", ResultCode::Success, 3),
+            ("hopeless", ResultCode::Exception, 3),
+            ("fails", ResultCode::Failure, 1),
+            ("fails-retried", ResultCode::Failure, 2),
+            (
+                "asks-again",
+                ResultCode::Exception,
+                kiln_engine::retry::DEFAULT_JOB_RETRY_ATTEMPTS as usize,
+            ),
+        ];
+        for (builder, results, builds) in expect {
+            let s = engine
+                .submit(&Submission::new(builder).builder(builder))
+                .await?;
+            let done = guard(builder, engine.wait_buildset(s.buildset_id)).await??;
+            ensure!(
+                done.results == Some(results),
+                "{name} {builder}: {:?}",
+                done.results
+            );
+            let request = s.requests[builder];
+            let all = engine
+                .client()
+                .builds(&kiln_engine::storage::BuildFilter {
+                    request_id: Some(request),
+                    ..Default::default()
+                })
+                .await?;
+            ensure!(
+                all.len() == builds,
+                "{name} {builder}: {} builds",
+                all.len()
+            );
+            // Each retry waited out its backoff: a build starts no earlier than the
+            // previous one ended plus half the first backoff.
+            let mut sorted = all.clone();
+            sorted.sort_by_key(|b| b.number);
+            for pair in sorted.windows(2) {
+                let gap = pair[1].started_at - pair[0].complete_at.unwrap_or(pair[0].started_at);
+                ensure!(
+                    gap >= chrono::TimeDelta::milliseconds(10),
+                    "{name} {builder}: {gap}"
+                );
+            }
+            if builder == "asks-again" {
+                let last = sorted
+                    .last()
+                    .and_then(|b| b.error.clone())
+                    .unwrap_or_default();
+                ensure!(last.contains("gave up"), "{name}: {last}");
+            }
+        }
+        engine.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_submission_waits_as_scheduled_and_then_runs() -> Result<()> {
+    for backend in backends("delayed").await? {
+        let mut config = EngineConfig::new(&backend.url).master_name("m");
+        config.poll_interval = Duration::from_millis(50);
+        let engine = Engine::open(config).await?;
+        engine
+            .register_builder(BuilderConfig::new("later"), ok())
+            .await?;
+        let delay = Duration::from_millis(400);
+        let s = engine
+            .submit(&Submission::new("later").builder("later").delay(delay))
+            .await?;
+        let request = engine.client().request(s.requests["later"]).await?;
+        let not_before = request
+            .not_before
+            .ok_or_else(|| anyhow::anyhow!("no not_before"))?;
+        ensure!(request.claimed_by.is_none() || kiln_engine::model::now() >= not_before);
+        let done = guard("the delayed run", engine.wait_buildset(s.buildset_id)).await??;
+        ensure!(done.results == Some(ResultCode::Success));
+        let build = engine
+            .client()
+            .builds(&kiln_engine::storage::BuildFilter {
+                request_id: Some(request.id),
+                ..Default::default()
+            })
+            .await?;
+        ensure!(
+            build.len() == 1 && build[0].started_at >= not_before,
+            "{}",
+            backend.name
+        );
+        // Too far ahead is refused, naming the field.
+        let far = Submission::new("far")
+            .builder("later")
+            .delay(Duration::from_secs(400 * 24 * 3600));
+        let refused = engine.submit(&far).await;
+        ensure!(refused.is_err_and(|e| e.to_string().contains("not_before")));
+        engine.shutdown().await;
+    }
+    Ok(())
+}
+
+/// The next buildset submitted with `reason`, from events received since `events` was
+/// subscribed.
+async fn submitted_with(
+    mut events: tokio::sync::broadcast::Receiver<Event>,
+    reason: &str,
+) -> Result<kiln_engine::model::BuildsetId> {
+    loop {
+        if let Event::BuildsetSubmitted {
+            buildset_id,
+            reason: r,
+            ..
+        } = events.recv().await?
+            && r == reason
+        {
+            return Ok(buildset_id);
+        }
+    }
+}
+
+async fn scheduled_buildsets(
+    engine: &Engine,
+    name: &str,
+) -> Result<Vec<kiln_engine::model::Buildset>> {
+    let all = engine
+        .client()
+        .buildsets(&kiln_engine::storage::BuildsetFilter {
+            limit: Some(1_000),
+            ..Default::default()
+        })
+        .await?;
+    let mut mine = Vec::new();
+    for b in all {
+        let props = engine.client().buildset_properties(b.id).await?;
+        if props
+            .get("schedule")
+            .is_some_and(|p| p.value == json!(name))
+            && !props.contains_key("forced")
+        {
+            mine.push(b);
+        }
+    }
+    Ok(mine)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_masters_fire_each_tick_of_a_schedule_once_and_a_restart_repeats_none() -> Result<()> {
+    for backend in backends("schedules").await? {
+        let name = backend.name;
+        let a = engine(&backend.url, "a").await?;
+        let b = engine(&backend.url, "b").await?;
+        let every = kiln_engine::ScheduleConfig::every(
+            "tick",
+            Duration::from_secs(1),
+            Submission::new("").builder("free"),
+        );
+        let row = a.register_schedule(every.clone()).await?;
+        b.register_schedule(every.clone()).await?;
+        ensure!(row.next_fire.is_some(), "{name}: no next fire");
+        // Wait, on events, for three fires.
+        let mut events = a.subscribe();
+        let mut seen = BTreeSet::new();
+        guard("three ticks", async {
+            while seen.len() < 3 {
+                if let Event::BuildsetComplete { buildset_id, .. } = events.recv().await? {
+                    seen.insert(buildset_id);
+                }
+            }
+            anyhow::Ok(())
+        })
+        .await??;
+        // Stop both; each tick made one buildset, whichever master fired it.
+        a.shutdown().await;
+        b.shutdown().await;
+        let fired = scheduled_buildsets(&a, "tick").await?;
+        let mut ticks = BTreeSet::new();
+        for bs in &fired {
+            let props = a.client().buildset_properties(bs.id).await?;
+            let tick = props["scheduled_for"].value.clone();
+            ensure!(
+                ticks.insert(tick.to_string()),
+                "{name}: tick {tick} fired twice"
+            );
+            ensure!(bs.reason == "schedule tick", "{name}: {}", bs.reason);
+        }
+        let recorded = a.client().schedule("tick").await?;
+        ensure!(
+            recorded.fires as usize == fired.len(),
+            "{name}: {} fires recorded, {} made",
+            recorded.fires,
+            fired.len()
+        );
+
+        // Restarted within the same second as the last fire: nothing is fired again.
+        let c = engine(&backend.url, "a").await?;
+        c.register_schedule(every).await?;
+        let again = c.client().schedule("tick").await?;
+        ensure!(again.last_fire >= recorded.last_fire);
+        c.shutdown().await;
+        let after = scheduled_buildsets(&c, "tick").await?;
+        let mut again_ticks = BTreeSet::new();
+        for bs in &after {
+            let props = c.client().buildset_properties(bs.id).await?;
+            ensure!(
+                again_ticks.insert(props["scheduled_for"].value.to_string()),
+                "{name}: a tick repeated after the restart"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_fire_runs_now_and_only_if_changed_skips_an_idle_branch() -> Result<()> {
+    for backend in backends("schedules_forced").await? {
+        let name = backend.name;
+        let engine = engine(&backend.url, "m").await?;
+        let stamp = kiln_engine::model::SourceStamp {
+            codebase: String::new(),
+            repository: "https://git.example/app".into(),
+            branch: Some("main".into()),
+            revision: None,
+            project: String::new(),
+        };
+        let mut nightly = kiln_engine::ScheduleConfig::cron(
+            "nightly",
+            "0 2 * * *",
+            "Europe/Rome",
+            Submission::new("nightly")
+                .builder("free")
+                .sourcestamp(stamp.clone()),
+        );
+        nightly.only_if_changed = true;
+        let row = engine.register_schedule(nightly.clone()).await?;
+        let next = row
+            .next_fire
+            .ok_or_else(|| anyhow::anyhow!("no next fire"))?;
+        ensure!(next > kiln_engine::model::now(), "{name}");
+        // Forced: a buildset now, marked as forced, the schedule's ticks untouched.
+        let forced = engine.force_schedule("nightly").await?;
+        guard("the forced fire", engine.wait_buildset(forced.buildset_id)).await??;
+        let props = engine
+            .client()
+            .buildset_properties(forced.buildset_id)
+            .await?;
+        ensure!(
+            props["forced"].value == json!(true) && props["schedule"].value == json!("nightly")
+        );
+        ensure!(engine.client().schedule("nightly").await?.last_fire == row.last_fire);
+        ensure!(engine.force_schedule("nobody").await.is_err());
+
+        // only_if_changed, with an hourly schedule whose missed tick is caught up.
+        let mut watch = kiln_engine::ScheduleConfig::every(
+            "watch",
+            Duration::from_secs(1),
+            Submission::new("watch")
+                .builder("free")
+                .sourcestamp(stamp.clone()),
+        );
+        watch.only_if_changed = true;
+        // A push to main at revision r1 is what changes the branch.
+        let push = |rev: &str| {
+            let mut s = stamp.clone();
+            s.revision = Some(rev.into());
+            Submission::new("push").builder("free").sourcestamp(s)
+        };
+        let pushed = engine.submit(&push("r1")).await?;
+        guard("the push", engine.wait_buildset(pushed.buildset_id)).await??;
+        let events = engine.subscribe();
+        engine.register_schedule(watch).await?;
+        let built = guard("a watched fire", submitted_with(events, "watch")).await??;
+        let stamps = engine.client().buildset_sourcestamps(built).await?;
+        ensure!(
+            stamps[0].revision.as_deref() == Some("r1"),
+            "{name}: {stamps:?}"
+        );
+        // Ticks pass with main idle: no second fire until r2 is pushed.
+        let before = engine.client().schedule("watch").await?;
+        guard("two idle ticks", async {
+            loop {
+                let now = engine.client().schedule("watch").await?;
+                if now.last_fire.timestamp() >= before.last_fire.timestamp() + 2 {
+                    return anyhow::Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await??;
+        ensure!(
+            scheduled_buildsets(&engine, "watch").await?.len() == 1,
+            "{name}: an idle branch was rebuilt"
+        );
+        let events = engine.subscribe();
+        engine.submit(&push("r2")).await?;
+        let second = guard("a fire for r2", submitted_with(events, "watch")).await??;
+        let stamps = engine.client().buildset_sourcestamps(second).await?;
+        ensure!(
+            stamps[0].revision.as_deref() == Some("r2"),
+            "{name}: {stamps:?}"
+        );
+        engine.shutdown().await;
+    }
+    Ok(())
+}

@@ -1,0 +1,437 @@
+//! Operators' controls: pausing builders and idempotent submission.
+
+use super::*;
+
+// ---- pausing ----
+
+pub async fn a_paused_builder_keeps_its_queue_until_resumed_while_other_builders_run(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["paused", "running"]).await?;
+    for i in 0..4 {
+        buildset(s, &b, at(i)).await?;
+    }
+    let m = master(s, "m").await?;
+    s.builder_set_paused(b[0], true).await?;
+    // Pausing twice changes nothing; every store on the database sees it.
+    s.builder_set_paused(b[0], true).await?;
+    let other = h.another().await?;
+    ensure!(other.builder_get(b[0]).await?.paused);
+    ensure!(!other.builder_get(b[1]).await?.paused);
+    let paused = s
+        .builder_query(&Query::new().eq(BuilderField::Paused, true))
+        .await?;
+    ensure!(paused.items.iter().map(|x| x.id).collect::<Vec<_>>() == [b[0]]);
+
+    let slots = vec![(b[0], vec![0, 1, 2, 3]), (b[1], vec![0, 1, 2, 3])];
+    let got = s
+        .build_start_available(&start_all(m, slots.clone(), at(10)))
+        .await?;
+    ensure!(
+        got.started.len() == 4,
+        "the builder not paused runs its 4 requests"
+    );
+    ensure!(got.started.iter().all(|x| x.build.builder_id == b[1]));
+    let again = s
+        .build_start_available(&start_all(m, slots.clone(), at(11)))
+        .await?;
+    ensure!(
+        again.started.is_empty(),
+        "nothing of a paused builder starts"
+    );
+    let queued = s
+        .request_list(&RequestFilter {
+            builder_id: Some(b[0]),
+            complete: Some(false),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(queued.len() == 4 && queued.iter().all(|r| r.claimed_by.is_none()));
+
+    // Resumed through another store: this one's next claim takes the queue.
+    other.builder_set_paused(b[0], false).await?;
+    let resumed = s
+        .build_start_available(&start_all(m, slots, at(12)))
+        .await?;
+    ensure!(resumed.started.len() == 4);
+    ensure!(resumed.started.iter().all(|x| x.build.builder_id == b[0]));
+    ensure!(matches!(
+        s.builder_set_paused(BuilderId(999_999), true).await,
+        Err(StorageError::NotFound { .. })
+    ));
+    Ok(())
+}
+
+// ---- idempotent submission ----
+
+fn keyed(builders: &[BuilderId], key: Option<&str>, reason: &str) -> NewBuildset {
+    NewBuildset {
+        reason: reason.into(),
+        builder_ids: builders.to_vec(),
+        idempotency_key: key.map(str::to_owned),
+        submitted_at: at(1),
+        ..NewBuildset::default()
+    }
+}
+
+async fn buildset_count(s: &dyn Store) -> Result<u64> {
+    let page = s.buildset_query(&Query::new().counted()).await?;
+    page.total
+        .ok_or_else(|| anyhow!("a counted query returned no total"))
+}
+
+pub async fn a_second_submit_with_the_same_idempotency_key_returns_the_first_buildset(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["a", "b"]).await?;
+    let first = s
+        .buildset_add(&keyed(&b, Some("deploy-42"), "first"))
+        .await?;
+    ensure!(!first.existing);
+    // Another reason and other builders: the key decides, and the answer is the buildset
+    // holding it, with its own requests.
+    let second = s
+        .buildset_add(&keyed(&b[..1], Some("deploy-42"), "second"))
+        .await?;
+    ensure!(second.existing);
+    ensure!(second.buildset_id == first.buildset_id && second.requests == first.requests);
+    ensure!(s.buildset_get(first.buildset_id).await?.reason == "first");
+    ensure!(buildset_count(s).await? == 1);
+
+    // In one batch: the first of two with a new key makes it, the second gets it back;
+    // a buildset without a key is always new; odd bytes are keys like any other.
+    let odd = "k\u{0}\u{1}\n\u{7f}é";
+    let batch = s
+        .buildset_add_many(&[
+            keyed(&b, Some("fresh"), "one"),
+            keyed(&b, Some("fresh"), "two"),
+            keyed(&b, None, "three"),
+            keyed(&b, Some("deploy-42"), "four"),
+            keyed(&b, Some(odd), "five"),
+        ])
+        .await?;
+    ensure!(
+        batch.iter().map(|a| a.existing).collect::<Vec<_>>() == [false, true, false, true, false]
+    );
+    ensure!(batch[0].buildset_id == batch[1].buildset_id && batch[0].requests == batch[1].requests);
+    ensure!(batch[3].buildset_id == first.buildset_id);
+    ensure!(buildset_count(s).await? == 4);
+    let odd_again = s.buildset_add(&keyed(&b, Some(odd), "six")).await?;
+    ensure!(odd_again.existing && odd_again.buildset_id == batch[4].buildset_id);
+    // A key-less buildset without builders is complete at once; a keyed one answers
+    // with no requests the second time too.
+    let empty = s.buildset_add(&keyed(&[], Some("empty"), "e")).await?;
+    let empty_again = s.buildset_add(&keyed(&b, Some("empty"), "e")).await?;
+    ensure!(empty_again.existing && empty_again.buildset_id == empty.buildset_id);
+    ensure!(empty_again.requests.is_empty());
+
+    ensure!(matches!(
+        s.buildset_add(&keyed(&b, Some("  "), "blank")).await,
+        Err(StorageError::Invalid(_))
+    ));
+    Ok(())
+}
+
+pub async fn concurrent_submits_with_shared_keys_from_several_stores_make_one_buildset_per_key(
+    h: &Harness,
+) -> Result<()> {
+    const STORES: usize = 4;
+    const SUBMITS: usize = 40;
+    const KEYS: u64 = 7;
+    let seed: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64;
+    println!("seed {seed}");
+    let s = &*h.store;
+    let b = builders(s, &["a"]).await?;
+    let mut tasks = Vec::new();
+    for n in 0..STORES {
+        let store = h.another().await?;
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            // A seeded generator per store: keys drawn at random, alone or in batches.
+            let mut x = seed ^ (n as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut next = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let mut answers = Vec::new();
+            let mut done = 0;
+            while done < SUBMITS {
+                let size = (next() % 3 + 1) as usize;
+                let batch: Vec<(String, NewBuildset)> = (0..size)
+                    .map(|_| {
+                        let key = format!("key-{}", next() % KEYS);
+                        let params = keyed(&b, Some(&key), "race");
+                        (key, params)
+                    })
+                    .collect();
+                let params: Vec<NewBuildset> = batch.iter().map(|(_, p)| p.clone()).collect();
+                let added = store.buildset_add_many(&params).await?;
+                for ((key, _), a) in batch.into_iter().zip(added) {
+                    answers.push((key, a));
+                }
+                done += size;
+            }
+            anyhow::Ok(answers)
+        }));
+    }
+    let mut by_key: BTreeMap<String, (BuildsetId, usize)> = BTreeMap::new();
+    for task in tasks {
+        for (key, added) in task.await?? {
+            let entry = by_key.entry(key.clone()).or_insert((added.buildset_id, 0));
+            ensure!(
+                entry.0 == added.buildset_id,
+                "seed {seed}: key {key} answered with buildsets {} and {}",
+                entry.0,
+                added.buildset_id
+            );
+            if !added.existing {
+                entry.1 += 1;
+            }
+        }
+    }
+    for (key, (_, made)) in &by_key {
+        ensure!(*made == 1, "seed {seed}: key {key} made {made} buildsets");
+    }
+    ensure!(
+        buildset_count(s).await? == by_key.len() as u64,
+        "seed {seed}: one buildset per key"
+    );
+    Ok(())
+}
+
+// ---- delayed runs and retries ----
+
+pub async fn a_delayed_request_waits_for_its_time_while_due_work_runs(h: &Harness) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["later", "now"]).await?;
+    let m = master(s, "m").await?;
+    let (_, delayed) = buildset_with(
+        s,
+        NewBuildset {
+            builder_ids: vec![b[0]],
+            submitted_at: at(1),
+            not_before: Some(at(100)),
+            // The most urgent request of all, and still not before its time.
+            priority: 50,
+            ..NewBuildset::default()
+        },
+    )
+    .await?;
+    let (_, due) = buildset(s, &[b[0], b[1]], at(2)).await?;
+    ensure!(s.request_get(delayed[0]).await?.not_before == Some(at(100)));
+    let delayed_page = s
+        .request_query(&Query::new().filter(RequestField::NotBefore, Op::Gt, at(50)))
+        .await?;
+    ensure!(delayed_page.items.iter().map(|r| r.id).collect::<Vec<_>>() == delayed);
+
+    let slots = vec![(b[0], vec![0, 1]), (b[1], vec![0])];
+    let early = s
+        .build_start_available(&start_all(m, slots.clone(), at(50)))
+        .await?;
+    let started: BTreeSet<RequestId> = early.started.iter().map(|x| x.request.id).collect();
+    ensure!(started == BTreeSet::from([due[0], due[1]]), "{started:?}");
+    let on_time = s
+        .build_start_available(&start_all(m, slots, at(100)))
+        .await?;
+    ensure!(
+        on_time
+            .started
+            .iter()
+            .map(|x| x.request.id)
+            .collect::<Vec<_>>()
+            == delayed
+    );
+    Ok(())
+}
+
+pub async fn a_retried_build_keeps_its_result_and_its_request_waits_out_the_backoff(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["flaky"]).await?;
+    let m = master(s, "m").await?;
+    let (bs, r) = buildset(s, &b, at(1)).await?;
+    let slots = vec![(b[0], vec![0])];
+    let first = s
+        .build_start_available(&start_all(m, slots.clone(), at(2)))
+        .await?;
+    ensure!(first.started.len() == 1);
+    let build = &first.started[0].build;
+    let outcome = s
+        .build_finish_batch(
+            m,
+            &[FinishedBuild {
+                retry_at: Some(at(200)),
+                ..finish(build, ResultCode::Exception, at(3))
+            }],
+        )
+        .await?;
+    ensure!(outcome.released == r && outcome.completed.is_empty());
+    ensure!(s.build_get(build.id).await?.results == Some(ResultCode::Exception));
+    let request = s.request_get(r[0]).await?;
+    ensure!(!request.complete && request.claimed_by.is_none());
+    ensure!(request.not_before == Some(at(200)));
+    ensure!(!s.buildset_get(bs).await?.complete);
+    let waiting = s
+        .build_start_available(&start_all(m, slots.clone(), at(150)))
+        .await?;
+    ensure!(waiting.started.is_empty(), "claimed during its backoff");
+    let second = s
+        .build_start_available(&start_all(m, slots, at(200)))
+        .await?;
+    ensure!(second.started.len() == 1 && second.started[0].build.number == 2);
+    s.build_finish_batch(
+        m,
+        &[finish(
+            &second.started[0].build,
+            ResultCode::Success,
+            at(201),
+        )],
+    )
+    .await?;
+    let done = s.buildset_get(bs).await?;
+    ensure!(done.complete && done.results == Some(ResultCode::Success));
+    Ok(())
+}
+
+// ---- retention ----
+
+/// A buildset of `builders` whose every request ran one build that ended at `at`.
+async fn finished_buildset(
+    s: &dyn Store,
+    builders: &[BuilderId],
+    m: MasterId,
+    at: Timestamp,
+) -> Result<(BuildsetId, Vec<kiln_model::Build>)> {
+    let (bs, requests) = buildset(s, builders, at).await?;
+    s.request_claim(&requests, m, at).await?;
+    let mut builds = Vec::new();
+    for r in &requests {
+        let build = start(s, *r, m).await?;
+        s.build_finish_batch(m, &[finish(&build, ResultCode::Success, at)])
+            .await?;
+        builds.push(build);
+    }
+    Ok((bs, builds))
+}
+
+pub async fn deleting_a_buildset_takes_its_builds_and_outputs_and_refuses_unfinished_work(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["a", "b"]).await?;
+    let m = master(s, "m").await?;
+    let (done, builds) = finished_buildset(s, &b, m, at(5)).await?;
+    let record = LogRecord {
+        at: at(5),
+        level: LogLevel::Info,
+        message: "kept until deleted".into(),
+        fields: serde_json::Map::new(),
+    };
+    s.log_append(builds[0].id, &[record]).await?;
+    s.build_set_property(builds[0].id, "p", &Property::new(json!(1), "t"))
+        .await?;
+    let (open, _) = buildset(s, &b, at(6)).await?;
+    ensure!(matches!(
+        s.buildset_delete(open).await,
+        Err(StorageError::Invalid(_))
+    ));
+    ensure!(matches!(
+        s.buildset_delete(BuildsetId(999_999)).await,
+        Err(StorageError::NotFound { .. })
+    ));
+    let gone = s.buildset_delete(done).await?;
+    ensure!(
+        gone.iter().map(|g| g.id).collect::<BTreeSet<_>>() == builds.iter().map(|g| g.id).collect()
+    );
+    ensure!(matches!(
+        s.buildset_get(done).await,
+        Err(StorageError::NotFound { .. })
+    ));
+    ensure!(matches!(
+        s.build_get(builds[0].id).await,
+        Err(StorageError::NotFound { .. })
+    ));
+    let logs = s
+        .log_list(&LogQuery {
+            build_id: Some(builds[0].id),
+            ..LogQuery::default()
+        })
+        .await?;
+    ensure!(logs.is_empty());
+    // The open buildset is untouched.
+    ensure!(
+        s.request_list(&RequestFilter {
+            buildset_id: Some(open),
+            ..Default::default()
+        })
+        .await?
+        .len()
+            == 2
+    );
+    Ok(())
+}
+
+pub async fn retention_keeps_the_newest_and_the_recent_and_deletes_the_rest_in_batches(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["kept", "other"]).await?;
+    let m = master(s, "m").await?;
+    // A buildset shared with a builder under no retention stays while its request does.
+    let (shared, _) = finished_buildset(s, &b, m, at(1)).await?;
+    let mut sets = Vec::new();
+    for i in 1..=10 {
+        sets.push(finished_buildset(s, &b[..1], m, at(i)).await?.0);
+    }
+    // Queued work is never swept.
+    let (queued, _) = buildset(s, &b[..1], at(0)).await?;
+    let kept = b[0];
+    let sweep = |other: Arc<dyn Store>| async move {
+        let mut builds = 0;
+        let mut requests = 0;
+        let mut buildsets = 0;
+        loop {
+            let swept = other
+                .retention_sweep(&RetentionSweep {
+                    builder_id: kept,
+                    cutoff: at(8),
+                    keep_last: 3,
+                    batch: 2,
+                })
+                .await?;
+            if swept.busy {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            ensure!(swept.builds.len() <= 2 && swept.requests <= 2);
+            builds += swept.builds.len();
+            requests += swept.requests;
+            buildsets += swept.buildsets;
+            if swept.builds.is_empty() && swept.requests == 0 {
+                return anyhow::Ok((builds, requests, buildsets));
+            }
+        }
+    };
+    // Two stores sweep at once: together they delete each thing once.
+    let (one, two) = tokio::join!(sweep(h.another().await?), sweep(h.another().await?));
+    let (one, two) = (one?, two?);
+    // Builds 1..=7 of "kept" and the shared buildset's build go (the newest 3 stay, and
+    // everything after the cutoff); their requests too; buildsets 1..=7 go, the shared
+    // one stays for its other request.
+    ensure!(one.0 + two.0 == 8, "{one:?} {two:?}");
+    ensure!(one.1 + two.1 == 8, "{one:?} {two:?}");
+    ensure!(one.2 + two.2 == 7, "{one:?} {two:?}");
+    for (i, bs) in sets.iter().enumerate() {
+        let exists = s.buildset_get(*bs).await.is_ok();
+        ensure!(exists == (i >= 7), "buildset {i}: exists {exists}");
+    }
+    ensure!(s.buildset_get(shared).await.is_ok() && s.buildset_get(queued).await.is_ok());
+    Ok(())
+}
