@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench --bench kiln [-- --rounds R] [--jobs N] [--scale] [--no-memory]
 //! cargo bench --bench kiln -- --profile lifecycle|rest|serial|postgres   # one part, once
+//! cargo bench --bench kiln -- --retention [--periods P]   # retention under a steady load
 //! ```
 //!
 //! Each round runs, one after another: the raw SQLite floor (rusqlite on Kiln's own
@@ -18,6 +19,11 @@
 //! Before the rounds, a child process measures the resident memory of 10,000 builds
 //! suspended in WASM timers. `--scale` adds the lifecycle with 1,000,000 buildsets
 //! already in the database.
+//!
+//! `--retention` runs a steady load (jobs writing a result file and log records) on a
+//! builder with a retention policy of one period, and prints the database's and the
+//! result directories' size after 10 and after 100 retention periods (`--periods`): they
+//! stop growing once retention keeps up.
 //!
 //! The summary gives each figure's median over the rounds and its ratio to its floor,
 //! taken within each round (the median of those ratios): this 2-core machine moves
@@ -58,6 +64,12 @@ const FOREIGN_QUEUED: usize = 100_000;
 const SUSPENDED: usize = 10_000;
 /// Buildsets in the database for `--scale`.
 const SCALE_ROWS: usize = 1_000_000;
+/// The retention run: one period of a builder's retention (`keep_for`).
+const RETENTION_PERIOD: Duration = Duration::from_secs(1);
+/// Jobs submitted per retention period.
+const RETENTION_JOBS: usize = 200;
+/// Builds every retention keeps however old.
+const RETENTION_KEEP_LAST: u32 = 100;
 
 fn arg_value(name: &str) -> Option<usize> {
     let args: Vec<String> = std::env::args().collect();
@@ -700,6 +712,99 @@ async fn memory_child() -> Result<()> {
     std::process::exit(0);
 }
 
+/// Bytes under `path` (a file, or a directory walked), 0 when it is not there.
+fn disk_bytes(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| disk_bytes(&e.path()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A steady load under retention: every period, `RETENTION_JOBS` jobs that each write a
+/// result file and log records; the builder keeps one period and its newest
+/// `RETENTION_KEEP_LAST` builds, the logs below WARNING one period. Prints the sizes
+/// after 10 periods and after `periods`.
+async fn retention(periods: usize) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let url = sqlite_url(&dir, "retention");
+    let results = dir.path().join("results");
+    let mut config = EngineConfig::new(&url)
+        .master_name("retention")
+        .results_dir(&results);
+    config.retention_interval = RETENTION_PERIOD / 4;
+    config.log_retention = Some(kiln_engine::LogRetention {
+        keep_for: RETENTION_PERIOD,
+        below: kiln_engine::model::LogLevel::Warning,
+    });
+    config.event_capacity = 1 << 20;
+    let engine = Engine::open(config).await?;
+    let writer = kiln_engine::FnExecutor::new(|ctx| async move {
+        for i in 0..10 {
+            ctx.log(kiln_engine::model::LogLevel::Info, &format!("step {i}"))
+                .await?;
+        }
+        if let Some(dir) = ctx.result_dir() {
+            tokio::fs::write(dir.join("out.bin"), vec![7u8; 4096])
+                .await
+                .map_err(|e| kiln_engine::JobError::new(e.to_string()))?;
+        }
+        Ok(kiln_engine::Outcome::success(serde_json::json!(null)))
+    });
+    engine
+        .register_builder(
+            BuilderConfig {
+                retention: Some(kiln_engine::RetentionPolicy {
+                    keep_for: RETENTION_PERIOD,
+                    keep_last: RETENTION_KEEP_LAST,
+                }),
+                ..BuilderConfig::new("steady")
+            },
+            writer,
+        )
+        .await?;
+    let db = dir.path().join("retention.db");
+    let size = |at: usize| {
+        let database = disk_bytes(&db)
+            + disk_bytes(&dir.path().join("retention.db-wal"))
+            + disk_bytes(&dir.path().join("retention.db-shm"));
+        println!(
+            "retention: after {at:>3} periods ({} jobs): database {:.1} MiB, result directories {:.1} MiB",
+            at * RETENTION_JOBS,
+            database as f64 / f64::from(1 << 20),
+            disk_bytes(&results) as f64 / f64::from(1 << 20),
+        );
+    };
+    let mut events = engine.subscribe();
+    let start = Instant::now();
+    for period in 1..=periods {
+        let batch: Vec<Submission> = (0..RETENTION_JOBS)
+            .map(|i| Submission::new(format!("p{period} j{i}")).builder("steady"))
+            .collect();
+        engine.submit_many(&batch).await?;
+        count(&mut events, RETENTION_JOBS, |e| {
+            matches!(e, Event::BuildsetComplete { .. })
+        })
+        .await?;
+        let due = start + RETENTION_PERIOD * u32::try_from(period).unwrap_or(u32::MAX);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(due)).await;
+        if period == 10 || period == periods {
+            size(period);
+        }
+    }
+    engine.shutdown().await;
+    Ok(())
+}
+
 fn memory() -> Result<String> {
     let out = Command::new(std::env::current_exe()?)
         .arg("--memory-child")
@@ -826,6 +931,9 @@ async fn run() -> Result<()> {
             other => bail!("--profile takes lifecycle, rest, serial or postgres, not {other}"),
         }
         return Ok(());
+    }
+    if has_arg("--retention") {
+        return retention(arg_value("--periods").unwrap_or(100).max(10)).await;
     }
     let rounds = arg_value("--rounds").unwrap_or(DEFAULT_ROUNDS).max(1);
     let jobs = arg_value("--jobs").unwrap_or(DEFAULT_JOBS).max(100);

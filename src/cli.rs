@@ -61,6 +61,16 @@ pub enum Command {
         #[command(subcommand)]
         what: CancelWhat,
     },
+    /// Delete finished work with its logs, progress, properties and result directories.
+    Delete {
+        #[command(subcommand)]
+        what: DeleteWhat,
+    },
+    /// Delete old log records below a level.
+    Prune {
+        #[command(subcommand)]
+        what: PruneWhat,
+    },
     /// Fire a schedule now, whatever its timing says (its own ticks are not moved).
     Fire {
         /// The schedule's name.
@@ -317,6 +327,41 @@ pub struct LogsArgs {
     /// At most this many records.
     #[arg(long)]
     pub limit: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeleteWhat {
+    /// A complete buildset: its requests and builds go with it (buildsets its builds
+    /// triggered stay). An incomplete one is refused: cancel it first.
+    Buildset {
+        /// The buildset id.
+        id: i64,
+        /// Where its builds' result directories are (default: kiln-results next to a
+        /// SQLite database); they are removed too.
+        #[arg(long)]
+        results_dir: Option<std::path::PathBuf>,
+    },
+    /// A finished build (a running one is refused).
+    Build {
+        /// The build id.
+        id: i64,
+        /// As for buildsets.
+        #[arg(long)]
+        results_dir: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PruneWhat {
+    /// Log records older than `--older-than` below `--below`.
+    Logs {
+        /// An age such as 7d, 12h, or an RFC 3339 time.
+        #[arg(long)]
+        older_than: String,
+        /// Records at this level and above stay: debug, info, warning, error, critical.
+        #[arg(long, default_value = "info")]
+        below: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

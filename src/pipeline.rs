@@ -15,8 +15,8 @@ use kiln_engine::wasm::{
     DirGrant, Grants, HttpGrant, Limits, WasmExecutor, WasmHost, WasmPolicy, WasmReporter,
 };
 use kiln_engine::{
-    BuildLimits, BuilderConfig, CatchUp, ReporterConfig, RetryPolicy, ScheduleConfig, Submission,
-    Timing,
+    BuildLimits, BuilderConfig, CatchUp, LogRetention, ReporterConfig, RetentionPolicy,
+    RetryPolicy, ScheduleConfig, Submission, Timing,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -46,6 +46,45 @@ pub struct PipelineFile {
     /// Schedules (`kiln serve` fires them).
     #[serde(default, rename = "schedule")]
     pub schedules: Vec<ScheduleSection>,
+    /// How retention runs, and log retention.
+    #[serde(default)]
+    pub retention: RetentionSection,
+}
+
+/// `[retention]`: when the engine applies the builders' retention, and what log records
+/// it prunes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSection {
+    /// Seconds between rounds (default 60).
+    pub interval_s: Option<f64>,
+    /// The most builds one batch deletes (default 500).
+    pub batch: Option<u32>,
+    /// Log records older than this many days ...
+    pub logs_keep_days: Option<f64>,
+    /// ... below this level are deleted (default info: debug records go).
+    pub logs_below: Option<String>,
+}
+
+/// `[builder.retention]`: its builds finished more than `keep_days` ago, beyond its
+/// `keep_last` newest, are deleted with their logs and result directories.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuilderRetentionSection {
+    /// Days finished work is kept (fractions allowed).
+    #[serde(default)]
+    pub keep_days: f64,
+    /// The newest builds kept however old.
+    #[serde(default)]
+    pub keep_last: u32,
+}
+
+/// Days as a duration, for retention: finite, not negative, at most 100 years.
+fn days(value: f64, name: &str) -> Result<Duration, String> {
+    if !value.is_finite() || !(0.0..=36_500.0).contains(&value) {
+        return Err(format!("{name} = {value} must be within 0..=36500 days"));
+    }
+    Ok(Duration::from_secs_f64(value * 86_400.0))
 }
 
 /// `[[schedule]]`: a submission made every interval or at a cron pattern's times.
@@ -235,6 +274,9 @@ pub struct BuilderSection {
     /// Automatic retries of its builds.
     #[serde(default)]
     pub retry: Option<RetrySection>,
+    /// What of its finished work is kept.
+    #[serde(default)]
+    pub retention: Option<BuilderRetentionSection>,
 }
 
 /// `[builder.retry]`: EXCEPTION (and, with `on_failure`, FAILURE) runs the request again
@@ -386,6 +428,63 @@ pub struct Pipeline {
     pub submissions: Vec<Submission>,
     /// The schedules, in file order.
     pub schedules: Vec<ScheduleConfig>,
+    /// `[retention]`, checked.
+    pub retention: RetentionSettings,
+}
+
+/// How the engine runs retention, from `[retention]`; `None` keeps the engine's default.
+#[derive(Debug, Default)]
+pub struct RetentionSettings {
+    pub interval: Option<Duration>,
+    pub batch: Option<u32>,
+    pub logs: Option<LogRetention>,
+}
+
+impl RetentionSettings {
+    /// Applies the settings to an engine's configuration.
+    pub fn apply(&self, config: &mut kiln_engine::EngineConfig) {
+        if let Some(interval) = self.interval {
+            config.retention_interval = interval;
+        }
+        if let Some(batch) = self.batch {
+            config.retention_batch = batch;
+        }
+        if self.logs.is_some() {
+            config.log_retention = self.logs;
+        }
+    }
+}
+
+impl RetentionSection {
+    fn settings(&self, problems: &mut Vec<String>) -> RetentionSettings {
+        let mut out = RetentionSettings::default();
+        match self
+            .interval_s
+            .map(|s| seconds(Some(s), "interval_s", Duration::ZERO))
+        {
+            Some(Ok(interval)) => out.interval = Some(interval),
+            Some(Err(e)) => problems.push(format!("[retention]: {e}")),
+            None => {}
+        }
+        match self.batch {
+            Some(0) => problems.push("[retention]: batch must be at least 1".into()),
+            other => out.batch = other,
+        }
+        if let Some(keep) = self.logs_keep_days {
+            let below = self.logs_below.as_deref().unwrap_or("info");
+            match (
+                days(keep, "logs_keep_days"),
+                below.parse::<kiln_engine::model::LogLevel>(),
+            ) {
+                (Ok(keep_for), Ok(below)) => out.logs = Some(LogRetention { keep_for, below }),
+                (Err(e), _) => problems.push(format!("[retention]: {e}")),
+                (_, Err(e)) => problems.push(format!("[retention]: logs_below = {below:?}: {e}")),
+            }
+        } else if self.logs_below.is_some() {
+            problems.push("[retention]: logs_below needs logs_keep_days".into());
+        }
+        out
+    }
 }
 
 /// Reads a pipeline file and checks everything it can without running anything.
@@ -462,6 +561,25 @@ pub async fn load(
                 continue;
             }
         };
+        let retention = match &b.retention {
+            None => None,
+            Some(r) => match days(r.keep_days, "keep_days").and_then(|keep_for| {
+                let policy = RetentionPolicy {
+                    keep_for,
+                    keep_last: r.keep_last,
+                };
+                policy.check().map(|()| policy).map_err(|e| match e {
+                    kiln_engine::EngineError::Invalid(why) => why,
+                    other => other.to_string(),
+                })
+            }) {
+                Ok(policy) => Some(policy),
+                Err(e) => {
+                    problems.push(format!("{here}: retention: {e}"));
+                    continue;
+                }
+            },
+        };
         if let Some(kwargs) = &b.kwargs
             && !kwargs.is_table()
         {
@@ -494,12 +612,12 @@ pub async fn load(
             }
         };
         match plugin_bytes(&base, &b.plugin, &here) {
-            Ok(bytes) => loading.push((b, limits, build_limits, grants, retry, bytes)),
+            Ok(bytes) => loading.push((b, limits, build_limits, grants, (retry, retention), bytes)),
             Err(e) => problems.push(e),
         }
     }
     let mut builders = Vec::new();
-    for (b, limits, build_limits, grants, retry, bytes) in loading {
+    for (b, limits, build_limits, grants, (retry, retention), bytes) in loading {
         let loaded = host.load_job(&b.plugin, Arc::from(bytes), &limits).await;
         match loaded.and_then(|plugin| WasmExecutor::new(plugin, limits, grants)) {
             Ok(executor) => {
@@ -508,6 +626,7 @@ pub async fn load(
                 config.max_concurrent = b.max_concurrent;
                 config.limits = build_limits;
                 config.retry = retry;
+                config.retention = retention;
                 config.args = b.args.as_ref().map(json).unwrap_or(Value::Null);
                 config.kwargs = b.kwargs.as_ref().map(json).unwrap_or(Value::Null);
                 config.depends_on = b
@@ -580,6 +699,7 @@ pub async fn load(
         submissions.extend(std::iter::repeat_n(submission, count as usize));
     }
     let schedules = schedules_of(&file.schedules, &names, &mut problems);
+    let retention = file.retention.settings(&mut problems);
     if !problems.is_empty() {
         let list: Vec<String> = problems.iter().map(|p| format!("  - {p}")).collect();
         bail!(
@@ -595,6 +715,7 @@ pub async fn load(
         reporters,
         submissions,
         schedules,
+        retention,
     })
 }
 

@@ -328,6 +328,44 @@ async fn pause_resume_and_an_idempotency_key_are_kept_in_the_database() -> Resul
         .json()?;
     ensure!(shown.to_string().contains("not_before"), "{shown}");
     kiln(&db, &["submit", "-b", "idle", "--not-before", "soon"])?.fails_with("bad time")?;
+    let pruned = kiln(
+        &db,
+        &[
+            "prune",
+            "logs",
+            "--older-than",
+            "0s",
+            "--below",
+            "info",
+            "--json",
+        ],
+    )?
+    .ok()?
+    .json()?;
+    ensure!(
+        pruned["pruned"].as_u64().is_some_and(|n| n >= 1),
+        "{pruned}"
+    );
+    kiln(
+        &db,
+        &["prune", "logs", "--older-than", "0s", "--below", "loud"],
+    )?
+    .fails_with("--below")?;
+    let finished = kiln(&db, &["list", "buildsets", "--complete", "true", "--json"])?
+        .ok()?
+        .json()?;
+    let bsid = finished["buildsets"][0]["id"]
+        .as_i64()
+        .or_else(|| finished["buildsets"][0]["bsid"].as_i64())
+        .ok_or_else(|| anyhow!("{finished}"))?;
+    let deleted = kiln(&db, &["delete", "buildset", &bsid.to_string(), "--json"])?
+        .ok()?
+        .json()?;
+    ensure!(
+        deleted["builds"].as_array().is_some_and(|b| !b.is_empty()),
+        "{deleted}"
+    );
+    kiln(&db, &["delete", "buildset", &bsid.to_string()])?.fails_with("not found")?;
     let said = kiln(&db, &args[..args.len() - 1])?.ok()?;
     ensure!(
         said.stdout.contains("holds this idempotency key already"),
@@ -710,6 +748,21 @@ name = "f"
 plugin = "bundled:echo"
 retry = { attempts = 3, backoff_s = 60, max_backoff_s = 1 }
 
+[[builder]]
+name = "g"
+plugin = "bundled:echo"
+retention = { keep_days = -1 }
+
+[[builder]]
+name = "h"
+plugin = "bundled:echo"
+retention = {}
+
+[retention]
+batch = 0
+logs_keep_days = 7
+logs_below = "loud"
+
 [[submit]]
 builders = ["a", "ghost"]
 "#;
@@ -724,6 +777,10 @@ builders = ["a", "ghost"]
         "names builder \"ghost\"",
         "builder \"e\": retry: retry attempts 0 is outside 1..=100",
         "builder \"f\": retry: retry backoff 60s is longer than its maximum 1s",
+        "builder \"g\": retention: keep_days = -1 must be within 0..=36500 days",
+        "builder \"h\": retention: retention keeps nothing",
+        "[retention]: batch must be at least 1",
+        "[retention]: logs_below = \"loud\"",
     ] {
         ensure!(
             run.stderr.contains(expected),

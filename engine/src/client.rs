@@ -267,6 +267,15 @@ impl Submission {
     }
 }
 
+/// Where a buildset comes from, when it repeats earlier work.
+#[derive(Clone, Copy, Debug, Default)]
+struct Lineage {
+    /// The build it rebuilds.
+    rebuilt: Option<BuildId>,
+    /// The buildset it resubmits.
+    resubmitted: Option<BuildsetId>,
+}
+
 /// What a submission made.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Submitted {
@@ -436,6 +445,68 @@ impl Client {
         Ok(self.store.request_queue_depths().await?)
     }
 
+    /// A page of the stored sourcestamps with their ids (identical stamps are stored
+    /// once), and how many there are.
+    pub async fn sourcestamps(
+        &self,
+        limit: u32,
+        offset: u32,
+    ) -> Result<(Vec<(kiln_model::SourceStampId, SourceStamp)>, u64)> {
+        Ok(self.store.sourcestamp_page(limit, offset).await?)
+    }
+
+    /// One stored sourcestamp.
+    pub async fn sourcestamp(&self, id: kiln_model::SourceStampId) -> Result<SourceStamp> {
+        Ok(self.store.sourcestamp_get(id).await?)
+    }
+
+    /// The latest earlier build of the same builder with exactly SUCCESS and the same
+    /// sourcestamps (Buildbot's `getPrevSuccessfulBuild`).
+    pub async fn previous_successful_build(&self, id: BuildId) -> Result<Option<Build>> {
+        self.store.build_get(id).await?;
+        Ok(self.store.build_previous_successful(id).await?)
+    }
+
+    /// Deletes a complete buildset with its requests, builds and their logs, progress,
+    /// properties and artifact records; returns the deleted builds. Buildsets its builds
+    /// triggered stay. Result directories on disk are the caller's (an
+    /// [`Engine`](crate::Engine) removes its own). An incomplete buildset is refused.
+    pub async fn delete_buildset(&self, id: BuildsetId) -> Result<Vec<Build>> {
+        Ok(self.store.buildset_delete(id).await?)
+    }
+
+    /// Deletes a finished build with its logs, progress, properties and artifact
+    /// records; returns it. A running build is refused.
+    pub async fn delete_build(&self, id: BuildId) -> Result<Build> {
+        let build = self.store.build_get(id).await?;
+        self.store.build_delete(id).await?;
+        Ok(build)
+    }
+
+    /// Removes the result directories (`<root>/<builder>/<number>/`) of deleted builds.
+    /// A directory already gone is fine; one that cannot be removed is logged.
+    pub async fn remove_result_dirs(&self, root: &std::path::Path, builds: &[Build]) {
+        let mut dirs = Vec::with_capacity(builds.len());
+        for b in builds {
+            match self.builder(b.builder_id).await {
+                Ok(builder) => dirs.push((builder.name, b.number)),
+                Err(e) => {
+                    tracing::warn!(build = %b.id, error = %e, "cannot find a deleted build's builder; its result directory stays")
+                }
+            }
+        }
+        crate::scheduler::artifacts::remove(root, dirs).await;
+    }
+
+    /// Deletes log records written before `older_than` below `below`; returns how many.
+    pub async fn prune_logs(
+        &self,
+        older_than: kiln_model::Timestamp,
+        below: kiln_model::LogLevel,
+    ) -> Result<u64> {
+        Ok(self.store.log_prune(older_than, below).await?)
+    }
+
     /// One schedule, with its last and next fire.
     pub async fn schedule(&self, name: &str) -> Result<Schedule> {
         Ok(self.store.schedule_get(name).await?)
@@ -528,7 +599,7 @@ impl Client {
     /// Submits several buildsets in one transaction: all of them, or none if any is
     /// refused. The result is in the order given.
     pub async fn submit_many(&self, submissions: &[Submission]) -> Result<Vec<Submitted>> {
-        self.submit_buildsets(submissions, None, &BTreeMap::new())
+        self.submit_buildsets(submissions, Lineage::default(), &BTreeMap::new())
             .await
     }
 
@@ -539,13 +610,14 @@ impl Client {
         submissions: &[Submission],
         cached: &BTreeMap<String, BuilderId>,
     ) -> Result<Vec<Submitted>> {
-        self.submit_buildsets(submissions, None, cached).await
+        self.submit_buildsets(submissions, Lineage::default(), cached)
+            .await
     }
 
     async fn submit_buildsets(
         &self,
         submissions: &[Submission],
-        rebuilt: Option<BuildId>,
+        lineage: Lineage,
         cached: &BTreeMap<String, BuilderId>,
     ) -> Result<Vec<Submitted>> {
         for s in submissions {
@@ -575,7 +647,8 @@ impl Client {
                 properties: s.properties.clone(),
                 builder_ids,
                 priority: s.priority,
-                rebuilt_buildid: rebuilt,
+                rebuilt_buildid: lineage.rebuilt,
+                resubmitted_from: lineage.resubmitted,
                 submitted_at: kiln_model::now(),
                 ..NewBuildset::default()
             });
@@ -766,7 +839,10 @@ impl Client {
         only(
             self.submit_buildsets(
                 std::slice::from_ref(&submission),
-                Some(id),
+                Lineage {
+                    rebuilt: Some(id),
+                    resubmitted: None,
+                },
                 &BTreeMap::new(),
             )
             .await?,
@@ -844,7 +920,17 @@ impl Client {
             idempotency_key: None,
             not_before: None,
         };
-        self.submit(&submission).await
+        only(
+            self.submit_buildsets(
+                std::slice::from_ref(&submission),
+                Lineage {
+                    rebuilt: None,
+                    resubmitted: Some(id),
+                },
+                &BTreeMap::new(),
+            )
+            .await?,
+        )
     }
 
     /// A builder's status (jobcontrol): not built, failed, success, or outdated when a

@@ -76,6 +76,12 @@ pub struct EngineConfig {
     /// Where builds get their result directories (`<dir>/<builder>/<number>/`), whose
     /// files become the builds' artifacts. `None`: builds get no result directory.
     pub results_dir: Option<std::path::PathBuf>,
+    /// See [`DEFAULT_RETENTION_INTERVAL`](crate::retention::DEFAULT_RETENTION_INTERVAL).
+    pub retention_interval: Duration,
+    /// See [`DEFAULT_RETENTION_BATCH`](crate::retention::DEFAULT_RETENTION_BATCH).
+    pub retention_batch: u32,
+    /// Old log records below a level are pruned; `None` keeps every record.
+    pub log_retention: Option<crate::retention::LogRetention>,
 }
 
 impl EngineConfig {
@@ -97,6 +103,9 @@ impl EngineConfig {
             max_group_commit: DEFAULT_MAX_GROUP_COMMIT,
             store: StoreOptions::default(),
             results_dir: None,
+            retention_interval: crate::retention::DEFAULT_RETENTION_INTERVAL,
+            retention_batch: crate::retention::DEFAULT_RETENTION_BATCH,
+            log_retention: None,
         }
     }
 
@@ -116,6 +125,7 @@ impl EngineConfig {
         let positive = [
             ("poll_interval", self.poll_interval),
             ("outbox_prune_interval", self.outbox_prune_interval),
+            ("retention_interval", self.retention_interval),
             ("heartbeat_interval", self.heartbeat_interval),
             ("master_expiry", self.master_expiry),
         ];
@@ -129,6 +139,11 @@ impl EngineConfig {
                 "master_expiry ({:?}) must be longer than heartbeat_interval ({:?}), or live masters expire each other",
                 self.master_expiry, self.heartbeat_interval
             )));
+        }
+        if self.retention_batch == 0 {
+            return Err(EngineError::Invalid(
+                "retention_batch must be at least 1".into(),
+            ));
         }
         if self.claim_batch == 0 {
             return Err(EngineError::Invalid(
@@ -177,6 +192,8 @@ pub struct BuilderConfig {
     pub limits: BuildLimits,
     /// How its builds are retried (none automatically by default).
     pub retry: RetryPolicy,
+    /// What of its finished work is kept (everything by default).
+    pub retention: Option<crate::retention::RetentionPolicy>,
 }
 
 impl BuilderConfig {
@@ -192,6 +209,7 @@ impl BuilderConfig {
             on_missing_dependency: MissingDependency::Fail,
             limits: BuildLimits::default(),
             retry: RetryPolicy::default(),
+            retention: None,
         }
     }
 

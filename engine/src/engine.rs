@@ -153,6 +153,11 @@ impl Engine {
             )));
         }
         config.check_dependencies()?;
+        if let Some(retention) = &config.retention {
+            retention
+                .check()
+                .map_err(|e| EngineError::Invalid(format!("builder {:?}: {e}", config.name)))?;
+        }
         config
             .retry
             .check()
@@ -234,6 +239,33 @@ impl Engine {
             ));
         }
         Ok(row)
+    }
+
+    /// Deletes a complete buildset (see [`Client::delete_buildset`]) and the result
+    /// directories of its builds.
+    pub async fn delete_buildset(&self, id: BuildsetId) -> Result<Vec<kiln_model::Build>> {
+        let gone = self.client.delete_buildset(id).await?;
+        self.remove_result_dirs(&gone).await;
+        Ok(gone)
+    }
+
+    /// Deletes a finished build (see [`Client::delete_build`]) and its result directory.
+    pub async fn delete_build(&self, id: BuildId) -> Result<kiln_model::Build> {
+        let gone = self.client.delete_build(id).await?;
+        self.remove_result_dirs(std::slice::from_ref(&gone)).await;
+        Ok(gone)
+    }
+
+    async fn remove_result_dirs(&self, builds: &[kiln_model::Build]) {
+        if let Some(root) = &self.scheduler.shared.config.results_dir {
+            self.client.remove_result_dirs(root, builds).await;
+        }
+    }
+
+    /// Applies the builders' retention policies and the log retention now, as the
+    /// background task does every `retention_interval`.
+    pub async fn apply_retention(&self) -> Result<crate::retention::RoundOutcome> {
+        Ok(crate::scheduler::retention::round(&self.scheduler.shared).await?)
     }
 
     /// Fires a schedule now (see [`Client::force_schedule`]).

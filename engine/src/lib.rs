@@ -13,6 +13,7 @@
 //! - [`scheduler`]: claims requests, runs builds, buffers what they write, waits on
 //!   children, delivers reports, heartbeats and expires masters.
 //! - [`dependencies`]: builder dependencies and `$retval` substitution.
+//! - [`retention`]: what of finished work is kept ([`RetentionPolicy`]).
 //! - [`retry`]: automatic retries with backoff ([`RetryPolicy`]).
 //! - [`schedules`]: periodic and cron submissions ([`ScheduleConfig`]).
 //! - [`reporting`]: how reports are delivered to reporters ([`ReporterConfig`]).
@@ -33,6 +34,7 @@ pub mod events;
 mod group_commit;
 pub mod metrics;
 pub mod reporting;
+pub mod retention;
 pub mod retry;
 pub mod scheduler;
 pub mod schedules;
@@ -66,5 +68,6 @@ pub use kiln_job::{
     Triggered, WriteError,
 };
 pub use reporting::ReporterConfig;
+pub use retention::{LogRetention, RetentionPolicy};
 pub use retry::RetryPolicy;
 pub use schedules::{CatchUp, ScheduleConfig, Timing};

@@ -603,3 +603,104 @@ async fn a_forced_fire_runs_now_and_only_if_changed_skips_an_idle_branch() -> Re
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_a_builders_newest_builds_and_removes_the_rest_with_their_directories()
+-> Result<()> {
+    for backend in backends("retention").await? {
+        let name = backend.name;
+        let dir = tempfile::tempdir()?;
+        let results = dir.path().join("results");
+        let mut config = EngineConfig::new(&backend.url)
+            .master_name("m")
+            .results_dir(&results);
+        config.log_retention = Some(kiln_engine::LogRetention {
+            keep_for: Duration::ZERO,
+            below: kiln_engine::model::LogLevel::Info,
+        });
+        let engine = Engine::open(config).await?;
+        let writes = FnExecutor::new(|ctx| async move {
+            ctx.log(kiln_engine::model::LogLevel::Debug, "chatter")
+                .await?;
+            ctx.log(kiln_engine::model::LogLevel::Warning, "kept")
+                .await?;
+            if let Some(dir) = ctx.result_dir() {
+                tokio::fs::write(dir.join("out.txt"), "x")
+                    .await
+                    .map_err(|e| kiln_engine::JobError::new(e.to_string()))?;
+            }
+            Ok(Outcome::success(json!(null)))
+        });
+        engine
+            .register_builder(
+                BuilderConfig {
+                    retention: Some(kiln_engine::RetentionPolicy {
+                        keep_for: Duration::ZERO,
+                        keep_last: 2,
+                    }),
+                    ..BuilderConfig::new("pruned")
+                },
+                writes,
+            )
+            .await?;
+        engine
+            .register_builder(BuilderConfig::new("kept"), ok())
+            .await?;
+        let mut sets = Vec::new();
+        for i in 0..5 {
+            let s = engine
+                .submit(&Submission::new(format!("{i}")).builder("pruned"))
+                .await?;
+            guard("a build", engine.wait_buildset(s.buildset_id)).await??;
+            sets.push(s.buildset_id);
+        }
+        let other = engine
+            .submit(&Submission::new("other").builder("kept"))
+            .await?;
+        guard("a build", engine.wait_buildset(other.buildset_id)).await??;
+        let round = engine.apply_retention().await?;
+        ensure!(
+            round.builds == 3 && round.buildsets == 3,
+            "{name}: {round:?}"
+        );
+        // The kept builds' debug records; the deleted builds' went with them.
+        ensure!(round.log_records == 2, "{name}: {round:?}");
+        for (i, bs) in sets.iter().enumerate() {
+            let exists = engine.client().buildset(*bs).await.is_ok();
+            ensure!(exists == (i >= 3), "{name}: buildset {i} exists: {exists}");
+        }
+        ensure!(engine.client().buildset(other.buildset_id).await.is_ok());
+        for number in 1..=5 {
+            let dir = results.join("pruned").join(number.to_string());
+            ensure!(dir.exists() == (number >= 4), "{name}: result dir {number}");
+        }
+        let pruned = engine.client().builder_named("pruned").await?.id;
+        let builds = engine
+            .client()
+            .builds(&kiln_engine::storage::BuildFilter {
+                builder_id: Some(pruned),
+                ..Default::default()
+            })
+            .await?;
+        ensure!(
+            builds.iter().map(|b| b.number).collect::<Vec<_>>() == [4, 5],
+            "{name}"
+        );
+        // A second round finds nothing more to do.
+        ensure!(engine.apply_retention().await?.builds == 0);
+        // By hand: a running buildset is refused, a finished one goes with its directory.
+        let last = sets[4];
+        let gone = engine.delete_buildset(last).await?;
+        ensure!(gone.len() == 1 && !results.join("pruned").join("5").exists());
+        let waiting = engine
+            .submit(
+                &Submission::new("later")
+                    .builder("kept")
+                    .delay(Duration::from_secs(3600)),
+            )
+            .await?;
+        ensure!(engine.delete_buildset(waiting.buildset_id).await.is_err());
+        engine.shutdown().await;
+    }
+    Ok(())
+}

@@ -196,6 +196,9 @@ pub struct Buildset {
     pub parent_relationship: Option<String>,
     /// The build it rebuilds, for rebuilds.
     pub rebuilt_buildid: Option<BuildId>,
+    /// The buildset this one resubmits.
+    #[serde(default)]
+    pub resubmitted_from: Option<BuildsetId>,
 }
 
 /// A unit of queued work for one builder inside a buildset.

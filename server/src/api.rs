@@ -106,6 +106,67 @@ pub async fn buildset_properties(
     ))
 }
 
+/// `GET /sourcestamps`: the stored sourcestamps by id (identical stamps are stored
+/// once), paged with `limit` and `offset`.
+pub async fn sourcestamps(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    authorize_read(&s, &headers)?;
+    let paging = s.paging();
+    let mut limit = paging.default;
+    let mut offset = 0;
+    for (key, value) in crate::query::pairs(raw.as_deref())? {
+        let n = || {
+            value.parse::<u32>().map_err(|_| {
+                ApiError::BadRequest(format!("{key}={value:?}: expected a whole number ≥ 0"))
+            })
+        };
+        match key.as_str() {
+            "limit" => {
+                limit = n()?;
+                if limit == 0 || limit > paging.max {
+                    return Err(ApiError::BadRequest(format!(
+                        "limit={limit}: 1 to {} sourcestamps per page",
+                        paging.max
+                    )));
+                }
+            }
+            "offset" => offset = n()?,
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown parameter {key:?}: sourcestamps take limit and offset"
+                )));
+            }
+        }
+    }
+    let (stamps, total) = s.engine.client().sourcestamps(limit, offset).await?;
+    let items = stamps
+        .iter()
+        .map(|(id, stamp)| json::sourcestamp(*id, stamp))
+        .collect();
+    Ok(Json(json::collection("sourcestamps", items, total, &[])))
+}
+
+/// `GET /sourcestamps/{id}`.
+pub async fn sourcestamp(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(ssid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    authorize_read(&s, &headers)?;
+    parse_entity(raw.as_deref(), &[])?;
+    let id = kiln_engine::model::SourceStampId(id("sourcestamp", &ssid)?);
+    let stamp = s.engine.client().sourcestamp(id).await?;
+    Ok(Json(json::entity(
+        "sourcestamps",
+        json::sourcestamp(id, &stamp),
+        &[],
+    )))
+}
+
 pub async fn buildset_sourcestamps(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -152,12 +213,9 @@ pub async fn buildset_builds(
     authorize_read(&s, &headers)?;
     let bsid = id("buildset", &bsid)?;
     s.engine.client().buildset(BuildsetId(bsid)).await?;
-    let q = parse_collection::<BuildField>(raw.as_deref(), json::BUILD_FIELDS, s.paging())?;
-    builds_page(
-        &s,
-        q.query.eq(BuildField::BuildsetId, BuildsetId(bsid)),
-        &q.fields,
-    )
+    builds_where(&s, raw.as_deref(), |q| {
+        q.eq(BuildField::BuildsetId, BuildsetId(bsid))
+    })
     .await
 }
 
@@ -360,20 +418,68 @@ pub async fn request_builds(
     authorize_read(&s, &headers)?;
     let rid = id("build request", &rid)?;
     s.engine.client().request(RequestId(rid)).await?;
-    let q = parse_collection::<BuildField>(raw.as_deref(), json::BUILD_FIELDS, s.paging())?;
-    builds_page(
-        &s,
-        q.query.eq(BuildField::RequestId, RequestId(rid)),
-        &q.fields,
-    )
+    builds_where(&s, raw.as_deref(), |q| {
+        q.eq(BuildField::RequestId, RequestId(rid))
+    })
     .await
 }
 
 // ---- builds ----
 
-async fn builds_page(s: &AppState, query: Query<BuildField>, fields: &[String]) -> Reply {
+/// A builds collection request: the query, and the properties to show with each build
+/// (Buildbot's `property=NAME`, repeatable; `property=*` for all of them).
+fn parse_builds(
+    raw: Option<&str>,
+    paging: crate::query::Paging,
+) -> ApiResult<(crate::query::CollectionQuery<BuildField>, Vec<String>)> {
+    let mut properties = Vec::new();
+    let mut rest = Vec::new();
+    for part in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        match crate::query::pairs(Some(part))?.pop() {
+            Some((key, value)) if key == "property" => properties.push(value),
+            _ => rest.push(part),
+        }
+    }
+    let rest = rest.join("&");
+    let q = parse_collection::<BuildField>(Some(&rest), json::BUILD_FIELDS, paging)?;
+    Ok((q, properties))
+}
+
+/// A builds collection request, narrowed by `narrow` (to a buildset, request or
+/// builder).
+async fn builds_where(
+    s: &AppState,
+    raw: Option<&str>,
+    narrow: impl FnOnce(Query<BuildField>) -> Query<BuildField>,
+) -> Reply {
+    let (q, properties) = parse_builds(raw, s.paging())?;
+    builds_page(s, narrow(q.query), &q.fields, &properties).await
+}
+
+async fn builds_page(
+    s: &AppState,
+    query: Query<BuildField>,
+    fields: &[String],
+    properties: &[String],
+) -> Reply {
     let page = s.engine.client().query_builds(&query).await?;
-    page_reply::<BuildField, _>(&page, json::build, fields)
+    if properties.is_empty() {
+        return page_reply::<BuildField, _>(&page, json::build, fields);
+    }
+    let all = properties.iter().any(|p| p == "*");
+    let mut items = Vec::with_capacity(page.items.len());
+    for build in &page.items {
+        let mut value = json::build(build);
+        let mut props = s.engine.client().build_properties(build.id).await?;
+        if !all {
+            props.retain(|name, _| properties.contains(name));
+        }
+        value["properties"] = json::properties(&props);
+        items.push(json::select(value, fields));
+    }
+    Ok(Json(
+        json!({ BuildField::PLURAL: items, "meta": { "total": page.total.unwrap_or(page.items.len() as u64) } }),
+    ))
 }
 
 pub async fn builds(
@@ -382,8 +488,7 @@ pub async fn builds(
     RawQuery(raw): RawQuery,
 ) -> Reply {
     authorize_read(&s, &headers)?;
-    let q = parse_collection::<BuildField>(raw.as_deref(), json::BUILD_FIELDS, s.paging())?;
-    builds_page(&s, q.query, &q.fields).await
+    builds_where(&s, raw.as_deref(), |q| q).await
 }
 
 async fn build_reply(s: &AppState, build: kiln_engine::model::Build, fields: &[String]) -> Reply {
@@ -663,8 +768,47 @@ pub async fn builder_builds(
 ) -> Reply {
     authorize_read(&s, &headers)?;
     let b = find_builder(&s, &key).await?;
-    let q = parse_collection::<BuildField>(raw.as_deref(), json::BUILD_FIELDS, s.paging())?;
-    builds_page(&s, q.query.eq(BuildField::BuilderId, b.id), &q.fields).await
+    builds_where(&s, raw.as_deref(), |q| q.eq(BuildField::BuilderId, b.id)).await
+}
+
+/// `GET /builders/{builder}/buildrequests`: the builder's requests, filtered, ordered
+/// and paged like `/buildrequests`.
+pub async fn builder_requests(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    authorize_read(&s, &headers)?;
+    let b = find_builder(&s, &key).await?;
+    let q = parse_collection::<RequestField>(raw.as_deref(), json::REQUEST_FIELDS, s.paging())?;
+    let page = s
+        .engine
+        .client()
+        .query_requests(&q.query.eq(RequestField::BuilderId, b.id))
+        .await?;
+    page_reply::<RequestField, _>(&page, json::request, &q.fields)
+}
+
+/// `GET /builds/{id}/previous_successful_build`: the latest earlier build of the same
+/// builder with exactly SUCCESS and the same sourcestamps (Buildbot's
+/// `getPrevSuccessfulBuild`), as a collection of zero or one build.
+pub async fn build_previous_successful(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    authorize_read(&s, &headers)?;
+    let fields = parse_entity(raw.as_deref(), json::BUILD_FIELDS)?;
+    let previous = s
+        .engine
+        .client()
+        .previous_successful_build(BuildId(id("build", &bid)?))
+        .await?;
+    let items: Vec<Value> = previous.iter().map(json::build).collect();
+    let total = items.len() as u64;
+    Ok(Json(json::collection("builds", items, total, &fields)))
 }
 
 pub async fn builder_build(

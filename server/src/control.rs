@@ -9,8 +9,8 @@
 //! | entity | methods |
 //! | --- | --- |
 //! | `/buildrequests/{id}` | `cancel`, `set_priority {priority}` |
-//! | `/buildsets/{id}` | `cancel`, `resubmit {all}` |
-//! | `/builds/{id}` | `stop`, `rebuild` |
+//! | `/buildsets/{id}` | `cancel`, `resubmit {all}`, `delete` |
+//! | `/builds/{id}` | `stop`, `rebuild`, `delete` |
 //! | `/builders/{builder}` | `pause`, `resume` |
 //! | `/schedules/{name}` | `force` |
 
@@ -309,7 +309,8 @@ async fn request_action(s: &AppState, rid: &str, call: &Rpc) -> ApiResult<Value>
     }
 }
 
-/// `POST /buildsets/{id}`: `cancel`, `resubmit {all}`.
+/// `POST /buildsets/{id}`: `cancel`, `resubmit {all}`, `delete` (a complete one, with
+/// its builds and their result directories; 400 while incomplete).
 pub async fn buildset_rpc(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -339,7 +340,11 @@ async fn buildset_action(s: &AppState, bsid: &str, call: &Rpc) -> ApiResult<Valu
                 submitted.requests.iter().map(|(k, v)| (k, v.0)).collect();
             Ok(json!({ "bsid": submitted.buildset_id.0, "brids": brids }))
         }
-        _ => Err(unknown_method(call, "cancel, resubmit")),
+        "delete" => {
+            let gone = s.engine.delete_buildset(bsid).await?;
+            Ok(json!({ "deleted_builds": gone.iter().map(|b| b.id.0).collect::<Vec<_>>() }))
+        }
+        _ => Err(unknown_method(call, "cancel, resubmit, delete")),
     }
 }
 
@@ -391,7 +396,7 @@ pub async fn schedule_rpc(
     answer(&call, result)
 }
 
-/// `POST /builds/{id}`: `stop`, `rebuild`.
+/// `POST /builds/{id}`: `stop`, `rebuild`, `delete` (a finished one).
 pub async fn build_rpc(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -422,7 +427,11 @@ async fn build_action(s: &AppState, bid: &str, call: &Rpc) -> ApiResult<Value> {
                 submitted.requests.iter().map(|(k, v)| (k, v.0)).collect();
             Ok(json!({ "bsid": submitted.buildset_id.0, "brids": brids }))
         }
-        _ => Err(unknown_method(call, "stop, rebuild")),
+        "delete" => {
+            let gone = s.engine.delete_build(bid).await?;
+            Ok(json!({ "deleted_builds": [gone.id.0] }))
+        }
+        _ => Err(unknown_method(call, "stop, rebuild, delete")),
     }
 }
 

@@ -35,6 +35,7 @@ pub const BUILDSET_FIELDS: &[&str] = &[
     "parent_buildid",
     "parent_relationship",
     "rebuilt_buildid",
+    "resubmitted_from",
     "sourcestamps",
     "properties",
 ];
@@ -51,6 +52,7 @@ pub fn buildset(b: &Buildset) -> Value {
         "parent_buildid": b.parent_buildid.map(|x| x.0),
         "parent_relationship": b.parent_relationship,
         "rebuilt_buildid": b.rebuilt_buildid.map(|x| x.0),
+        "resubmitted_from": b.resubmitted_from.map(|x| x.0),
     })
 }
 
@@ -69,6 +71,19 @@ pub fn sourcestamps(stamps: &[SourceStamp]) -> Value {
             })
             .collect(),
     )
+}
+
+/// A stored sourcestamp with its id, in Buildbot's shape (`ssid`; no patches).
+pub fn sourcestamp(id: kiln_engine::model::SourceStampId, s: &SourceStamp) -> Value {
+    json!({
+        "ssid": id.0,
+        "codebase": s.codebase,
+        "repository": s.repository,
+        "branch": s.branch,
+        "revision": s.revision,
+        "project": s.project,
+        "patch": null,
+    })
 }
 
 /// Properties as Buildbot shows them: name → [value, source].

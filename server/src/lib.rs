@@ -160,6 +160,8 @@ pub fn router(state: AppState) -> Router {
         .route("/buildsets/{id}/buildrequests", get(api::buildset_requests))
         .route("/buildsets/{id}/builds", get(api::buildset_builds))
         .route("/buildsets/{id}/tree", get(api::buildset_tree))
+        .route("/sourcestamps", get(api::sourcestamps))
+        .route("/sourcestamps/{id}", get(api::sourcestamp))
         .route("/buildrequests", get(api::requests))
         .route(
             "/buildrequests/{id}",
@@ -177,12 +179,20 @@ pub fn router(state: AppState) -> Router {
             get(api::build_artifact_file),
         )
         .route("/builds/{id}/triggered", get(api::build_triggered))
+        .route(
+            "/builds/{id}/previous_successful_build",
+            get(api::build_previous_successful),
+        )
         .route("/builders", get(api::builders))
         .route(
             "/builders/{builder}",
             get(api::builder).post(control::builder_rpc),
         )
         .route("/builders/{builder}/builds", get(api::builder_builds))
+        .route(
+            "/builders/{builder}/buildrequests",
+            get(api::builder_requests),
+        )
         .route(
             "/builders/{builder}/builds/{number}",
             get(api::builder_build),

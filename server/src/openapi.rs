@@ -112,7 +112,10 @@ pub fn spec() -> Value {
         "a buildset with its sourcestamps and properties",
         &[id("buildset id")],
     );
-    one["post"] = rpc("cancel, resubmit {all}", &[id("buildset id")]);
+    one["post"] = rpc(
+        "cancel, resubmit {all}, delete (a complete buildset with its builds)",
+        &[id("buildset id")],
+    );
     paths.insert("/buildsets/{id}".into(), one);
     paths.insert(
         "/buildsets/{id}/properties".into(),
@@ -140,6 +143,23 @@ pub fn spec() -> Value {
             &[id("buildset id")],
         ),
     );
+    let mut stamps = get(
+        "stored sourcestamps by id (identical stamps stored once)",
+        &[],
+    );
+    if let Some(params) = stamps["get"]["parameters"].as_array_mut() {
+        params.push(
+            json!({"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}),
+        );
+        params.push(
+            json!({"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}),
+        );
+    }
+    paths.insert("/sourcestamps".into(), stamps);
+    paths.insert(
+        "/sourcestamps/{id}".into(),
+        get("a sourcestamp", &[id("sourcestamp id")]),
+    );
     paths.insert(
         "/buildrequests".into(),
         list::<RequestField>("build requests", &[]),
@@ -153,7 +173,10 @@ pub fn spec() -> Value {
     );
     paths.insert("/builds".into(), list::<BuildField>("builds", &[]));
     let mut one = get("a build with its properties", &[id("build id")]);
-    one["post"] = rpc("stop, rebuild", &[id("build id")]);
+    one["post"] = rpc(
+        "stop, rebuild, delete (a finished build)",
+        &[id("build id")],
+    );
     paths.insert("/builds/{id}".into(), one);
     paths.insert(
         "/builds/{id}/properties".into(),
@@ -204,6 +227,20 @@ pub fn spec() -> Value {
         &[path_param("builder", "id or name")],
     );
     paths.insert("/builders/{builder}".into(), one);
+    paths.insert(
+        "/builders/{builder}/buildrequests".into(),
+        list::<RequestField>(
+            "a builder's build requests",
+            &[path_param("builder", "id or name")],
+        ),
+    );
+    paths.insert(
+        "/builds/{id}/previous_successful_build".into(),
+        get(
+            "the latest earlier build of the same builder with exactly SUCCESS and the same sourcestamps (zero or one)",
+            &[id("build id")],
+        ),
+    );
     paths.insert(
         "/builders/{builder}/builds".into(),
         list::<BuildField>("a builder's builds", &[path_param("builder", "id or name")]),

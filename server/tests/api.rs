@@ -589,6 +589,21 @@ async fn submit_and_every_control_action_work_through_json_rpc() -> Result<()> {
         "{}",
         resubmitted.text
     );
+    // The new buildset names the one it resubmits (Buildbot's field).
+    let again = resubmitted.json["result"]["bsid"]
+        .as_i64()
+        .unwrap_or_default();
+    let shown = s.ok(&format!("/api/v2/buildsets/{again}")).await?;
+    ensure!(shown["buildsets"][0]["resubmitted_from"] == bsid, "{shown}");
+    let filtered = s
+        .ok(&format!(
+            "/api/v2/buildsets?resubmitted_from={bsid}&field=bsid"
+        ))
+        .await?;
+    ensure!(
+        filtered["buildsets"] == json!([{"bsid": again}]),
+        "{filtered}"
+    );
 
     // Cancel a buildset, and a request.
     let rb = rebuilt.json["result"]["bsid"].as_i64().unwrap_or_default();
@@ -1131,5 +1146,139 @@ async fn schedules_list_with_their_next_fire_and_fire_on_demand() -> Result<()> 
         .rpc("/api/v2/schedules/nightly", "pause", json!({}))
         .await?;
     ensure!(unknown.status == StatusCode::BAD_REQUEST && unknown.text.contains("force"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_work_is_deleted_through_json_rpc_and_running_work_is_refused() -> Result<()> {
+    let s = server().await?;
+    let bsid = s.run(&["compile"]).await?;
+    let builds = s.ok(&format!("/api/v2/buildsets/{bsid}/builds")).await?;
+    let bid = builds["builds"][0]["buildid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("{builds}"))?;
+    let deleted = s
+        .rpc(&format!("/api/v2/buildsets/{bsid}"), "delete", json!({}))
+        .await?;
+    ensure!(deleted.status == StatusCode::OK, "{}", deleted.text);
+    ensure!(
+        deleted.json["result"]["deleted_builds"] == json!([bid]),
+        "{}",
+        deleted.text
+    );
+    ensure!(s.get(&format!("/api/v2/builds/{bid}")).await?.status == StatusCode::NOT_FOUND);
+    let again = s
+        .rpc(&format!("/api/v2/buildsets/{bsid}"), "delete", json!({}))
+        .await?;
+    ensure!(again.status == StatusCode::NOT_FOUND, "{}", again.text);
+    // A running build and its open buildset are refused.
+    let running = s
+        .post(
+            "/api/v2/buildsets",
+            json!({"builders": ["wait"]}),
+            Some(TOKEN),
+        )
+        .await?;
+    let open = running.json["bsid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("no bsid"))?;
+    let refused = s
+        .rpc(&format!("/api/v2/buildsets/{open}"), "delete", json!({}))
+        .await?;
+    ensure!(
+        refused.status == StatusCode::BAD_REQUEST && refused.text.contains("cancel"),
+        "{}",
+        refused.text
+    );
+    // A finished build alone.
+    let other = s.run(&["compile"]).await?;
+    let builds = s.ok(&format!("/api/v2/buildsets/{other}/builds")).await?;
+    let one = builds["builds"][0]["buildid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("{builds}"))?;
+    let gone = s
+        .rpc(&format!("/api/v2/builds/{one}"), "delete", json!({}))
+        .await?;
+    ensure!(
+        gone.json["result"]["deleted_builds"] == json!([one]),
+        "{}",
+        gone.text
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sourcestamps_a_builders_requests_and_the_previous_successful_build_read_as_buildbot_does()
+-> Result<()> {
+    let s = server().await?;
+    let stamp = json!({"codebase": "", "repository": "https://git/x", "branch": "main", "revision": "r1", "project": "p"});
+    let mut bsids = Vec::new();
+    for _ in 0..2 {
+        let r = s
+            .post(
+                "/api/v2/buildsets",
+                json!({"builders": ["compile"], "sourcestamps": [stamp.clone()]}),
+                Some(TOKEN),
+            )
+            .await?;
+        let bsid = r.json["bsid"]
+            .as_i64()
+            .ok_or_else(|| anyhow!("{}", r.text))?;
+        tokio::time::timeout(
+            GUARD,
+            s.engine.wait_buildset(kiln_engine::model::BuildsetId(bsid)),
+        )
+        .await??;
+        bsids.push(bsid);
+    }
+    // Identical stamps are stored once, with an id.
+    let stamps = s.ok("/api/v2/sourcestamps").await?;
+    ensure!(stamps["meta"]["total"] == 1, "{stamps}");
+    let ssid = stamps["sourcestamps"][0]["ssid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("{stamps}"))?;
+    let one = s.ok(&format!("/api/v2/sourcestamps/{ssid}")).await?;
+    ensure!(one["sourcestamps"][0]["revision"] == "r1", "{one}");
+    ensure!(s.get("/api/v2/sourcestamps/999999").await?.status == StatusCode::NOT_FOUND);
+    ensure!(s.get("/api/v2/sourcestamps?limit=0").await?.status == StatusCode::BAD_REQUEST);
+    ensure!(s.get("/api/v2/sourcestamps?colour=red").await?.status == StatusCode::BAD_REQUEST);
+    // A builder's requests, by name or id, filtered like /buildrequests.
+    let requests = s
+        .ok("/api/v2/builders/compile/buildrequests?complete=true")
+        .await?;
+    ensure!(requests["meta"]["total"] == 2, "{requests}");
+    ensure!(s.get("/api/v2/builders/nobody/buildrequests").await?.status == StatusCode::NOT_FOUND);
+    // The second build's previous successful build is the first.
+    let builds = s.ok("/api/v2/builders/compile/builds?order=number").await?;
+    let first = builds["builds"][0]["buildid"].clone();
+    let second = builds["builds"][1]["buildid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("{builds}"))?;
+    let previous = s
+        .ok(&format!(
+            "/api/v2/builds/{second}/previous_successful_build"
+        ))
+        .await?;
+    ensure!(previous["builds"][0]["buildid"] == first, "{previous}");
+    let none = s
+        .ok(&format!("/api/v2/builds/{first}/previous_successful_build"))
+        .await?;
+    ensure!(none["meta"]["total"] == 0, "{none}");
+    // Buildbot's property= selection adds the named properties to each build.
+    let with = s
+        .ok("/api/v2/builds?property=version&property=nothing&field=buildid&field=properties")
+        .await?;
+    ensure!(with["meta"]["total"] == 2, "{with}");
+    ensure!(
+        with["builds"][0]["properties"] == json!({"version": ["1.2", "compile"]}),
+        "{with}"
+    );
+    let all = s.ok("/api/v2/builds?property=*&limit=1").await?;
+    ensure!(
+        all["builds"][0]["properties"]["version"][0] == "1.2",
+        "{all}"
+    );
+    let plain = s.ok("/api/v2/builds?limit=1").await?;
+    ensure!(plain["builds"][0].get("properties").is_none(), "{plain}");
     Ok(())
 }

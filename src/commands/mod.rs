@@ -22,7 +22,7 @@ use kiln_engine::model::{Build, BuildId};
 use kiln_engine::storage::StoreOptions;
 use serde::Serialize;
 
-use crate::cli::{Cli, Command, PluginWhat, ReporterWhat};
+use crate::cli::{Cli, Command, DeleteWhat, PluginWhat, PruneWhat, ReporterWhat};
 use crate::render::{self, Table};
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
@@ -56,6 +56,19 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Rebuild { build } => rebuild::rebuild(&client, &out, &build).await?,
         Command::Pause { builder } => pause(&client, &out, &builder, true).await?,
+        Command::Delete { what } => delete(&client, &out, &cli.db, what).await?,
+        Command::Prune {
+            what: PruneWhat::Logs { older_than, below },
+        } => {
+            let older_than = crate::render::parse_when(&older_than)?;
+            let below: kiln_engine::model::LogLevel = below
+                .parse()
+                .map_err(|e| anyhow!("--below {below:?}: {e}"))?;
+            let pruned = client.prune_logs(older_than, below).await?;
+            out.emit(&serde_json::json!({ "pruned": pruned }), || {
+                println!("{pruned} log records deleted");
+            })?
+        }
         Command::Fire { schedule } => {
             let submitted = client.force_schedule(&schedule).await?;
             out.emit(&submitted, || {
@@ -68,6 +81,37 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Resume { builder } => pause(&client, &out, &builder, false).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln delete buildset|build`: the database rows, then the result directories.
+async fn delete(client: &Client, out: &Out, db: &str, what: DeleteWhat) -> Result<()> {
+    let (what, builds, results_dir) = match what {
+        DeleteWhat::Buildset { id, results_dir } => (
+            format!("buildset {id}"),
+            client
+                .delete_buildset(kiln_engine::model::BuildsetId(id))
+                .await?,
+            results_dir,
+        ),
+        DeleteWhat::Build { id, results_dir } => (
+            format!("build {id}"),
+            vec![client.delete_build(BuildId(id)).await?],
+            results_dir,
+        ),
+    };
+    let root = results_dir.unwrap_or_else(|| run::default_results_dir(db));
+    client.remove_result_dirs(&root, &builds).await;
+    let ids: Vec<i64> = builds.iter().map(|b| b.id.0).collect();
+    out.emit(
+        &serde_json::json!({ "deleted": what, "builds": ids }),
+        || {
+            println!(
+                "deleted {what} ({} build{})",
+                ids.len(),
+                if ids.len() == 1 { "" } else { "s" }
+            );
+        },
+    )
 }
 
 /// `kiln pause` and `kiln resume`. Masters on PostgreSQL hear of a resume at once; on

@@ -60,6 +60,23 @@ impl Live {
 
 /// An engine opened for a pipeline file, with its builders, policies and reporters
 /// registered and its submissions ready.
+/// Where builds' result directories are unless a file says: `kiln-results` next to a
+/// SQLite database, or in the current directory.
+pub fn default_results_dir(database: &str) -> PathBuf {
+    if !storage::is_sqlite(database) {
+        return PathBuf::from("kiln-results");
+    }
+    let path = database
+        .strip_prefix("sqlite://")
+        .or_else(|| database.strip_prefix("sqlite:"))
+        .unwrap_or(database);
+    let path = path.split('?').next().unwrap_or(path);
+    Path::new(path)
+        .parent()
+        .unwrap_or(Path::new(""))
+        .join("kiln-results")
+}
+
 pub struct Started {
     pub engine: Engine,
     pub host: std::sync::Arc<WasmHost>,
@@ -93,13 +110,7 @@ pub async fn start(
         .results_dir
         .as_ref()
         .map(|p| resolve(&base, p))
-        .unwrap_or_else(|| match storage::is_sqlite(&database) {
-            true => Path::new(&database)
-                .parent()
-                .unwrap_or(Path::new(""))
-                .join("kiln-results"),
-            false => PathBuf::from("kiln-results"),
-        });
+        .unwrap_or_else(|| default_results_dir(&database));
     let cache_dir = file
         .run
         .cache_dir
@@ -112,8 +123,9 @@ pub async fn start(
     }));
     let pipeline = pipeline::load(base, file, &host, submits).await?;
 
-    let config =
-        tune(EngineConfig::new(storage::database_url(&database)).results_dir(&results_dir));
+    let mut config = EngineConfig::new(storage::database_url(&database)).results_dir(&results_dir);
+    pipeline.retention.apply(&mut config);
+    let config = tune(config);
     let engine = Engine::open(config)
         .await
         .with_context(|| format!("opening {}", storage::display_url(&database)))?;

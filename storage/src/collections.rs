@@ -53,6 +53,7 @@ impl Shape for BuildsetField {
             BuildsetField::ParentBuildId => "bs.parent_buildid",
             BuildsetField::ParentRelationship => "bs.parent_relationship",
             BuildsetField::RebuiltBuildId => "bs.rebuilt_buildid",
+            BuildsetField::ResubmittedFrom => "bs.resubmitted_from",
         })
     }
 }

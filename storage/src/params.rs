@@ -41,6 +41,8 @@ pub struct NewBuildset {
     pub trigger_key: Option<String>,
     /// The build that this rebuilds.
     pub rebuilt_buildid: Option<BuildId>,
+    /// The buildset that this resubmits.
+    pub resubmitted_from: Option<BuildsetId>,
     /// How deep it hangs in its trigger tree: 0 for a submission, the parent's buildset's
     /// depth + 1 for a child.
     pub depth: u32,

@@ -96,6 +96,8 @@ fields!(
         ParentRelationship = ("parent_relationship", Text),
         /// The build it rebuilds.
         RebuiltBuildId = ("rebuilt_buildid", Int),
+        /// The buildset it resubmits.
+        ResubmittedFrom = ("resubmitted_from", Int),
     }
 );
 

@@ -184,6 +184,7 @@ pub(crate) fn buildset_from_row(row: &impl Col) -> Result<Buildset> {
         parent_buildid: row.opt_int("parent_buildid")?.map(BuildId),
         parent_relationship: row.opt_text("parent_relationship")?,
         rebuilt_buildid: row.opt_int("rebuilt_buildid")?.map(BuildId),
+        resubmitted_from: row.opt_int("resubmitted_from")?.map(BuildsetId),
     })
 }
 

@@ -187,6 +187,15 @@ pub trait Buildsets: Send + Sync + 'static {
     async fn buildset_properties(&self, id: BuildsetId) -> Result<Properties>;
     /// A buildset's sourcestamps, sorted.
     async fn buildset_sourcestamps(&self, id: BuildsetId) -> Result<Vec<SourceStamp>>;
+    /// A page of the stored sourcestamps by id (equal stamps are stored once), and how
+    /// many there are.
+    async fn sourcestamp_page(
+        &self,
+        limit: u32,
+        offset: u32,
+    ) -> Result<(Vec<(SourceStampId, SourceStamp)>, u64)>;
+    /// One stored sourcestamp.
+    async fn sourcestamp_get(&self, id: SourceStampId) -> Result<SourceStamp>;
     /// The ids of a buildset's stored sourcestamps, ascending (equal stamps share an id).
     async fn buildset_sourcestamp_ids(&self, id: BuildsetId) -> Result<Vec<SourceStampId>>;
     /// The child buildsets a parent request's builds started, one entry per child

@@ -29,6 +29,33 @@ pub(super) async fn prepare(root: &Path, builder: &str, number: i64) -> Option<P
     }
 }
 
+/// Removes the result directories of deleted builds (`(builder name, number)`), and
+/// their builder's directory when it is left empty. A directory already gone is fine.
+pub(crate) async fn remove(root: &Path, builds: Vec<(String, i64)>) {
+    let root = root.to_path_buf();
+    let removed = tokio::task::spawn_blocking(move || {
+        let mut parents = std::collections::BTreeSet::new();
+        for (builder, number) in builds {
+            let parent = root.join(safe_component(&builder));
+            let dir = parent.join(number.to_string());
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => warn!(dir = %dir.display(), error = %e, "cannot remove a deleted build's result directory"),
+            }
+            parents.insert(parent);
+        }
+        for parent in parents {
+            // Fails while other builds' directories are there, which is what keeps it.
+            let _ = std::fs::remove_dir(&parent);
+        }
+    })
+    .await;
+    if let Err(e) = removed {
+        warn!(error = %e, "removing result directories failed");
+    }
+}
+
 /// Lists the files under `dir` and removes what is neither a file nor a directory
 /// (symbolic links, pipes, sockets, devices): a guest could leave a link to a host path
 /// there, which a download would then follow. Removes the directory if the build left

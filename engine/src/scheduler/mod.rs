@@ -13,11 +13,12 @@
 //! [`artifacts`] prepares result directories and collects what builds leave there;
 //! [`masters`] heartbeats and expires silent masters.
 
-mod artifacts;
+pub(crate) mod artifacts;
 mod builds;
 mod masters;
 mod output;
 pub(crate) mod reporters;
+pub(crate) mod retention;
 mod triggers;
 
 pub use output::{BACKLOG_RECORDS, FLUSH_INTERVAL, FLUSH_RECORDS};
@@ -304,6 +305,8 @@ impl Scheduler {
             tokio::spawn(masters::heartbeat_loop(shared.clone())),
             tokio::spawn(builds::finisher_loop(shared.clone(), finished_rx)),
             tokio::spawn(output::flush_loop(shared.clone())),
+            // Cheap when nothing is configured: a round with no policy does nothing.
+            tokio::spawn(retention::retention_loop(shared.clone())),
         ];
         if let Some(signals) = shared.store.signals() {
             tasks.push(tokio::spawn(signal_loop(shared.clone(), signals)));

@@ -49,6 +49,38 @@ impl<D: Dialect> Buildsets for D {
         Ok(stamps)
     }
 
+    async fn sourcestamp_page(
+        &self,
+        limit: u32,
+        offset: u32,
+    ) -> Result<(Vec<(SourceStampId, SourceStamp)>, u64)> {
+        let mut sql = Sql::new(
+            "SELECT id, codebase, repository, branch, revision, project FROM sourcestamps ORDER BY id LIMIT ",
+        );
+        sql.bind(i64::from(limit))
+            .push(" OFFSET ")
+            .bind(i64::from(offset));
+        let stamps = all(self, sql, |row| {
+            Ok((SourceStampId(row.int("id")?), sourcestamp_from_row(row)?))
+        })
+        .await?;
+        let total = self
+            .read_one(Sql::new("SELECT COUNT(*) AS total FROM sourcestamps"))
+            .await?
+            .map(|row| row.int("total"))
+            .transpose()?
+            .unwrap_or_default();
+        Ok((stamps, u64::try_from(total).unwrap_or_default()))
+    }
+
+    async fn sourcestamp_get(&self, id: SourceStampId) -> Result<SourceStamp> {
+        let mut sql = Sql::new(
+            "SELECT codebase, repository, branch, revision, project FROM sourcestamps WHERE id = ",
+        );
+        sql.bind(id.0);
+        one(self, sql, "sourcestamp", id.0, sourcestamp_from_row).await
+    }
+
     async fn buildset_sourcestamp_ids(&self, id: BuildsetId) -> Result<Vec<SourceStampId>> {
         self.buildset_get(id).await?;
         let mut sql =

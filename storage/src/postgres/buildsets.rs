@@ -33,6 +33,7 @@ struct BuildsetRows {
     trigger_key: Vec<Option<String>>,
     depth: Vec<i64>,
     key: Vec<Option<String>>,
+    resubmitted: Vec<Option<i64>>,
 }
 
 #[derive(Default)]
@@ -182,6 +183,7 @@ async fn insert(tx: &mut PgConnection, params: &[&NewBuildset]) -> Result<Vec<Ad
         bs.trigger_key.push(p.trigger_key.clone());
         bs.depth.push(i64::from(p.depth));
         bs.key.push(p.idempotency_key.clone());
+        bs.resubmitted.push(p.resubmitted_from.map(|b| b.0));
         let mut by_builder = BTreeMap::new();
         for builder in &p.builder_ids {
             let request_id = next_request.next().ok_or_else(|| {
@@ -220,10 +222,10 @@ async fn insert(tx: &mut PgConnection, params: &[&NewBuildset]) -> Result<Vec<Ad
     sqlx::query(
             "INSERT INTO buildsets (id, reason, external_idstring, submitted_at, complete, complete_at, results,
                                     parent_buildid, parent_relationship, rebuilt_buildid, parent_request_id, trigger_key,
-                                    depth, idempotency_key)
+                                    depth, idempotency_key, resubmitted_from)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
                                   $7::bigint[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::text[],
-                                  $13::bigint[], $14::text[])",
+                                  $13::bigint[], $14::text[], $15::bigint[])",
         )
         .bind(&bs.id)
         .bind(&bs.reason)
@@ -239,6 +241,7 @@ async fn insert(tx: &mut PgConnection, params: &[&NewBuildset]) -> Result<Vec<Ad
         .bind(&bs.trigger_key)
         .bind(&bs.depth)
         .bind(&bs.key)
+        .bind(&bs.resubmitted)
         .execute(&mut *tx)
         .await
         .map_err(|e| {

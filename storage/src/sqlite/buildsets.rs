@@ -107,6 +107,7 @@ fn insert(tx: &rusqlite::Connection, params: &[&NewBuildset]) -> Result<Vec<Adde
             p.trigger_key,
             p.depth,
             p.idempotency_key,
+            p.resubmitted_from.map(|b| b.0),
         ]));
         let mut by_builder = BTreeMap::new();
         for builder in &p.builder_ids {
@@ -150,9 +151,10 @@ fn insert(tx: &rusqlite::Connection, params: &[&NewBuildset]) -> Result<Vec<Adde
     tx.prepare_cached(
             "INSERT INTO buildsets (id, reason, external_idstring, submitted_at, complete, complete_at, results,
                                     parent_buildid, parent_relationship, rebuilt_buildid, parent_request_id, trigger_key,
-                                    depth, idempotency_key)
+                                    depth, idempotency_key, resubmitted_from)
              SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-                    value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, value ->> 12, value ->> 13
+                    value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, value ->> 12, value ->> 13,
+                    value ->> 14
              FROM json_each(?)",
         )?
         .execute([Value::from(buildsets).to_string()])

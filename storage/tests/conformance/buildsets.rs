@@ -235,3 +235,35 @@ pub async fn buildsets_list_newest_first_with_filters(h: &Harness) -> Result<()>
     ensure!(page.len() == 1 && page[0].id == second);
     Ok(())
 }
+
+pub async fn stored_sourcestamps_read_by_page_and_by_id(h: &Harness) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["a"]).await?;
+    for rev in ["r1", "r2", "r3", "r1"] {
+        buildset_with(
+            s,
+            NewBuildset {
+                builder_ids: b.clone(),
+                sourcestamps: vec![stamp("https://git/x", "main", rev)],
+                ..NewBuildset::default()
+            },
+        )
+        .await?;
+    }
+    let (first, total) = s.sourcestamp_page(2, 0).await?;
+    ensure!(total == 3 && first.len() == 2, "{first:?} of {total}");
+    let (rest, _) = s.sourcestamp_page(2, 2).await?;
+    ensure!(rest.len() == 1 && rest[0].0 > first[1].0);
+    let revisions: Vec<_> = first
+        .iter()
+        .chain(&rest)
+        .map(|(_, st)| st.revision.clone().unwrap_or_default())
+        .collect();
+    ensure!(revisions == ["r1", "r2", "r3"], "{revisions:?}");
+    ensure!(s.sourcestamp_get(first[0].0).await? == first[0].1);
+    ensure!(matches!(
+        s.sourcestamp_get(kiln_model::SourceStampId(999_999)).await,
+        Err(StorageError::NotFound { .. })
+    ));
+    Ok(())
+}

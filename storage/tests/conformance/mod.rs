@@ -81,6 +81,7 @@ macro_rules! conformance_tests {
                 a_buildset_without_builders_completes_at_once,
                 buildset_properties_keep_their_values_and_sources,
                 buildsets_list_newest_first_with_filters,
+                stored_sourcestamps_read_by_page_and_by_id,
             ],
             requests: [
                 listing_requests_filters_by_builder_buildset_completeness_and_claim,
