@@ -15,7 +15,7 @@ use kiln_engine::wasm::{
     DirGrant, Grants, HttpGrant, Limits, WasmExecutor, WasmHost, WasmPolicy, WasmReporter,
 };
 use kiln_engine::{
-    BuildLimits, BuilderConfig, CatchUp, LogRetention, ReporterConfig, RetentionPolicy,
+    BuildLimits, BuilderConfig, CatchUp, Collapse, LogRetention, ReporterConfig, RetentionPolicy,
     RetryPolicy, ScheduleConfig, Submission, Timing,
 };
 use serde::Deserialize;
@@ -277,6 +277,36 @@ pub struct BuilderSection {
     /// What of its finished work is kept.
     #[serde(default)]
     pub retention: Option<BuilderRetentionSection>,
+    /// `true`, or `{ properties = true }`: collapse its queued requests with the same
+    /// sourcestamps (and properties) into the newest.
+    #[serde(default)]
+    pub collapse: Option<CollapseSection>,
+}
+
+/// `collapse` of a builder.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum CollapseSection {
+    /// On (stamps decide) or off.
+    On(bool),
+    /// With options.
+    With {
+        /// Whether properties must match too.
+        #[serde(default)]
+        properties: bool,
+    },
+}
+
+impl CollapseSection {
+    fn collapse(&self) -> Option<Collapse> {
+        match self {
+            CollapseSection::On(false) => None,
+            CollapseSection::On(true) => Some(Collapse { properties: false }),
+            CollapseSection::With { properties } => Some(Collapse {
+                properties: *properties,
+            }),
+        }
+    }
 }
 
 /// `[builder.retry]`: EXCEPTION (and, with `on_failure`, FAILURE) runs the request again
@@ -627,6 +657,7 @@ pub async fn load(
                 config.limits = build_limits;
                 config.retry = retry;
                 config.retention = retention;
+                config.collapse = b.collapse.as_ref().and_then(CollapseSection::collapse);
                 config.args = b.args.as_ref().map(json).unwrap_or(Value::Null);
                 config.kwargs = b.kwargs.as_ref().map(json).unwrap_or(Value::Null);
                 config.depends_on = b

@@ -194,6 +194,17 @@ pub struct BuilderConfig {
     pub retry: RetryPolicy,
     /// What of its finished work is kept (everything by default).
     pub retention: Option<crate::retention::RetentionPolicy>,
+    /// Collapsing of its queued requests (off by default).
+    pub collapse: Option<Collapse>,
+}
+
+/// Buildbot's `collapseRequests` for one builder: when it claims, its queued requests
+/// with the same sourcestamps as a newer queued one (and, with `properties`, the same
+/// properties) complete as SKIPPED, superseded by the newest, which runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Collapse {
+    /// Whether properties must match too.
+    pub properties: bool,
 }
 
 impl BuilderConfig {
@@ -210,6 +221,7 @@ impl BuilderConfig {
             limits: BuildLimits::default(),
             retry: RetryPolicy::default(),
             retention: None,
+            collapse: None,
         }
     }
 

@@ -58,7 +58,7 @@ pub mod storage {
 }
 
 pub use client::{Client, Submission, SubmitLimits, Submitted};
-pub use config::{BuilderConfig, EngineConfig};
+pub use config::{BuilderConfig, Collapse, EngineConfig};
 pub use engine::Engine;
 pub use error::{EngineError, Result};
 pub use events::Event;

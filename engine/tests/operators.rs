@@ -704,3 +704,55 @@ async fn retention_keeps_a_builders_newest_builds_and_removes_the_rest_with_thei
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collapsing_builder_runs_only_the_newest_of_a_queued_burst() -> Result<()> {
+    for backend in backends("collapse").await? {
+        let name = backend.name;
+        let engine = Engine::open(EngineConfig::new(&backend.url).master_name("m")).await?;
+        engine
+            .register_builder(
+                BuilderConfig {
+                    collapse: Some(kiln_engine::Collapse { properties: false }),
+                    ..BuilderConfig::new("deploy")
+                },
+                ok(),
+            )
+            .await?;
+        // Paused while a burst of pushes to main queues up.
+        engine.set_builder_paused("deploy", true).await?;
+        let stamp = kiln_engine::model::SourceStamp {
+            codebase: String::new(),
+            repository: "https://git.example/app".into(),
+            branch: Some("main".into()),
+            revision: None,
+            project: String::new(),
+        };
+        let mut burst = Vec::new();
+        for i in 0..4 {
+            let s = Submission::new(format!("push {i}"))
+                .builder("deploy")
+                .sourcestamp(stamp.clone());
+            burst.push(engine.submit(&s).await?);
+        }
+        engine.set_builder_paused("deploy", false).await?;
+        for s in &burst {
+            guard("the burst", engine.wait_buildset(s.buildset_id)).await??;
+        }
+        let newest = burst[3].requests["deploy"];
+        for (i, s) in burst.iter().enumerate() {
+            let r = engine.client().request(s.requests["deploy"]).await?;
+            if i == 3 {
+                ensure!(
+                    r.results == Some(ResultCode::Success) && r.superseded_by.is_none(),
+                    "{name}: {r:?}"
+                );
+            } else {
+                ensure!(r.results == Some(ResultCode::Skipped), "{name}: {r:?}");
+                ensure!(r.superseded_by == Some(newest), "{name}: {r:?}");
+            }
+        }
+        engine.shutdown().await;
+    }
+    Ok(())
+}

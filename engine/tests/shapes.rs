@@ -102,21 +102,54 @@ async fn builds_start_in_buildbots_order_across_and_within_builders() -> Result<
                 .register_builder(BuilderConfig::new(name), noop())
                 .await?;
         }
+        // A gate build holds the only room while the others queue.
+        let (open, gate) = tokio::sync::watch::channel(false);
+        engine
+            .register_builder(
+                BuilderConfig::new("gate"),
+                FnExecutor::new(move |_| {
+                    let mut gate = gate.clone();
+                    async move {
+                        let _ = gate.wait_for(|open| *open).await;
+                        Ok(Outcome::success(json!(null)))
+                    }
+                }),
+            )
+            .await?;
         let mut events = engine.subscribe();
+        engine
+            .submit(&Submission::new("gate").builder("gate"))
+            .await?;
+        guard("the gate build", async {
+            loop {
+                if let Event::BuildStarted { builder, .. } = events.recv().await?
+                    && builder == "gate"
+                {
+                    return anyhow::Ok(());
+                }
+            }
+        })
+        .await??;
         let at = |reason: &str, builder: &str, priority: i32| {
             Submission::new(reason).builder(builder).priority(priority)
         };
-        // All in one transaction, so that the first claim round sees every request.
-        let submitted = engine
+        // gamma's request is older than beta's: submitted first, alone (submits of one
+        // transaction may share a microsecond, and equal times go by name).
+        let older = engine.submit(&at("gamma-5-old", "gamma", 5)).await?;
+        let rest = engine
             .submit_many(&[
                 at("delta-low", "delta", 0),
-                at("gamma-5-old", "gamma", 5),
                 at("beta-5", "beta", 5),
                 at("alpha-9", "alpha", 9),
                 at("delta-high", "delta", 7),
                 at("alpha-1", "alpha", 1),
             ])
             .await?;
+        let submitted: Vec<_> = [rest[0].clone(), older]
+            .into_iter()
+            .chain(rest[1..].iter().cloned())
+            .collect();
+        open.send_replace(true);
         let ids: Vec<BuildsetId> = submitted.iter().map(|s| s.buildset_id).collect();
         let mut started = Vec::new();
         while started.len() < ids.len() {

@@ -231,6 +231,9 @@ pub struct BuildRequest {
     /// Not claimable before this time (a delayed run, or a retry's backoff).
     #[serde(default)]
     pub not_before: Option<Timestamp>,
+    /// The newer request that superseded it, when it was collapsed (SKIPPED).
+    #[serde(default)]
+    pub superseded_by: Option<RequestId>,
 }
 
 /// One execution of a build request.

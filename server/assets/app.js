@@ -160,7 +160,7 @@ async function buildsetPage(id) {
     `<tr><td>${esc(s.repository)}</td><td>${esc(s.branch ?? "")}</td><td><code>${esc(s.revision ?? "")}</code></td><td>${esc(s.project)}</td></tr>`).join("");
   const reqs = requests.buildrequests.map(r => `
     <tr data-brid="${r.buildrequestid}"><td>${r.buildrequestid}</td><td>${esc(names[r.builderid])}</td><td>${requestBadge(r)}</td>
-    <td>${r.priority}</td><td>${r.claimed ? "master " + r.claimed_by_masterid : '<span class="muted">unclaimed</span>'}</td>
+    <td>${r.priority}</td><td>${r.claimed ? "master " + r.claimed_by_masterid : r.superseded_by ? `<span class="muted">superseded by request ${r.superseded_by}</span>` : '<span class="muted">unclaimed</span>'}</td>
     <td>${r.not_before != null && !r.complete ? when(r.not_before) : ""}</td></tr>`).join("");
   return `
     <h1>Buildset ${b.bsid} ${badge(b.results, b.complete)}</h1>

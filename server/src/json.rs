@@ -112,6 +112,7 @@ pub const REQUEST_FIELDS: &[&str] = &[
     "claimed_at",
     "cancel_requested",
     "not_before",
+    "superseded_by",
 ];
 
 pub fn request(r: &BuildRequest) -> Value {
@@ -130,6 +131,7 @@ pub fn request(r: &BuildRequest) -> Value {
         "claimed_at": opt_time(r.claimed_at),
         "cancel_requested": r.cancel_requested,
         "not_before": opt_time(r.not_before),
+        "superseded_by": r.superseded_by.map(|x| x.0),
     })
 }
 

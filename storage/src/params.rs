@@ -124,7 +124,21 @@ pub struct StartAvailable {
     pub state_string: String,
     /// The claim and start time.
     pub now: Timestamp,
+    /// Builders that collapse requests (Buildbot's `collapseRequests`), each with
+    /// whether properties must match too: before claiming, their queued requests with
+    /// the same sourcestamps (and properties) as a newer queued one complete as SKIPPED,
+    /// superseded by the newest. Only the builder's [`COLLAPSE_WINDOW`] newest queued
+    /// requests are looked at.
+    pub collapse: Vec<(BuilderId, bool)>,
 }
+
+/// What collapsing did in one claim: each SKIPPED request with the request that
+/// superseded it, and the buildsets that completed.
+pub(crate) type Collapsed = (Vec<(RequestId, RequestId)>, Vec<CompletedBuildset>);
+
+/// How many of a collapsing builder's newest queued requests one claim looks at: a
+/// bound on the work each claim does for it, however long its queue.
+pub const COLLAPSE_WINDOW: u32 = 10_000;
 
 /// A build started by [`build_start_available`](crate::seam::BuildWrites::build_start_available), with its request.
 #[derive(Clone, Debug, PartialEq)]
@@ -145,8 +159,11 @@ pub struct StartOutcome {
     /// Requests that were flagged for cancel while an earlier claim held them: they
     /// completed as CANCELLED instead of starting.
     pub cancelled: Vec<RequestId>,
-    /// Buildsets those cancellations completed.
+    /// Buildsets those cancellations and collapses completed.
     pub buildsets_completed: Vec<CompletedBuildset>,
+    /// Requests that completed as SKIPPED, each with the newer request that superseded
+    /// it (collapsing builders only).
+    pub collapsed: Vec<(RequestId, RequestId)>,
 }
 
 /// What a build needs to know about its buildset.

@@ -21,7 +21,7 @@ pub(crate) const BUILD_COLUMNS: &str = "b.id, b.number, b.builder_id, b.buildreq
 
 /// A request joined with its claim.
 pub(crate) const REQUEST_FROM: &str = "SELECT r.id, r.buildset_id, r.builder_id, r.priority, r.submitted_at, \
-     r.waited_for, r.complete, r.complete_at, r.results, r.cancel_requested, r.not_before, c.master_id AS claimed_by, c.claimed_at \
+     r.waited_for, r.complete, r.complete_at, r.results, r.cancel_requested, r.not_before, r.superseded_by, c.master_id AS claimed_by, c.claimed_at \
      FROM buildrequests r LEFT JOIN buildrequest_claims c ON c.request_id = r.id";
 
 /// Reads a named column of a row, whichever backend it came from.
@@ -204,6 +204,8 @@ struct RawRequest {
     cancel_requested: i64,
     #[serde(default)]
     not_before: Option<i64>,
+    #[serde(default)]
+    superseded_by: Option<i64>,
     claimed_by: Option<i64>,
     claimed_at: Option<i64>,
 }
@@ -222,6 +224,7 @@ impl RawRequest {
             results: row.opt_int("results")?,
             cancel_requested: row.int("cancel_requested")?,
             not_before: row.opt_int("not_before")?,
+            superseded_by: row.opt_int("superseded_by")?,
             claimed_by: row.opt_int("claimed_by")?,
             claimed_at: row.opt_int("claimed_at")?,
         })
@@ -242,6 +245,7 @@ impl RawRequest {
             claimed_at: opt_ts(self.claimed_at)?,
             cancel_requested: self.cancel_requested != 0,
             not_before: opt_ts(self.not_before)?,
+            superseded_by: self.superseded_by.map(RequestId),
         })
     }
 }

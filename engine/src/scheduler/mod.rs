@@ -509,6 +509,12 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<usize
     if free_slots.is_empty() {
         return Ok(0);
     }
+    // Collapsing happens when a builder claims: only builders with room collapse.
+    let collapse: Vec<(BuilderId, bool)> = builders
+        .iter()
+        .filter(|b| free_slots.iter().any(|(id, _)| *id == b.id))
+        .filter_map(|b| b.config.collapse.map(|c| (b.id, c.properties)))
+        .collect();
     let outcome = shared
         .store
         .build_start_available(&StartAvailable {
@@ -517,8 +523,15 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<usize
             limit: room,
             state_string: "starting".into(),
             now: kiln_model::now(),
+            collapse,
         })
         .await?;
+    for (request_id, _) in &outcome.collapsed {
+        shared.emit(Event::RequestCompleted {
+            request_id: *request_id,
+            results: ResultCode::Skipped,
+        });
+    }
     for request_id in &outcome.cancelled {
         shared.emit(Event::RequestCompleted {
             request_id: *request_id,
@@ -527,9 +540,9 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<usize
     }
     builds::emit_completed(shared, outcome.buildsets_completed);
     if outcome.started.is_empty() {
-        return Ok(outcome.cancelled.len());
+        return Ok(outcome.cancelled.len() + outcome.collapsed.len());
     }
-    let taken = outcome.started.len() + outcome.cancelled.len();
+    let taken = outcome.started.len() + outcome.cancelled.len() + outcome.collapsed.len();
     shared
         .in_flight
         .send_modify(|n| *n += outcome.started.len());

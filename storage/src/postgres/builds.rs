@@ -182,6 +182,91 @@ impl BuildWrites for PostgresStore {
     }
 }
 
+/// Collapses the queues of the collapsing builders (see `StartAvailable::collapse`):
+/// what a newer queued request supersedes (same set of sourcestamps and, when asked, the
+/// same properties) completes as SKIPPED, naming it. A paused builder collapses nothing.
+/// Rows another master is claiming are skipped, not waited for; once locked, a row some
+/// committed claim holds is left alone (a claim locks its request row first, so none can
+/// appear while the lock is held).
+async fn collapse(
+    tx: &mut PgConnection,
+    params: &StartAvailable,
+) -> Result<crate::params::Collapsed> {
+    let mut pairs: Vec<(RequestId, RequestId)> = Vec::new();
+    let mut buildsets = Vec::new();
+    for (builder, properties) in &params.collapse {
+        let rows = sqlx::query(
+            "WITH q AS (
+                 SELECT r.id, r.buildset_id,
+                        (SELECT string_agg(s.sourcestamp_id::text, ',' ORDER BY s.sourcestamp_id)
+                         FROM buildset_sourcestamps s WHERE s.buildset_id = r.buildset_id) AS stamps,
+                        CASE WHEN $2 THEN (SELECT string_agg(p.name || '=' || p.value, chr(31) ORDER BY p.name COLLATE \"C\")
+                                           FROM buildset_properties p WHERE p.buildset_id = r.buildset_id) END AS props
+                 FROM buildrequests r
+                 WHERE r.builder_id = $1 AND r.complete = 0
+                   AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                   AND (r.not_before IS NULL OR r.not_before <= $3)
+                   AND NOT EXISTS (SELECT 1 FROM builders bl WHERE bl.id = $1 AND bl.paused = 1)
+                 ORDER BY r.id DESC LIMIT $4),
+             g AS (SELECT stamps, props, MAX(id) AS newest FROM q GROUP BY stamps, props)
+             SELECT q.id, g.newest, q.buildset_id
+             FROM q JOIN g ON q.stamps IS NOT DISTINCT FROM g.stamps AND q.props IS NOT DISTINCT FROM g.props
+             WHERE q.id < g.newest",
+        )
+        .bind(builder.0)
+        .bind(*properties)
+        .bind(micros(params.now))
+        .bind(i64::from(crate::COLLAPSE_WINDOW))
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            continue;
+        }
+        let mut found: Vec<(i64, i64, i64)> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            found.push((
+                row.try_get("id")?,
+                row.try_get("newest")?,
+                row.try_get("buildset_id")?,
+            ));
+        }
+        let ids = ids_of(&found, |(r, _, _)| *r);
+        let locked: Vec<i64> = sqlx::query_scalar(
+            "SELECT r.id FROM buildrequests r WHERE r.id = ANY($1) AND r.complete = 0
+             ORDER BY r.id FOR UPDATE SKIP LOCKED",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let held: Vec<i64> = sqlx::query_scalar(
+            "SELECT request_id FROM buildrequest_claims WHERE request_id = ANY($1)",
+        )
+        .bind(&locked)
+        .fetch_all(&mut *tx)
+        .await?;
+        found.retain(|(r, _, _)| locked.contains(r) && !held.contains(r));
+        if found.is_empty() {
+            continue;
+        }
+        sqlx::query(
+            "UPDATE buildrequests r SET complete = 1, complete_at = $1, results = $2, superseded_by = t.newest
+             FROM unnest($3::bigint[], $4::bigint[]) AS t(id, newest)
+             WHERE r.id = t.id",
+        )
+        .bind(micros(params.now))
+        .bind(ResultCode::Skipped.code())
+        .bind(ids_of(&found, |(r, _, _)| *r))
+        .bind(ids_of(&found, |(_, n, _)| *n))
+        .execute(&mut *tx)
+        .await?;
+        pairs.extend(found.iter().map(|(r, n, _)| (RequestId(*r), RequestId(*n))));
+        buildsets.extend(found.iter().map(|(_, _, bs)| BuildsetId(*bs)));
+    }
+    let completed = complete_buildsets(tx, buildsets, params.now).await?;
+    pairs.sort();
+    Ok((pairs, completed))
+}
+
 impl PostgresStore {
     async fn start_available(&self, params: &StartAvailable) -> Result<StartOutcome> {
         let wanted: Vec<(BuilderId, &Vec<i64>)> = params
@@ -195,6 +280,7 @@ impl PostgresStore {
         }
         let mut tx = self.pool.begin().await?;
         lock_active_master(&mut tx, params.master_id).await?;
+        let (collapsed, collapsed_done) = collapse(&mut tx, params).await?;
         // The builders with queued work and not paused, in Buildbot's order across builders, each with
         // how many of its free slots it can fill; the limit is shared out in that order.
         let heads = sqlx::query(
@@ -258,8 +344,16 @@ impl PostgresStore {
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
-            tx.rollback().await?;
-            return Ok(StartOutcome::default());
+            if collapsed.is_empty() {
+                tx.rollback().await?;
+                return Ok(StartOutcome::default());
+            }
+            tx.commit().await?;
+            return Ok(StartOutcome {
+                collapsed,
+                buildsets_completed: collapsed_done,
+                ..StartOutcome::default()
+            });
         }
         let candidates: Vec<i64> = rows
             .iter()
@@ -298,7 +392,11 @@ impl PostgresStore {
         }
 
         // Requests cancelled while an earlier (now released) claim held them end here.
-        let mut outcome = StartOutcome::default();
+        let mut outcome = StartOutcome {
+            collapsed,
+            buildsets_completed: collapsed_done,
+            ..StartOutcome::default()
+        };
         let flagged: Vec<(i64, i64)> = by_builder
             .values()
             .flatten()
@@ -317,8 +415,9 @@ impl PostgresStore {
             outcome.cancelled = flagged.iter().map(|(id, _)| RequestId(*id)).collect();
             outcome.cancelled.sort();
             let buildsets = flagged.iter().map(|(_, bs)| BuildsetId(*bs));
-            outcome.buildsets_completed =
-                complete_buildsets(&mut tx, buildsets, params.now).await?;
+            outcome
+                .buildsets_completed
+                .extend(complete_buildsets(&mut tx, buildsets, params.now).await?);
         }
 
         // Numbered under the builders' row locks, so that masters starting builds of one

@@ -212,8 +212,88 @@ static STARTED_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
-/// Claims and starts what the master has room for, inside the caller's transaction.
+/// Of one collapsing builder (`:builder`), its queued requests due by `:now` that a newer
+/// queued one supersedes (same set of sourcestamps and, when `:props` is 1, the same
+/// properties), as a JSON array of `[request, newest, buildset]`. Looks at the
+/// `:window` newest queued requests; a paused builder collapses nothing.
+const COLLAPSIBLE_SQL: &str = "WITH q AS (
+         SELECT r.id, r.buildset_id,
+                (SELECT group_concat(sourcestamp_id, ',') FROM (
+                     SELECT sourcestamp_id FROM buildset_sourcestamps s
+                     WHERE s.buildset_id = r.buildset_id ORDER BY sourcestamp_id)) AS stamps,
+                CASE WHEN :props THEN (SELECT json_group_array(json_array(name, value)) FROM (
+                     SELECT name, value FROM buildset_properties p
+                     WHERE p.buildset_id = r.buildset_id ORDER BY name)) END AS props
+         FROM buildrequests r
+         WHERE r.builder_id = :builder AND r.complete = 0
+           AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+           AND (r.not_before IS NULL OR r.not_before <= :now)
+           AND NOT EXISTS (SELECT 1 FROM builders bl WHERE bl.id = :builder AND bl.paused = 1)
+         ORDER BY r.id DESC LIMIT :window),
+     g AS (SELECT stamps, props, MAX(id) AS newest FROM q GROUP BY stamps, props)
+     SELECT COALESCE(json_group_array(json_array(q.id, g.newest, q.buildset_id)), '[]')
+     FROM q JOIN g ON q.stamps IS g.stamps AND q.props IS g.props
+     WHERE q.id < g.newest";
+
+/// Collapses the queues of the collapsing builders: what a newer request supersedes
+/// completes as SKIPPED, naming it. Returns the pairs and the buildsets they completed.
+fn collapse(tx: &Connection, params: &StartAvailable) -> Result<crate::params::Collapsed> {
+    let mut pairs = Vec::new();
+    let mut buildsets = Vec::new();
+    for (builder, properties) in &params.collapse {
+        let found: String = tx.prepare_cached(COLLAPSIBLE_SQL)?.query_row(
+            named_params! {
+                ":builder": builder.0,
+                ":props": i64::from(*properties),
+                ":now": micros(params.now),
+                ":window": i64::from(crate::COLLAPSE_WINDOW),
+            },
+            |r| r.get(0),
+        )?;
+        let found: Vec<(i64, i64, i64)> = from_json(&found)?;
+        if found.is_empty() {
+            continue;
+        }
+        tx.prepare_cached(
+            "UPDATE buildrequests SET complete = 1, complete_at = ?, results = ?, superseded_by = j.value ->> 1
+             FROM json_each(?) j
+             WHERE buildrequests.id = j.value ->> 0 AND buildrequests.complete = 0",
+        )?
+        .execute(params![
+            micros(params.now),
+            ResultCode::Skipped.code(),
+            Value::from(
+                found
+                    .iter()
+                    .map(|(r, n, _)| json!([r, n]))
+                    .collect::<Vec<_>>()
+            )
+            .to_string()
+        ])?;
+        pairs.extend(found.iter().map(|(r, n, _)| (RequestId(*r), RequestId(*n))));
+        buildsets.extend(found.iter().map(|(_, _, bs)| BuildsetId(*bs)));
+    }
+    let completed = complete_buildsets(tx, buildsets, params.now)?;
+    pairs.sort();
+    Ok((pairs, completed))
+}
+
+/// Collapses, then claims and starts what the master has room for, inside the caller's
+/// transaction.
 fn start_available(tx: &Connection, params: &StartAvailable) -> Result<StartOutcome> {
+    let (collapsed, completed) = if params.collapse.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        collapse(tx, params)?
+    };
+    let mut outcome = claim_and_start(tx, params)?;
+    outcome.collapsed = collapsed;
+    outcome.buildsets_completed.extend(completed);
+    Ok(outcome)
+}
+
+/// Claims and starts what the master has room for, inside the caller's transaction.
+fn claim_and_start(tx: &Connection, params: &StartAvailable) -> Result<StartOutcome> {
     // A master that was expired (or shut down) starts nothing until it registers again:
     // what it claimed now would belong to nobody alive.
     let active: Option<i64> = tx

@@ -3,7 +3,7 @@
 /// A request joined with its claim, as one JSON object (`r` and `c` as in `REQUEST_FROM`).
 pub(super) const REQUEST_JSON: &str = "json_object('id', r.id, 'buildset_id', r.buildset_id, \
      'builder_id', r.builder_id, 'priority', r.priority, 'submitted_at', r.submitted_at, 'waited_for', r.waited_for, \
-     'complete', r.complete, 'complete_at', r.complete_at, 'results', r.results, 'cancel_requested', r.cancel_requested, 'not_before', r.not_before, \
+     'complete', r.complete, 'complete_at', r.complete_at, 'results', r.results, 'cancel_requested', r.cancel_requested, 'not_before', r.not_before, 'superseded_by', r.superseded_by, \
      'claimed_by', c.master_id, 'claimed_at', c.claimed_at)";
 
 /// A build as one JSON object, with `b` as the table alias.

@@ -161,6 +161,7 @@ macro_rules! conformance_tests {
                 a_retried_build_keeps_its_result_and_its_request_waits_out_the_backoff,
                 deleting_a_buildset_takes_its_builds_and_outputs_and_refuses_unfinished_work,
                 retention_keeps_the_newest_and_the_recent_and_deletes_the_rest_in_batches,
+                a_collapsing_builder_runs_the_newest_of_identical_requests_and_skips_the_rest,
             ],
             shapes: [
                 outbox_seqs_are_never_reused_after_the_prune_empties_the_outbox,
@@ -363,6 +364,7 @@ fn start_all(
         free_slots,
         state_string: "starting".into(),
         now: at,
+        collapse: Vec::new(),
     }
 }
 

@@ -435,3 +435,93 @@ pub async fn retention_keeps_the_newest_and_the_recent_and_deletes_the_rest_in_b
     ensure!(s.buildset_get(shared).await.is_ok() && s.buildset_get(queued).await.is_ok());
     Ok(())
 }
+
+// ---- collapsing ----
+
+pub async fn a_collapsing_builder_runs_the_newest_of_identical_requests_and_skips_the_rest(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["collapsing", "plain"]).await?;
+    let m = master(s, "m").await?;
+    let main = stamp("https://git/x", "main", "");
+    let other = stamp("https://git/x", "dev", "");
+    let add = |stamps: Vec<SourceStamp>, builders: Vec<BuilderId>, props: Option<i64>| {
+        let mut properties = BTreeMap::new();
+        if let Some(v) = props {
+            properties.insert("n".to_owned(), Property::new(json!(v), "t"));
+        }
+        NewBuildset {
+            builder_ids: builders,
+            sourcestamps: stamps,
+            properties,
+            submitted_at: at(1),
+            ..NewBuildset::default()
+        }
+    };
+    // Three on main (two with n = 1, one with n = 2), one on dev, all for both builders.
+    let mut ids = Vec::new();
+    for (stamps, props) in [
+        (vec![main.clone()], Some(1)),
+        (vec![other.clone()], Some(1)),
+        (vec![main.clone()], Some(2)),
+        (vec![main.clone()], Some(1)),
+    ] {
+        ids.push(buildset_with(s, add(stamps, b.clone(), props)).await?.1);
+    }
+    let slots = vec![(b[0], vec![0, 1, 2, 3]), (b[1], vec![0, 1, 2, 3])];
+    // With properties: only the two n = 1 requests on main are identical.
+    let mut with_props = start_all(m, slots.clone(), at(2));
+    with_props.collapse = vec![(b[0], true)];
+    let outcome = s.build_start_available(&with_props).await?;
+    ensure!(
+        outcome.collapsed == [(ids[0][0], ids[3][0])],
+        "{:?}",
+        outcome.collapsed
+    );
+    let skipped = s.request_get(ids[0][0]).await?;
+    ensure!(skipped.complete && skipped.results == Some(ResultCode::Skipped));
+    ensure!(skipped.superseded_by == Some(ids[3][0]));
+    // The plain builder collapses nothing: its four run.
+    let plain = outcome
+        .started
+        .iter()
+        .filter(|x| x.build.builder_id == b[1])
+        .count();
+    ensure!(plain == 4, "{plain}");
+    // The collapsing builder ran the other three.
+    let ran: BTreeSet<RequestId> = outcome
+        .started
+        .iter()
+        .filter(|x| x.build.builder_id == b[0])
+        .map(|x| x.request.id)
+        .collect();
+    ensure!(
+        ran == BTreeSet::from([ids[1][0], ids[2][0], ids[3][0]]),
+        "{ran:?}"
+    );
+
+    // Without properties, stamps alone decide; claimed requests are never collapsed.
+    let more: Vec<Vec<RequestId>> = vec![
+        buildset_with(s, add(vec![main.clone()], b[..1].to_vec(), Some(5)))
+            .await?
+            .1,
+        buildset_with(s, add(vec![main.clone()], b[..1].to_vec(), Some(6)))
+            .await?
+            .1,
+    ];
+    let mut by_stamps = start_all(m, vec![(b[0], vec![4])], at(3));
+    by_stamps.collapse = vec![(b[0], false)];
+    let outcome = s.build_start_available(&by_stamps).await?;
+    ensure!(
+        outcome.collapsed == [(more[0][0], more[1][0])],
+        "{:?}",
+        outcome.collapsed
+    );
+    ensure!(outcome.started.len() == 1 && outcome.started[0].request.id == more[1][0]);
+    // Each collapsed request's buildset completed (its only request was SKIPPED), or
+    // waits for its other builder.
+    let bs = s.request_get(more[0][0]).await?.buildset_id;
+    ensure!(s.buildset_get(bs).await?.results == Some(ResultCode::Skipped));
+    Ok(())
+}
