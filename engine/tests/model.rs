@@ -377,34 +377,9 @@ async fn run_seed(backend: &Backend, seed: u64) -> Result<()> {
 
 async fn order_phase(backend: &Backend, world: &World, rng: &mut fastrand::Rng) -> Result<()> {
     let engine = world.engine(&backend.url, "orderly", 1).await?;
-    // A gate build holds the only room while the batch is queued.
-    let (open, gate) = tokio::sync::watch::channel(false);
-    engine
-        .register_builder(
-            BuilderConfig::new("gate"),
-            FnExecutor::new(move |_| {
-                let mut gate = gate.clone();
-                async move {
-                    let _ = gate.wait_for(|open| *open).await;
-                    Ok(Outcome::success(json!(null)))
-                }
-            }),
-        )
-        .await?;
+    // A gate build holds the only room while the others queue.
+    let open = support::hold_the_room(&engine).await?;
     let mut events = engine.subscribe();
-    engine
-        .submit(&Submission::new("gate").builder("gate"))
-        .await?;
-    guard("the gate build", async {
-        loop {
-            if let Event::BuildStarted { builder, .. } = events.recv().await?
-                && builder == "gate"
-            {
-                return anyhow::Ok(());
-            }
-        }
-    })
-    .await??;
     // Leaves only (children would start out of order by design), one request each.
     let leaves: Vec<&BuilderShape> = world
         .builders

@@ -103,33 +103,8 @@ async fn builds_start_in_buildbots_order_across_and_within_builders() -> Result<
                 .await?;
         }
         // A gate build holds the only room while the others queue.
-        let (open, gate) = tokio::sync::watch::channel(false);
-        engine
-            .register_builder(
-                BuilderConfig::new("gate"),
-                FnExecutor::new(move |_| {
-                    let mut gate = gate.clone();
-                    async move {
-                        let _ = gate.wait_for(|open| *open).await;
-                        Ok(Outcome::success(json!(null)))
-                    }
-                }),
-            )
-            .await?;
+        let open = support::hold_the_room(&engine).await?;
         let mut events = engine.subscribe();
-        engine
-            .submit(&Submission::new("gate").builder("gate"))
-            .await?;
-        guard("the gate build", async {
-            loop {
-                if let Event::BuildStarted { builder, .. } = events.recv().await?
-                    && builder == "gate"
-                {
-                    return anyhow::Ok(());
-                }
-            }
-        })
-        .await??;
         let at = |reason: &str, builder: &str, priority: i32| {
             Submission::new(reason).builder(builder).priority(priority)
         };

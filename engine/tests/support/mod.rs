@@ -36,3 +36,40 @@ pub fn parent(relationship: &str) -> kiln_engine::ParentInfo {
         relationship: relationship.into(),
     }
 }
+
+/// Registers a builder "gate" on `engine` and starts its one build, which holds its slot
+/// until the returned sender is sent `true`: with room for one build, everything
+/// submitted meanwhile queues. Returns once the gate build has started.
+pub async fn hold_the_room(
+    engine: &kiln_engine::Engine,
+) -> anyhow::Result<tokio::sync::watch::Sender<bool>> {
+    use kiln_engine::{BuilderConfig, Event, FnExecutor, Outcome, Submission};
+    let (open, gate) = tokio::sync::watch::channel(false);
+    engine
+        .register_builder(
+            BuilderConfig::new("gate"),
+            FnExecutor::new(move |_| {
+                let mut gate = gate.clone();
+                async move {
+                    let _ = gate.wait_for(|open| *open).await;
+                    Ok(Outcome::success(serde_json::json!(null)))
+                }
+            }),
+        )
+        .await?;
+    let mut events = engine.subscribe();
+    engine
+        .submit(&Submission::new("gate").builder("gate"))
+        .await?;
+    guard("the gate build", async {
+        loop {
+            if let Event::BuildStarted { builder, .. } = events.recv().await?
+                && builder == "gate"
+            {
+                return anyhow::Ok(());
+            }
+        }
+    })
+    .await??;
+    Ok(open)
+}
