@@ -35,7 +35,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::{Result, StorageError};
-pub(crate) use error::{clamp_u64, fk_to_not_found, found_or};
+pub(crate) use error::{clamp_u64, found_or};
+// Only PostgreSQL's writes turn foreign-key errors into not-found ones by hand.
+#[cfg(feature = "postgres")]
+pub(crate) use error::fk_to_not_found;
 pub use filters::{
     BuildFilter, BuildsetFilter, ClaimFilter, RequestFilter, RequestOrder, RequestOrderField,
 };
