@@ -1117,3 +1117,67 @@ fn kiln_serve_stops_on_sigterm_even_with_an_event_stream_open() -> Result<()> {
     }
     Ok(())
 }
+
+/// `kiln serve --private-reads` without a token would refuse every read: it is refused
+/// at once instead of starting.
+#[test]
+fn private_reads_without_a_token_are_refused_before_serving() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .current_dir(dir.path())
+        .args(["serve", "--private-reads", "--listen", "127.0.0.1:0"])
+        .env_remove("KILN_TOKEN")
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    // Waits for the process on a thread, so that a server that starts anyway is a
+    // failure after a while, not a hang.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+        let _ = tx.send(text);
+    });
+    let stderr = match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(text) => text,
+        Err(_) => {
+            let _ = child.kill();
+            anyhow::bail!("kiln serve --private-reads without a token started serving");
+        }
+    };
+    let status = child.wait()?;
+    ensure!(
+        !status.success() && stderr.contains("--private-reads needs --token"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+/// A closed pipe ends the CLI quietly (`kiln ... | head -1`), not with a panic.
+#[test]
+fn a_closed_pipe_ends_the_command_without_a_panic() -> Result<()> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["plugin", "check", "bundled:noop"])
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // The reading end goes away before the command prints.
+    drop(child.stdout.take());
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() != Some(101) && !stderr.contains("panicked"),
+        "{:?}: {stderr}",
+        out.status
+    );
+    ensure!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+    Ok(())
+}

@@ -14,6 +14,15 @@ use tracing::info;
 use crate::cli::ServeArgs;
 
 pub async fn serve(args: &ServeArgs, db: &str) -> Result<ExitCode> {
+    // What the flags say is checked before anything opens.
+    if args.token.as_deref().is_some_and(str::is_empty) {
+        anyhow::bail!("--token is empty");
+    }
+    if args.private_reads && args.token.is_none() {
+        anyhow::bail!(
+            "--private-reads needs --token (or KILN_TOKEN): without a token no client could read anything"
+        );
+    }
     let tune = |mut config: EngineConfig| {
         if let Some(name) = &args.master {
             config.master_name = name.clone();
@@ -51,9 +60,6 @@ pub async fn serve(args: &ServeArgs, db: &str) -> Result<ExitCode> {
             (engine, host, Vec::new())
         }
     };
-    if args.token.as_deref().is_some_and(str::is_empty) {
-        anyhow::bail!("--token is empty");
-    }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
