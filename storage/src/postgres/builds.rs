@@ -191,10 +191,14 @@ impl BuildWrites for PostgresStore {
 async fn collapse(
     tx: &mut PgConnection,
     params: &StartAvailable,
+    claiming: &[i64],
 ) -> Result<crate::params::Collapsed> {
     let mut pairs: Vec<(RequestId, RequestId)> = Vec::new();
     let mut buildsets = Vec::new();
     for (builder, properties) in &params.collapse {
+        if !claiming.contains(&builder.0) {
+            continue;
+        }
         let rows = sqlx::query(
             "WITH q AS (
                  SELECT r.id, r.buildset_id,
@@ -206,7 +210,6 @@ async fn collapse(
                  WHERE r.builder_id = $1 AND r.complete = 0
                    AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
                    AND (r.not_before IS NULL OR r.not_before <= $3)
-                   AND NOT EXISTS (SELECT 1 FROM builders bl WHERE bl.id = $1 AND bl.paused = 1)
                  ORDER BY r.id DESC LIMIT $4),
              g AS (SELECT stamps, props, MAX(id) AS newest FROM q GROUP BY stamps, props)
              SELECT q.id, g.newest, q.buildset_id
@@ -280,7 +283,6 @@ impl PostgresStore {
         }
         let mut tx = self.pool.begin().await?;
         lock_active_master(&mut tx, params.master_id).await?;
-        let (collapsed, collapsed_done) = collapse(&mut tx, params).await?;
         // The builders with queued work and not paused, in Buildbot's order across builders, each with
         // how many of its free slots it can fill; the limit is shared out in that order.
         let heads = sqlx::query(
@@ -313,6 +315,14 @@ impl PostgresStore {
         .bind(micros(params.now))
         .fetch_all(&mut *tx)
         .await?;
+        // Collapsing follows what this statement saw: a builder it found paused (or with
+        // nothing queued) collapses nothing. Read committed, a later statement could see a
+        // resume the first did not, and claim what should have collapsed.
+        let claiming: Vec<i64> = heads
+            .iter()
+            .map(|h| h.try_get::<i64, _>("builder"))
+            .collect::<std::result::Result<_, _>>()?;
+        let (collapsed, collapsed_done) = collapse(&mut tx, params, &claiming).await?;
         let mut room = params.limit as i64;
         let mut shares: Vec<(i64, i64)> = Vec::new();
         for head in &heads {
