@@ -267,6 +267,16 @@ impl Submission {
     }
 }
 
+impl Client {
+    /// Submits a buildset that repeats earlier work (a rebuild or a resubmit).
+    async fn submit_repeat(&self, submission: Submission, lineage: Lineage) -> Result<Submitted> {
+        only(
+            self.submit_buildsets(std::slice::from_ref(&submission), lineage, &BTreeMap::new())
+                .await?,
+        )
+    }
+}
+
 /// Where a buildset comes from, when it repeats earlier work.
 #[derive(Clone, Copy, Debug, Default)]
 struct Lineage {
@@ -836,17 +846,14 @@ impl Client {
             idempotency_key: None,
             not_before: None,
         };
-        only(
-            self.submit_buildsets(
-                std::slice::from_ref(&submission),
-                Lineage {
-                    rebuilt: Some(id),
-                    resubmitted: None,
-                },
-                &BTreeMap::new(),
-            )
-            .await?,
+        self.submit_repeat(
+            submission,
+            Lineage {
+                rebuilt: Some(id),
+                resubmitted: None,
+            },
         )
+        .await
     }
 }
 
@@ -920,17 +927,14 @@ impl Client {
             idempotency_key: None,
             not_before: None,
         };
-        only(
-            self.submit_buildsets(
-                std::slice::from_ref(&submission),
-                Lineage {
-                    rebuilt: None,
-                    resubmitted: Some(id),
-                },
-                &BTreeMap::new(),
-            )
-            .await?,
+        self.submit_repeat(
+            submission,
+            Lineage {
+                rebuilt: None,
+                resubmitted: Some(id),
+            },
         )
+        .await
     }
 
     /// A builder's status (jobcontrol): not built, failed, success, or outdated when a
