@@ -290,6 +290,9 @@ pub enum ListWhat {
     Reporters,
     /// Schedules: timing, last and next fire, the last buildset each made.
     Schedules,
+    /// Locks: units held of the count, the builders taking each, holding builds and
+    /// waiting requests.
+    Locks,
 }
 
 #[derive(Debug, Subcommand)]

@@ -15,8 +15,8 @@ use kiln_engine::wasm::{
     DirGrant, Grants, HttpGrant, Limits, WasmExecutor, WasmHost, WasmPolicy, WasmReporter,
 };
 use kiln_engine::{
-    BuildLimits, BuilderConfig, CatchUp, Collapse, LogRetention, ReporterConfig, RetentionPolicy,
-    RetryPolicy, ScheduleConfig, Submission, Timing,
+    BuildLimits, BuilderConfig, CatchUp, Collapse, LockUnits, LockUse, LogRetention,
+    ReporterConfig, RetentionPolicy, RetryPolicy, ScheduleConfig, Submission, Timing,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -49,6 +49,44 @@ pub struct PipelineFile {
     /// How retention runs, and log retention.
     #[serde(default)]
     pub retention: RetentionSection,
+    /// Locks builders take.
+    #[serde(default, rename = "lock")]
+    pub locks: Vec<LockSection>,
+}
+
+/// `[[lock]]`: a lock with `count` units (1, the default: exclusive) that builders take
+/// before their builds start.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockSection {
+    /// Its unique name, shared by every master on the database.
+    pub name: String,
+    /// How many units it has.
+    #[serde(default = "one")]
+    pub count: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One entry of a builder's `locks`: a lock name (one unit), or
+/// `{ name = "db", count = 2 }` (two units) or `{ name = "db", exclusive = true }` (all).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum LockUseSection {
+    /// One unit of the lock.
+    Name(String),
+    /// With options.
+    With {
+        /// The lock.
+        name: String,
+        /// Units each build takes.
+        count: Option<u32>,
+        /// Whether each build takes the whole lock.
+        #[serde(default)]
+        exclusive: bool,
+    },
 }
 
 /// `[retention]`: when the engine applies the builders' retention, and what log records
@@ -113,9 +151,11 @@ pub struct ScheduleSection {
     /// master ran.
     #[serde(default)]
     pub catch_up: CatchUp,
-    /// Fire only when the sourcestamp's repository and branch have a newer revision.
+    /// `true`: fire only when the sourcestamp's repository and branch have a newer
+    /// revision; `{ property = "version" }`: only when a newer value of that buildset
+    /// property was submitted.
     #[serde(default)]
-    pub only_if_changed: bool,
+    pub only_if_changed: OnlyIfChanged,
     /// The sourcestamp's repository.
     pub repository: Option<String>,
     /// The sourcestamp's branch.
@@ -240,6 +280,25 @@ impl LimitsSection {
     }
 }
 
+/// `only_if_changed` of a schedule.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OnlyIfChanged {
+    /// On (the sourcestamp decides) or off.
+    On(bool),
+    /// A property decides.
+    Property {
+        /// The buildset property watched.
+        property: String,
+    },
+}
+
+impl Default for OnlyIfChanged {
+    fn default() -> Self {
+        OnlyIfChanged::On(false)
+    }
+}
+
 /// `[[builder]]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -281,6 +340,9 @@ pub struct BuilderSection {
     /// sourcestamps (and properties) into the newest.
     #[serde(default)]
     pub collapse: Option<CollapseSection>,
+    /// The locks each of its builds takes before it starts.
+    #[serde(default)]
+    pub locks: Vec<LockUseSection>,
 }
 
 /// `collapse` of a builder.
@@ -460,6 +522,64 @@ pub struct Pipeline {
     pub schedules: Vec<ScheduleConfig>,
     /// `[retention]`, checked.
     pub retention: RetentionSettings,
+    /// `[[lock]]`s: name and units, to define before the builders.
+    pub locks: Vec<(String, u32)>,
+}
+
+/// The builder's `locks`, checked against the file's `[[lock]]`s.
+fn lock_uses(
+    here: &str,
+    uses: &[LockUseSection],
+    locks: &BTreeMap<&str, u32>,
+    problems: &mut Vec<String>,
+) -> Vec<LockUse> {
+    let mut out: Vec<LockUse> = Vec::new();
+    for entry in uses {
+        let (name, units) = match entry {
+            LockUseSection::Name(name) => (name, LockUnits::Count(1)),
+            LockUseSection::With {
+                name,
+                count: Some(_),
+                exclusive: true,
+            } => {
+                problems.push(format!(
+                    "{here}: lock {name:?} says both count and exclusive"
+                ));
+                continue;
+            }
+            LockUseSection::With {
+                name,
+                exclusive: true,
+                ..
+            } => (name, LockUnits::Exclusive),
+            LockUseSection::With { name, count, .. } => {
+                (name, LockUnits::Count(count.unwrap_or(1)))
+            }
+        };
+        let Some(capacity) = locks.get(name.as_str()) else {
+            problems.push(format!(
+                "{here} takes lock {name:?}, which the file does not declare as a [[lock]]"
+            ));
+            continue;
+        };
+        if let LockUnits::Count(n) = units
+            && (n == 0 || n > *capacity)
+        {
+            problems.push(format!(
+                "{here}: lock {name:?} has {capacity} units; a build cannot take {n}"
+            ));
+            continue;
+        }
+        if out.iter().any(|u| &u.name == name) {
+            problems.push(format!("{here} lists lock {name:?} twice"));
+            continue;
+        }
+        out.push(LockUse {
+            name: name.clone(),
+            units,
+        });
+    }
+    out
 }
 
 /// How the engine runs retention, from `[retention]`; `None` keeps the engine's default.
@@ -571,6 +691,20 @@ pub async fn load(
             BuildLimits::default()
         }
     };
+    let mut lock_map: BTreeMap<&str, u32> = BTreeMap::new();
+    for lock in &file.locks {
+        let here = format!("lock {:?}", lock.name);
+        if lock.name.trim().is_empty() {
+            problems.push("a [[lock]] has an empty name".into());
+        } else if !(1..=kiln_engine::storage::MAX_LOCK_CAPACITY).contains(&lock.count) {
+            problems.push(format!(
+                "{here}: count must be within 1..={}",
+                kiln_engine::storage::MAX_LOCK_CAPACITY
+            ));
+        } else if lock_map.insert(&lock.name, lock.count).is_some() {
+            problems.push(format!("{here} is declared twice"));
+        }
+    }
     let mut names = BTreeSet::new();
     let mut loading = Vec::new();
     for b in &file.builders {
@@ -658,6 +792,12 @@ pub async fn load(
                 config.retry = retry;
                 config.retention = retention;
                 config.collapse = b.collapse.as_ref().and_then(CollapseSection::collapse);
+                config.locks = lock_uses(
+                    &format!("builder {:?}", b.name),
+                    &b.locks,
+                    &lock_map,
+                    &mut problems,
+                );
                 config.args = b.args.as_ref().map(json).unwrap_or(Value::Null);
                 config.kwargs = b.kwargs.as_ref().map(json).unwrap_or(Value::Null);
                 config.depends_on = b
@@ -747,6 +887,10 @@ pub async fn load(
         submissions,
         schedules,
         retention,
+        locks: lock_map
+            .into_iter()
+            .map(|(name, count)| (name.to_owned(), count))
+            .collect(),
     })
 }
 
@@ -841,7 +985,11 @@ fn schedules_of(
                 ],
             ),
             catch_up: s.catch_up,
-            only_if_changed: s.only_if_changed,
+            only_if_changed: !matches!(s.only_if_changed, OnlyIfChanged::On(false)),
+            watch_property: match &s.only_if_changed {
+                OnlyIfChanged::Property { property } => Some(property.clone()),
+                OnlyIfChanged::On(_) => None,
+            },
         };
         match config.check() {
             Ok(()) => schedules.push(config),

@@ -1181,3 +1181,103 @@ fn a_closed_pipe_ends_the_command_without_a_panic() -> Result<()> {
     );
     Ok(())
 }
+
+/// Locks from the pipeline file: builders that share an exclusive lock run one at a
+/// time, the wait is recorded, the lock lists from the command line, and mistakes in
+/// `[[lock]]` and `locks` are reported before anything runs.
+#[test]
+fn builders_sharing_a_pipeline_lock_take_turns_and_the_lock_lists() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = r#"
+[[lock]]
+name = "deploy"
+
+[[lock]]
+name = "db"
+count = 3
+
+[[builder]]
+name = "one"
+plugin = "bundled:sleep"
+kwargs = { seconds = 0.2 }
+locks = ["deploy", { name = "db", count = 2 }]
+
+[[builder]]
+name = "two"
+plugin = "bundled:sleep"
+kwargs = { seconds = 0.2 }
+locks = [{ name = "deploy", exclusive = true }]
+
+[[submit]]
+builders = ["one", "two"]
+"#;
+    std::fs::write(dir.path().join("p.toml"), config)?;
+    kiln_in(dir.path(), &["run", "p.toml"])?.ok()?;
+    let db = dir.path().join("kiln.db");
+    let listed = kiln(&db, &["list", "locks", "--json"])?.ok()?.json()?;
+    let locks = listed["locks"].as_array().cloned().unwrap_or_default();
+    ensure!(locks.len() == 2, "{listed}");
+    ensure!(
+        locks[0]["name"] == "db" && locks[0]["capacity"] == 3,
+        "{listed}"
+    );
+    ensure!(
+        locks[1]["users"].as_array().map(Vec::len) == Some(2),
+        "{listed}"
+    );
+    let table = kiln(&db, &["list", "locks"])?.ok()?;
+    ensure!(
+        table.stdout.contains("0/1") && table.stdout.contains("one (1), two (1)"),
+        "{}",
+        table.stdout
+    );
+    // The two builds did not overlap: one waited for the other's lock.
+    let builds = kiln(&db, &["list", "builds", "--json"])?.ok()?.json()?;
+    let waited: Vec<f64> = builds["builds"]
+        .as_array()
+        .map(|b| {
+            b.iter()
+                .filter_map(|x| x["locks_duration_s"].as_f64())
+                .collect()
+        })
+        .unwrap_or_default();
+    ensure!(
+        waited.len() == 2 && waited.iter().filter(|w| **w > 0.0).count() == 1,
+        "{builds}"
+    );
+
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        r#"
+[[lock]]
+name = "deploy"
+count = 0
+
+[[lock]]
+name = "db"
+count = 2
+
+[[builder]]
+name = "x"
+plugin = "bundled:noop"
+locks = ["ghost", { name = "db", count = 3 }, { name = "db", count = 1, exclusive = true }]
+
+[[submit]]
+builders = ["x"]
+"#,
+    )?;
+    let bad = kiln_in(dir.path(), &["run", "bad.toml"])?;
+    for expected in [
+        "lock \"deploy\": count must be within",
+        "takes lock \"ghost\", which the file does not declare",
+        "lock \"db\" has 2 units; a build cannot take 3",
+        "says both count and exclusive",
+    ] {
+        ensure!(
+            bad.code != 0 && bad.stderr.contains(expected),
+            "{expected}: {}",
+            bad.stderr
+        );
+    }
+    Ok(())
+}

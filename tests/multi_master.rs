@@ -2,6 +2,9 @@
 //! builds; one is SIGKILLed in the middle. Its claims must go back to the queue, its
 //! unfinished builds must end as RETRY and run again on the others, a parent waiting on
 //! children must be re-run and adopt them, and every request must complete exactly once.
+//! Meanwhile builds of a builder that takes an exclusive lock never overlap (the victim's
+//! hold ends with its expiry), and a schedule firing every second makes exactly one
+//! buildset per tick between the masters, before and after the kill.
 //!
 //! Needs `KILN_POSTGRES_URL` (`.ci/run` sets it); without it the test says so and passes.
 
@@ -27,6 +30,12 @@ const CHILDREN: usize = 4;
 /// The victim is killed once it has finished this many builds (and while it runs a
 /// parent that waits on its children).
 const KILL_AFTER: u64 = 30;
+/// Builds of the builder that takes the exclusive lock.
+const DEPLOYS: usize = 20;
+/// How far apart two masters' clocks and claim times may put one build's start before
+/// the previous holder's recorded end: a claim takes its time before its transaction
+/// sees the hold gone. A real overlap would be a whole build (300 ms).
+const CLOCK_SLACK: Duration = Duration::from_millis(100);
 /// Turns a hang into a failure; never a pacing device.
 const GUARD: Duration = Duration::from_secs(180);
 
@@ -48,6 +57,25 @@ max_concurrent = 2
 name = "child"
 plugin = "bundled:sleep"
 kwargs = { seconds = 4.0 }
+
+[[lock]]
+name = "deploy"
+
+[[builder]]
+name = "deploy"
+plugin = "bundled:sleep"
+kwargs = { seconds = 0.3 }
+locks = ["deploy"]
+
+[[builder]]
+name = "tock"
+plugin = "bundled:noop"
+
+[[schedule]]
+name = "tick"
+every = "1s"
+builders = ["tock"]
+catch_up = "none"
 
 # Not submitted: `kiln serve` submits only with --submit; the test submits itself.
 [[submit]]
@@ -212,6 +240,13 @@ async fn three_masters_share_the_work_and_finish_a_killed_ones_exactly_once() ->
             ..NewBuildset::default()
         })
         .collect();
+    let deploy = store.builder_ensure("deploy", None).await?;
+    batch.extend((0..DEPLOYS).map(|i| NewBuildset {
+        reason: format!("deploy {i}"),
+        builder_ids: vec![deploy],
+        submitted_at: now(),
+        ..NewBuildset::default()
+    }));
     batch.extend((0..BUILDS).map(|i| NewBuildset {
         reason: format!("work {i}"),
         builder_ids: vec![work],
@@ -258,6 +293,7 @@ async fn three_masters_share_the_work_and_finish_a_killed_ones_exactly_once() ->
         .unwrap_or_default();
     masters[0].child.kill()?;
     masters[0].child.wait()?;
+    let killed_at = now();
     eprintln!(
         "killed {} with {running} builds running, {} of them parents waiting on children",
         masters[0].name,
@@ -272,8 +308,24 @@ async fn three_masters_share_the_work_and_finish_a_killed_ones_exactly_once() ->
 
     // Exactly once: every request complete with SUCCESS, by exactly one successful
     // build; the only other builds are the victim's, ended as RETRY by its expiry.
+    // The schedule goes on firing after the kill: wait for a tick the survivors fired.
+    let tock = store.builder_ensure("tock", None).await?;
+    until(&mut signals, "a scheduled fire after the kill", || {
+        let store = store.clone();
+        async move {
+            let last = store.schedule_get("tick").await?;
+            Ok(last.last_fire > killed_at + chrono::TimeDelta::seconds(1) && last.fires > 0)
+        }
+    })
+    .await?;
+    until(&mut signals, "every buildset to complete", || {
+        let store = store.clone();
+        async move { Ok(store.buildset_query(&incomplete_buildsets()).await?.total == Some(0)) }
+    })
+    .await?;
     let requests = store.request_list(&Default::default()).await?;
-    ensure!(requests.len() == BUILDS + PARENTS * (1 + CHILDREN));
+    let scheduled = requests.iter().filter(|r| r.builder_id == tock).count();
+    ensure!(requests.len() == BUILDS + DEPLOYS + PARENTS * (1 + CHILDREN) + scheduled);
     let builds = store.build_list(&BuildFilter::default()).await?;
     for request in &requests {
         ensure!(
@@ -373,9 +425,56 @@ async fn three_masters_share_the_work_and_finish_a_killed_ones_exactly_once() ->
         children == PARENTS * CHILDREN,
         "{children} child buildsets for {PARENTS} parents of {CHILDREN}"
     );
+
+    // The lock: deploy builds never overlapped, whichever master ran them, and nothing
+    // holds it now.
+    let mut deploys: Vec<_> = builds.iter().filter(|b| b.builder_id == deploy).collect();
+    deploys.sort_by_key(|b| b.started_at);
+    ensure!(deploys.len() >= DEPLOYS);
+    for pair in deploys.windows(2) {
+        let end = pair[0]
+            .complete_at
+            .ok_or_else(|| anyhow!("build {} never ended", pair[0].id))?;
+        ensure!(
+            pair[1].started_at + CLOCK_SLACK >= end,
+            "deploy builds {} (master {}) and {} (master {}) overlapped: {} < {end}",
+            pair[0].id,
+            pair[0].master_id,
+            pair[1].id,
+            pair[1].master_id,
+            pair[1].started_at
+        );
+    }
+    let waited = deploys.iter().filter(|b| b.locks_duration_s > 0.0).count();
+    ensure!(waited > 0, "no deploy build waited for the lock");
+    let locks = store.lock_list().await?;
+    ensure!(locks.len() == 1 && locks[0].holders.is_empty(), "{locks:?}");
+
+    // The schedule: one buildset per tick between three masters, ticks after the kill
+    // included.
+    let mut ticks = std::collections::BTreeSet::new();
+    let mut after_kill = 0;
+    for request in requests.iter().filter(|r| r.builder_id == tock) {
+        let props = store.buildset_properties(request.buildset_id).await?;
+        let tick = props
+            .get("scheduled_for")
+            .and_then(|p| p.value.as_str())
+            .ok_or_else(|| anyhow!("scheduled buildset {} has no tick", request.buildset_id))?
+            .to_owned();
+        let at = chrono::DateTime::parse_from_rfc3339(&tick)?;
+        if at > killed_at {
+            after_kill += 1;
+        }
+        ensure!(ticks.insert(tick.clone()), "tick {tick} fired twice");
+    }
+    ensure!(after_kill > 0, "no tick fired after the kill");
     eprintln!(
-        "{} requests complete once each; {retried} builds retried elsewhere after the kill",
-        requests.len()
+        "{} requests complete once each; {retried} builds retried elsewhere after the kill; \
+         {} deploys one at a time ({waited} waited for the lock); {} ticks fired once each \
+         ({after_kill} after the kill)",
+        requests.len(),
+        deploys.len(),
+        ticks.len()
     );
     Ok(())
 }

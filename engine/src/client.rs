@@ -522,6 +522,17 @@ impl Client {
         Ok(self.store.schedule_get(name).await?)
     }
 
+    /// The newest buildset submitted with the property `name`, and its value.
+    pub async fn latest_property(&self, name: &str) -> Result<Option<(BuildsetId, Property)>> {
+        Ok(self.store.buildset_property_latest(name).await?)
+    }
+
+    /// Every lock, by name, with the builders that take it, the builds holding it and
+    /// how many queued requests wait for it.
+    pub async fn locks(&self) -> Result<Vec<kiln_model::Lock>> {
+        Ok(self.store.lock_list().await?)
+    }
+
     /// Every schedule, by name.
     pub async fn schedules(&self) -> Result<Vec<Schedule>> {
         Ok(self.store.schedule_list().await?)

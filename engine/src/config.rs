@@ -196,6 +196,46 @@ pub struct BuilderConfig {
     pub retention: Option<crate::retention::RetentionPolicy>,
     /// Collapsing of its queued requests (off by default).
     pub collapse: Option<Collapse>,
+    /// The locks each of its builds takes before it starts (see [`LockUse`]).
+    pub locks: Vec<LockUse>,
+}
+
+/// A lock a builder takes (Buildbot's `locks=[lock.access(...)]`): each of its builds
+/// starts only when these units of the lock are free, and holds them until it finishes.
+/// A request waiting for a lock stays queued: it holds no task, no slot and no sandbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockUse {
+    /// The lock's name, as defined with [`Engine::define_lock`](crate::Engine::define_lock).
+    pub name: String,
+    /// How much of it a build takes.
+    pub units: LockUnits,
+}
+
+/// How much of a lock a build takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockUnits {
+    /// This many of its units (Buildbot's counting access takes one).
+    Count(u32),
+    /// All of them: nothing else holds the lock meanwhile.
+    Exclusive,
+}
+
+impl LockUse {
+    /// One unit of a lock (Buildbot's counting access).
+    pub fn one(name: impl Into<String>) -> Self {
+        LockUse {
+            name: name.into(),
+            units: LockUnits::Count(1),
+        }
+    }
+
+    /// The whole lock.
+    pub fn exclusive(name: impl Into<String>) -> Self {
+        LockUse {
+            name: name.into(),
+            units: LockUnits::Exclusive,
+        }
+    }
 }
 
 /// Buildbot's `collapseRequests` for one builder: when it claims, its queued requests
@@ -222,7 +262,14 @@ impl BuilderConfig {
             retry: RetryPolicy::default(),
             retention: None,
             collapse: None,
+            locks: Vec::new(),
         }
+    }
+
+    /// Adds a lock its builds take.
+    pub fn lock(mut self, lock: LockUse) -> Self {
+        self.locks.push(lock);
+        self
     }
 
     /// Sets how its builds are retried.

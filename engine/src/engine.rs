@@ -206,11 +206,51 @@ impl Engine {
             .store()
             .builder_set_depends_on(id, &depends_on)
             .await?;
+        let locks = self.resolve_locks(&config).await?;
+        self.client.store().builder_set_locks(id, &locks).await?;
         let name = config.name.clone();
         if !self.scheduler.register(id, config, executor) {
             return Err(EngineError::DuplicateBuilder(name));
         }
         Ok(id)
+    }
+
+    /// Defines a lock with `count` units (1: exclusive), or changes its count; every
+    /// master sharing the database sees the same lock. Define a lock before the builders
+    /// that take it.
+    pub async fn define_lock(&self, name: &str, count: u32) -> Result<()> {
+        self.client.store().lock_define(name, count).await?;
+        Ok(())
+    }
+
+    /// A builder's locks as units of the locks defined in the database.
+    async fn resolve_locks(&self, config: &BuilderConfig) -> Result<Vec<(String, u32)>> {
+        if config.locks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let defined = self.client.locks().await?;
+        config
+            .locks
+            .iter()
+            .map(|lock| {
+                let found = defined
+                    .iter()
+                    .find(|l| l.name == lock.name)
+                    .ok_or_else(|| {
+                        EngineError::Invalid(format!(
+                            "builder {:?} takes lock {:?}, which is not defined",
+                            config.name, lock.name
+                        ))
+                    })?;
+                let units = match lock.units {
+                    crate::config::LockUnits::Count(n) => n,
+                    crate::config::LockUnits::Exclusive => {
+                        u32::try_from(found.capacity).unwrap_or(u32::MAX)
+                    }
+                };
+                Ok((lock.name.clone(), units))
+            })
+            .collect()
     }
 
     /// Subscribes to lifecycle events from now on.

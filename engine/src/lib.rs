@@ -51,14 +51,14 @@ pub mod storage {
     pub use kiln_storage::text::NUL_STAND_IN;
     pub use kiln_storage::{
         BuildField, BuildFilter, BuilderField, BuildsetField, BuildsetFilter, CancelOutcome,
-        ClaimFilter, Durability, Field, FieldType, Filter, FilterValue, MasterField, Op, Page,
-        Query, RequestField, RequestFilter, RequestOrder, RequestOrderField, StorageError,
-        StoreOptions, database_url, display_url, is_sqlite,
+        ClaimFilter, Durability, Field, FieldType, Filter, FilterValue, MAX_LOCK_CAPACITY,
+        MasterField, Op, Page, Query, RequestField, RequestFilter, RequestOrder, RequestOrderField,
+        StorageError, StoreOptions, database_url, display_url, is_sqlite,
     };
 }
 
 pub use client::{Client, Submission, SubmitLimits, Submitted};
-pub use config::{BuilderConfig, Collapse, EngineConfig};
+pub use config::{BuilderConfig, Collapse, EngineConfig, LockUnits, LockUse};
 pub use engine::Engine;
 pub use error::{EngineError, Result};
 pub use events::Event;

@@ -85,6 +85,11 @@ pub struct ScheduleConfig {
     /// idle branch is not rebuilt.
     #[serde(default)]
     pub only_if_changed: bool,
+    /// With `only_if_changed`, watch this buildset property instead of a sourcestamp:
+    /// fire only when the newest value any buildset was submitted with differs from the
+    /// value the schedule last built, and build with that value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch_property: Option<String>,
 }
 
 /// A timing parsed and ready to compute ticks.
@@ -104,6 +109,7 @@ impl ScheduleConfig {
             submission,
             catch_up: CatchUp::One,
             only_if_changed: false,
+            watch_property: None,
         }
     }
 
@@ -123,6 +129,7 @@ impl ScheduleConfig {
             submission,
             catch_up: CatchUp::One,
             only_if_changed: false,
+            watch_property: None,
         }
     }
 
@@ -137,10 +144,24 @@ impl ScheduleConfig {
         }
         self.ticks()
             .map_err(|e| EngineError::Invalid(format!("{here}: {e}")))?;
-        if self.only_if_changed && self.tracked().is_none() {
-            return Err(EngineError::Invalid(format!(
-                "{here}: only_if_changed needs a sourcestamp with a repository and a branch to watch"
-            )));
+        match &self.watch_property {
+            Some(name) if name.trim().is_empty() => {
+                return Err(EngineError::Invalid(format!(
+                    "{here}: the watched property has an empty name"
+                )));
+            }
+            Some(_) if !self.only_if_changed => {
+                return Err(EngineError::Invalid(format!(
+                    "{here}: a watched property needs only_if_changed"
+                )));
+            }
+            Some(_) => {}
+            None if self.only_if_changed && self.tracked().is_none() => {
+                return Err(EngineError::Invalid(format!(
+                    "{here}: only_if_changed needs a property, or a sourcestamp with a repository and a branch, to watch"
+                )));
+            }
+            None => {}
         }
         Ok(())
     }
@@ -540,7 +561,20 @@ async fn fire_due(
     };
     let mut last_built = row.last_buildset_id;
     for tick in fire {
-        let revision = if config.only_if_changed {
+        let mut watched = None;
+        if let Some(name) = config.watch_property.as_deref() {
+            match changed_property(client, name, last_built).await? {
+                Some(value) => watched = Some((name, value)),
+                None => {
+                    tracing::debug!(schedule = %config.name, %tick, property = name, "property unchanged; not fired");
+                    client
+                        .schedule_fired(&config.name, tick, None, next)
+                        .await?;
+                    continue;
+                }
+            }
+        }
+        let revision = if config.only_if_changed && watched.is_none() {
             match changed(client, config, last_built).await? {
                 Some(stamp) => Some(stamp),
                 None => {
@@ -554,7 +588,10 @@ async fn fire_due(
         } else {
             None
         };
-        let submission = config.submission_for(tick, revision.as_ref());
+        let mut submission = config.submission_for(tick, revision.as_ref());
+        if let Some((name, value)) = watched {
+            submission.properties.insert(name.to_owned(), value);
+        }
         let submitted = shared.submit(std::slice::from_ref(&submission)).await?;
         let buildset = submitted.first().map(|s| s.buildset_id);
         if submitted.first().is_some_and(|s| !s.existing) {
@@ -570,6 +607,33 @@ async fn fire_due(
         .schedule_fired(&config.name, latest, None, next)
         .await?;
     Ok(next)
+}
+
+/// For `only_if_changed` on a property: its newest submitted value, if that is not the
+/// value of the buildset the schedule last built (a deleted or property-less one counts
+/// as changed).
+async fn changed_property(
+    client: &crate::Client,
+    name: &str,
+    last_built: Option<kiln_model::BuildsetId>,
+) -> Result<Option<Property>> {
+    let Some((newest, latest)) = client.latest_property(name).await? else {
+        return Ok(None);
+    };
+    if let Some(built) = last_built {
+        if built == newest {
+            return Ok(None);
+        }
+        let before = match client.buildset_properties(built).await {
+            Ok(props) => props.get(name).cloned(),
+            Err(EngineError::Storage(kiln_storage::StorageError::NotFound { .. })) => None,
+            Err(e) => return Err(e),
+        };
+        if before.is_some_and(|b| b.value == latest.value) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(latest))
 }
 
 /// For `only_if_changed`: the watched stamp at the newest revision any buildset was

@@ -419,6 +419,22 @@ async fn submitted_with(
     }
 }
 
+/// Waits until a schedule's ticks have moved on by two seconds: nothing announces a tick
+/// passed over, so this reads the schedule's row until it says so.
+async fn two_idle_ticks(engine: &Engine, schedule: &str) -> Result<()> {
+    let before = engine.client().schedule(schedule).await?;
+    guard("two idle ticks", async {
+        loop {
+            let now = engine.client().schedule(schedule).await?;
+            if now.last_fire.timestamp() >= before.last_fire.timestamp() + 2 {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await?
+}
+
 async fn scheduled_buildsets(
     engine: &Engine,
     name: &str,
@@ -576,17 +592,7 @@ async fn a_forced_fire_runs_now_and_only_if_changed_skips_an_idle_branch() -> Re
             "{name}: {stamps:?}"
         );
         // Ticks pass with main idle: no second fire until r2 is pushed.
-        let before = engine.client().schedule("watch").await?;
-        guard("two idle ticks", async {
-            loop {
-                let now = engine.client().schedule("watch").await?;
-                if now.last_fire.timestamp() >= before.last_fire.timestamp() + 2 {
-                    return anyhow::Ok(());
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-        .await??;
+        two_idle_ticks(&engine, "watch").await?;
         ensure!(
             scheduled_buildsets(&engine, "watch").await?.len() == 1,
             "{name}: an idle branch was rebuilt"
@@ -599,6 +605,44 @@ async fn a_forced_fire_runs_now_and_only_if_changed_skips_an_idle_branch() -> Re
             stamps[0].revision.as_deref() == Some("r2"),
             "{name}: {stamps:?}"
         );
+
+        // only_if_changed on a property: a publish with version 1.0 makes one fire with
+        // it; idle ticks make none; version 1.1 makes the next.
+        let mut release = kiln_engine::ScheduleConfig::every(
+            "release",
+            Duration::from_secs(1),
+            Submission::new("release").builder("free"),
+        );
+        release.only_if_changed = true;
+        release.watch_property = Some("version".into());
+        let publish = |v: &str| {
+            Submission::new("publish")
+                .builder("free")
+                .property("version", json!(v), "test")
+        };
+        engine.submit(&publish("1.0")).await?;
+        let events = engine.subscribe();
+        engine.register_schedule(release).await?;
+        let first = guard("a fire for 1.0", submitted_with(events, "release")).await??;
+        let props = engine.client().buildset_properties(first).await?;
+        ensure!(props["version"].value == json!("1.0"), "{name}: {props:?}");
+        two_idle_ticks(&engine, "release").await?;
+        ensure!(
+            scheduled_buildsets(&engine, "release").await?.len() == 1,
+            "{name}: an unchanged property fired again"
+        );
+        let events = engine.subscribe();
+        engine.submit(&publish("1.1")).await?;
+        let next = guard("a fire for 1.1", submitted_with(events, "release")).await??;
+        let props = engine.client().buildset_properties(next).await?;
+        ensure!(props["version"].value == json!("1.1"), "{name}: {props:?}");
+        let mut bad = kiln_engine::ScheduleConfig::every(
+            "bad",
+            Duration::from_secs(1),
+            Submission::new("bad").builder("free"),
+        );
+        bad.watch_property = Some("version".into());
+        ensure!(engine.register_schedule(bad).await.is_err(), "{name}");
         engine.shutdown().await;
     }
     Ok(())
@@ -752,6 +796,107 @@ async fn a_collapsing_builder_runs_only_the_newest_of_a_queued_burst() -> Result
                 ensure!(r.superseded_by == Some(newest), "{name}: {r:?}");
             }
         }
+        engine.shutdown().await;
+    }
+    Ok(())
+}
+
+/// An executor whose builds wait until `open` says so.
+fn gated(open: &tokio::sync::watch::Sender<bool>) -> FnExecutor {
+    let gate = open.subscribe();
+    FnExecutor::new(move |_| {
+        let mut gate = gate.clone();
+        async move {
+            let _ = gate.wait_for(|open| *open).await;
+            Ok(Outcome::success(json!(null)))
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_a_lock_holds_no_room_and_its_build_records_the_wait() -> Result<()> {
+    for backend in backends("locks").await? {
+        let name = backend.name;
+        // Room for two builds: one holds the lock, the waiting one must not take the
+        // other's room from the lock-free builder.
+        let mut config = EngineConfig::new(&backend.url).master_name("m");
+        config.max_running_builds = 2;
+        let engine = Engine::open(config).await?;
+        engine.define_lock("deploy", 1).await?;
+        let (open, _) = tokio::sync::watch::channel(false);
+        engine
+            .register_builder(
+                BuilderConfig::new("prod").lock(kiln_engine::LockUse::exclusive("deploy")),
+                gated(&open),
+            )
+            .await?;
+        engine
+            .register_builder(
+                BuilderConfig::new("staging").lock(kiln_engine::LockUse::one("deploy")),
+                ok(),
+            )
+            .await?;
+        engine
+            .register_builder(BuilderConfig::new("free"), ok())
+            .await?;
+        let mut events = engine.subscribe();
+        let prod = engine
+            .submit(&Submission::new("prod").builder("prod"))
+            .await?;
+        guard("the lock holder", support::started(&mut events, "prod")).await??;
+        let staging = engine
+            .submit(&Submission::new("staging").builder("staging"))
+            .await?;
+        // Three lock-free buildsets run one after another in the one room left.
+        for i in 0..3 {
+            let free = engine
+                .submit(&Submission::new(format!("free {i}")).builder("free"))
+                .await?;
+            guard("a lock-free build", engine.wait_buildset(free.buildset_id)).await??;
+        }
+        ensure!(
+            unclaimed(&engine, "staging").await? == 1,
+            "{name}: staging waits"
+        );
+        let locks = engine.client().locks().await?;
+        ensure!(
+            locks.len() == 1 && locks[0].held() == 1 && locks[0].waiting == 1,
+            "{name}: {locks:?}"
+        );
+
+        open.send_replace(true);
+        guard("the holder", engine.wait_buildset(prod.buildset_id)).await??;
+        guard("the waiter", engine.wait_buildset(staging.buildset_id)).await??;
+        let waited = engine
+            .client()
+            .builds(&kiln_engine::storage::BuildFilter {
+                builder_id: Some(engine.client().builder_named("staging").await?.id),
+                ..Default::default()
+            })
+            .await?;
+        ensure!(
+            waited.len() == 1 && waited[0].locks_duration_s > 0.0,
+            "{name}: {waited:?}"
+        );
+        ensure!(engine.client().locks().await?[0].holders.is_empty());
+        // An undefined lock, or more units than it has, is refused at registration.
+        let undefined = engine
+            .register_builder(
+                BuilderConfig::new("x").lock(kiln_engine::LockUse::one("nope")),
+                ok(),
+            )
+            .await;
+        ensure!(undefined.is_err(), "{name}");
+        let too_many = engine
+            .register_builder(
+                BuilderConfig::new("y").lock(kiln_engine::LockUse {
+                    name: "deploy".into(),
+                    units: kiln_engine::LockUnits::Count(2),
+                }),
+                ok(),
+            )
+            .await;
+        ensure!(too_many.is_err(), "{name}");
         engine.shutdown().await;
     }
     Ok(())

@@ -160,6 +160,57 @@ pub struct Schedule {
     pub fires: i64,
 }
 
+/// A lock (Buildbot's master lock) and what holds and waits for it now.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Lock {
+    /// Its unique name.
+    pub name: String,
+    /// How many units it has (1: exclusive).
+    pub capacity: i64,
+    /// The builders that take it, with how many units each build of them takes.
+    pub users: Vec<LockUser>,
+    /// The running builds that hold it.
+    pub holders: Vec<LockHold>,
+    /// Queued requests of its users that found it busy when they were next in line
+    /// (counted up to [`Lock::WAITING_COUNTED`]).
+    pub waiting: i64,
+}
+
+impl Lock {
+    /// The most waiting requests a lock listing counts: a bound on the work of one read
+    /// however long the queue.
+    pub const WAITING_COUNTED: i64 = 10_000;
+
+    /// Units held now.
+    pub fn held(&self) -> i64 {
+        self.holders.iter().map(|h| h.units).sum()
+    }
+}
+
+/// A builder that takes a lock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockUser {
+    /// The builder.
+    pub builder_id: BuilderId,
+    /// Its name.
+    pub builder: String,
+    /// The units each of its builds takes.
+    pub units: i64,
+}
+
+/// A running build's hold on a lock.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockHold {
+    /// The build.
+    pub build_id: BuildId,
+    /// The master running it.
+    pub master_id: MasterId,
+    /// The units it holds.
+    pub units: i64,
+    /// When it took them.
+    pub acquired_at: Timestamp,
+}
+
 /// One running (or once-running) engine process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Master {

@@ -318,6 +318,19 @@ function wireSchedules() {
   }));
 }
 
+async function locksPage() {
+  const all = await get("/locks");
+  const rows = all.locks.map(l => `
+    <tr data-lock="${esc(l.name)}"><td>${esc(l.name)}</td>
+      <td class="held">${l.held} of ${l.count}</td>
+      <td>${l.users.map(u => `${esc(u.name)} <span class="muted">(${u.units})</span>`).join(", ") || '<span class="muted">none</span>'}</td>
+      <td class="holders">${l.holders.map(h => `<a href="#/builds/${h.buildid}">build ${h.buildid}</a> <span class="muted">since ${when(h.acquired_at)}</span>`).join(", ") || '<span class="muted">free</span>'}</td>
+      <td class="waiting">${l.waiting > 0 ? `${l.waiting} waiting` : '<span class="muted">none</span>'}</td></tr>`).join("");
+  return `<h1>Locks</h1>
+    <table id="locks"><thead><tr><th>name</th><th>held</th><th>builders (units each)</th><th>holding builds</th><th>waiting requests</th></tr></thead>
+    <tbody>${rows || '<tr><td colspan="5" class="muted">no locks: add [[lock]] to the pipeline file</td></tr>'}</tbody></table>`;
+}
+
 async function mastersPage() {
   const all = await get("/masters");
   const rows = all.masters.map(m => `<tr><td>${m.masterid}</td><td>${esc(m.name)}</td><td>${m.active ? "active" : '<span class="muted">inactive</span>'}</td><td>${when(m.last_active)}</td></tr>`).join("");
@@ -333,6 +346,7 @@ function route() {
   if (parts[0] === "builders") return { page: "builders" };
   if (parts[0] === "masters") return { page: "masters" };
   if (parts[0] === "schedules") return { page: "schedules" };
+  if (parts[0] === "locks") return { page: "locks" };
   return { page: "buildsets" };
 }
 
@@ -351,6 +365,7 @@ async function render() {
     else if (r.page === "builders") html = await buildersPage();
     else if (r.page === "masters") html = await mastersPage();
     else if (r.page === "schedules") html = await schedulesPage();
+    else if (r.page === "locks") html = await locksPage();
     else html = await buildsetsPage();
     // Keep what the user typed and checked in the submit form across live refreshes.
     const checked = [...document.querySelectorAll("input[name=builder]:checked")].map(i => i.value);

@@ -864,6 +864,27 @@ pub async fn schedule(
     )))
 }
 
+// ---- locks ----
+
+/// `GET /locks`: every lock with its count, the builds holding it, the builders taking
+/// it and how many queued requests wait for it (a handful per database: not paged).
+pub async fn locks(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    authorize_read(&s, &headers)?;
+    let fields = parse_entity(raw.as_deref(), json::LOCK_FIELDS)?;
+    let all = s.engine.client().locks().await?;
+    let total = all.len() as u64;
+    Ok(Json(json::collection(
+        "locks",
+        all.iter().map(json::lock).collect(),
+        total,
+        &fields,
+    )))
+}
+
 // ---- masters ----
 
 pub async fn masters(

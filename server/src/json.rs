@@ -240,6 +240,29 @@ pub fn schedule(s: &kiln_engine::model::Schedule) -> Value {
     })
 }
 
+/// The output fields of a lock.
+pub const LOCK_FIELDS: &[&str] = &["name", "count", "held", "holders", "users", "waiting"];
+
+pub fn lock(l: &kiln_engine::model::Lock) -> Value {
+    json!({
+        "name": l.name,
+        "count": l.capacity,
+        "held": l.held(),
+        "holders": l.holders.iter().map(|h| json!({
+            "buildid": h.build_id.0,
+            "masterid": h.master_id.0,
+            "units": h.units,
+            "acquired_at": time(h.acquired_at),
+        })).collect::<Vec<_>>(),
+        "users": l.users.iter().map(|u| json!({
+            "builderid": u.builder_id.0,
+            "name": u.builder,
+            "units": u.units,
+        })).collect::<Vec<_>>(),
+        "waiting": l.waiting,
+    })
+}
+
 /// Keeps only the selected fields of an object (all when none are selected).
 pub fn select(value: Value, fields: &[String]) -> Value {
     if fields.is_empty() {

@@ -198,6 +198,7 @@ pub fn router(state: AppState) -> Router {
             get(api::builder_build),
         )
         .route("/schedules", get(api::schedules))
+        .route("/locks", get(api::locks))
         .route(
             "/schedules/{name}",
             get(api::schedule).post(control::schedule_rpc),

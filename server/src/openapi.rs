@@ -262,6 +262,13 @@ pub fn spec() -> Value {
             &[],
         ),
     );
+    paths.insert(
+        "/locks".into(),
+        get(
+            "locks with their count, holding builds, taking builders and waiting requests (not paged)",
+            &[],
+        ),
+    );
     let mut one = get("a schedule", &[path_param("name", "the schedule's name")]);
     one["post"] = rpc(
         "force (fire now, whatever its timing)",

@@ -1282,3 +1282,26 @@ async fn sourcestamps_a_builders_requests_and_the_previous_successful_build_read
     ensure!(plain["builds"][0].get("properties").is_none(), "{plain}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_list_with_their_holders_users_and_waiting_requests() -> Result<()> {
+    let s = server().await?;
+    s.engine.define_lock("deploy", 2).await?;
+    let empty = s.ok("/api/v2/locks").await?;
+    ensure!(empty["meta"]["total"] == 1, "{empty}");
+    let one = &empty["locks"][0];
+    ensure!(
+        one["name"] == "deploy" && one["count"] == 2 && one["held"] == 0 && one["waiting"] == 0,
+        "{one}"
+    );
+    ensure!(
+        one["holders"] == json!([]) && one["users"] == json!([]),
+        "{one}"
+    );
+    ensure!(
+        s.ok("/api/v2/locks?field=name&field=count").await?["locks"][0]
+            == json!({"name": "deploy", "count": 2})
+    );
+    ensure!(s.get("/api/v2/locks?field=nope").await?.status == StatusCode::BAD_REQUEST);
+    Ok(())
+}

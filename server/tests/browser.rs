@@ -73,6 +73,7 @@ async fn the_dashboard_shows_work_live_and_stops_a_build_in_a_real_browser() -> 
         cache_dir: None,
         max_instances: 16,
     }));
+    engine.define_lock("deploy", 2).await?;
     let bytes = kiln_bundled::get("progress-demo").ok_or_else(|| anyhow!("no progress-demo"))?;
     let slow = host
         .job_executor("progress-demo", bytes, Limits::default(), Grants::default())
@@ -81,6 +82,7 @@ async fn the_dashboard_shows_work_live_and_stops_a_build_in_a_real_browser() -> 
         .register_builder(
             BuilderConfig::new("slow-progress")
                 .description("nested progress, slowly")
+                .lock(kiln_engine::LockUse::one("deploy"))
                 .kwargs(json!({"steps": 40, "step_ms": 60})),
             slow,
         )
@@ -152,7 +154,14 @@ async fn the_dashboard_shows_work_live_and_stops_a_build_in_a_real_browser() -> 
         out.status.success(),
         "the browser run failed:\n{stdout}\n{stderr}"
     );
-    for page in ["buildsets", "buildset", "build", "builders", "schedules"] {
+    for page in [
+        "buildsets",
+        "buildset",
+        "build",
+        "builders",
+        "schedules",
+        "locks",
+    ] {
         let shot = shots.join(format!("{page}.png"));
         ensure!(
             std::fs::metadata(&shot).is_ok_and(|m| m.len() > 1_000),

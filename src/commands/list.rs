@@ -261,6 +261,33 @@ pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<(
                 table.print();
             })
         }
+        ListWhat::Locks => {
+            let locks = client.locks().await?;
+            out.emit(&json!({ "locks": locks }), || {
+                let mut table =
+                    Table::new(&["name", "held", "builders", "holding builds", "waiting"]);
+                for l in &locks {
+                    let users: Vec<String> = l
+                        .users
+                        .iter()
+                        .map(|u| format!("{} ({})", u.builder, u.units))
+                        .collect();
+                    let holders: Vec<String> = l
+                        .holders
+                        .iter()
+                        .map(|h| format!("{} ({})", h.build_id, h.units))
+                        .collect();
+                    table.row(vec![
+                        l.name.clone(),
+                        format!("{}/{}", l.held(), l.capacity),
+                        users.join(", "),
+                        holders.join(", "),
+                        l.waiting.to_string(),
+                    ]);
+                }
+                table.print();
+            })
+        }
         ListWhat::Reporters => {
             let reporters = client.reporters().await?;
             out.emit(&json!({ "reporters": reporters }), || {

@@ -142,6 +142,9 @@ pub async fn start(
     for (config, reporter) in pipeline.reporters {
         engine.register_reporter(config, reporter).await?;
     }
+    for (name, count) in &pipeline.locks {
+        engine.define_lock(name, *count).await?;
+    }
     for (config, executor) in pipeline.builders {
         engine.register_builder(config, executor).await?;
     }

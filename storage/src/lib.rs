@@ -20,6 +20,7 @@ mod common;
 mod error;
 mod filters;
 mod idempotency;
+mod lock_budget;
 mod params;
 #[cfg(feature = "postgres")]
 pub mod postgres;

@@ -130,7 +130,16 @@ pub struct StartAvailable {
     /// superseded by the newest. Only the builder's [`COLLAPSE_WINDOW`] newest queued
     /// requests are looked at.
     pub collapse: Vec<(BuilderId, bool)>,
+    /// Builders that take locks (see [`Locks`](crate::seam::Locks)): a request of one
+    /// is claimed only when every lock it takes has its units free, and its build holds
+    /// them until it finishes. A builder whose next request finds a lock busy marks it
+    /// as waiting from then; its build's `locks_duration_s` counts from that mark.
+    pub lock_builders: Vec<BuilderId>,
 }
+
+/// The most units a lock may have: a bound on what one definition can ask of the
+/// claim's accounting.
+pub const MAX_LOCK_CAPACITY: u32 = 1_000_000;
 
 /// What collapsing did in one claim: each SKIPPED request with the request that
 /// superseded it, and the buildsets that completed.

@@ -151,6 +151,15 @@ pub(crate) fn builder_from_row(row: &impl Col) -> Result<Builder> {
     })
 }
 
+pub(crate) fn lock_hold_from_row(row: &impl Col) -> Result<kiln_model::LockHold> {
+    Ok(kiln_model::LockHold {
+        build_id: BuildId(row.int("build_id")?),
+        master_id: MasterId(row.int("master_id")?),
+        units: row.int("units")?,
+        acquired_at: ts(row.int("acquired_at")?)?,
+    })
+}
+
 pub(crate) fn schedule_from_row(row: &impl Col) -> Result<Schedule> {
     Ok(Schedule {
         name: row.text("name")?,

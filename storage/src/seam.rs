@@ -16,7 +16,7 @@
 use async_trait::async_trait;
 use kiln_model::{
     Artifact, Build, BuildId, BuildRequest, Builder, BuilderId, Buildset, BuildsetId,
-    ChildBuildset, LogEntry, LogLevel, LogQuery, LogRecord, Master, MasterId, ProgressRecord,
+    ChildBuildset, Lock, LogEntry, LogLevel, LogQuery, LogRecord, Master, MasterId, ProgressRecord,
     ProgressReport, Properties, Property, Report, ReporterState, RequestId, ResultCode, Schedule,
     SourceStamp, SourceStampId, Timestamp,
 };
@@ -49,6 +49,7 @@ pub trait Store:
     + OutboxWrites
     + Schedules
     + RetentionWrites
+    + Locks
 {
     /// The backend's name ("sqlite", "postgres").
     fn backend(&self) -> &'static str;
@@ -145,6 +146,23 @@ pub trait Schedules: Send + Sync + 'static {
     async fn schedule_list(&self) -> Result<Vec<Schedule>>;
 }
 
+/// Locks (Buildbot's master locks): a lock has a capacity in units, a builder takes
+/// some units of the locks it lists, and a claim starts a build of it only when all of
+/// them are free (see [`StartAvailable::lock_builders`]); finishing the build, or
+/// expiring its master, releases them.
+#[async_trait]
+pub trait Locks: Send + Sync + 'static {
+    /// Defines a lock, or changes its capacity (the latest definition wins; builds
+    /// holding more than a lowered capacity keep their units until they finish).
+    async fn lock_define(&self, name: &str, capacity: u32) -> Result<()>;
+    /// Records the locks a builder takes, with the units each build takes (replacing
+    /// the old list). Every lock must be defined, and no build may take more units
+    /// than its lock has.
+    async fn builder_set_locks(&self, id: BuilderId, locks: &[(String, u32)]) -> Result<()>;
+    /// Every lock, by name, with its users, holders and waiting requests.
+    async fn lock_list(&self) -> Result<Vec<Lock>>;
+}
+
 /// Retention: deleting finished work, one entity on demand or a builder's old work in
 /// bounded batches.
 #[async_trait]
@@ -185,6 +203,8 @@ pub trait Buildsets: Send + Sync + 'static {
     }
     /// A buildset's properties.
     async fn buildset_properties(&self, id: BuildsetId) -> Result<Properties>;
+    /// The newest buildset submitted with the property `name`, with its value.
+    async fn buildset_property_latest(&self, name: &str) -> Result<Option<(BuildsetId, Property)>>;
     /// A buildset's sourcestamps, sorted.
     async fn buildset_sourcestamps(&self, id: BuildsetId) -> Result<Vec<SourceStamp>>;
     /// A page of the stored sourcestamps by id (equal stamps are stored once), and how

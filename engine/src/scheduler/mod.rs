@@ -515,6 +515,11 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<usize
         .filter(|b| free_slots.iter().any(|(id, _)| *id == b.id))
         .filter_map(|b| b.config.collapse.map(|c| (b.id, c.properties)))
         .collect();
+    let lock_builders: Vec<BuilderId> = builders
+        .iter()
+        .filter(|b| !b.config.locks.is_empty() && free_slots.iter().any(|(id, _)| *id == b.id))
+        .map(|b| b.id)
+        .collect();
     let outcome = shared
         .store
         .build_start_available(&StartAvailable {
@@ -524,6 +529,7 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<usize
             state_string: "starting".into(),
             now: kiln_model::now(),
             collapse,
+            lock_builders,
         })
         .await?;
     for (request_id, _) in &outcome.collapsed {

@@ -43,7 +43,7 @@ pub fn parent(relationship: &str) -> kiln_engine::ParentInfo {
 pub async fn hold_the_room(
     engine: &kiln_engine::Engine,
 ) -> anyhow::Result<tokio::sync::watch::Sender<bool>> {
-    use kiln_engine::{BuilderConfig, Event, FnExecutor, Outcome, Submission};
+    use kiln_engine::{BuilderConfig, FnExecutor, Outcome, Submission};
     let (open, gate) = tokio::sync::watch::channel(false);
     engine
         .register_builder(
@@ -61,15 +61,20 @@ pub async fn hold_the_room(
     engine
         .submit(&Submission::new("gate").builder("gate"))
         .await?;
-    guard("the gate build", async {
-        loop {
-            if let Event::BuildStarted { builder, .. } = events.recv().await?
-                && builder == "gate"
-            {
-                return anyhow::Ok(());
-            }
-        }
-    })
-    .await??;
+    guard("the gate build", started(&mut events, "gate")).await??;
     Ok(open)
+}
+
+/// Returns once a build of `builder` has started.
+pub async fn started(
+    events: &mut tokio::sync::broadcast::Receiver<kiln_engine::Event>,
+    builder: &str,
+) -> anyhow::Result<()> {
+    loop {
+        if let kiln_engine::Event::BuildStarted { builder: b, .. } = events.recv().await?
+            && b == builder
+        {
+            return Ok(());
+        }
+    }
 }

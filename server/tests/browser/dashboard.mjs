@@ -97,6 +97,15 @@ try {
   await page.goto(url + "/#/builders");
   await page.waitForSelector("#builders tr[data-builder]");
 
+  step = "locks show their builders and holders";
+  await page.goto(url + "/#/locks");
+  await page.waitForSelector('#locks tr[data-lock="deploy"] .held');
+  const held = await page.$eval('#locks tr[data-lock="deploy"]', el => el.textContent);
+  if (!held.includes("slow-progress") || !held.includes("of 2")) fail("the locks page does not show the lock's users and count: " + held);
+  await page.screenshot({ path: join(shots, "locks.png"), fullPage: true });
+  await page.goto(url + "/#/builders");
+  await page.waitForSelector("#builders tr[data-builder]");
+
   step = "pause and resume a builder";
   const row = '#builders tr[data-builder="echo"]';
   await page.click(`${row} button.toggle-pause`);

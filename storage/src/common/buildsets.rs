@@ -2,8 +2,8 @@
 
 use async_trait::async_trait;
 use kiln_model::{
-    BuildId, BuilderId, Buildset, BuildsetId, ChildBuildset, Properties, RequestId, SourceStamp,
-    SourceStampId,
+    BuildId, BuilderId, Buildset, BuildsetId, ChildBuildset, Properties, Property, RequestId,
+    SourceStamp, SourceStampId,
 };
 
 use super::{all, one, query};
@@ -14,6 +14,7 @@ use crate::rows::{
 };
 use crate::seam::Buildsets;
 use crate::sql::{Dialect, Sql};
+use crate::text::storable;
 
 #[async_trait]
 impl<D: Dialect> Buildsets for D {
@@ -33,6 +34,20 @@ impl<D: Dialect> Buildsets for D {
             Sql::new("SELECT name, value, source FROM buildset_properties WHERE buildset_id = ");
         sql.bind(id.0);
         properties_from_rows(&self.read(sql).await?)
+    }
+
+    async fn buildset_property_latest(&self, name: &str) -> Result<Option<(BuildsetId, Property)>> {
+        let mut sql = Sql::new(
+            "SELECT buildset_id, name, value, source FROM buildset_properties WHERE name = ",
+        );
+        sql.bind(storable(name).into_owned())
+            .push(" ORDER BY buildset_id DESC LIMIT 1");
+        let Some(row) = self.read_one(sql).await? else {
+            return Ok(None);
+        };
+        let id = BuildsetId(row.int("buildset_id")?);
+        let props = properties_from_rows(std::slice::from_ref(&row))?;
+        Ok(props.into_iter().next().map(|(_, p)| (id, p)))
     }
 
     async fn buildset_sourcestamps(&self, id: BuildsetId) -> Result<Vec<SourceStamp>> {

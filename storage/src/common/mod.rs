@@ -7,6 +7,7 @@
 mod builders;
 mod builds;
 mod buildsets;
+mod locks;
 mod masters;
 mod outbox;
 

@@ -19,7 +19,11 @@ use crate::{
     FinishOutcome, FinishedBuild, NewBuild, Result, StartAvailable, StartOutcome, StartedBuild,
     StorageError, StoreSignal, fk_to_not_found, text,
 };
-use kiln_model::{Artifact, Build, BuilderId, BuildsetId, MasterId, RequestId, ResultCode};
+use kiln_model::{
+    Artifact, Build, BuilderId, BuildsetId, MasterId, RequestId, ResultCode, Timestamp,
+};
+
+use crate::lock_budget::{BUDGET_COLUMNS, LockBudget};
 
 /// A build as one JSON object, with `b` as the table alias (the keys of
 /// [`BUILD_COLUMNS`](crate::rows::BUILD_COLUMNS)).
@@ -47,12 +51,16 @@ const CONTEXT_JSON: &str = "json_build_array(bs.reason, \
 /// Writes the ends of builds known to run on the caller's master (and locked by it):
 /// their columns, their artifacts, and their `build_finished` reports.
 async fn end_builds(tx: &mut PgConnection, ends: &[&FinishedBuild]) -> Result<()> {
-    sqlx::query(
-        "UPDATE builds SET complete_at = t.at, results = t.res, return_value = t.rv, error = t.err,
+    // Their lock holds go in the same statement; when some went, masters waiting for
+    // those locks are woken.
+    let freed: Option<i64> = sqlx::query_scalar(
+        "WITH freed AS (DELETE FROM lock_holds WHERE build_id = ANY($1) RETURNING 1)
+         UPDATE builds SET complete_at = t.at, results = t.res, return_value = t.rv, error = t.err,
                            traceback = t.tb, state_string = COALESCE(t.st, builds.state_string)
          FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[])
              AS t(id, at, res, rv, err, tb, st)
-         WHERE builds.id = t.id",
+         WHERE builds.id = t.id
+         RETURNING (SELECT count(*) FROM freed)",
     )
     .bind(ids_of(ends, |e| e.build_id.0))
     .bind(ids_of(ends, |e| micros(e.complete_at)))
@@ -65,8 +73,11 @@ async fn end_builds(tx: &mut PgConnection, ends: &[&FinishedBuild]) -> Result<()
     .bind(ends.iter().map(|e| e.error.clone()).collect::<Vec<_>>())
     .bind(ends.iter().map(|e| e.traceback.clone()).collect::<Vec<_>>())
     .bind(ends.iter().map(|e| e.state_string.clone()).collect::<Vec<_>>())
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
+    if freed.unwrap_or(0) > 0 {
+        listen::notify(&mut *tx, &[StoreSignal::Work]).await?;
+    }
     outbox::record_finished(&mut *tx, &ids_of(ends, |e| e.build_id.0)).await?;
     let artifacts: Vec<(i64, &Artifact)> = ends
         .iter()
@@ -270,6 +281,64 @@ async fn collapse(
     Ok((pairs, completed))
 }
 
+/// What this claim may take of the locks of `builders`, after locking their lock rows
+/// (in name order, so that claims never wait on each other in a circle).
+async fn lock_budget(tx: &mut PgConnection, builders: &[BuilderId]) -> Result<LockBudget> {
+    if builders.is_empty() {
+        return Ok(LockBudget::default());
+    }
+    let ids: Vec<i64> = builders.iter().map(|b| b.0).collect();
+    sqlx::query(
+        "SELECT name FROM locks
+         WHERE name IN (SELECT lock_name FROM builder_locks WHERE builder_id = ANY($1))
+         ORDER BY name FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let sql = format!("SELECT {BUDGET_COLUMNS} WHERE bl.builder_id = ANY($1)");
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut budget = Vec::with_capacity(rows.len());
+    for row in &rows {
+        budget.push((
+            row.try_get(0)?,
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+            row.try_get(4)?,
+        ));
+    }
+    Ok(LockBudget::new(budget))
+}
+
+/// The builds just started for `requests` take their builders' locks, and each records
+/// how long its request waited for them.
+async fn take_locks(tx: &mut PgConnection, requests: &[i64], now: Timestamp) -> Result<()> {
+    sqlx::query(
+        "WITH waited AS (
+             UPDATE buildrequests SET lock_wait_since = NULL
+             FROM buildrequests old
+             WHERE old.id = buildrequests.id AND buildrequests.id = ANY($1)
+               AND old.lock_wait_since IS NOT NULL
+             RETURNING buildrequests.id, old.lock_wait_since),
+         timed AS (
+             UPDATE builds b SET locks_duration_s = ($2 - w.lock_wait_since) / 1e6
+             FROM waited w WHERE b.buildrequest_id = w.id AND b.complete_at IS NULL)
+         INSERT INTO lock_holds (lock_name, build_id, master_id, units, acquired_at)
+         SELECT bl.lock_name, b.id, b.master_id, bl.units, $2
+         FROM builds b JOIN builder_locks bl ON bl.builder_id = b.builder_id
+         WHERE b.complete_at IS NULL AND b.buildrequest_id = ANY($1)",
+    )
+    .bind(requests)
+    .bind(micros(now))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 impl PostgresStore {
     async fn start_available(&self, params: &StartAvailable) -> Result<StartOutcome> {
         let wanted: Vec<(BuilderId, &Vec<i64>)> = params
@@ -283,6 +352,9 @@ impl PostgresStore {
         }
         let mut tx = self.pool.begin().await?;
         lock_active_master(&mut tx, params.master_id).await?;
+        // Claims that take locks take turns on the lock rows, before any request row, so
+        // that two masters never share out the same free units.
+        let mut budget = lock_budget(&mut tx, &params.lock_builders).await?;
         // The builders with queued work and not paused, in Buildbot's order across builders, each with
         // how many of its free slots it can fill; the limit is shared out in that order.
         let heads = sqlx::query(
@@ -325,13 +397,42 @@ impl PostgresStore {
         let (collapsed, collapsed_done) = collapse(&mut tx, params, &claiming).await?;
         let mut room = params.limit as i64;
         let mut shares: Vec<(i64, i64)> = Vec::new();
+        let mut waiting: Vec<(i64, i64)> = Vec::new();
         for head in &heads {
             if room == 0 {
                 break;
             }
-            let take = head.try_get::<i64, _>("available")?.min(room);
+            let builder: i64 = head.try_get("builder")?;
+            let want = head.try_get::<i64, _>("available")?.min(room);
+            let take = budget.allowance(builder, want as usize) as i64;
+            if take < want {
+                waiting.push((builder, want));
+            }
+            budget.take(builder, take as usize);
             room -= take;
-            shares.push((head.try_get("builder")?, take));
+            if take > 0 {
+                shares.push((builder, take));
+            }
+        }
+        if !waiting.is_empty() {
+            // Their next requests wait for a lock from now (if they were not already).
+            sqlx::query(
+                "UPDATE buildrequests u SET lock_wait_since = $3
+                 FROM unnest($1::bigint[], $2::bigint[]) AS w(builder, n)
+                 CROSS JOIN LATERAL (
+                     SELECT r.id FROM buildrequests r
+                     WHERE r.builder_id = w.builder AND r.complete = 0
+                       AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                       AND (r.not_before IS NULL OR r.not_before <= $3)
+                     ORDER BY r.priority DESC, r.id LIMIT w.n
+                     FOR UPDATE OF r SKIP LOCKED) x
+                 WHERE u.id = x.id AND u.lock_wait_since IS NULL",
+            )
+            .bind(ids_of(&waiting, |(b, _)| *b))
+            .bind(ids_of(&waiting, |(_, n)| *n))
+            .bind(micros(params.now))
+            .execute(&mut *tx)
+            .await?;
         }
         // Per builder, its share of the most urgent requests nobody holds. Rows another
         // master is claiming right now are skipped, not waited for.
@@ -469,6 +570,15 @@ impl PostgresStore {
         .bind(&params.state_string)
         .execute(&mut *tx)
         .await?;
+        let locking: Vec<i64> = builders
+            .iter()
+            .zip(&requests)
+            .filter(|(b, _)| budget.takes_locks(**b))
+            .map(|(_, r)| *r)
+            .collect();
+        if !locking.is_empty() {
+            take_locks(&mut tx, &locking, params.now).await?;
+        }
         // The new builds with their claimed requests and their buildsets' contexts, in
         // claim order, in one value.
         let sql = format!(

@@ -41,13 +41,18 @@ async fn take_back(
     .fetch_all(&mut *tx)
     .await?;
     released.sort_unstable();
+    let freed = sqlx::query("DELETE FROM lock_holds WHERE master_id = $1")
+        .bind(master.0)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     outbox::record_finished(&mut *tx, &retried).await?;
     // Its reporter leases go too, so that another master delivers at once.
     sqlx::query("UPDATE reporters SET owner = NULL, lease_until = NULL WHERE owner = $1")
         .bind(master.0)
         .execute(&mut *tx)
         .await?;
-    if !released.is_empty() {
+    if !released.is_empty() || freed > 0 {
         listen::notify(&mut *tx, &[StoreSignal::Work]).await?;
     }
     Ok((

@@ -22,7 +22,9 @@ use crate::{
     FinishOutcome, FinishedBuild, NewBuild, Result, StartAvailable, StartOutcome, StartedBuild,
     StorageError, text,
 };
-use kiln_model::{Build, BuilderId, BuildsetId, MasterId, RequestId, ResultCode};
+use kiln_model::{Build, BuilderId, BuildsetId, MasterId, RequestId, ResultCode, Timestamp};
+
+use crate::lock_budget::{BUDGET_COLUMNS, LockBudget};
 
 /// A request about to be claimed: id, cancel_requested, buildset id.
 type Candidate = (i64, i64, i64);
@@ -86,7 +88,10 @@ fn end_builds(tx: &Connection, ends: &[&FinishedBuild]) -> Result<()> {
          WHERE builds.id = j.value ->> 0",
     )?
     .execute([&values])?;
-    outbox::record_finished(tx, &json_ids(ends.iter().map(|e| e.build_id.0)))?;
+    let ids = json_ids(ends.iter().map(|e| e.build_id.0));
+    tx.prepare_cached("DELETE FROM lock_holds WHERE build_id IN (SELECT value FROM json_each(?))")?
+        .execute([&ids])?;
+    outbox::record_finished(tx, &ids)?;
     let artifacts: Vec<Value> = ends
         .iter()
         .flat_map(|e| {
@@ -319,17 +324,37 @@ fn claim_and_start(tx: &Connection, params: &StartAvailable) -> Result<StartOutc
         |r| r.get(0),
     )?;
     let heads: Vec<(i64, usize)> = from_json(&heads)?;
+    let mut budget = lock_budget(tx, &params.lock_builders)?;
     let mut claimed: Vec<(BuilderId, Vec<Candidate>)> = Vec::new();
     let mut room = params.limit;
     for (builder, slots) in heads {
         if room == 0 {
             break;
         }
+        let want = slots.min(room);
+        let allowed = budget.allowance(builder, want);
+        if allowed < want {
+            // Its next requests wait for a lock from now (if they were not already).
+            tx.prepare_cached(
+                "UPDATE buildrequests SET lock_wait_since = :now
+                 WHERE lock_wait_since IS NULL AND id IN (
+                     SELECT r.id FROM buildrequests r
+                     WHERE r.builder_id = :builder AND r.complete = 0
+                       AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                       AND (r.not_before IS NULL OR r.not_before <= :now)
+                     ORDER BY r.priority DESC, r.id LIMIT :limit)",
+            )?
+            .execute(named_params! {":builder": builder, ":limit": want as i64, ":now": now})?;
+        }
+        if allowed == 0 {
+            continue;
+        }
         let found: String = tx.prepare_cached(CANDIDATES_SQL)?.query_row(
-            named_params! {":builder": builder, ":limit": slots.min(room) as i64, ":now": now},
+            named_params! {":builder": builder, ":limit": allowed as i64, ":now": now},
             |r| r.get(0),
         )?;
         let found: Vec<Candidate> = from_json(&found)?;
+        budget.take(builder, found.len());
         room = room.saturating_sub(found.len());
         if !found.is_empty() {
             claimed.push((BuilderId(builder), found));
@@ -412,6 +437,14 @@ fn claim_and_start(tx: &Connection, params: &StartAvailable) -> Result<StartOutc
     if runnable.is_empty() {
         return Ok(outcome);
     }
+    let locking: Vec<i64> = claimed
+        .iter()
+        .filter(|(builder, _)| budget.takes_locks(builder.0))
+        .flat_map(|(_, found)| found.iter().map(|(id, _, _)| *id))
+        .collect();
+    if !locking.is_empty() {
+        take_locks(tx, &json_ids(locking), params.now)?;
+    }
     let started: String = tx
         .prepare_cached(&STARTED_SQL)?
         .query_row(params![json_ids(runnable), params.master_id.0], |r| {
@@ -428,6 +461,47 @@ fn claim_and_start(tx: &Connection, params: &StartAvailable) -> Result<StartOutc
         })
         .collect();
     Ok(outcome)
+}
+
+/// What this claim may take of the locks of `builders` (nothing to load without any).
+fn lock_budget(tx: &Connection, builders: &[BuilderId]) -> Result<LockBudget> {
+    if builders.is_empty() {
+        return Ok(LockBudget::default());
+    }
+    let sql =
+        format!("SELECT {BUDGET_COLUMNS} WHERE bl.builder_id IN (SELECT value FROM json_each(?))");
+    let rows = tx
+        .prepare_cached(&sql)?
+        .query_map([json_ids(builders.iter().map(|b| b.0))], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(LockBudget::new(rows))
+}
+
+/// The builds just started for `requests` (a JSON array) take their builders' locks, and
+/// each records how long its request waited for them.
+fn take_locks(tx: &Connection, requests: &str, now: Timestamp) -> Result<()> {
+    tx.prepare_cached(
+        "UPDATE builds SET locks_duration_s = (?1 - r.lock_wait_since) / 1e6
+         FROM buildrequests r
+         WHERE builds.buildrequest_id = r.id AND builds.complete_at IS NULL
+           AND r.lock_wait_since IS NOT NULL AND r.id IN (SELECT value FROM json_each(?2))",
+    )?
+    .execute(params![micros(now), requests])?;
+    tx.prepare_cached(
+        "UPDATE buildrequests SET lock_wait_since = NULL
+         WHERE lock_wait_since IS NOT NULL AND id IN (SELECT value FROM json_each(?))",
+    )?
+    .execute([requests])?;
+    tx.prepare_cached(
+        "INSERT INTO lock_holds (lock_name, build_id, master_id, units, acquired_at)
+         SELECT bl.lock_name, b.id, b.master_id, bl.units, ?1
+         FROM builds b JOIN builder_locks bl ON bl.builder_id = b.builder_id
+         WHERE b.complete_at IS NULL AND b.buildrequest_id IN (SELECT value FROM json_each(?2))",
+    )?
+    .execute(params![micros(now), requests])?;
+    Ok(())
 }
 
 /// Finishes the builds still running on `master` among `ends`, inside the caller's

@@ -9,6 +9,7 @@ pub mod builds;
 pub mod buildsets;
 pub mod children;
 pub mod input;
+pub mod locks;
 pub mod masters;
 pub mod operators;
 pub mod outbox;
@@ -162,6 +163,12 @@ macro_rules! conformance_tests {
                 deleting_a_buildset_takes_its_builds_and_outputs_and_refuses_unfinished_work,
                 retention_keeps_the_newest_and_the_recent_and_deletes_the_rest_in_batches,
                 a_collapsing_builder_runs_the_newest_of_identical_requests_and_skips_the_rest,
+            ],
+            locks: [
+                a_build_starts_only_with_its_lock_units_free_and_frees_them_when_it_finishes,
+                an_expired_master_frees_the_locks_its_builds_held,
+                masters_claiming_at_once_never_hold_more_units_than_a_lock_has,
+                lock_definitions_and_uses_are_checked,
             ],
             shapes: [
                 outbox_seqs_are_never_reused_after_the_prune_empties_the_outbox,
@@ -365,6 +372,7 @@ fn start_all(
         state_string: "starting".into(),
         now: at,
         collapse: Vec::new(),
+        lock_builders: Vec::new(),
     }
 }
 
