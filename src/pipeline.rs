@@ -199,6 +199,10 @@ pub struct LimitsSection {
     pub return_kib: Option<u64>,
     /// Calls into the Kiln host.
     pub host_calls: Option<u64>,
+    /// Outbound HTTP requests per build (to granted hosts only).
+    pub http_requests: Option<u32>,
+    /// HTTP body bytes sent and received per build, in MiB.
+    pub http_mib: Option<u64>,
     /// One state string or progress status line, in KiB.
     pub status_kib: Option<u64>,
     /// Progress groups per build.
@@ -243,6 +247,13 @@ impl LimitsSection {
             log_bytes: bytes(self.log_kib, 1 << 10, "log_kib", base.log_bytes)?,
             return_bytes: bytes(self.return_kib, 1 << 10, "return_kib", base.return_bytes)?,
             host_calls: self.host_calls.unwrap_or(base.host_calls),
+            http_requests: self.http_requests.unwrap_or(base.http_requests),
+            http_bytes: match self.http_mib {
+                None => base.http_bytes,
+                Some(mib) => mib
+                    .checked_mul(1 << 20)
+                    .ok_or_else(|| format!("http_mib = {mib} is too large"))?,
+            },
         };
         limits.validate()?;
         Ok(limits)
@@ -456,7 +467,7 @@ pub struct GrantsSection {
     /// Directories.
     #[serde(default)]
     pub dirs: Vec<DirSection>,
-    /// Hosts (`name` or `name:port`) a reporter may reach over HTTP; reporters only.
+    /// Hosts (`name` or `name:port`) its jobs (or the reporter) may reach over HTTP.
     #[serde(default)]
     pub http: Vec<String>,
 }
@@ -763,11 +774,6 @@ pub async fn load(
                 continue;
             }
         };
-        if !b.grants.http.is_empty() {
-            problems.push(format!(
-                "{here}: http grants are for reporters; jobs get no network"
-            ));
-        }
         let grants = match b.grants.to_grants(&base) {
             Ok(g) => g,
             Err(e) => {
@@ -1024,6 +1030,9 @@ impl GrantsSection {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             dirs,
+            http: HttpGrant {
+                hosts: self.http.clone(),
+            },
         })
     }
 }
@@ -1163,11 +1172,8 @@ async fn load_reporters(
             }
         };
         let kwargs = r.kwargs.as_ref().map(json).unwrap_or(Value::Null);
-        let http = HttpGrant {
-            hosts: r.grants.http.clone(),
-        };
         let loaded = host.load_reporter(&r.plugin, Arc::from(bytes)).await;
-        match loaded.and_then(|p| WasmReporter::new(p, kwargs, limits, grants, http)) {
+        match loaded.and_then(|p| WasmReporter::new(p, kwargs, limits, grants)) {
             Ok(reporter) if ok => reporters.push((config, reporter)),
             Ok(_) => {}
             Err(e) => problems.push(format!("{here}: {e}")),

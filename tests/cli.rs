@@ -1281,3 +1281,64 @@ builders = ["x"]
     }
     Ok(())
 }
+
+/// A builder's `grants.http` and HTTP limits reach its jobs: with the host granted the
+/// job connects (here to a closed port, so it fails on its own), without it Kiln refuses
+/// the request before connecting and the build ends as EXCEPTION naming the host.
+#[test]
+fn a_pipelines_http_grant_decides_whether_a_job_may_connect() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = format!(
+        r#"
+[[builder]]
+name = "granted"
+plugin = "bundled:fetch"
+kwargs = {{ url = "http://127.0.0.1:{port}/" }}
+[builder.grants]
+http = ["127.0.0.1:{port}"]
+[builder.limits]
+http_requests = 5
+http_mib = 1
+
+[[builder]]
+name = "ungranted"
+plugin = "bundled:fetch"
+kwargs = {{ url = "http://127.0.0.1:{port}/" }}
+
+[[submit]]
+builders = ["granted", "ungranted"]
+"#
+    );
+    std::fs::write(dir.path().join("p.toml"), config)?;
+    ensure!(kiln_in(dir.path(), &["run", "p.toml"])?.code == 1);
+    let db = dir.path().join("kiln.db");
+    let builds = kiln(&db, &["list", "builds", "--json"])?.ok()?.json()?;
+    let builders = kiln(&db, &["list", "builders", "--json"])?.ok()?.json()?;
+    let by = |name: &str| -> Option<serde_json::Value> {
+        let id = builders["builders"]
+            .as_array()?
+            .iter()
+            .find(|b| b["builder"]["name"] == name)?["builder"]["id"]
+            .clone();
+        builds["builds"]
+            .as_array()?
+            .iter()
+            .find(|b| b["builder_id"] == id)
+            .cloned()
+    };
+    let granted = by("granted").ok_or_else(|| anyhow::anyhow!("{builds}"))?;
+    let ungranted = by("ungranted").ok_or_else(|| anyhow::anyhow!("{builds}"))?;
+    ensure!(granted["results"] == "FAILURE", "{granted}");
+    ensure!(
+        ungranted["results"] == "EXCEPTION"
+            && ungranted["error"].as_str().is_some_and(
+                |e| e.contains(&format!("outbound HTTP to 127.0.0.1:{port} was refused"))
+            ),
+        "{ungranted}"
+    );
+    Ok(())
+}

@@ -291,7 +291,7 @@ async fn the_c_fail_fast_policy_decides_as_the_rust_one_does() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_reporter_appends_events_as_the_rust_jsonl_one_does() -> Result<()> {
     use kiln_engine::ReporterConfig;
-    use kiln_engine::wasm::{DirGrant, HttpGrant, WasmReporter};
+    use kiln_engine::wasm::{DirGrant, WasmReporter};
     let Some(dir) = built("python")? else {
         return Ok(());
     };
@@ -322,8 +322,8 @@ async fn the_python_reporter_appends_events_as_the_rust_jsonl_one_does() -> Resu
                     guest: "/out".into(),
                     writable: true,
                 }],
+                ..Grants::default()
             },
-            HttpGrant::default(),
         )?;
         engine
             .register_reporter(ReporterConfig::new("file"), reporter)

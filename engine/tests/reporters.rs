@@ -291,9 +291,11 @@ async fn webhook(host: &WasmHost, url: String, http: &[&str]) -> Result<WasmRepo
         plugin,
         json!({"url": url}),
         Limits::reporter(),
-        Grants::default(),
-        HttpGrant {
-            hosts: http.iter().map(|h| (*h).to_owned()).collect(),
+        Grants {
+            http: HttpGrant {
+                hosts: http.iter().map(|h| (*h).to_owned()).collect(),
+            },
+            ..Grants::default()
         },
     )?)
 }
@@ -424,8 +426,8 @@ async fn the_jsonl_reporter_appends_every_event_to_a_granted_file() -> Result<()
                 guest: "/out".into(),
                 writable: true,
             }],
+            ..Grants::default()
         },
-        HttpGrant::default(),
     )?;
     engine
         .register_reporter(ReporterConfig::new("file"), reporter)

@@ -458,6 +458,7 @@ async fn granted_environment_and_directories_are_visible_with_their_permissions(
                 writable: true,
             },
         ],
+        ..Grants::default()
     };
     let read_only = BuilderConfig::new("ro")
         .kwargs(json!({"read": "/data/input.txt", "write": "/data/out.txt"}));

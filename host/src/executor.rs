@@ -44,10 +44,13 @@ pub struct Grants {
     pub env: Vec<(String, String)>,
     /// Preopened directories.
     pub dirs: Vec<DirGrant>,
+    /// Hosts its builds may reach over HTTP (wasi:http); none unless listed.
+    pub http: crate::outbound::HttpGrant,
 }
 
 impl Grants {
     pub(crate) fn validate(&self) -> Result<(), String> {
+        self.http.validate()?;
         for dir in &self.dirs {
             if !dir.host.is_dir() {
                 return Err(format!(
@@ -139,7 +142,7 @@ pub(crate) async fn run_sandboxed(
     let _live = plugin.engine.live.enter();
     let mut store = Store::new(
         &plugin.engine.engine,
-        JobState::new(wasi, build.clone(), *limits),
+        JobState::new(wasi, build.clone(), *limits, grants.http.clone()),
     );
     store.limiter(|state| &mut state.limiter);
     store.set_epoch_deadline(1);
@@ -191,36 +194,46 @@ pub(crate) async fn run_sandboxed(
         LogLevel::Warning,
         stderr.exceeded(),
     );
-    let outcome = match ran {
-        Ran::Finished(Ok(Ok(outcome))) => returned(outcome, limits),
-        Ran::Finished(Ok(Err(error))) => Outcome {
-            results: ResultCode::Failure,
-            return_value: None,
-            error: Some(error.message),
-            traceback: error.details,
-        },
-        Ran::Finished(Err(trap)) => {
-            let output_exceeded = stdout.exceeded() || stderr.exceeded();
-            let reason = trap_reason(
-                &trap,
-                state,
-                limits,
-                output_exceeded,
-                stderr_tail.as_deref(),
-            );
-            let traceback = trap
-                .downcast_ref::<WasmBacktrace>()
-                .map(|bt| bt.to_string());
-            Outcome::exception(reason, traceback)
-        }
-        Ran::TimedOut => Outcome::exception(
-            format!(
-                "deadline exceeded: the job ran longer than {:?} (blocked in a host call)",
-                limits.deadline
+    // A request outside the grant or past the budget ends the build as EXCEPTION
+    // naming it, whatever the guest made of the refusal.
+    let violation = match ran {
+        Ran::Stopped => None,
+        _ => state.outbound.violation(),
+    };
+    let outcome = if let Some(reason) = violation {
+        Outcome::exception(reason, None)
+    } else {
+        match ran {
+            Ran::Finished(Ok(Ok(outcome))) => returned(outcome, limits),
+            Ran::Finished(Ok(Err(error))) => Outcome {
+                results: ResultCode::Failure,
+                return_value: None,
+                error: Some(error.message),
+                traceback: error.details,
+            },
+            Ran::Finished(Err(trap)) => {
+                let output_exceeded = stdout.exceeded() || stderr.exceeded();
+                let reason = trap_reason(
+                    &trap,
+                    state,
+                    limits,
+                    output_exceeded,
+                    stderr_tail.as_deref(),
+                );
+                let traceback = trap
+                    .downcast_ref::<WasmBacktrace>()
+                    .map(|bt| bt.to_string());
+                Outcome::exception(reason, traceback)
+            }
+            Ran::TimedOut => Outcome::exception(
+                format!(
+                    "deadline exceeded: the job ran longer than {:?} (blocked in a host call)",
+                    limits.deadline
+                ),
+                None,
             ),
-            None,
-        ),
-        Ran::Stopped => Outcome::with_results(ResultCode::Cancelled, None),
+            Ran::Stopped => Outcome::with_results(ResultCode::Cancelled, None),
+        }
     };
     Ok(outcome)
 }

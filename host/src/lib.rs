@@ -55,6 +55,7 @@ mod cache;
 pub mod check;
 pub mod executor;
 pub mod limits;
+mod outbound;
 mod output;
 pub mod policy;
 pub mod reporter;
@@ -74,8 +75,9 @@ pub use cache::{CacheStats, default_cache_dir};
 pub use check::{WasmKind, World, WorldReport};
 pub use executor::{DirGrant, Grants, RESULTS_GUEST_DIR, WasmExecutor};
 pub use limits::Limits;
+pub use outbound::HttpGrant;
 pub use policy::{PolicyPlugin, WasmPolicy};
-pub use reporter::{HttpGrant, ReporterPlugin, WasmReporter};
+pub use reporter::{ReporterPlugin, WasmReporter};
 
 use bindings::{Job, JobPre};
 use state::JobState;
@@ -421,6 +423,10 @@ fn new_engine(
     let engine = Engine::new(&config).map_err(|e| WasmError::Engine(e.to_string()))?;
     let mut linker = Linker::new(&engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .map_err(|e| WasmError::Engine(e.to_string()))?;
+    // Jobs get wasi:http as reporters do: a request reaches only the builder's granted
+    // hosts (`outbound`), so linking it grants nothing by itself.
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
         .map_err(|e| WasmError::Engine(e.to_string()))?;
     Job::add_to_linker::<_, HasSelf<JobState>>(&mut linker, |s| s)
         .map_err(|e| WasmError::Engine(e.to_string()))?;

@@ -23,6 +23,13 @@ pub const DEFAULT_RETURN_BYTES: usize = 1 << 20;
 /// within every other limit.
 pub const DEFAULT_HOST_CALLS: u64 = 1_000_000;
 
+/// Outbound HTTP requests one build (or one reporter delivery) may make, to the hosts
+/// its grant lists: enough to fetch sources and post results, a bound on a guest that
+/// loops on the network.
+pub const DEFAULT_HTTP_REQUESTS: u32 = 100;
+/// Bytes of HTTP bodies one build (or delivery) may send and receive together.
+pub const DEFAULT_HTTP_BYTES: u64 = 256 << 20;
+
 /// Wall-clock time one policy decision may take: policies only look at a list.
 pub const DEFAULT_POLICY_DEADLINE: Duration = Duration::from_secs(1);
 /// Linear memory of a policy.
@@ -51,6 +58,10 @@ pub struct Limits {
     pub return_bytes: usize,
     /// See [`DEFAULT_HOST_CALLS`].
     pub host_calls: u64,
+    /// See [`DEFAULT_HTTP_REQUESTS`].
+    pub http_requests: u32,
+    /// See [`DEFAULT_HTTP_BYTES`].
+    pub http_bytes: u64,
 }
 
 impl Default for Limits {
@@ -63,6 +74,8 @@ impl Default for Limits {
             log_bytes: DEFAULT_LOG_BYTES,
             return_bytes: DEFAULT_RETURN_BYTES,
             host_calls: DEFAULT_HOST_CALLS,
+            http_requests: DEFAULT_HTTP_REQUESTS,
+            http_bytes: DEFAULT_HTTP_BYTES,
         }
     }
 }

@@ -5,108 +5,31 @@
 //! (wasi:http) to the listed hosts. A request to any other host is refused before a
 //! connection is made, and the delivery fails with a message naming the host.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use http_body_util::BodyExt;
 use wasmtime::Store;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use wasmtime_wasi_http::{
-    RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
-};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::bindings::reporter::kiln::plugin::types as wit;
 use super::bindings::reporter::{Reporter as ReporterWorld, ReporterPre};
 use super::executor::{Grants, wasi_ctx};
 use super::limits::{EPOCH_TICK, Limits};
+use super::outbound::Outbound;
 use super::output::CappedOutput;
 use super::state::MemoryLimiter;
 use super::{EngineCtx, WasmError};
 use kiln_job::Reporter;
 use kiln_model::{Report, ReportKind};
 
-/// Hosts a reporter may reach over HTTP: `host` (any port) or `host:port`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HttpGrant {
-    /// The allowed hosts.
-    pub hosts: Vec<String>,
-}
-
-impl HttpGrant {
-    fn allows(&self, host: &str, port: u16) -> bool {
-        self.hosts.iter().any(|h| match h.rsplit_once(':') {
-            Some((name, p)) if p.parse::<u16>().is_ok() => {
-                name.eq_ignore_ascii_case(host) && p.parse::<u16>().ok() == Some(port)
-            }
-            _ => h.eq_ignore_ascii_case(host),
-        })
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        match self
-            .hosts
-            .iter()
-            .find(|h| h.trim().is_empty() || h.contains('/') || h.contains("://"))
-        {
-            Some(bad) => Err(format!(
-                "http grant {bad:?} must be a host name or host:port, not a URL"
-            )),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Checks every outgoing request against the grant; remembers refusals for the error.
-struct AllowList {
-    grant: HttpGrant,
-    refused: Arc<Mutex<Vec<String>>>,
-}
-
-type ResponseFuture = Box<
-    dyn Future<
-            Output = wasmtime_wasi_http::Result<(
-                http::Response<WasiBody>,
-                Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
-            )>,
-        > + Send,
->;
-
-impl WasiHttpHooks for AllowList {
-    fn send_request(
-        &mut self,
-        request: http::Request<WasiBody>,
-        options: Option<RequestOptions>,
-        fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
-    ) -> ResponseFuture {
-        drop(fut);
-        let uri = request.uri();
-        let host = uri.host().unwrap_or_default().to_owned();
-        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        if !self.grant.allows(&host, port) {
-            self.refused
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(format!("{host}:{port}"));
-            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
-        }
-        Box::new(async move {
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((
-                response.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = _> + Send>,
-            ))
-        })
-    }
-}
-
 /// The store data of one delivery.
 pub(crate) struct ReporterState {
     wasi: WasiCtx,
     table: ResourceTable,
     http: WasiHttpCtx,
-    hooks: AllowList,
+    hooks: Outbound,
     limiter: MemoryLimiter,
 }
 
@@ -189,27 +112,24 @@ pub struct WasmReporter {
     config: String,
     limits: Limits,
     grants: Grants,
-    http: HttpGrant,
 }
 
 impl WasmReporter {
-    /// A reporter running `plugin` with `config` (its kwargs, handed to every call).
+    /// A reporter running `plugin` with `config` (its kwargs, handed to every call);
+    /// `grants.http` lists the hosts it may reach.
     pub fn new(
         plugin: Arc<ReporterPlugin>,
         config: serde_json::Value,
         limits: Limits,
         grants: Grants,
-        http: HttpGrant,
     ) -> Result<Self, WasmError> {
         limits.validate().map_err(WasmError::Invalid)?;
         grants.validate().map_err(WasmError::Invalid)?;
-        http.validate().map_err(WasmError::Invalid)?;
         Ok(WasmReporter {
             plugin,
             config: config.to_string(),
             limits,
             grants,
-            http,
         })
     }
 
@@ -219,7 +139,6 @@ impl WasmReporter {
         let stderr = CappedOutput::new(self.limits.output_bytes);
         let wasi = wasi_ctx(&self.grants, None, &stdout, &stderr)
             .map_err(|e| format!("the sandbox could not be set up: {e:#}"))?;
-        let refused = Arc::new(Mutex::new(Vec::new()));
         let _live = self.plugin.engine.live.enter();
         let mut store = Store::new(
             &self.plugin.engine.engine,
@@ -227,10 +146,12 @@ impl WasmReporter {
                 wasi,
                 table: ResourceTable::new(),
                 http: WasiHttpCtx::new(),
-                hooks: AllowList {
-                    grant: self.http.clone(),
-                    refused: refused.clone(),
-                },
+                hooks: Outbound::new(
+                    self.grants.http.clone(),
+                    "reporter",
+                    self.limits.http_requests,
+                    self.limits.http_bytes,
+                ),
                 limiter: MemoryLimiter::new(self.limits.memory_bytes),
             },
         );
@@ -261,19 +182,8 @@ impl WasmReporter {
         for line in errors.lines().filter(|l| !l.trim().is_empty()) {
             tracing::warn!(reporter = %self.plugin.name, "{line}");
         }
-        let refused = refused
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if let Some(host) = refused.first() {
-            return Err(format!(
-                "outbound HTTP to {host} was refused: it is not in the reporter's http grant ({})",
-                if self.http.hosts.is_empty() {
-                    "which is empty".to_owned()
-                } else {
-                    self.http.hosts.join(", ")
-                }
-            ));
+        if let Some(violation) = store.data().hooks.violation() {
+            return Err(violation);
         }
         match outcome {
             Ok(Ok(Ok(()))) => Ok(()),

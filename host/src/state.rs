@@ -73,10 +73,18 @@ pub(crate) struct JobState {
     pub(crate) deadline: Instant,
     host_calls: u64,
     log_bytes: usize,
+    http: wasmtime_wasi_http::WasiHttpCtx,
+    /// Outbound HTTP: the builder's grant and the build's budget.
+    pub(crate) outbound: crate::outbound::Outbound,
 }
 
 impl JobState {
-    pub(crate) fn new(wasi: WasiCtx, build: Option<BuildContext>, limits: Limits) -> Self {
+    pub(crate) fn new(
+        wasi: WasiCtx,
+        build: Option<BuildContext>,
+        limits: Limits,
+        http: crate::outbound::HttpGrant,
+    ) -> Self {
         let now = Instant::now();
         JobState {
             wasi,
@@ -88,6 +96,13 @@ impl JobState {
             deadline: now + limits.deadline,
             host_calls: 0,
             log_bytes: 0,
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            outbound: crate::outbound::Outbound::new(
+                http,
+                "builder",
+                limits.http_requests,
+                limits.http_bytes,
+            ),
         }
     }
 
@@ -146,6 +161,16 @@ impl WasiView for JobState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpView for JobState {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.outbound,
         }
     }
 }

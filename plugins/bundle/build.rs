@@ -22,6 +22,7 @@ const PLUGINS: &[(&str, &str)] = &[
     ("write-artifacts", "write-artifacts"),
     ("sandbox-probe", "sandbox-probe"),
     ("text-writer", "text-writer"),
+    ("fetch", "fetch"),
     ("loop-forever", "hostile/loop-forever"),
     ("memory-bomb", "hostile/memory-bomb"),
     ("recursion", "hostile/recursion"),

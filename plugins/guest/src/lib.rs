@@ -23,6 +23,8 @@
 //! Relationship policies use [`policy`] and [`export_policy!`]; result reporters use
 //! [`reporter`] and [`export_reporter!`].
 
+pub mod http;
+
 /// The generated bindings. They live in a module because a `#[macro_export]`ed export
 /// macro and wit-bindgen's own re-export of it would collide at the crate root.
 #[doc(hidden)]
