@@ -1342,3 +1342,41 @@ builders = ["granted", "ungranted"]
     );
     Ok(())
 }
+
+/// Work for a builder no active master runs is accepted, and says so: the submit warns
+/// (and `--json` lists it), and `kiln list builders` shows it.
+#[test]
+fn submitting_to_a_builder_nobody_serves_says_so() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join("p.toml"),
+        "[[builder]]\nname = \"noop\"\nplugin = \"bundled:noop\"\n\n[[submit]]\nbuilders = [\"noop\"]\n",
+    )?;
+    // The run registers the builder, then shuts its master down.
+    kiln_in(dir.path(), &["run", "p.toml"])?.ok()?;
+    let db = dir.path().join("kiln.db");
+    let submitted = kiln(&db, &["submit", "-b", "noop"])?.ok()?;
+    ensure!(
+        submitted
+            .stderr
+            .contains("warning: no active master runs noop: their requests wait"),
+        "{}",
+        submitted.stderr
+    );
+    let json = kiln(&db, &["submit", "-b", "noop", "--json"])?
+        .ok()?
+        .json()?;
+    ensure!(json["unserved"] == serde_json::json!(["noop"]), "{json}");
+    let listed = kiln(&db, &["list", "builders"])?.ok()?;
+    ensure!(
+        listed.stdout.contains("no active master"),
+        "{}",
+        listed.stdout
+    );
+    let listed = kiln(&db, &["list", "builders", "--json"])?.ok()?.json()?;
+    ensure!(
+        listed["builders"][0]["builder"]["served"] == false,
+        "{listed}"
+    );
+    Ok(())
+}

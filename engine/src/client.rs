@@ -297,7 +297,18 @@ pub struct Submitted {
     /// added, and this is the buildset holding the key (with its own builders).
     #[serde(default)]
     pub existing: bool,
+    /// The builders of its requests that no active master runs (as seen at most
+    /// [`SERVED_TTL`] ago): their work waits until a master that has them starts.
+    #[serde(default)]
+    pub unserved: Vec<String>,
 }
+
+/// The builders an active master runs, and when that was read.
+type ServedAt = (std::time::Instant, std::collections::BTreeSet<BuilderId>);
+
+/// How long a client trusts what it read of which builders an active master runs: a
+/// submit's `unserved` answer costs no read of its own while that is fresh.
+pub const SERVED_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reads and control actions on a Kiln database.
 #[derive(Clone)]
@@ -309,6 +320,8 @@ pub struct Client {
     /// Builder ids by name, as read so far: a builder's id never changes and builders
     /// are never removed, so a name once seen needs no further read.
     builder_ids: Arc<RwLock<BTreeMap<String, BuilderId>>>,
+    /// The builders an active master runs, and when that was read.
+    served: Arc<tokio::sync::Mutex<Option<ServedAt>>>,
 }
 
 impl Client {
@@ -329,6 +342,7 @@ impl Client {
             store,
             limits: SubmitLimits::default(),
             builder_ids: Arc::default(),
+            served: Arc::default(),
         }
     }
 
@@ -675,6 +689,7 @@ impl Client {
             });
         }
         let added = self.submits.add(params).await?;
+        let served = self.served_builders().await?;
         let mut names: BTreeMap<BuilderId, String> =
             known.iter().map(|(n, id)| (*id, n.clone())).collect();
         // A buildset that held the key already may have other builders than those named
@@ -698,9 +713,42 @@ impl Client {
                         names.get(builder).map(|n| (n.clone(), *request))
                     })
                     .collect(),
+                unserved: added
+                    .requests
+                    .keys()
+                    .filter(|b| !served.contains(b))
+                    .filter_map(|b| names.get(b).cloned())
+                    .collect(),
                 existing: added.existing,
             })
             .collect())
+    }
+
+    /// The builders an active master runs, read at most once per [`SERVED_TTL`].
+    async fn served_builders(&self) -> Result<std::collections::BTreeSet<BuilderId>> {
+        let mut cache = self.served.lock().await;
+        if let Some((at, served)) = cache.as_ref()
+            && at.elapsed() < SERVED_TTL
+        {
+            return Ok(served.clone());
+        }
+        let q = Query::new().eq(BuilderField::Served, true);
+        let served: std::collections::BTreeSet<BuilderId> = self
+            .store
+            .builder_query(&q)
+            .await?
+            .items
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
+        *cache = Some((std::time::Instant::now(), served.clone()));
+        Ok(served)
+    }
+
+    /// Forgets which builders are served, so that the next submit reads it afresh (an
+    /// engine registering a builder calls this).
+    pub(crate) async fn forget_served(&self) {
+        *self.served.lock().await = None;
     }
 
     /// The ids of the builders `submissions` name, from `cached` (an engine's own
@@ -959,6 +1007,14 @@ impl Client {
             ResultCode::Exception,
             ResultCode::Cancelled,
         ];
+        let running = Query::new()
+            .eq(BuildField::BuilderId, builder.id)
+            .eq(BuildField::Complete, false)
+            .counted()
+            .limit(0);
+        if self.store.build_query(&running).await?.total > Some(0) {
+            return Ok(BuilderStatus::Building);
+        }
         let Some(latest) = self.store.build_latest_with(builder.id, &counted).await? else {
             return Ok(BuilderStatus::NotBuilt);
         };

@@ -206,6 +206,11 @@ impl Engine {
             .store()
             .builder_set_depends_on(id, &depends_on)
             .await?;
+        self.client
+            .store()
+            .builder_serve(self.master_id(), id)
+            .await?;
+        self.client.forget_served().await;
         let locks = self.resolve_locks(&config).await?;
         self.client.store().builder_set_locks(id, &locks).await?;
         let name = config.name.clone();

@@ -858,6 +858,14 @@ async fn a_request_waiting_for_a_lock_holds_no_room_and_its_build_records_the_wa
             unclaimed(&engine, "staging").await? == 1,
             "{name}: staging waits"
         );
+        // The holder's builder is building, and this engine serves it.
+        let prod_builder = engine.client().builder_named("prod").await?;
+        ensure!(prod_builder.served, "{name}");
+        ensure!(
+            engine.client().builder_status(&prod_builder).await?
+                == kiln_engine::model::BuilderStatus::Building,
+            "{name}"
+        );
         let locks = engine.client().locks().await?;
         ensure!(
             locks.len() == 1 && locks[0].held() == 1 && locks[0].waiting == 1,

@@ -141,6 +141,10 @@ pub struct Builder {
     /// already running finish.
     #[serde(default)]
     pub paused: bool,
+    /// Whether an active master runs it: work for a builder nobody serves waits until
+    /// a master that has it starts.
+    #[serde(default)]
+    pub served: bool,
 }
 
 /// A schedule as stored: what it makes and when it last and next fires.
@@ -342,6 +346,8 @@ pub struct Artifact {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BuilderStatus {
+    /// A build of it is running now (whatever its earlier builds did).
+    Building,
     /// No build of it has finished (RETRY and SKIPPED builds do not count).
     NotBuilt,
     /// Its latest finished build failed (FAILURE, EXCEPTION or CANCELLED).
@@ -355,6 +361,7 @@ pub enum BuilderStatus {
 impl fmt::Display for BuilderStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            BuilderStatus::Building => "building",
             BuilderStatus::NotBuilt => "not built",
             BuilderStatus::Failed => "failed",
             BuilderStatus::Success => "success",

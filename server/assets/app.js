@@ -234,7 +234,7 @@ async function buildPage(id) {
     <h2>Progress</h2>
     <div class="card" id="progress">${progressNode(progress.progress[0])}</div>
     <h2>Log <select id="level">${levels}</select></h2>
-    <div id="log"></div>
+    <div id="log" data-build="${id}"></div>
     ${b.error ? `<h2>Error</h2><pre id="error">${esc(b.error)}</pre>` : ""}
     ${b.traceback ? `<h2>Traceback</h2><pre id="traceback">${esc(b.traceback)}</pre>` : ""}
     <h2>Return value</h2><pre id="return-value">${esc(JSON.stringify(b.return_value, null, 2))}</pre>
@@ -243,16 +243,34 @@ async function buildPage(id) {
     ${children ? `<h2>Triggered</h2><ul class="card">${children}</ul>` : ""}`;
 }
 
-async function tailLog(id, reset = false) {
+// The log box of build `id` on screen, if that is what is shown.
+function logBox(id) {
   const box = document.getElementById("log");
-  if (!box) return;
-  if (reset) { box.innerHTML = ""; buildState.lastLog = 0; }
+  return box && Number(box.dataset.build) === id ? box : null;
+}
+
+// Reads the records after the last one shown and appends them. Calls run one after
+// another: two reads from the same place (the first load and a live event) used to
+// append the same records twice. Records already shown are skipped all the same.
+let logChain = Promise.resolve();
+function tailLog(id, reset = false) {
+  logChain = logChain.then(() => tailOnce(id, reset)).catch(() => {});
+  return logChain;
+}
+
+async function tailOnce(id, reset) {
+  if (!logBox(id) || buildState.id !== id) return;
+  if (reset) { logBox(id).innerHTML = ""; buildState.lastLog = 0; }
   const level = buildState.level;
   const data = await get(`/builds/${id}/logs?level=${level}&after=${buildState.lastLog}`);
-  if (buildState.id !== id || level !== buildState.level) return;
+  // A render may have replaced the box meanwhile (with this build's lines), or the page
+  // may show another build now: look it up again.
+  const box = logBox(id);
+  if (!box || buildState.id !== id || level !== buildState.level) return;
+  const fresh = data.logs.filter(r => r.id > buildState.lastLog);
   const stick = box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
-  box.insertAdjacentHTML("beforeend", data.logs.map(logLine).join(""));
-  if (data.logs.length) buildState.lastLog = data.logs[data.logs.length - 1].id;
+  box.insertAdjacentHTML("beforeend", fresh.map(logLine).join(""));
+  if (fresh.length) buildState.lastLog = fresh[fresh.length - 1].id;
   if (stick) box.scrollTop = box.scrollHeight;
 }
 
@@ -274,7 +292,7 @@ async function buildersPage() {
   const all = await get("/builders?order=name");
   const rows = all.builders.map(b => `
     <tr data-builder="${esc(b.name)}"><td>${esc(b.name)}</td>
-      <td><span class="badge s-${b.status}">${b.status.replace("_", " ")}</span></td>
+      <td><span class="badge s-${b.status}">${b.status.replace("_", " ")}</span>${b.served ? "" : ' <span class="badge unserved" title="no active master runs this builder: its work waits">no master</span>'}</td>
       <td>${b.latest_successful_buildid ? `<a href="#/builds/${b.latest_successful_buildid}">build ${b.latest_successful_buildid}</a>` : '<span class="muted">none</span>'}</td>
       <td>${esc(b.depends_on.join(", "))}</td><td class="muted">${esc(b.description ?? "")}</td>
       <td>${b.paused ? '<span class="badge paused">paused</span> ' : ""}<button class="toggle-pause" data-name="${esc(b.name)}" data-paused="${b.paused}">${b.paused ? "Resume" : "Pause"}</button></td></tr>`).join("");
@@ -373,7 +391,8 @@ async function render() {
     // Taken right before the swap: records the live tail appended meanwhile are kept.
     const log = document.getElementById("log");
     const logScroll = log ? log.scrollTop : null;
-    const keepLog = r.page === "build" && buildState.id === r.id && log ? log.innerHTML : null;
+    // Only the lines of the build about to be shown are kept: the box says whose they are.
+    const keepLog = r.page === "build" && log && Number(log.dataset.build) === r.id ? log.innerHTML : null;
     view.innerHTML = html;
     checked.forEach(v => { const box = document.querySelector(`input[name=builder][value="${CSS.escape(v)}"]`); if (box) box.checked = true; });
     if (reason != null && document.getElementById("reason")) document.getElementById("reason").value = reason;

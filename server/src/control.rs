@@ -185,6 +185,8 @@ pub async fn submit(
             "bsid": submitted.buildset_id.0,
             "brids": brids,
             "existing": submitted.existing,
+            // Builders no active master runs: their requests wait until one starts.
+            "unserved": submitted.unserved,
         })),
     ))
 }

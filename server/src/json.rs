@@ -182,6 +182,7 @@ pub const BUILDER_FIELDS: &[&str] = &[
     "description",
     "depends_on",
     "paused",
+    "served",
     "status",
     "latest_successful_buildid",
 ];
@@ -193,6 +194,7 @@ pub fn builder(b: &Builder, status: BuilderStatus, latest: Option<&Build>) -> Va
         "description": b.description,
         "depends_on": b.depends_on,
         "paused": b.paused,
+        "served": b.served,
         "status": status,
         "latest_successful_buildid": latest.map(|l| l.id.0),
     })

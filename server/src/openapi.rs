@@ -105,7 +105,7 @@ pub fn spec() -> Value {
         "security": [{"bearer": []}],
         "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Submission"}}}},
         "parameters": [{"name": "Idempotency-Key", "in": "header", "required": false, "description": "makes the submit idempotent (as the body's idempotency_key): while a buildset with the key exists, it is answered with 200 and nothing is added", "schema": {"type": "string"}}],
-        "responses": {"201": {"description": "{\"bsid\": N, \"brids\": {builder: id}, \"existing\": false}"}, "200": {"description": "the buildset holding the idempotency key: {\"bsid\": N, \"brids\": {...}, \"existing\": true}"}, "400": {"description": "bad submission or unknown builder"}, "401": {"description": "no or wrong token"}}
+        "responses": {"201": {"description": "{\"bsid\": N, \"brids\": {builder: id}, \"existing\": false, \"unserved\": [builders no active master runs]}"}, "200": {"description": "the buildset holding the idempotency key: {\"bsid\": N, \"brids\": {...}, \"existing\": true}"}, "400": {"description": "bad submission or unknown builder"}, "401": {"description": "no or wrong token"}}
     });
     paths.insert("/buildsets".into(), buildsets);
     let mut one = get(

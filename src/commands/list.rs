@@ -185,6 +185,9 @@ pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<(
                     if b.paused {
                         status.push_str(", paused");
                     }
+                    if !b.served {
+                        status.push_str(", no active master");
+                    }
                     table.row(vec![
                         b.id.to_string(),
                         b.name.clone(),

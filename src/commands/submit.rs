@@ -71,6 +71,12 @@ pub(super) async fn submit(client: &Client, out: &Out, args: SubmitArgs) -> Resu
             table.row(vec![builder.clone(), request.to_string()]);
         }
         table.print();
+        if !submitted.unserved.is_empty() {
+            eprintln!(
+                "warning: no active master runs {}: their requests wait until one starts",
+                submitted.unserved.join(", ")
+            );
+        }
     })
 }
 

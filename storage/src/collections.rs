@@ -128,7 +128,10 @@ impl Shape for BuildField {
 
 impl Shape for BuilderField {
     fn select() -> String {
-        "SELECT id, name, description, depends_on, paused FROM builders".into()
+        format!(
+            "SELECT id, name, description, depends_on, paused, {} AS served FROM builders",
+            crate::rows::SERVED
+        )
     }
     const ID: &'static str = "id";
 
@@ -138,6 +141,7 @@ impl Shape for BuilderField {
             BuilderField::Name => "name",
             BuilderField::Description => "description",
             BuilderField::Paused => "paused",
+            BuilderField::Served => crate::rows::SERVED,
         })
     }
 }

@@ -177,6 +177,8 @@ fields!(
         Description = ("description", Text),
         /// Whether it is paused.
         Paused = ("paused", Bool),
+        /// Whether an active master runs it.
+        Served = ("served", Bool),
     }
 );
 

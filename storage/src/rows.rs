@@ -141,6 +141,10 @@ pub(crate) fn master_from_row(row: &impl Col) -> Result<Master> {
     })
 }
 
+/// Whether an active master registered the builder of the row (`builders` unaliased).
+pub(crate) const SERVED: &str = "(CASE WHEN EXISTS (SELECT 1 FROM master_builders mb JOIN masters m ON m.id = mb.master_id \
+     WHERE mb.builder_id = builders.id AND m.active = 1) THEN CAST(1 AS BIGINT) ELSE CAST(0 AS BIGINT) END)";
+
 pub(crate) fn builder_from_row(row: &impl Col) -> Result<Builder> {
     Ok(Builder {
         id: BuilderId(row.int("id")?),
@@ -148,6 +152,7 @@ pub(crate) fn builder_from_row(row: &impl Col) -> Result<Builder> {
         description: row.opt_text("description")?,
         depends_on: from_json(&row.text("depends_on")?)?,
         paused: row.flag("paused")?,
+        served: row.flag("served")?,
     })
 }
 

@@ -112,6 +112,9 @@ pub trait Builders: Send + Sync + 'static {
         let q = Query::new().order_by(BuilderField::Name, false);
         Ok(self.builder_query(&q).await?.items)
     }
+    /// Records that `master` runs `builder`: it counts as served while the master is
+    /// active (until the master registers again, shuts down or is expired).
+    async fn builder_serve(&self, master: MasterId, builder: BuilderId) -> Result<()>;
     /// Records the builders a builder depends on, by name (replacing the old list).
     async fn builder_set_depends_on(&self, id: BuilderId, depends_on: &[String]) -> Result<()>;
 }

@@ -73,6 +73,37 @@ try {
   await page.click("#stop");
   await page.waitForSelector('#status .badge[data-result="CANCELLED"]');
 
+  step = "a finished build's Stop button is disabled and looks it";
+  const stop = await page.$eval("#stop", el => ({ disabled: el.disabled, cursor: getComputedStyle(el).cursor, color: getComputedStyle(el).color }));
+  const rebuild = await page.$eval("#rebuild", el => getComputedStyle(el).color);
+  if (!stop.disabled || stop.cursor !== "not-allowed" || stop.color === rebuild) fail("the disabled Stop button looks enabled: " + JSON.stringify(stop));
+
+  step = "the log shows each record of its own build once";
+  const logIds = async id => (await (await fetch(`${url}/api/v2/builds/${id}/logs?limit=1000`)).json()).logs.map(l => l.id);
+  const shownIds = () => page.$$eval("#log .record", els => els.map(e => Number(e.dataset.id)));
+  const sameLog = async id => {
+    const want = await logIds(id);
+    await page.waitForFunction(n => document.querySelectorAll("#log .record").length >= n, want.length);
+    const shown = await shownIds();
+    if (shown.length !== want.length || new Set(shown).size !== shown.length || !shown.every(i => want.includes(i))) {
+      fail(`build ${id}: the page shows records ${JSON.stringify(shown)}, the build has ${JSON.stringify(want)}`);
+    }
+  };
+  const slowId = Number(page.url().split("/").pop());
+  await sameLog(slowId);
+  // Another build's page shows only that build's records, with the filter at debug.
+  const echoBuilds = await (await fetch(`${url}/api/v2/builders/echo/builds`)).json();
+  const echoId = echoBuilds.builds[0].buildid;
+  await page.selectOption("#level", "warning");
+  await page.goto(`${url}/#/builds/${echoId}`);
+  await page.waitForSelector(`#log[data-build="${echoId}"]`);
+  if ((await page.$eval("#level", el => el.value)) !== "debug") fail("the level filter carried over to another build");
+  await sameLog(echoId);
+  // And back: a fresh load of the first build, again each record once.
+  await page.goto(`${url}/#/builds/${slowId}`);
+  await page.waitForSelector(`#log[data-build="${slowId}"]`);
+  await sameLog(slowId);
+
   step = "the main pages";
   await page.goto(url + "/#/buildsets");
   await page.waitForSelector("#buildsets tr[data-bsid]");

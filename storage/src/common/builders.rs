@@ -1,7 +1,7 @@
 //! Builders.
 
 use async_trait::async_trait;
-use kiln_model::{Builder, BuilderId};
+use kiln_model::{Builder, BuilderId, MasterId};
 
 use super::{one, query};
 use crate::query::{BuilderField, Page, Query};
@@ -11,7 +11,12 @@ use crate::sql::{Dialect, Sql};
 use crate::text::storable;
 use crate::{Result, StorageError, found_or, validate};
 
-const BUILDER: &str = "SELECT id, name, description, depends_on, paused FROM builders WHERE ";
+static BUILDER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT id, name, description, depends_on, paused, {} AS served FROM builders WHERE ",
+        crate::rows::SERVED
+    )
+});
 
 #[async_trait]
 impl<D: Dialect> Builders for D {
@@ -33,7 +38,7 @@ impl<D: Dialect> Builders for D {
     }
 
     async fn builder_get_by_name(&self, name: &str) -> Result<Option<Builder>> {
-        let mut sql = Sql::new(BUILDER);
+        let mut sql = Sql::new(BUILDER.as_str());
         sql.push("name = ").bind(storable(name).into_owned());
         self.read_one(sql)
             .await?
@@ -42,13 +47,25 @@ impl<D: Dialect> Builders for D {
     }
 
     async fn builder_get(&self, id: BuilderId) -> Result<Builder> {
-        let mut sql = Sql::new(BUILDER);
+        let mut sql = Sql::new(BUILDER.as_str());
         sql.push("id = ").bind(id.0);
         one(self, sql, "builder", id, builder_from_row).await
     }
 
     async fn builder_query(&self, q: &Query<BuilderField>) -> Result<Page<Builder>> {
         query(self, q, builder_from_row).await
+    }
+
+    async fn builder_serve(&self, master: MasterId, builder: BuilderId) -> Result<()> {
+        let mut sql = Sql::new("INSERT INTO master_builders (master_id, builder_id) VALUES (");
+        sql.bind(master.0)
+            .push(", ")
+            .bind(builder.0)
+            .push(") ON CONFLICT (master_id, builder_id) DO NOTHING");
+        self.write(sql)
+            .await
+            .map_err(|e| e.fk_not_found("master or builder", format!("{master}/{builder}")))?;
+        Ok(())
     }
 
     async fn builder_set_depends_on(&self, id: BuilderId, depends_on: &[String]) -> Result<()> {

@@ -41,6 +41,10 @@ async fn take_back(
     .fetch_all(&mut *tx)
     .await?;
     released.sort_unstable();
+    sqlx::query("DELETE FROM master_builders WHERE master_id = $1")
+        .bind(master.0)
+        .execute(&mut *tx)
+        .await?;
     let freed = sqlx::query("DELETE FROM lock_holds WHERE master_id = $1")
         .bind(master.0)
         .execute(&mut *tx)

@@ -39,6 +39,8 @@ fn take_back(
         .collect::<rusqlite::Result<Vec<i64>>>()?;
     tx.prepare_cached("DELETE FROM lock_holds WHERE master_id = ?")?
         .execute([master.0])?;
+    tx.prepare_cached("DELETE FROM master_builders WHERE master_id = ?")?
+        .execute([master.0])?;
     outbox::record_finished(tx, &json_ids(retried.iter().copied()))?;
     // Its reporter leases go too, so that another master delivers at once.
     tx.prepare_cached("UPDATE reporters SET owner = NULL, lease_until = NULL WHERE owner = ?")?

@@ -163,6 +163,7 @@ macro_rules! conformance_tests {
                 deleting_a_buildset_takes_its_builds_and_outputs_and_refuses_unfinished_work,
                 retention_keeps_the_newest_and_the_recent_and_deletes_the_rest_in_batches,
                 a_collapsing_builder_runs_the_newest_of_identical_requests_and_skips_the_rest,
+                a_builder_is_served_while_an_active_master_runs_it,
             ],
             locks: [
                 a_build_starts_only_with_its_lock_units_free_and_frees_them_when_it_finishes,

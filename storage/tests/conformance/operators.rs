@@ -525,3 +525,35 @@ pub async fn a_collapsing_builder_runs_the_newest_of_identical_requests_and_skip
     ensure!(s.buildset_get(bs).await?.results == Some(ResultCode::Skipped));
     Ok(())
 }
+
+pub async fn a_builder_is_served_while_an_active_master_runs_it(h: &Harness) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["served", "orphan"]).await?;
+    let m = master(s, "m").await?;
+    ensure!(!s.builder_get(b[0]).await?.served);
+    s.builder_serve(m, b[0]).await?;
+    s.builder_serve(m, b[0]).await?;
+    let other = h.another().await?;
+    ensure!(other.builder_get(b[0]).await?.served && !other.builder_get(b[1]).await?.served);
+    let unserved = s
+        .builder_query(&Query::new().eq(BuilderField::Served, false))
+        .await?;
+    ensure!(unserved.items.iter().map(|x| x.id).collect::<Vec<_>>() == [b[1]]);
+    ensure!(
+        s.builder_get_by_name("served")
+            .await?
+            .is_some_and(|x| x.served),
+        "read by name too"
+    );
+    // A master that shuts down serves nothing any more, nor does one registering anew
+    // until it registers its builders again.
+    s.master_deactivate(m).await?;
+    ensure!(!s.builder_get(b[0]).await?.served);
+    s.master_register("m", at(5)).await?;
+    ensure!(!s.builder_get(b[0]).await?.served);
+    ensure!(matches!(
+        s.builder_serve(m, BuilderId(999_999)).await,
+        Err(StorageError::NotFound { .. })
+    ));
+    Ok(())
+}
