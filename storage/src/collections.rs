@@ -29,6 +29,14 @@ pub(crate) enum Column {
 pub(crate) trait Shape: Field {
     /// `SELECT ... FROM ...` with the joins every query needs.
     fn select() -> String;
+    /// What follows `FROM` in [`Shape::select`], for counting: by default what follows
+    /// its first ` FROM ` (a shape whose select list has a subquery says it itself).
+    fn from() -> Result<String> {
+        Self::select()
+            .split_once(" FROM ")
+            .map(|(_, f)| f.to_owned())
+            .ok_or_else(|| StorageError::Invalid("a query without FROM".into()))
+    }
     /// The id expression: the last ordering key.
     const ID: &'static str;
     /// Where `self` lives.
@@ -132,6 +140,9 @@ impl Shape for BuilderField {
             "SELECT id, name, description, depends_on, paused, {} AS served FROM builders",
             crate::rows::SERVED
         )
+    }
+    fn from() -> Result<String> {
+        Ok("builders".into())
     }
     const ID: &'static str = "id";
 
@@ -332,10 +343,7 @@ pub(crate) fn statements<F: Shape>(
     byte_order: &str,
 ) -> Result<Statements> {
     let select_from = F::select();
-    let from = select_from
-        .split_once(" FROM ")
-        .map(|(_, f)| f)
-        .ok_or_else(|| StorageError::Invalid("a query without FROM".into()))?;
+    let from = F::from()?;
     let count = if q.count {
         let mut count = Sql::new(format!("SELECT COUNT(*) AS total FROM {from}"));
         push_where(&mut count, q, contains)?;

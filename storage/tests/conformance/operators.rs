@@ -536,9 +536,10 @@ pub async fn a_builder_is_served_while_an_active_master_runs_it(h: &Harness) -> 
     let other = h.another().await?;
     ensure!(other.builder_get(b[0]).await?.served && !other.builder_get(b[1]).await?.served);
     let unserved = s
-        .builder_query(&Query::new().eq(BuilderField::Served, false))
+        .builder_query(&Query::new().eq(BuilderField::Served, false).counted())
         .await?;
     ensure!(unserved.items.iter().map(|x| x.id).collect::<Vec<_>>() == [b[1]]);
+    ensure!(unserved.total == Some(1), "counted: {:?}", unserved.total);
     ensure!(
         s.builder_get_by_name("served")
             .await?
