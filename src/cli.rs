@@ -87,6 +87,17 @@ pub enum Command {
         /// The builder's name.
         builder: String,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages: kiln.1 and one per command, into a directory.
+    Man {
+        /// Where to write them (created if missing).
+        #[arg(long, default_value = "man")]
+        dir: std::path::PathBuf,
+    },
     /// Submit a new buildset that repeats a build (same builder, stamps and properties).
     Rebuild {
         /// The build: an id, or BUILDER/NUMBER.
@@ -202,6 +213,10 @@ pub struct SubmitArgs {
     /// The codebase of the sourcestamp.
     #[arg(long)]
     pub codebase: Option<String>,
+    /// Wait until the buildset completes, then exit with its result: 0 for SUCCESS,
+    /// WARNINGS or SKIPPED, 1 otherwise.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -316,8 +331,11 @@ pub enum ShowWhat {
 
 #[derive(Debug, Args)]
 pub struct LogsArgs {
-    /// The build: an id, or BUILDER/NUMBER.
+    /// The build: an id, BUILDER/NUMBER, or a builder's name for its latest build.
     pub build: String,
+    /// Keep printing new records as they are written, until the build ends.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
     /// Only records at this level or above (debug, info, warning, error, critical).
     #[arg(long, default_value = "debug")]
     pub level: String,

@@ -19,12 +19,21 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let args = cli::Cli::parse();
+    // `kiln serve` says what it does (lifecycle at info); other commands only warn.
+    // RUST_LOG overrides both (e.g. RUST_LOG=kiln_server=debug for every request).
+    let default = if matches!(args.command, cli::Command::Serve(_)) {
+        "warn,kiln=info,kiln_engine=info,kiln_server=info,kiln_storage=info,kiln_host=info"
+    } else {
+        // A first compile of a plugin says so: it can take many seconds.
+        "warn,kiln_host=info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

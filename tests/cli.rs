@@ -1380,3 +1380,192 @@ fn submitting_to_a_builder_nobody_serves_says_so() -> Result<()> {
     );
     Ok(())
 }
+
+/// The habits of kubectl and gh: `submit --wait` exits with the buildset's result,
+/// `logs BUILDER --follow` prints the latest build's records until it ends, and the
+/// binary writes its shell completions and man pages.
+#[test]
+fn submit_waits_for_the_result_logs_follow_a_builders_latest_build_and_completions_print()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pipeline = dir.path().join("served.toml");
+    std::fs::write(
+        &pipeline,
+        r#"
+[[builder]]
+name = "good"
+plugin = "bundled:echo"
+args = ["hello"]
+
+[[builder]]
+name = "slow"
+plugin = "bundled:progress-demo"
+kwargs = { steps = 6, step_ms = 50 }
+
+[[builder]]
+name = "bad"
+plugin = "bundled:fail"
+kwargs = { message = "broken on purpose" }
+"#,
+    )?;
+    let _served = Served::start(dir.path(), &pipeline)?;
+    let db = dir.path().join("kiln.db");
+    let good = kiln(&db, &["submit", "-b", "good", "--wait"])?;
+    ensure!(
+        good.code == 0 && good.stdout.contains("complete: SUCCESS"),
+        "{} {}",
+        good.stdout,
+        good.stderr
+    );
+    let bad = kiln(&db, &["submit", "-b", "bad", "--wait", "--json"])?;
+    ensure!(bad.code == 1, "exit {}: {}", bad.code, bad.stderr);
+    ensure!(bad.json()?["results"] == "FAILURE", "{}", bad.stdout);
+
+    // Followed from the start of a running build to its end.
+    kiln(&db, &["submit", "-b", "slow"])?.ok()?;
+    let followed = kiln(&db, &["logs", "slow", "--follow"])?.ok()?;
+    let all = kiln(&db, &["logs", "slow", "--json"])?.ok()?.json()?;
+    let records = all["logs"].as_array().map(Vec::len).unwrap_or_default();
+    ensure!(
+        records > 0 && followed.stdout.lines().count() == records,
+        "followed {} lines of {records}: {}",
+        followed.stdout.lines().count(),
+        followed.stdout
+    );
+    kiln(&db, &["logs", "nobody"])?.fails_with("neither an id")?;
+
+    let bash = kiln(&db, &["completions", "bash"])?.ok()?;
+    ensure!(bash.stdout.contains("_kiln()"), "{}", bash.stdout);
+    let man = dir.path().join("man");
+    kiln(&db, &["man", "--dir", &man.display().to_string()])?.ok()?;
+    for page in ["kiln.1", "kiln-submit.1", "kiln-logs.1"] {
+        ensure!(man.join(page).is_file(), "no {page}");
+    }
+    Ok(())
+}
+
+/// SIGHUP reloads the pipeline file of a running `kiln serve`: a builder and a lock
+/// added to the file appear, the server keeps serving, and a file that no longer loads
+/// changes nothing. The test waits on the server's own log lines.
+#[cfg(unix)]
+#[test]
+fn sighup_reloads_the_pipeline_file_and_a_broken_file_changes_nothing() -> Result<()> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir()?;
+    let pipeline = dir.path().join("p.toml");
+    let first = "[[builder]]\nname = \"noop\"\nplugin = \"bundled:noop\"\n";
+    std::fs::write(&pipeline, first)?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .current_dir(dir.path())
+        .args(["serve", "p.toml", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "kiln=info")
+        .env("XDG_CACHE_HOME", dir.path().join("cache"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let guard = KillOnDrop(child.id());
+    // Its first line says it listens, once its builders are registered.
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut started = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut started)?;
+    ensure!(started.starts_with("kiln serve:"), "{started:?}");
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let mut wait_for = |needle: &str| -> Result<String> {
+        for line in lines.by_ref() {
+            let line = line?;
+            if line.contains(needle) {
+                return Ok(line);
+            }
+        }
+        anyhow::bail!("kiln serve ended before logging {needle:?}")
+    };
+    let hangup = || -> Result<()> {
+        let sent = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()?;
+        ensure!(sent.success(), "kill -HUP failed");
+        Ok(())
+    };
+    let db = dir.path().join("kiln.db");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "{first}\n[[lock]]\nname = \"deploy\"\n\n[[builder]]\nname = \"added\"\nplugin = \"bundled:echo\"\nlocks = [\"deploy\"]\n"
+        ),
+    )?;
+    hangup()?;
+    let reloaded = wait_for("SIGHUP: reloaded")?;
+    ensure!(reloaded.contains("1 new builder(s) (added)"), "{reloaded}");
+    let builders = kiln(&db, &["list", "builders", "--json"])?.ok()?.json()?;
+    let added = builders["builders"]
+        .as_array()
+        .and_then(|b| b.iter().find(|x| x["builder"]["name"] == "added").cloned())
+        .ok_or_else(|| anyhow::anyhow!("{builders}"))?;
+    ensure!(added["builder"]["served"] == true, "{added}");
+    let locks = kiln(&db, &["list", "locks", "--json"])?.ok()?.json()?;
+    ensure!(locks["locks"][0]["name"] == "deploy", "{locks}");
+    let ran = kiln(&db, &["submit", "-b", "added", "--wait"])?;
+    ensure!(ran.code == 0, "{} {}", ran.stdout, ran.stderr);
+
+    std::fs::write(&pipeline, "[[builder]]\nname = \n")?;
+    hangup()?;
+    let refused = wait_for("SIGHUP: the file does not load")?;
+    ensure!(refused.contains("nothing changed"), "{refused}");
+    ensure!(
+        child.try_wait()?.is_none(),
+        "kiln serve died on a bad reload"
+    );
+    ensure!(kiln(&db, &["submit", "-b", "noop", "--wait"])?.code == 0);
+    drop(guard);
+    let _ = child.wait();
+    Ok(())
+}
+
+/// Kills a process when dropped (a failed assertion must not leave a server behind).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.to_string()).status();
+    }
+}
+
+/// The first use of a plugin says that it is compiling (a big one takes many seconds);
+/// a later run loads it from the cache and says nothing.
+#[test]
+fn a_first_compile_says_so_and_a_cached_run_does_not() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join("p.toml"),
+        "[[builder]]\nname = \"fib\"\nplugin = \"bundled:fib\"\nargs = [5]\n\n[[submit]]\nbuilders = [\"fib\"]\n",
+    )?;
+    // As a user runs it: no RUST_LOG, the binary's default filter.
+    let run = || -> Result<Run> {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .current_dir(dir.path())
+            .args(["run", "p.toml"])
+            .env_remove("KILN_DATABASE")
+            .env_remove("RUST_LOG")
+            .env("XDG_CACHE_HOME", dir.path().join("cache"))
+            .output()?;
+        Ok(from_output(out))
+    };
+    let first = run()?.ok()?;
+    ensure!(
+        first.stderr.contains("compiling plugin bundled:fib")
+            && first.stderr.contains("later runs load it from the cache")
+            && first.stderr.contains("compiled plugin bundled:fib in"),
+        "{}",
+        first.stderr
+    );
+    let again = run()?.ok()?;
+    ensure!(!again.stderr.contains("compiling"), "{}", again.stderr);
+    Ok(())
+}

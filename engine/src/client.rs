@@ -541,6 +541,29 @@ impl Client {
         Ok(self.store.buildset_property_latest(name).await?)
     }
 
+    /// Waits until a buildset completes and returns it. A client hears no engine's
+    /// events: it wakes on the database's own signals where there are some
+    /// (PostgreSQL) and looks again every `poll` in any case.
+    pub async fn wait_buildset(
+        &self,
+        id: BuildsetId,
+        poll: std::time::Duration,
+    ) -> Result<Buildset> {
+        let mut signals = self.store.signals();
+        loop {
+            let buildset = self.buildset(id).await?;
+            if buildset.complete {
+                return Ok(buildset);
+            }
+            match signals.as_mut() {
+                Some(rx) => {
+                    let _ = tokio::time::timeout(poll, rx.recv()).await;
+                }
+                None => tokio::time::sleep(poll).await,
+            }
+        }
+    }
+
     /// Every lock, by name, with the builders that take it, the builds holding it and
     /// how many queued requests wait for it.
     pub async fn locks(&self) -> Result<Vec<kiln_model::Lock>> {

@@ -220,6 +220,11 @@ impl Engine {
         Ok(id)
     }
 
+    /// The configs of the builders registered on this engine.
+    pub fn builder_configs(&self) -> Vec<BuilderConfig> {
+        self.scheduler.builder_configs()
+    }
+
     /// Defines a lock with `count` units (1: exclusive), or changes its count; every
     /// master sharing the database sees the same lock. Define a lock before the builders
     /// that take it.

@@ -60,13 +60,14 @@ impl Counters {
 /// Cache failures only cost time: they are logged and compilation goes on.
 pub(crate) fn compile(
     engine: &wasmtime::Engine,
+    name: &str,
     wasm: &[u8],
     dir: Option<&Path>,
     counters: &Counters,
 ) -> wasmtime::Result<Component> {
     let Some(dir) = dir else {
         counters.compiled.fetch_add(1, Ordering::Relaxed);
-        return Component::new(engine, wasm);
+        return compile_now(engine, name, wasm, false);
     };
     let path = entry(dir, engine, wasm);
     if path.exists() {
@@ -84,11 +85,38 @@ pub(crate) fn compile(
             }
         }
     }
-    let component = Component::new(engine, wasm)?;
+    let component = compile_now(engine, name, wasm, true)?;
     counters.compiled.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = store(&component, dir, &path) {
         warn!(dir = %dir.display(), error = %e, "could not cache a compiled component");
     }
+    Ok(component)
+}
+
+/// Compiles, saying so: a big component (a Python or JavaScript runtime) takes many
+/// seconds on a small machine, and a command waiting on it must not look hung. The
+/// binary shows these lines by default.
+fn compile_now(
+    engine: &wasmtime::Engine,
+    name: &str,
+    wasm: &[u8],
+    cached_after: bool,
+) -> wasmtime::Result<Component> {
+    let started = std::time::Instant::now();
+    tracing::info!(
+        "compiling plugin {name} ({} KiB){}",
+        wasm.len() >> 10,
+        if cached_after {
+            "; later runs load it from the cache"
+        } else {
+            ""
+        }
+    );
+    let component = Component::new(engine, wasm)?;
+    tracing::info!(
+        "compiled plugin {name} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(component)
 }
 

@@ -480,7 +480,7 @@ fn compile_checked(
         }
         WasmKind::Component => {}
     }
-    cache::compile(&engine.engine, wasm, cache_dir, counters)
+    cache::compile(&engine.engine, name, wasm, cache_dir, counters)
         .map_err(|e| problem(format!("it is not a valid component: {e:#}")))
 }
 

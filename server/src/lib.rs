@@ -225,6 +225,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(axum::middleware::from_fn(serve::json_errors))
+        .layer(axum::middleware::from_fn(serve::log_requests))
         .layer(axum::middleware::from_fn_with_state(
             limits,
             serve::check_request,

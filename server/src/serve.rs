@@ -208,6 +208,23 @@ pub(crate) async fn check_request(
 
 /// Gives every error answer a JSON body: answers that the framework makes itself (a
 /// body over the limit, a method the route does not take) come as plain text.
+/// Logs every request at debug: method, path (without the query, which may carry a
+/// token), status and time taken. `RUST_LOG=kiln_server=debug` shows them.
+pub(crate) async fn log_requests(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    debug!(
+        %method,
+        path,
+        status = response.status().as_u16(),
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "request"
+    );
+    response
+}
+
 pub(crate) async fn json_errors(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let status = response.status();

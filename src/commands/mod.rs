@@ -32,6 +32,19 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             what: PluginWhat::Check { file },
         } => return plugin::check(file, cli.json),
         Command::Serve(args) => return serve::serve(args, &cli.db).await,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "kiln", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man { dir } => {
+            std::fs::create_dir_all(dir)?;
+            clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)?;
+            if !cli.json {
+                println!("man pages written to {}", dir.display());
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         _ => {}
     }
     // Commands never create a database: a mistyped path must be an error, not an empty file.
@@ -42,12 +55,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let client = Client::open_with(&cli.db, &options).await?;
     let out = Out { json: cli.json };
     match cli.command {
-        Command::Submit(args) => submit::submit(&client, &out, args).await?,
+        Command::Submit(args) => return submit::submit(&client, &out, args).await,
         Command::List { what } => list::list(&client, &out, what).await?,
         Command::Show { what } => show::show(&client, &out, what).await?,
         Command::Logs(args) => logs::logs(&client, &out, args).await?,
         Command::Cancel { what } => cancel::cancel(&client, &out, what).await?,
-        Command::Run { .. } | Command::Plugin { .. } | Command::Serve(_) => unreachable_command()?,
+        Command::Run { .. }
+        | Command::Plugin { .. }
+        | Command::Serve(_)
+        | Command::Completions { .. }
+        | Command::Man { .. } => unreachable_command()?,
         Command::Reporter {
             what: ReporterWhat::Remove { name },
         } => reporter::remove(&client, &out, &name).await?,
@@ -197,14 +214,29 @@ pub(crate) fn builds_table(names: &BTreeMap<i64, String>, builds: &[Build]) -> T
 
 /// A build by id (`42`) or by builder and number (`compile/7`).
 pub(crate) async fn find_build(client: &Client, text: &str) -> Result<Build> {
+    find_build_or_none(client, text)
+        .await?
+        .ok_or_else(|| anyhow!("builder {text:?} has no build yet"))
+}
+
+/// Like [`find_build`]; `None` for a builder's name when it has no build yet.
+pub(crate) async fn find_build_or_none(client: &Client, text: &str) -> Result<Option<Build>> {
     if let Ok(id) = text.parse::<i64>() {
-        return Ok(client.build(BuildId(id)).await?);
+        return Ok(Some(client.build(BuildId(id)).await?));
     }
-    let (builder, number) = text
-        .rsplit_once('/')
-        .ok_or_else(|| anyhow!("build {text:?} is neither an id nor BUILDER/NUMBER"))?;
+    let Some((builder, number)) = text.rsplit_once('/') else {
+        // A builder's name: its latest build.
+        let builder = client.builder_named(text).await.map_err(|_| {
+            anyhow!("build {text:?} is neither an id, BUILDER/NUMBER nor a builder's name")
+        })?;
+        let q = kiln_engine::storage::Query::new()
+            .eq(kiln_engine::storage::BuildField::BuilderId, builder.id)
+            .order_by(kiln_engine::storage::BuildField::Id, true)
+            .limit(1);
+        return Ok(client.query_builds(&q).await?.items.pop());
+    };
     let number: i64 = number
         .parse()
         .map_err(|_| anyhow!("build {text:?}: {number:?} is not a build number"))?;
-    Ok(client.build_by_number(builder, number).await?)
+    Ok(Some(client.build_by_number(builder, number).await?))
 }

@@ -72,6 +72,7 @@ pub async fn serve(args: &ServeArgs, db: &str) -> Result<ExitCode> {
             "submitted the config's buildsets"
         );
     }
+    let reload_host = host.clone();
     let state = AppState::new(
         engine.clone(),
         host,
@@ -95,11 +96,138 @@ pub async fn serve(args: &ServeArgs, db: &str) -> Result<ExitCode> {
             "read-only: no --token"
         }
     );
+    let events = tokio::spawn(log_lifecycle(engine.clone()));
+    let reloads = tokio::spawn(reload_on_hangup(
+        args.config.clone(),
+        engine.clone(),
+        reload_host,
+    ));
     kiln_server::serve(listener, state, stop_signal())
         .await
         .context("the server failed")?;
+    events.abort();
+    reloads.abort();
     engine.shutdown().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Logs the engine's lifecycle events at info (RUST_LOG=kiln=warn silences them).
+async fn log_lifecycle(engine: Arc<Engine>) {
+    use kiln_engine::Event;
+    let mut events = engine.subscribe();
+    loop {
+        match events.recv().await {
+            Ok(Event::BuildsetSubmitted {
+                buildset_id,
+                reason,
+                ..
+            }) => info!(buildset = %buildset_id, reason, "buildset submitted"),
+            Ok(Event::BuildStarted {
+                build_id,
+                builder,
+                number,
+                ..
+            }) => info!(build = %build_id, builder, number, "build started"),
+            Ok(Event::BuildFinished {
+                build_id, results, ..
+            }) => info!(build = %build_id, results = %results.name(), "build finished"),
+            Ok(Event::BuildsetComplete {
+                buildset_id,
+                results,
+            }) => info!(buildset = %buildset_id, results = %results.name(), "buildset complete"),
+            Ok(Event::MasterExpired { master_id, .. }) => {
+                info!(master = %master_id, "expired a silent master; its work runs again")
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                info!(missed = n, "lifecycle log fell behind")
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// SIGHUP reloads the pipeline file: new builders start, locks and schedules take their
+/// new definitions, relationships their policies. A builder whose settings changed and
+/// the reporters keep what they had until a restart (said in the log). Never fatal: a
+/// file that does not load leaves everything as it was.
+async fn reload_on_hangup(
+    config: Option<std::path::PathBuf>,
+    engine: Arc<Engine>,
+    host: Arc<WasmHost>,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload by restarting");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            let Some(path) = &config else {
+                info!("SIGHUP: no pipeline file to reload");
+                continue;
+            };
+            match reload(path, &engine, &host).await {
+                Ok(summary) => info!(file = %path.display(), "SIGHUP: reloaded: {summary}"),
+                Err(e) => tracing::warn!(
+                    file = %path.display(),
+                    "SIGHUP: the file does not load, nothing changed: {e:#}"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (config, engine, host);
+    }
+}
+
+async fn reload(path: &std::path::Path, engine: &Engine, host: &WasmHost) -> Result<String> {
+    let (base, file) = crate::pipeline::read(path)?;
+    let pipeline = crate::pipeline::load(base, file, host, false).await?;
+    let known: std::collections::BTreeMap<String, kiln_engine::BuilderConfig> = engine
+        .builder_configs()
+        .into_iter()
+        .map(|c| (c.name.clone(), c))
+        .collect();
+    for (name, count) in &pipeline.locks {
+        engine.define_lock(name, *count).await?;
+    }
+    for (relationship, policy) in pipeline.policies {
+        engine.set_policy(relationship, policy);
+    }
+    let (mut added, mut changed) = (Vec::new(), Vec::new());
+    for (config, executor) in pipeline.builders {
+        match known.get(&config.name) {
+            None => {
+                added.push(config.name.clone());
+                engine.register_builder(config, executor).await?;
+            }
+            Some(old) if *old != config => changed.push(config.name),
+            Some(_) => {}
+        }
+    }
+    let schedules = pipeline.schedules.len();
+    for schedule in pipeline.schedules {
+        engine.register_schedule(schedule).await?;
+    }
+    if !changed.is_empty() {
+        tracing::warn!(
+            builders = %changed.join(", "),
+            "SIGHUP: these builders' settings changed; they apply after a restart"
+        );
+    }
+    Ok(format!(
+        "{} new builder(s){}, {} lock(s), {schedules} schedule(s); reporters and changed builders apply after a restart",
+        added.len(),
+        if added.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", added.join(", "))
+        },
+        pipeline.locks.len()
+    ))
 }
 
 /// Ctrl-C or SIGTERM.

@@ -1,7 +1,9 @@
 //! `kiln submit`: one buildset, with properties and sourcestamps from the command line.
 
 use anyhow::{Context, Result, anyhow, bail};
-use kiln_engine::model::{Property, SourceStamp};
+use kiln_engine::model::{Property, ResultCode, SourceStamp};
+use std::process::ExitCode;
+
 use kiln_engine::{Client, Submission};
 
 use super::Out;
@@ -22,7 +24,11 @@ fn parse_property(text: &str) -> Result<(String, serde_json::Value)> {
     Ok((name.to_owned(), value))
 }
 
-pub(super) async fn submit(client: &Client, out: &Out, args: SubmitArgs) -> Result<()> {
+/// How often `--wait` looks at the buildset when the database cannot say (SQLite).
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+pub(super) async fn submit(client: &Client, out: &Out, args: SubmitArgs) -> Result<ExitCode> {
+    let wait = args.wait;
     let mut submission = Submission::new(args.reason).priority(args.priority);
     submission.builders = args.builders;
     submission.external_idstring = args.external_id;
@@ -57,6 +63,36 @@ pub(super) async fn submit(client: &Client, out: &Out, args: SubmitArgs) -> Resu
         });
     }
     let submitted = client.submit(&submission).await?;
+    if wait {
+        if !out.json {
+            println!(
+                "submitted buildset {}; waiting for it to complete",
+                submitted.buildset_id
+            );
+            warn_unserved(&submitted);
+        }
+        let done = client
+            .wait_buildset(submitted.buildset_id, WAIT_POLL)
+            .await?;
+        let ok = done.results.is_some_and(|r| {
+            matches!(
+                r,
+                ResultCode::Success | ResultCode::Warnings | ResultCode::Skipped
+            )
+        });
+        out.emit(&done, || {
+            println!(
+                "buildset {} complete: {}",
+                done.id,
+                done.results.map(|r| r.name()).unwrap_or("?")
+            );
+        })?;
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     out.emit(&submitted, || {
         if submitted.existing {
             println!(
@@ -71,13 +107,18 @@ pub(super) async fn submit(client: &Client, out: &Out, args: SubmitArgs) -> Resu
             table.row(vec![builder.clone(), request.to_string()]);
         }
         table.print();
-        if !submitted.unserved.is_empty() {
-            eprintln!(
-                "warning: no active master runs {}: their requests wait until one starts",
-                submitted.unserved.join(", ")
-            );
-        }
-    })
+        warn_unserved(&submitted);
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn warn_unserved(submitted: &kiln_engine::Submitted) {
+    if !submitted.unserved.is_empty() {
+        eprintln!(
+            "warning: no active master runs {}: their requests wait until one starts",
+            submitted.unserved.join(", ")
+        );
+    }
 }
 
 #[cfg(test)]
