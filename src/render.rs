@@ -23,28 +23,34 @@ impl Table {
     }
 
     pub fn print(&self) {
+        for line in self.lines() {
+            println!("{line}");
+        }
+    }
+
+    /// The table as lines: borderless columns two spaces apart, aligned by display
+    /// width (comfy-table: wide and combining characters count as the terminal shows
+    /// them), never wrapped, so that scripts can cut columns.
+    pub fn lines(&self) -> Vec<String> {
         if self.rows.is_empty() {
-            println!("(none)");
-            return;
+            return vec!["(none)".to_owned()];
         }
-        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        let mut table = comfy_table::Table::new();
+        table
+            .load_preset(comfy_table::presets::NOTHING)
+            .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+            .set_header(self.headers.iter().map(|h| h.to_uppercase()));
         for row in &self.rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
+            table.add_row(row);
         }
-        let line = |cells: Vec<String>| {
-            let padded: Vec<String> = cells
-                .iter()
-                .zip(&widths)
-                .map(|(c, w)| format!("{c:<w$}"))
-                .collect();
-            println!("{}", padded.join("  ").trim_end());
-        };
-        line(self.headers.iter().map(|h| h.to_uppercase()).collect());
-        for row in &self.rows {
-            line(row.clone());
+        for column in table.column_iter_mut() {
+            column.set_padding((0, 2));
         }
+        table
+            .lines()
+            .map(|l| l.trim_end().to_owned())
+            .filter(|l| !l.is_empty())
+            .collect()
     }
 }
 
@@ -157,6 +163,30 @@ fn parse_relative(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_columns_line_up_by_display_width_with_wide_characters() {
+        let mut table = Table::new(&["name", "result"]);
+        table.row(vec!["日本語のビルダー".into(), "SUCCESS".into()]);
+        table.row(vec!["ascii".into(), "FAILURE".into()]);
+        table.row(vec!["e\u{301}cole".into(), "SKIPPED".into()]);
+        let lines = table.lines();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(lines[0].starts_with("NAME"));
+        // The second column starts at the same display column on every line.
+        let starts: Vec<usize> = lines
+            .iter()
+            .map(|l| {
+                let at = l.find(['S', 'F', 'R']).unwrap_or(0);
+                unicode_width::UnicodeWidthStr::width(&l[..at])
+            })
+            .collect();
+        assert!(
+            starts.windows(2).all(|w| w[0] == w[1]),
+            "{lines:?} {starts:?}"
+        );
+        assert_eq!(Table::new(&["x"]).lines(), ["(none)"]);
+    }
 
     #[test]
     fn ages_and_rfc3339_times_parse_and_nonsense_does_not() {
