@@ -47,6 +47,24 @@ async function rpc(path, method, params = {}) {
   return post(path, { jsonrpc: "2.0", method, params, id: Date.now() });
 }
 
+// Downloads through fetch, so that the token goes along when reads are private.
+async function download(path, name) {
+  try {
+    const token = tokenInput.value.trim();
+    const response = await fetch(API + path, { headers: token ? { Authorization: `Bearer ${token}` } : {} });
+    if (!response.ok) throw new Error(response.statusText);
+    const link = document.createElement("a");
+    link.href = URL.createObjectURL(await response.blob());
+    link.download = name;
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+  } catch (e) {
+    flash(`download failed: ${e.message}`);
+  }
+}
+
 function flash(message, ok = false) {
   const box = document.getElementById("flash");
   box.textContent = message;
@@ -59,6 +77,12 @@ function flash(message, ok = false) {
 function badge(results, complete = true) {
   const name = results == null ? (complete ? "PENDING" : "RUNNING") : RESULTS[results];
   return `<span class="badge r-${name}" data-result="${name}">${name}</span>`;
+}
+
+// A buildset's badge: its result once complete; QUEUED while nothing of it runs yet.
+function buildsetBadge(b) {
+  if (!b.complete && b.state === "queued") return `<span class="badge r-QUEUED" data-result="QUEUED">QUEUED</span>`;
+  return badge(b.results, b.complete);
 }
 
 // A request's state: its result once complete; running while a master holds it;
@@ -104,7 +128,7 @@ async function buildsetsPage() {
   const rows = sets.buildsets.map(b => `
     <tr data-bsid="${b.bsid}">
       <td><a href="#/buildsets/${b.bsid}">${b.bsid}</a></td>
-      <td>${badge(b.results, b.complete)}</td>
+      <td>${buildsetBadge(b)}</td>
       <td>${esc(b.reason)}${b.parent_buildid ? ` <span class="muted">(child of <a href="#/builds/${b.parent_buildid}">build ${b.parent_buildid}</a>)</span>` : ""}</td>
       <td>${when(b.submitted_at)}</td>
       <td>${duration(b.submitted_at, b.complete_at)}</td>
@@ -117,6 +141,13 @@ async function buildsetsPage() {
       <strong>Submit</strong> ${boxes || '<span class="muted">no builders</span>'}
       <input type="text" id="reason" placeholder="reason" value="from the dashboard">
       <button class="primary" id="submit" type="submit">Submit</button>
+      <details id="submit-more"><summary>priority, properties, sourcestamp</summary><div class="fields">
+        <label>priority <input type="number" id="priority" value="0" min="-1000" max="1000"></label>
+        <label>properties <textarea id="properties" placeholder='one per line: name=JSON, e.g. version="1.2"'></textarea></label>
+        <label>repository <input type="text" id="repository"></label>
+        <label>branch <input type="text" id="branch"></label>
+        <label>revision <input type="text" id="revision"></label>
+      </div></details>
     </form>
     <table id="buildsets"><thead><tr><th>#</th><th>status</th><th>reason</th><th>submitted</th><th>duration</th></tr></thead>
     <tbody>${rows || '<tr><td colspan="5" class="muted">nothing yet</td></tr>'}</tbody></table>`;
@@ -129,7 +160,20 @@ function wireBuildsets() {
     event.preventDefault();
     const builders = [...form.querySelectorAll("input[name=builder]:checked")].map(i => i.value);
     if (!builders.length) return flash("pick at least one builder");
-    const reply = await act("submit", () => post("/buildsets", { builders, reason: document.getElementById("reason").value }));
+    const body = { builders, reason: document.getElementById("reason").value };
+    const priority = Number(document.getElementById("priority").value || 0);
+    if (priority) body.priority = priority;
+    const properties = {};
+    for (const line of document.getElementById("properties").value.split("\n").map(l => l.trim()).filter(Boolean)) {
+      const at = line.indexOf("=");
+      if (at < 1) return flash(`property "${line}" is not name=JSON`);
+      try { properties[line.slice(0, at).trim()] = JSON.parse(line.slice(at + 1)); }
+      catch { return flash(`property "${line}": the value is not JSON (strings need quotes)`); }
+    }
+    if (Object.keys(properties).length) body.properties = properties;
+    const stamp = Object.fromEntries(["repository", "branch", "revision"].map(k => [k, document.getElementById(k).value.trim()]).filter(([, v]) => v));
+    if (Object.keys(stamp).length) body.sourcestamps = [stamp];
+    const reply = await act("submit", () => post("/buildsets", body));
     if (reply) location.hash = `#/buildsets/${reply.bsid}`;
   });
 }
@@ -163,7 +207,7 @@ async function buildsetPage(id) {
     <td>${r.priority}</td><td>${r.claimed ? "master " + r.claimed_by_masterid : r.superseded_by ? `<span class="muted">superseded by request ${r.superseded_by}</span>` : '<span class="muted">unclaimed</span>'}</td>
     <td>${r.not_before != null && !r.complete ? when(r.not_before) : ""}</td></tr>`).join("");
   return `
-    <h1>Buildset ${b.bsid} ${badge(b.results, b.complete)}</h1>
+    <h1>Buildset ${b.bsid} ${buildsetBadge(b)}</h1>
     <div class="card"><dl class="facts">
       <dt>reason</dt><dd>${esc(b.reason)}</dd>
       <dt>submitted</dt><dd>${when(b.submitted_at)}</dd>
@@ -233,7 +277,7 @@ async function buildPage(id) {
     </div></div>
     <h2>Progress</h2>
     <div class="card" id="progress">${progressNode(progress.progress[0])}</div>
-    <h2>Log <select id="level">${levels}</select></h2>
+    <h2>Log <select id="level">${levels}</select> <button id="log-download" type="button">Download raw log</button></h2>
     <div id="log" data-build="${id}"></div>
     ${b.error ? `<h2>Error</h2><pre id="error">${esc(b.error)}</pre>` : ""}
     ${b.traceback ? `<h2>Traceback</h2><pre id="traceback">${esc(b.traceback)}</pre>` : ""}
@@ -281,6 +325,7 @@ function wireBuild(id, keep = false) {
     const reply = await act("rebuild", () => rpc(`/builds/${id}`, "rebuild"));
     if (reply) location.hash = `#/buildsets/${reply.result.bsid}`;
   });
+  document.getElementById("log-download")?.addEventListener("click", () => download(`/builds/${id}/log.txt`, `build-${id}.log`));
   document.getElementById("level")?.addEventListener("change", e => {
     buildState.level = e.target.value;
     tailLog(id, true);
@@ -387,7 +432,9 @@ async function render() {
     else html = await buildsetsPage();
     // Keep what the user typed and checked in the submit form across live refreshes.
     const checked = [...document.querySelectorAll("input[name=builder]:checked")].map(i => i.value);
-    const reason = document.getElementById("reason")?.value;
+    const typed = Object.fromEntries(["reason", "priority", "properties", "repository", "branch", "revision"]
+      .map(k => [k, document.getElementById(k)?.value]).filter(([, v]) => v != null));
+    const moreOpen = document.getElementById("submit-more")?.open;
     // Taken right before the swap: records the live tail appended meanwhile are kept.
     const log = document.getElementById("log");
     const logScroll = log ? log.scrollTop : null;
@@ -395,7 +442,8 @@ async function render() {
     const keepLog = r.page === "build" && log && Number(log.dataset.build) === r.id ? log.innerHTML : null;
     view.innerHTML = html;
     checked.forEach(v => { const box = document.querySelector(`input[name=builder][value="${CSS.escape(v)}"]`); if (box) box.checked = true; });
-    if (reason != null && document.getElementById("reason")) document.getElementById("reason").value = reason;
+    for (const [k, v] of Object.entries(typed)) { const input = document.getElementById(k); if (input) input.value = v; }
+    if (moreOpen && document.getElementById("submit-more")) document.getElementById("submit-more").open = true;
     if (r.page === "buildsets") wireBuildsets();
     if (r.page === "buildset") wireBuildset(r.id);
     if (r.page === "builders") wireBuilders();

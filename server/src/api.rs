@@ -68,7 +68,68 @@ pub async fn buildsets(
     authorize_read(&s, &headers)?;
     let q = parse_collection::<BuildsetField>(raw.as_deref(), json::BUILDSET_FIELDS, s.paging())?;
     let page = s.engine.client().query_buildsets(&q.query).await?;
-    page_reply::<BuildsetField, _>(&page, json::buildset, &q.fields)
+    let running = running_buildsets(&s, &page.items).await?;
+    let items = page
+        .items
+        .iter()
+        .map(|b| with_state(json::buildset(b), b, &running))
+        .collect();
+    Ok(Json(json::collection(
+        BuildsetField::PLURAL,
+        items,
+        total(&page),
+        &q.fields,
+    )))
+}
+
+/// Of these buildsets, the incomplete ones with a request some master holds: one
+/// query per page.
+async fn running_buildsets(
+    s: &AppState,
+    buildsets: &[kiln_engine::model::Buildset],
+) -> ApiResult<std::collections::BTreeSet<BuildsetId>> {
+    let open: Vec<kiln_engine::storage::FilterValue> = buildsets
+        .iter()
+        .filter(|b| !b.complete)
+        .map(|b| b.id.0.into())
+        .collect();
+    if open.is_empty() {
+        return Ok(Default::default());
+    }
+    let mut q = kiln_engine::storage::Query::new()
+        .eq(RequestField::Complete, false)
+        .eq(RequestField::Claimed, true);
+    q.filters.push(kiln_engine::storage::Filter {
+        field: RequestField::BuildsetId,
+        op: kiln_engine::storage::Op::Eq,
+        values: open,
+    });
+    Ok(s.engine
+        .client()
+        .query_requests(&q)
+        .await?
+        .items
+        .iter()
+        .map(|r| r.buildset_id)
+        .collect())
+}
+
+/// A buildset with its `state`: `complete`, `running` (a master holds one of its
+/// requests) or `queued` (nothing of it runs yet: waiting for a master, a delay or a
+/// paused builder).
+fn with_state(
+    mut value: Value,
+    b: &kiln_engine::model::Buildset,
+    running: &std::collections::BTreeSet<BuildsetId>,
+) -> Value {
+    value["state"] = json!(if b.complete {
+        "complete"
+    } else if running.contains(&b.id) {
+        "running"
+    } else {
+        "queued"
+    });
+    value
 }
 
 pub async fn buildset(
@@ -82,7 +143,8 @@ pub async fn buildset(
     let id = BuildsetId(id("buildset", &bsid)?);
     let client = s.engine.client();
     let bs = client.buildset(id).await?;
-    let mut value = json::buildset(&bs);
+    let running = running_buildsets(&s, std::slice::from_ref(&bs)).await?;
+    let mut value = with_state(json::buildset(&bs), &bs, &running);
     value["sourcestamps"] = json::sourcestamps(&client.buildset_sourcestamps(id).await?);
     value["properties"] = json::properties(&client.buildset_properties(id).await?);
     Ok(Json(json::entity("buildsets", value, &fields)))
@@ -588,6 +650,74 @@ pub async fn build_logs(
         .collect();
     let total = logs.len();
     Ok(Json(json!({ "logs": logs, "meta": {"total": total} })))
+}
+
+/// `GET /builds/{id}/log.txt`: the whole log as plain text to download, one record per
+/// line (`TIME LEVEL message {fields}`), read in pages and cut at
+/// [`MAX_RAW_LOG_BYTES`](crate::MAX_RAW_LOG_BYTES).
+pub async fn build_log_text(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(bid): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<axum::response::Response, ApiError> {
+    authorize_read(&s, &headers)?;
+    parse_entity(raw.as_deref(), &[])?;
+    let build = BuildId(id("build", &bid)?);
+    let client = s.engine.client();
+    client.build(build).await?;
+    let mut text = String::new();
+    let mut after = None;
+    'pages: loop {
+        let page = client
+            .logs(&LogQuery {
+                build_id: Some(build),
+                after_id: after,
+                limit: Some(s.config.max_log_records),
+                ..LogQuery::default()
+            })
+            .await?;
+        for e in &page {
+            let fields = if e.record.fields.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", Value::Object(e.record.fields.clone()))
+            };
+            let line = format!(
+                "{} {:<8} {}{fields}\n",
+                e.record
+                    .at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                e.record.level.name().to_uppercase(),
+                e.record.message
+            );
+            if text.len() + line.len() > s.config.max_raw_log_bytes {
+                text.push_str(&format!(
+                    "[log cut at {} bytes; read the rest with /builds/{}/logs?after={}]\n",
+                    s.config.max_raw_log_bytes,
+                    build.0,
+                    after.unwrap_or_default()
+                ));
+                break 'pages;
+            }
+            text.push_str(&line);
+            after = Some(e.id);
+        }
+        if page.len() < s.config.max_log_records as usize {
+            break;
+        }
+    }
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"build-{}.log\"", build.0),
+            ),
+        ],
+        text,
+    )
+        .into_response())
 }
 
 pub async fn build_progress(

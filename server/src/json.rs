@@ -37,6 +37,7 @@ pub const BUILDSET_FIELDS: &[&str] = &[
     "rebuilt_buildid",
     "resubmitted_from",
     "sourcestamps",
+    "state",
     "properties",
 ];
 

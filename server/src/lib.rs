@@ -48,6 +48,10 @@ pub const MAX_PAGE: u32 = 1_000;
 /// The most nodes (buildsets and builds) `/buildsets/{id}/tree` returns; a larger tree
 /// is cut there and says so (`"truncated": true`).
 pub const MAX_TREE_NODES: usize = 5_000;
+/// The most bytes one raw log download (`/builds/{id}/log.txt`) carries: a sandboxed
+/// build writes at most 4 MiB of log by default, a Rust job may write more; past this
+/// the text ends with a line saying it was cut.
+pub const MAX_RAW_LOG_BYTES: usize = 64 << 20;
 /// The most log records one `/builds/{id}/logs` request returns (`limit`): past it,
 /// 400; a live tail reads on with `after`.
 pub const MAX_LOG_RECORDS: u32 = 10_000;
@@ -74,6 +78,8 @@ pub struct ServerConfig {
     pub max_log_records: u32,
     /// See [`MAX_PLUGIN_BYTES`].
     pub max_plugin_bytes: usize,
+    /// See [`MAX_RAW_LOG_BYTES`].
+    pub max_raw_log_bytes: usize,
     /// Connections, timeouts and request sizes.
     pub connections: ConnectionLimits,
 }
@@ -89,6 +95,7 @@ impl Default for ServerConfig {
             max_tree_nodes: MAX_TREE_NODES,
             max_log_records: MAX_LOG_RECORDS,
             max_plugin_bytes: MAX_PLUGIN_BYTES,
+            max_raw_log_bytes: MAX_RAW_LOG_BYTES,
             connections: ConnectionLimits::default(),
         }
     }
@@ -172,6 +179,7 @@ pub fn router(state: AppState) -> Router {
         .route("/builds/{id}", get(api::build).post(control::build_rpc))
         .route("/builds/{id}/properties", get(api::build_properties))
         .route("/builds/{id}/logs", get(api::build_logs))
+        .route("/builds/{id}/log.txt", get(api::build_log_text))
         .route("/builds/{id}/progress", get(api::build_progress))
         .route("/builds/{id}/artifacts", get(api::build_artifacts))
         .route(

@@ -190,6 +190,13 @@ pub fn spec() -> Value {
     }
     paths.insert("/builds/{id}/logs".into(), logs);
     paths.insert(
+        "/builds/{id}/log.txt".into(),
+        get(
+            "the whole log as plain text to download (TIME LEVEL message per line)",
+            &[id("build id")],
+        ),
+    );
+    paths.insert(
         "/builds/{id}/progress".into(),
         get("a build's progress tree", &[id("build id")]),
     );

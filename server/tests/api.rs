@@ -1305,3 +1305,45 @@ async fn locks_list_with_their_holders_users_and_waiting_requests() -> Result<()
     ensure!(s.get("/api/v2/locks?field=nope").await?.status == StatusCode::BAD_REQUEST);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buildsets_say_whether_they_run_and_a_build_log_downloads_as_text() -> Result<()> {
+    let s = server().await?;
+    let bsid = s.run(&["compile"]).await?;
+    let one = s.ok(&format!("/api/v2/buildsets/{bsid}")).await?;
+    ensure!(one["buildsets"][0]["state"] == "complete", "{one}");
+    // Delayed an hour: incomplete, yet nothing of it runs.
+    let later = s
+        .post(
+            "/api/v2/buildsets",
+            json!({"builders": ["compile"], "delay": 3600}),
+            Some(TOKEN),
+        )
+        .await?;
+    let queued = later.json["bsid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("{}", later.text))?;
+    let listed = s.ok("/api/v2/buildsets?complete=false").await?;
+    let row = listed["buildsets"]
+        .as_array()
+        .and_then(|all| all.iter().find(|b| b["bsid"] == queued).cloned())
+        .ok_or_else(|| anyhow!("{listed}"))?;
+    ensure!(row["state"] == "queued", "{row}");
+
+    let builds = s.ok(&format!("/api/v2/buildsets/{bsid}/builds")).await?;
+    let bid = builds["builds"][0]["buildid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("{builds}"))?;
+    let logs = s.ok(&format!("/api/v2/builds/{bid}/logs")).await?;
+    let raw = s.get(&format!("/api/v2/builds/{bid}/log.txt")).await?;
+    ensure!(raw.status == StatusCode::OK, "{}", raw.text);
+    let records = logs["logs"].as_array().map(Vec::len).unwrap_or_default();
+    ensure!(
+        raw.text.lines().count() == records,
+        "{} lines for {records} records: {}",
+        raw.text.lines().count(),
+        raw.text
+    );
+    ensure!(s.get("/api/v2/builds/999999/log.txt").await?.status == StatusCode::NOT_FOUND);
+    Ok(())
+}

@@ -161,6 +161,8 @@ async fn the_dashboard_shows_work_live_and_stops_a_build_in_a_real_browser() -> 
         "builders",
         "schedules",
         "locks",
+        "dark",
+        "phone",
     ] {
         let shot = shots.join(format!("{page}.png"));
         ensure!(

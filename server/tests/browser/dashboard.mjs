@@ -104,6 +104,56 @@ try {
   await page.waitForSelector(`#log[data-build="${slowId}"]`);
   await sameLog(slowId);
 
+  step = "download the raw log";
+  const [download] = await Promise.all([page.waitForEvent("download"), page.click("#log-download")]);
+  const raw = await (await fetch(`${url}/api/v2/builds/${slowId}/log.txt`)).text();
+  if (download.suggestedFilename() !== `build-${slowId}.log`) fail("the raw log downloads as " + download.suggestedFilename());
+  if (raw.trim().split("\n").length !== (await logIds(slowId)).length) fail("the raw log does not hold every record: " + raw);
+
+  step = "submit with priority, properties and a sourcestamp";
+  await page.goto(url + "/#/buildsets");
+  await page.waitForSelector("#submit-form");
+  await page.check('input[name=builder][value="echo"]');
+  await page.click("#submit-more summary");
+  await page.fill("#priority", "7");
+  await page.fill("#properties", 'version="1.2"\nretries=3');
+  await page.fill("#repository", "https://git.example/app");
+  await page.fill("#branch", "main");
+  await page.click("#submit");
+  await page.waitForFunction(() => /^#\/buildsets\/\d+$/.test(location.hash));
+  const bsid = Number(page.url().split("/").pop());
+  const made = (await (await fetch(`${url}/api/v2/buildsets/${bsid}`)).json()).buildsets[0];
+  const props = (await (await fetch(`${url}/api/v2/buildsets/${bsid}/properties`)).json()).properties[0];
+  const requests = (await (await fetch(`${url}/api/v2/buildrequests?buildsetid=${bsid}`)).json()).buildrequests;
+  if (requests[0]?.priority !== 7) fail("the priority did not reach the request: " + JSON.stringify(requests));
+  if (JSON.stringify(props.version?.[0]) !== '"1.2"' || props.retries?.[0] !== 3) fail("the properties did not arrive: " + JSON.stringify(props));
+  if (made.sourcestamps?.[0]?.branch !== "main") fail("the sourcestamp did not arrive: " + JSON.stringify(made));
+
+  step = "dark mode follows the system";
+  await page.emulateMedia({ colorScheme: "dark" });
+  const dark = await page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+  await page.emulateMedia({ colorScheme: "light" });
+  const light = await page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+  const luminance = c => c.match(/\d+/g).slice(0, 3).map(Number).reduce((a, b) => a + b, 0);
+  if (!(luminance(dark) < 150 && luminance(light) > 600)) fail(`dark ${dark}, light ${light}`);
+  await page.emulateMedia({ colorScheme: "dark" });
+  await page.screenshot({ path: join(shots, "dark.png"), fullPage: true });
+  await page.emulateMedia({ colorScheme: "light" });
+
+  step = "usable at 390 px wide";
+  const phone = await browser.newPage({ viewport: { width: 390, height: 844 } });
+  phone.setDefaultTimeout(STEP);
+  for (const [hash, ready] of [["#/buildsets", "#buildsets"], [`#/builds/${slowId}`, "#log .record"], ["#/builders", "#builders"], ["#/locks", "#locks"]]) {
+    await phone.goto(url + "/" + hash);
+    await phone.waitForSelector(ready);
+    const wide = await phone.evaluate(() => document.documentElement.scrollWidth);
+    if (wide > 390) fail(`${hash} is ${wide} px wide at 390`);
+  }
+  await phone.goto(url + "/#/buildsets");
+  await phone.waitForSelector("#buildsets");
+  await phone.screenshot({ path: join(shots, "phone.png"), fullPage: true });
+  await phone.close();
+
   step = "the main pages";
   await page.goto(url + "/#/buildsets");
   await page.waitForSelector("#buildsets tr[data-bsid]");
@@ -114,6 +164,9 @@ try {
   step = "a delayed run is scheduled, not running";
   await page.goto(url + "/#/buildsets/" + process.env.KILN_SCHEDULED);
   await page.waitForSelector('#requests .badge[data-result="SCHEDULED"]');
+  await page.waitForSelector('h1 .badge[data-result="QUEUED"]');
+  await page.goto(url + "/#/buildsets");
+  await page.waitForSelector(`#buildsets tr[data-bsid="${process.env.KILN_SCHEDULED}"] .badge[data-result="QUEUED"]`);
   await page.goto(url + "/#/builders");
   await page.waitForSelector("#builders tr[data-builder]");
 
