@@ -636,18 +636,7 @@ pub async fn build_logs(
     let client = s.engine.client();
     client.build(build).await?;
     let entries = client.logs(&query).await?;
-    let logs: Vec<Value> = entries
-        .iter()
-        .map(|e| {
-            json!({
-                "id": e.id,
-                "at": json::time(e.record.at),
-                "level": e.record.level,
-                "message": e.record.message,
-                "fields": e.record.fields,
-            })
-        })
-        .collect();
+    let logs: Vec<Value> = entries.iter().map(json::log).collect();
     let total = logs.len();
     Ok(Json(json!({ "logs": logs, "meta": {"total": total} })))
 }
@@ -752,10 +741,10 @@ pub async fn build_artifacts(
         .await?
         .into_iter()
         .map(|a| {
-            json!({
-                "path": a.path,
-                "size": a.size,
-                "url": format!("{}/builds/{}/artifacts/{}", crate::PREFIX, build.0, a.path),
+            json::value(crate::wire::Artifact {
+                url: format!("{}/builds/{}/artifacts/{}", crate::PREFIX, build.0, a.path),
+                path: a.path,
+                size: i64::try_from(a.size).unwrap_or(i64::MAX),
             })
         })
         .collect();

@@ -181,12 +181,11 @@ pub async fn submit(
     };
     Ok((
         status,
-        Json(json!({
-            "bsid": submitted.buildset_id.0,
-            "brids": brids,
-            "existing": submitted.existing,
-            // Builders no active master runs: their requests wait until one starts.
-            "unserved": submitted.unserved,
+        Json(crate::json::value(crate::wire::SubmitReply {
+            bsid: submitted.buildset_id.0,
+            brids: brids.into_iter().map(|(k, v)| (k.clone(), v)).collect(),
+            existing: submitted.existing,
+            unserved: submitted.unserved.clone(),
         })),
     ))
 }

@@ -136,10 +136,13 @@ pub struct RpcError {
 impl IntoResponse for RpcError {
     fn into_response(self) -> Response {
         self.error.log();
-        let body = json!({
-            "jsonrpc": "2.0",
-            "error": {"code": self.error.rpc_code(), "message": self.error.to_string()},
-            "id": self.id,
+        let body = crate::json::value(crate::wire::RpcError {
+            jsonrpc: "2.0".into(),
+            error: crate::wire::RpcErrorDetail {
+                code: self.error.rpc_code(),
+                message: self.error.to_string(),
+            },
+            id: self.id,
         });
         (self.error.status(), Json(body)).into_response()
     }

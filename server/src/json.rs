@@ -9,18 +9,25 @@ use kiln_engine::model::{
 use serde_json::{Map, Value, json};
 
 use crate::error::ApiError;
+use crate::wire;
 
 /// Seconds since the epoch, with microseconds.
-pub fn time(t: Timestamp) -> Value {
-    json!(t.timestamp_micros() as f64 / 1e6)
+fn seconds(t: Timestamp) -> f64 {
+    t.timestamp_micros() as f64 / 1e6
 }
 
-fn opt_time(t: Option<Timestamp>) -> Value {
-    t.map_or(Value::Null, time)
+fn opt_seconds(t: Option<Timestamp>) -> Option<f64> {
+    t.map(seconds)
 }
 
-fn results(r: Option<ResultCode>) -> Value {
-    r.map_or(Value::Null, |r| json!(r.code()))
+fn results(r: Option<ResultCode>) -> Option<i64> {
+    r.map(|r| i64::from(r.code()))
+}
+
+/// A wire value as JSON. The wire types have only string map keys, so this cannot
+/// fail; `null` stands in if it ever did.
+pub fn value<T: serde::Serialize>(wire: T) -> Value {
+    serde_json::to_value(wire).unwrap_or(Value::Null)
 }
 
 /// The output fields of a buildset.
@@ -42,59 +49,69 @@ pub const BUILDSET_FIELDS: &[&str] = &[
 ];
 
 pub fn buildset(b: &Buildset) -> Value {
-    json!({
-        "bsid": b.id.0,
-        "reason": b.reason,
-        "external_idstring": b.external_idstring,
-        "submitted_at": time(b.submitted_at),
-        "complete": b.complete,
-        "complete_at": opt_time(b.complete_at),
-        "results": results(b.results),
-        "parent_buildid": b.parent_buildid.map(|x| x.0),
-        "parent_relationship": b.parent_relationship,
-        "rebuilt_buildid": b.rebuilt_buildid.map(|x| x.0),
-        "resubmitted_from": b.resubmitted_from.map(|x| x.0),
-    })
+    value(buildset_wire(b))
+}
+
+pub fn buildset_wire(b: &Buildset) -> wire::Buildset {
+    wire::Buildset {
+        bsid: b.id.0,
+        reason: b.reason.clone(),
+        external_idstring: b.external_idstring.clone(),
+        submitted_at: seconds(b.submitted_at),
+        complete: b.complete,
+        complete_at: opt_seconds(b.complete_at),
+        results: results(b.results),
+        parent_buildid: b.parent_buildid.map(|x| x.0),
+        parent_relationship: b.parent_relationship.clone(),
+        rebuilt_buildid: b.rebuilt_buildid.map(|x| x.0),
+        resubmitted_from: b.resubmitted_from.map(|x| x.0),
+        state: None,
+        sourcestamps: None,
+        properties: None,
+    }
 }
 
 pub fn sourcestamps(stamps: &[SourceStamp]) -> Value {
-    Value::Array(
+    value(
         stamps
             .iter()
-            .map(|s| {
-                json!({
-                    "codebase": s.codebase,
-                    "repository": s.repository,
-                    "branch": s.branch,
-                    "revision": s.revision,
-                    "project": s.project,
-                })
-            })
-            .collect(),
+            .map(|s| stamp_wire(None, s))
+            .collect::<Vec<_>>(),
     )
+}
+
+pub fn stamp_wire(
+    id: Option<kiln_engine::model::SourceStampId>,
+    s: &SourceStamp,
+) -> wire::SourceStamp {
+    wire::SourceStamp {
+        ssid: id.map(|i| i.0),
+        codebase: s.codebase.clone(),
+        repository: s.repository.clone(),
+        branch: s.branch.clone(),
+        revision: s.revision.clone(),
+        project: s.project.clone(),
+        patch: None,
+    }
 }
 
 /// A stored sourcestamp with its id, in Buildbot's shape (`ssid`; no patches).
 pub fn sourcestamp(id: kiln_engine::model::SourceStampId, s: &SourceStamp) -> Value {
-    json!({
-        "ssid": id.0,
-        "codebase": s.codebase,
-        "repository": s.repository,
-        "branch": s.branch,
-        "revision": s.revision,
-        "project": s.project,
-        "patch": null,
-    })
+    value(stamp_wire(Some(id), s))
+}
+
+pub fn properties_wire(props: &Properties) -> wire::Properties {
+    wire::Properties(
+        props
+            .iter()
+            .map(|(name, p)| (name.clone(), (p.value.clone(), p.source.clone())))
+            .collect(),
+    )
 }
 
 /// Properties as Buildbot shows them: name → [value, source].
 pub fn properties(props: &Properties) -> Value {
-    Value::Object(
-        props
-            .iter()
-            .map(|(name, p)| (name.clone(), json!([p.value, p.source])))
-            .collect(),
-    )
+    value(properties_wire(props))
 }
 
 /// The output fields of a build request.
@@ -117,22 +134,22 @@ pub const REQUEST_FIELDS: &[&str] = &[
 ];
 
 pub fn request(r: &BuildRequest) -> Value {
-    json!({
-        "buildrequestid": r.id.0,
-        "buildsetid": r.buildset_id.0,
-        "builderid": r.builder_id.0,
-        "priority": r.priority,
-        "submitted_at": time(r.submitted_at),
-        "waited_for": r.waited_for,
-        "complete": r.complete,
-        "complete_at": opt_time(r.complete_at),
-        "results": results(r.results),
-        "claimed": r.claimed_by.is_some(),
-        "claimed_by_masterid": r.claimed_by.map(|m| m.0),
-        "claimed_at": opt_time(r.claimed_at),
-        "cancel_requested": r.cancel_requested,
-        "not_before": opt_time(r.not_before),
-        "superseded_by": r.superseded_by.map(|x| x.0),
+    value(wire::BuildRequest {
+        buildrequestid: r.id.0,
+        buildsetid: r.buildset_id.0,
+        builderid: r.builder_id.0,
+        priority: i64::from(r.priority),
+        submitted_at: seconds(r.submitted_at),
+        waited_for: r.waited_for,
+        complete: r.complete,
+        complete_at: opt_seconds(r.complete_at),
+        results: results(r.results),
+        claimed: r.claimed_by.is_some(),
+        claimed_by_masterid: r.claimed_by.map(|m| m.0),
+        claimed_at: opt_seconds(r.claimed_at),
+        cancel_requested: r.cancel_requested,
+        not_before: opt_seconds(r.not_before),
+        superseded_by: r.superseded_by.map(|x| x.0),
     })
 }
 
@@ -157,22 +174,23 @@ pub const BUILD_FIELDS: &[&str] = &[
 ];
 
 pub fn build(b: &Build) -> Value {
-    json!({
-        "buildid": b.id.0,
-        "number": b.number,
-        "builderid": b.builder_id.0,
-        "buildrequestid": b.request_id.0,
-        "masterid": b.master_id.0,
-        "workerslot": b.worker_slot,
-        "started_at": time(b.started_at),
-        "complete": b.complete_at.is_some(),
-        "complete_at": opt_time(b.complete_at),
-        "state_string": b.state_string,
-        "locks_duration_s": b.locks_duration_s,
-        "results": results(b.results),
-        "return_value": b.return_value,
-        "error": b.error,
-        "traceback": b.traceback,
+    value(wire::Build {
+        buildid: b.id.0,
+        number: b.number,
+        builderid: b.builder_id.0,
+        buildrequestid: b.request_id.0,
+        masterid: b.master_id.0,
+        workerslot: b.worker_slot,
+        started_at: seconds(b.started_at),
+        complete: b.complete_at.is_some(),
+        complete_at: opt_seconds(b.complete_at),
+        state_string: b.state_string.clone(),
+        locks_duration_s: b.locks_duration_s,
+        results: results(b.results),
+        return_value: b.return_value.clone(),
+        error: b.error.clone(),
+        traceback: b.traceback.clone(),
+        properties: None,
     })
 }
 
@@ -189,15 +207,21 @@ pub const BUILDER_FIELDS: &[&str] = &[
 ];
 
 pub fn builder(b: &Builder, status: BuilderStatus, latest: Option<&Build>) -> Value {
-    json!({
-        "builderid": b.id.0,
-        "name": b.name,
-        "description": b.description,
-        "depends_on": b.depends_on,
-        "paused": b.paused,
-        "served": b.served,
-        "status": status,
-        "latest_successful_buildid": latest.map(|l| l.id.0),
+    value(wire::Builder {
+        builderid: b.id.0,
+        name: b.name.clone(),
+        description: b.description.clone(),
+        depends_on: b.depends_on.clone(),
+        paused: b.paused,
+        served: b.served,
+        status: match status {
+            BuilderStatus::Building => wire::BuilderStatus::Building,
+            BuilderStatus::NotBuilt => wire::BuilderStatus::NotBuilt,
+            BuilderStatus::Failed => wire::BuilderStatus::Failed,
+            BuilderStatus::Success => wire::BuilderStatus::Success,
+            BuilderStatus::Outdated => wire::BuilderStatus::Outdated,
+        },
+        latest_successful_buildid: latest.map(|l| l.id.0),
     })
 }
 
@@ -205,11 +229,11 @@ pub fn builder(b: &Builder, status: BuilderStatus, latest: Option<&Build>) -> Va
 pub const MASTER_FIELDS: &[&str] = &["masterid", "name", "active", "last_active"];
 
 pub fn master(m: &Master) -> Value {
-    json!({
-        "masterid": m.id.0,
-        "name": m.name,
-        "active": m.active,
-        "last_active": time(m.last_active),
+    value(wire::Master {
+        masterid: m.id.0,
+        name: m.name.clone(),
+        active: m.active,
+        last_active: seconds(m.last_active),
     })
 }
 
@@ -229,17 +253,25 @@ pub const SCHEDULE_FIELDS: &[&str] = &[
 
 pub fn schedule(s: &kiln_engine::model::Schedule) -> Value {
     let d = &s.definition;
-    json!({
-        "name": s.name,
-        "timing": d.get("timing").cloned().unwrap_or(Value::Null),
-        "builders": d.pointer("/submission/builders").cloned().unwrap_or(Value::Null),
-        "catch_up": d.get("catch_up").cloned().unwrap_or(Value::Null),
-        "only_if_changed": d.get("only_if_changed").cloned().unwrap_or(Value::Null),
-        "definition": d,
-        "last_fire": time(s.last_fire),
-        "next_fire": opt_time(s.next_fire),
-        "last_bsid": s.last_buildset_id.map(|b| b.0),
-        "fires": s.fires,
+    value(wire::Schedule {
+        name: s.name.clone(),
+        timing: d.get("timing").cloned().unwrap_or(Value::Null),
+        builders: d
+            .pointer("/submission/builders")
+            .and_then(Value::as_array)
+            .map(|b| {
+                b.iter()
+                    .filter_map(|n| n.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        catch_up: d.get("catch_up").cloned().unwrap_or(Value::Null),
+        only_if_changed: d.get("only_if_changed").cloned().unwrap_or(Value::Null),
+        definition: d.clone(),
+        last_fire: seconds(s.last_fire),
+        next_fire: opt_seconds(s.next_fire),
+        last_bsid: s.last_buildset_id.map(|b| b.0),
+        fires: s.fires,
     })
 }
 
@@ -247,22 +279,41 @@ pub fn schedule(s: &kiln_engine::model::Schedule) -> Value {
 pub const LOCK_FIELDS: &[&str] = &["name", "count", "held", "holders", "users", "waiting"];
 
 pub fn lock(l: &kiln_engine::model::Lock) -> Value {
-    json!({
-        "name": l.name,
-        "count": l.capacity,
-        "held": l.held(),
-        "holders": l.holders.iter().map(|h| json!({
-            "buildid": h.build_id.0,
-            "masterid": h.master_id.0,
-            "units": h.units,
-            "acquired_at": time(h.acquired_at),
-        })).collect::<Vec<_>>(),
-        "users": l.users.iter().map(|u| json!({
-            "builderid": u.builder_id.0,
-            "name": u.builder,
-            "units": u.units,
-        })).collect::<Vec<_>>(),
-        "waiting": l.waiting,
+    value(wire::Lock {
+        name: l.name.clone(),
+        count: l.capacity,
+        held: l.held(),
+        holders: l
+            .holders
+            .iter()
+            .map(|h| wire::LockHolder {
+                buildid: h.build_id.0,
+                masterid: h.master_id.0,
+                units: h.units,
+                acquired_at: seconds(h.acquired_at),
+            })
+            .collect(),
+        users: l
+            .users
+            .iter()
+            .map(|u| wire::LockUser {
+                builderid: u.builder_id.0,
+                name: u.builder.clone(),
+                units: u.units,
+            })
+            .collect(),
+        waiting: l.waiting,
+    })
+}
+
+/// One log record.
+pub fn log(e: &kiln_engine::model::LogEntry) -> Value {
+    value(wire::LogRecord {
+        id: e.id,
+        at: seconds(e.record.at),
+        level: e.record.level.name().to_owned(),
+        message: e.record.message.clone(),
+        fields: Value::Object(e.record.fields.clone()),
     })
 }
 

@@ -21,6 +21,7 @@ mod ops;
 pub mod query;
 mod serve;
 mod stream;
+pub mod wire;
 
 use std::path::PathBuf;
 use std::sync::Arc;

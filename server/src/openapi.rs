@@ -1,17 +1,38 @@
-//! `GET /api/v2/openapi.json`: an OpenAPI 3.1 document of the whole API, built from the
-//! same field tables the query parser checks against, so that the two cannot drift.
+//! `GET /api/v2/openapi.json`: an OpenAPI 3.1 document of the whole API. The response
+//! schemas come from the wire types the handlers serialise (`crate::wire`, through
+//! utoipa's `ToSchema`), the filters from the same field tables the query parser checks
+//! against, so that neither can drift; a test validates the document and checks real
+//! answers against it.
 
 use axum::Json;
 use kiln_engine::storage::{BuildField, BuilderField, BuildsetField, MasterField, RequestField};
 use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
 
-use crate::json as shapes;
 use crate::query::Collection;
+use crate::wire;
+
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn json_content(schema: Value) -> Value {
+    json!({"application/json": {"schema": schema}})
+}
+
+fn error(description: &str) -> Value {
+    json!({"description": description, "content": json_content(schema_ref("Error"))})
+}
+
+fn rpc_error(description: &str) -> Value {
+    json!({"description": description, "content": json_content(schema_ref("RpcError"))})
+}
 
 fn error_responses() -> Value {
     json!({
-        "400": {"description": "bad request: an unknown parameter, field or operator, a bad value, or a filter on a single entity", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-        "404": {"description": "no such entity", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+        "400": error("bad request: an unknown parameter, field or operator, a bad value, or a filter on a single entity"),
+        "401": error("reads are private and the token is missing or wrong"),
+        "404": error("no such entity"),
     })
 }
 
@@ -35,7 +56,7 @@ fn collection_params<F: Collection>() -> Vec<Value> {
     params.push(
         json!({"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}),
     );
-    params.push(json!({"name": "field", "in": "query", "description": "fields to keep in each result; repeat", "schema": {"type": "string"}}));
+    params.push(json!({"name": "field", "in": "query", "description": "fields to keep in each result; repeat (the answer then holds only those properties)", "schema": {"type": "string"}}));
     params
 }
 
@@ -47,20 +68,23 @@ fn list<F: Collection>(summary: &str, path_params: &[Value]) -> Value {
     let mut params = path_params.to_vec();
     params.extend(collection_params::<F>());
     let plural = F::PLURAL;
-    json!({"get": {
-        "summary": summary,
-        "parameters": params,
-        "responses": {
-            "200": {"description": format!("{{\"{plural}\": [...], \"meta\": {{\"total\": N}}}}: the total counts every match before paging"),
-                    "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{plural}")}}}},
-            "400": error_responses()["400"].clone(),
-        }
-    }})
+    let mut responses = error_responses();
+    responses["200"] = json!({
+        "description": format!("{{\"{plural}\": [...], \"meta\": {{\"total\": N}}}}: the total counts every match before paging"),
+        "content": json_content(schema_ref(plural)),
+    });
+    json!({"get": {"summary": summary, "parameters": params, "responses": responses}})
 }
 
-fn get(summary: &str, path_params: &[Value]) -> Value {
+/// A GET answering `schema` (a component's name).
+fn get(summary: &str, path_params: &[Value], schema: &str) -> Value {
+    get_as(summary, path_params, json_content(schema_ref(schema)))
+}
+
+/// A GET answering `content` (a media type → schema map).
+fn get_as(summary: &str, path_params: &[Value], content: Value) -> Value {
     let mut responses = error_responses();
-    responses["200"] = json!({"description": "OK"});
+    responses["200"] = json!({"description": "OK", "content": content});
     json!({"get": {"summary": summary, "parameters": path_params, "responses": responses}})
 }
 
@@ -69,30 +93,100 @@ fn rpc(methods: &str, path_params: &[Value]) -> Value {
         "summary": format!("JSON-RPC 2.0 control action: {methods}; needs the bearer token"),
         "parameters": path_params,
         "security": [{"bearer": []}],
-        "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Rpc"}}}},
+        "requestBody": {"required": true, "content": json_content(schema_ref("Rpc"))},
         "responses": {
-            "200": {"description": "{\"jsonrpc\": \"2.0\", \"result\": ..., \"id\": ...}"},
-            "400": {"description": "unknown method or bad params"},
-            "401": {"description": "no or wrong token"},
-            "404": {"description": "no such entity"},
-            "409": {"description": "the entity's state forbids it (already complete, ...)"},
+            "200": {"description": "the method's result", "content": json_content(schema_ref("RpcReply"))},
+            "400": rpc_error("unknown method or bad params"),
+            "401": rpc_error("no or wrong token"),
+            "404": rpc_error("no such entity"),
+            "409": rpc_error("the entity's state forbids it (already complete, ...)"),
         }
     })
 }
 
-fn entity_schema(fields: &[&str]) -> Value {
-    let props: Map<String, Value> = fields
-        .iter()
-        .map(|f| ((*f).to_owned(), json!({})))
-        .collect();
-    json!({"type": "object", "properties": props})
+/// `{"<plural>": [<item>], "meta": {"total": N}}`.
+fn collection_schema(plural: &str, item: Value) -> Value {
+    json!({"type": "object", "required": [plural, "meta"], "properties": {
+        plural: {"type": "array", "items": item},
+        "meta": schema_ref("Meta"),
+    }})
 }
 
-fn collection_schema(plural: &str, fields: &[&str]) -> Value {
-    json!({"type": "object", "properties": {
-        plural: {"type": "array", "items": entity_schema(fields)},
-        "meta": {"type": "object", "properties": {"total": {"type": "integer"}}},
-    }})
+/// Adds `T` and every schema it refers to.
+fn component<T: ToSchema>(schemas: &mut Map<String, Value>) {
+    let mut nested = Vec::new();
+    T::schemas(&mut nested);
+    for (name, schema) in nested {
+        schemas.insert(name, serde_json::to_value(schema).unwrap_or(Value::Null));
+    }
+    schemas.insert(
+        T::name().into_owned(),
+        serde_json::to_value(T::schema()).unwrap_or(Value::Null),
+    );
+}
+
+fn schemas() -> Map<String, Value> {
+    let mut schemas = Map::new();
+    component::<wire::Buildset>(&mut schemas);
+    component::<wire::BuildsetState>(&mut schemas);
+    component::<wire::Properties>(&mut schemas);
+    component::<wire::SourceStamp>(&mut schemas);
+    component::<wire::BuildRequest>(&mut schemas);
+    component::<wire::Build>(&mut schemas);
+    component::<wire::BuilderStatus>(&mut schemas);
+    component::<wire::Builder>(&mut schemas);
+    component::<wire::Master>(&mut schemas);
+    component::<wire::Schedule>(&mut schemas);
+    component::<wire::Lock>(&mut schemas);
+    component::<wire::LockHolder>(&mut schemas);
+    component::<wire::LockUser>(&mut schemas);
+    component::<wire::LogRecord>(&mut schemas);
+    component::<wire::Artifact>(&mut schemas);
+    component::<wire::Error>(&mut schemas);
+    component::<wire::SubmitReply>(&mut schemas);
+    component::<wire::RpcReply>(&mut schemas);
+    component::<wire::RpcError>(&mut schemas);
+    component::<wire::Meta>(&mut schemas);
+    for (plural, item) in [
+        ("buildsets", "Buildset"),
+        ("buildrequests", "BuildRequest"),
+        ("builds", "Build"),
+        ("builders", "Builder"),
+        ("masters", "Master"),
+        ("schedules", "Schedule"),
+        ("locks", "Lock"),
+        ("logs", "LogRecord"),
+        ("sourcestamps", "SourceStamp"),
+        ("artifacts", "Artifact"),
+        ("properties", "Properties"),
+    ] {
+        schemas.insert(plural.into(), collection_schema(plural, schema_ref(item)));
+    }
+    schemas.insert(
+        "progress".into(),
+        collection_schema(
+            "progress",
+            json!({"type": "object", "description": "a progress group: name, current, total, status and children (the same, recursively)"}),
+        ),
+    );
+    schemas.insert(
+        "tree".into(),
+        json!({"type": "object", "required": ["tree", "truncated"], "properties": {
+            "tree": {"type": "object", "description": "the buildset with its builds, each with the buildsets it triggered, recursively"},
+            "truncated": {"type": "boolean", "description": "whether the tree was cut at max_tree_nodes"},
+        }}),
+    );
+    schemas.insert("Rpc".into(), json!({"type": "object", "required": ["method"], "properties": {"jsonrpc": {"const": "2.0"}, "method": {"type": "string"}, "params": {"type": "object"}, "id": {}}}));
+    schemas.insert("Submission".into(), json!({"type": "object", "required": ["builders"], "properties": {
+        "reason": {"type": "string"}, "builders": {"type": "array", "items": {"type": "string"}},
+        "properties": {"type": "object", "description": "name -> value, or name -> [value, source]"},
+        "sourcestamps": {"type": "array", "items": schema_ref("SourceStamp")},
+        "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
+        "external_idstring": {"type": "string"},
+        "idempotency_key": {"type": "string", "description": "as the Idempotency-Key header"},
+        "not_before": {"type": "number", "description": "a delayed run: not claimable before this time (seconds since the epoch)"},
+        "delay": {"type": "number", "minimum": 0, "description": "a delayed run: not claimable for this many seconds"}}}));
+    schemas
 }
 
 /// The document.
@@ -105,12 +199,13 @@ pub fn spec() -> Value {
         "security": [{"bearer": []}],
         "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Submission"}}}},
         "parameters": [{"name": "Idempotency-Key", "in": "header", "required": false, "description": "makes the submit idempotent (as the body's idempotency_key): while a buildset with the key exists, it is answered with 200 and nothing is added", "schema": {"type": "string"}}],
-        "responses": {"201": {"description": "{\"bsid\": N, \"brids\": {builder: id}, \"existing\": false, \"unserved\": [builders no active master runs]}"}, "200": {"description": "the buildset holding the idempotency key: {\"bsid\": N, \"brids\": {...}, \"existing\": true}"}, "400": {"description": "bad submission or unknown builder"}, "401": {"description": "no or wrong token"}}
+        "responses": {"201": {"description": "a new buildset", "content": json_content(schema_ref("SubmitReply"))}, "200": {"description": "the buildset holding the idempotency key (existing: true)", "content": json_content(schema_ref("SubmitReply"))}, "400": error("bad submission or unknown builder"), "401": error("no or wrong token")}
     });
     paths.insert("/buildsets".into(), buildsets);
     let mut one = get(
         "a buildset with its sourcestamps and properties",
         &[id("buildset id")],
+        "buildsets",
     );
     one["post"] = rpc(
         "cancel, resubmit {all}, delete (a complete buildset with its builds)",
@@ -122,11 +217,16 @@ pub fn spec() -> Value {
         get(
             "a buildset's properties: name -> [value, source]",
             &[id("buildset id")],
+            "properties",
         ),
     );
     paths.insert(
         "/buildsets/{id}/sourcestamps".into(),
-        get("a buildset's sourcestamps", &[id("buildset id")]),
+        get(
+            "a buildset's sourcestamps",
+            &[id("buildset id")],
+            "sourcestamps",
+        ),
     );
     paths.insert(
         "/buildsets/{id}/buildrequests".into(),
@@ -141,11 +241,13 @@ pub fn spec() -> Value {
         get(
             "a buildset, its builds, and the buildsets they triggered, recursively",
             &[id("buildset id")],
+            "tree",
         ),
     );
     let mut stamps = get(
         "stored sourcestamps by id (identical stamps stored once)",
         &[],
+        "sourcestamps",
     );
     if let Some(params) = stamps["get"]["parameters"].as_array_mut() {
         params.push(
@@ -158,13 +260,13 @@ pub fn spec() -> Value {
     paths.insert("/sourcestamps".into(), stamps);
     paths.insert(
         "/sourcestamps/{id}".into(),
-        get("a sourcestamp", &[id("sourcestamp id")]),
+        get("a sourcestamp", &[id("sourcestamp id")], "sourcestamps"),
     );
     paths.insert(
         "/buildrequests".into(),
         list::<RequestField>("build requests", &[]),
     );
-    let mut one = get("a build request", &[id("request id")]);
+    let mut one = get("a build request", &[id("request id")], "buildrequests");
     one["post"] = rpc("cancel, set_priority {priority}", &[id("request id")]);
     paths.insert("/buildrequests/{id}".into(), one);
     paths.insert(
@@ -172,7 +274,7 @@ pub fn spec() -> Value {
         list::<BuildField>("a request's builds", &[id("request id")]),
     );
     paths.insert("/builds".into(), list::<BuildField>("builds", &[]));
-    let mut one = get("a build with its properties", &[id("build id")]);
+    let mut one = get("a build with its properties", &[id("build id")], "builds");
     one["post"] = rpc(
         "stop, rebuild, delete (a finished build)",
         &[id("build id")],
@@ -180,9 +282,13 @@ pub fn spec() -> Value {
     paths.insert("/builds/{id}".into(), one);
     paths.insert(
         "/builds/{id}/properties".into(),
-        get("a build's properties", &[id("build id")]),
+        get("a build's properties", &[id("build id")], "properties"),
     );
-    let mut logs = get("a build's log records, oldest first", &[id("build id")]);
+    let mut logs = get(
+        "a build's log records, oldest first",
+        &[id("build id")],
+        "logs",
+    );
     if let Some(params) = logs["get"]["parameters"].as_array_mut() {
         params.push(json!({"name": "level", "in": "query", "description": "debug, info, warning, error or critical: this level and above", "schema": {"type": "string"}}));
         params.push(json!({"name": "after", "in": "query", "description": "only records after this record id (a live tail)", "schema": {"type": "integer"}}));
@@ -191,27 +297,30 @@ pub fn spec() -> Value {
     paths.insert("/builds/{id}/logs".into(), logs);
     paths.insert(
         "/builds/{id}/log.txt".into(),
-        get(
+        get_as(
             "the whole log as plain text to download (TIME LEVEL message per line)",
             &[id("build id")],
+            json!({"text/plain": {"schema": {"type": "string"}}}),
         ),
     );
     paths.insert(
         "/builds/{id}/progress".into(),
-        get("a build's progress tree", &[id("build id")]),
+        get("a build's progress tree", &[id("build id")], "progress"),
     );
     paths.insert(
         "/builds/{id}/artifacts".into(),
         get(
             "the files a build left in its result directory, with download URLs",
             &[id("build id")],
+            "artifacts",
         ),
     );
     paths.insert(
         "/builds/{id}/artifacts/{path}".into(),
-        get(
+        get_as(
             "one artifact's content",
             &[id("build id"), path_param("path", "the artifact's path")],
+            json!({"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}),
         ),
     );
     paths.insert(
@@ -228,6 +337,7 @@ pub fn spec() -> Value {
     let mut one = get(
         "a builder, by id or name",
         &[path_param("builder", "id or name")],
+        "builders",
     );
     one["post"] = rpc(
         "pause (no master claims its requests; running builds finish), resume",
@@ -246,6 +356,7 @@ pub fn spec() -> Value {
         get(
             "the latest earlier build of the same builder with exactly SUCCESS and the same sourcestamps (zero or one)",
             &[id("build id")],
+            "builds",
         ),
     );
     paths.insert(
@@ -260,6 +371,7 @@ pub fn spec() -> Value {
                 path_param("builder", "id or name"),
                 path_param("number", "the build number"),
             ],
+            "builds",
         ),
     );
     paths.insert(
@@ -267,6 +379,7 @@ pub fn spec() -> Value {
         get(
             "schedules with their timing, last and next fire (not paged)",
             &[],
+            "schedules",
         ),
     );
     paths.insert(
@@ -274,9 +387,14 @@ pub fn spec() -> Value {
         get(
             "locks with their count, holding builds, taking builders and waiting requests (not paged)",
             &[],
+            "locks",
         ),
     );
-    let mut one = get("a schedule", &[path_param("name", "the schedule's name")]);
+    let mut one = get(
+        "a schedule",
+        &[path_param("name", "the schedule's name")],
+        "schedules",
+    );
     one["post"] = rpc(
         "force (fire now, whatever its timing)",
         &[path_param("name", "the schedule's name")],
@@ -286,18 +404,28 @@ pub fn spec() -> Value {
         "/masters".into(),
         list::<MasterField>("masters (engine processes)", &[]),
     );
-    paths.insert("/masters/{id}".into(), get("a master", &[id("master id")]));
+    paths.insert(
+        "/masters/{id}".into(),
+        get("a master", &[id("master id")], "masters"),
+    );
     paths.insert("/plugins".into(), json!({"post": {
         "summary": "upload a plugin component (?name=NAME, the .wasm as the body); accepted only if it fits one of Kiln's worlds; needs the bearer token",
         "security": [{"bearer": []}],
         "requestBody": {"required": true, "content": {"application/wasm": {}}},
-        "responses": {"201": {"description": "{\"name\", \"world\", \"package_versions\", \"size\"}"}, "400": {"description": "not a Kiln plugin, with the reasons"}, "401": {"description": "no or wrong token"}}
+        "responses": {"201": {"description": "the stored plugin", "content": json_content(json!({"type": "object", "required": ["name", "world", "size"], "properties": {"name": {"type": "string"}, "world": {"type": "string"}, "package_versions": {"type": "array", "items": {"type": "string"}}, "size": {"type": "integer"}}}))}, "400": error("not a Kiln plugin, with the reasons"), "401": error("no or wrong token")}
     }}));
     paths.insert("/events".into(), json!({"get": {
         "summary": "server-sent events: lifecycle events, build log and progress updates; named by kind",
-        "responses": {"200": {"description": "text/event-stream"}}
+        "responses": {"200": {"description": "the event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
     }}));
-    paths.insert("/openapi.json".into(), get("this document", &[]));
+    paths.insert(
+        "/openapi.json".into(),
+        get_as(
+            "this document",
+            &[],
+            json_content(json!({"type": "object"})),
+        ),
+    );
     json!({
         "openapi": "3.1.0",
         "info": {"title": "Kiln data API", "version": "2", "description": "Buildbot's data API shape: collections answer {\"<plural>\": [...], \"meta\": {\"total\": N}}; times are seconds since the Unix epoch; results are Buildbot's numbers (SUCCESS 0 .. CANCELLED 6)."},
@@ -305,28 +433,51 @@ pub fn spec() -> Value {
         "paths": paths,
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {"type": "object", "properties": {"error": {"type": "string"}}},
-                "Rpc": {"type": "object", "required": ["method"], "properties": {"jsonrpc": {"const": "2.0"}, "method": {"type": "string"}, "params": {"type": "object"}, "id": {}}},
-                "Submission": {"type": "object", "required": ["builders"], "properties": {
-                    "reason": {"type": "string"}, "builders": {"type": "array", "items": {"type": "string"}},
-                    "properties": {"type": "object", "description": "name -> value, or name -> [value, source]"},
-                    "sourcestamps": {"type": "array", "items": {"type": "object"}},
-                    "priority": {"type": "integer", "minimum": -1000, "maximum": 1000},
-                    "external_idstring": {"type": "string"},
-                    "idempotency_key": {"type": "string", "description": "as the Idempotency-Key header"},
-                    "not_before": {"type": "number", "description": "a delayed run: not claimable before this time (seconds since the epoch)"},
-                    "delay": {"type": "number", "minimum": 0, "description": "a delayed run: not claimable for this many seconds"}}},
-                "buildsets": collection_schema("buildsets", shapes::BUILDSET_FIELDS),
-                "buildrequests": collection_schema("buildrequests", shapes::REQUEST_FIELDS),
-                "builds": collection_schema("builds", shapes::BUILD_FIELDS),
-                "builders": collection_schema("builders", shapes::BUILDER_FIELDS),
-                "masters": collection_schema("masters", shapes::MASTER_FIELDS),
-            }
+            "schemas": schemas(),
         }
     })
 }
 
 pub async fn document() -> Json<Value> {
     Json(spec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::json as shapes;
+
+    #[test]
+    fn every_selectable_field_is_a_property_of_its_wire_schema_and_back() {
+        let schemas = schemas();
+        for (fields, name) in [
+            (shapes::BUILDSET_FIELDS, "Buildset"),
+            (shapes::REQUEST_FIELDS, "BuildRequest"),
+            (shapes::BUILD_FIELDS, "Build"),
+            (shapes::BUILDER_FIELDS, "Builder"),
+            (shapes::MASTER_FIELDS, "Master"),
+            (shapes::SCHEDULE_FIELDS, "Schedule"),
+            (shapes::LOCK_FIELDS, "Lock"),
+        ] {
+            let mut declared: Vec<&str> = schemas[name]["properties"]
+                .as_object()
+                .map(|p| p.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            declared.sort_unstable();
+            let mut selectable = fields.to_vec();
+            selectable.sort_unstable();
+            assert_eq!(declared, selectable, "{name}");
+            // Typed: no property is left as "anything" unless it holds free JSON.
+            for (property, schema) in schemas[name]["properties"]
+                .as_object()
+                .into_iter()
+                .flatten()
+            {
+                assert!(
+                    schema.as_object().is_some_and(|s| !s.is_empty()),
+                    "{name}.{property} has no type"
+                );
+            }
+        }
+    }
 }

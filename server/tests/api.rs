@@ -1347,3 +1347,173 @@ async fn buildsets_say_whether_they_run_and_a_build_log_downloads_as_text() -> R
     ensure!(s.get("/api/v2/builds/999999/log.txt").await?.status == StatusCode::NOT_FOUND);
     Ok(())
 }
+
+/// The OpenAPI document is valid for a real validator (openapi-spec-validator), and
+/// real answers of every JSON operation match the schemas it declares for them
+/// (openapi-schema-validator): the wire types and the document cannot drift. Without
+/// Python's validators the test says how to get them and passes; `.ci/run` installs
+/// them and sets KILN_OPENAPI_TESTS=1, which makes them required.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_validates_and_real_answers_match_its_schemas() -> Result<()> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openapi/validate.py");
+    let have = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import openapi_spec_validator, openapi_schema_validator",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        if std::env::var("KILN_OPENAPI_TESTS").is_ok_and(|v| v == "1") {
+            anyhow::bail!(
+                "KILN_OPENAPI_TESTS=1 but the validators are missing: pip install -r server/tests/openapi/requirements.txt"
+            );
+        }
+        eprintln!(
+            "skipping the OpenAPI validation; to run it: pip install -r server/tests/openapi/requirements.txt"
+        );
+        return Ok(());
+    }
+    let s = server().await?;
+    s.engine.define_lock("deploy", 2).await?;
+    s.engine
+        .register_schedule(kiln_engine::ScheduleConfig::cron(
+            "nightly",
+            "0 2 * * *",
+            "Europe/Rome",
+            kiln_engine::Submission::new("nightly").builder("compile"),
+        ))
+        .await?;
+    let submitted = s
+        .post(
+            "/api/v2/buildsets",
+            json!({"builders": ["compile"], "properties": {"version": "1.2"},
+                   "sourcestamps": [{"repository": "https://git.example/app", "branch": "main"}]}),
+            Some(TOKEN),
+        )
+        .await?;
+    let bsid = submitted.json["bsid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("{}", submitted.text))?;
+    s.run(&["compile"]).await?;
+    tokio::time::timeout(
+        GUARD,
+        s.engine.wait_buildset(kiln_engine::model::BuildsetId(bsid)),
+    )
+    .await??;
+    let builds = s.ok(&format!("/api/v2/buildsets/{bsid}/builds")).await?;
+    let bid = builds["builds"][0]["buildid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("{builds}"))?;
+    let brid = builds["builds"][0]["buildrequestid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("{builds}"))?;
+    let number = builds["builds"][0]["number"].clone();
+    let masterid = builds["builds"][0]["masterid"].clone();
+    let mut answers = vec![json!({
+        "template": "/buildsets", "path": "/buildsets", "method": "post", "status": "201",
+        "body": submitted.json,
+    })];
+    let gets = [
+        ("/buildsets", "/buildsets".to_owned()),
+        ("/buildsets/{id}", format!("/buildsets/{bsid}")),
+        (
+            "/buildsets/{id}/properties",
+            format!("/buildsets/{bsid}/properties"),
+        ),
+        (
+            "/buildsets/{id}/sourcestamps",
+            format!("/buildsets/{bsid}/sourcestamps"),
+        ),
+        (
+            "/buildsets/{id}/buildrequests",
+            format!("/buildsets/{bsid}/buildrequests"),
+        ),
+        (
+            "/buildsets/{id}/builds",
+            format!("/buildsets/{bsid}/builds"),
+        ),
+        ("/buildsets/{id}/tree", format!("/buildsets/{bsid}/tree")),
+        ("/sourcestamps", "/sourcestamps".to_owned()),
+        ("/sourcestamps/{id}", "/sourcestamps/1".to_owned()),
+        ("/buildrequests", "/buildrequests".to_owned()),
+        ("/buildrequests/{id}", format!("/buildrequests/{brid}")),
+        (
+            "/buildrequests/{id}/builds",
+            format!("/buildrequests/{brid}/builds"),
+        ),
+        ("/builds", "/builds".to_owned()),
+        ("/builds/{id}", format!("/builds/{bid}")),
+        (
+            "/builds/{id}/properties",
+            format!("/builds/{bid}/properties"),
+        ),
+        ("/builds/{id}/logs", format!("/builds/{bid}/logs")),
+        ("/builds/{id}/progress", format!("/builds/{bid}/progress")),
+        ("/builds/{id}/artifacts", format!("/builds/{bid}/artifacts")),
+        ("/builds/{id}/triggered", format!("/builds/{bid}/triggered")),
+        (
+            "/builds/{id}/previous_successful_build",
+            format!("/builds/{bid}/previous_successful_build"),
+        ),
+        ("/builders", "/builders".to_owned()),
+        ("/builders/{builder}", "/builders/compile".to_owned()),
+        (
+            "/builders/{builder}/builds",
+            "/builders/compile/builds".to_owned(),
+        ),
+        (
+            "/builders/{builder}/buildrequests",
+            "/builders/compile/buildrequests".to_owned(),
+        ),
+        (
+            "/builders/{builder}/builds/{number}",
+            format!("/builders/compile/builds/{number}"),
+        ),
+        ("/schedules", "/schedules".to_owned()),
+        ("/schedules/{name}", "/schedules/nightly".to_owned()),
+        ("/locks", "/locks".to_owned()),
+        ("/masters", "/masters".to_owned()),
+        ("/masters/{id}", format!("/masters/{masterid}")),
+    ];
+    for (template, path) in &gets {
+        let body = s.ok(&format!("/api/v2{path}")).await?;
+        answers.push(json!({"template": template, "path": path, "method": "get", "status": "200", "body": body}));
+    }
+    let missing = s.get("/api/v2/builds/999999").await?;
+    ensure!(missing.status == StatusCode::NOT_FOUND);
+    answers.push(json!({"template": "/builds/{id}", "path": "/builds/999999", "method": "get", "status": "404", "body": missing.json}));
+    let rpc = s
+        .rpc(
+            &format!("/api/v2/buildrequests/{brid}"),
+            "cancel",
+            json!({}),
+        )
+        .await?;
+    answers.push(json!({
+        "template": "/buildrequests/{id}", "path": format!("/buildrequests/{brid}"),
+        "method": "post", "status": rpc.status.as_u16().to_string(), "body": rpc.json,
+    }));
+
+    let dir = tempfile::tempdir()?;
+    let spec = dir.path().join("openapi.json");
+    let answers_file = dir.path().join("answers.json");
+    std::fs::write(&spec, s.ok("/api/v2/openapi.json").await?.to_string())?;
+    std::fs::write(&answers_file, Value::from(answers).to_string())?;
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&spec)
+        .arg(&answers_file)
+        .output()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(out.status.success(), "{said}");
+    ensure!(
+        said.contains("the document is valid; 33 answers checked, 0 mismatches"),
+        "{said}"
+    );
+    Ok(())
+}

@@ -88,6 +88,12 @@ pub async fn serve(args: &ServeArgs, db: &str) -> Result<ExitCode> {
             ..ServerConfig::default()
         },
     );
+    // Listening for SIGHUP starts before the line that says the server is up: a SIGHUP
+    // sent the moment that line appears must find the handler, not kill the process.
+    #[cfg(unix)]
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(not(unix))]
+    let hangups = None::<()>;
     println!(
         "kiln serve: dashboard at http://{address}/, API at http://{address}/api/v2 ({})",
         if args.token.is_some() {
@@ -98,6 +104,7 @@ pub async fn serve(args: &ServeArgs, db: &str) -> Result<ExitCode> {
     );
     let events = tokio::spawn(log_lifecycle(engine.clone()));
     let reloads = tokio::spawn(reload_on_hangup(
+        hangups,
         args.config.clone(),
         engine.clone(),
         reload_host,
@@ -152,14 +159,15 @@ async fn log_lifecycle(engine: Arc<Engine>) {
 /// the reporters keep what they had until a restart (said in the log). Never fatal: a
 /// file that does not load leaves everything as it was.
 async fn reload_on_hangup(
+    #[cfg(unix)] hangups: Option<tokio::signal::unix::Signal>,
+    #[cfg(not(unix))] hangups: Option<()>,
     config: Option<std::path::PathBuf>,
     engine: Arc<Engine>,
     host: Arc<WasmHost>,
 ) {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        let Some(mut hangups) = hangups else {
             tracing::warn!("cannot listen for SIGHUP; reload by restarting");
             return;
         };
@@ -179,7 +187,7 @@ async fn reload_on_hangup(
     }
     #[cfg(not(unix))]
     {
-        let _ = (config, engine, host);
+        let _ = (hangups, config, engine, host);
     }
 }
 
