@@ -507,14 +507,14 @@ function connect() {
     source.addEventListener(kind, refresh);
   }
   source.addEventListener("build_log", e => {
-    const { build_id } = JSON.parse(e.data);
+    const { buildid } = JSON.parse(e.data);
     const here = r();
-    if (here.page === "build" && here.id === build_id) tailLog(build_id);
+    if (here.page === "build" && here.id === buildid) tailLog(buildid);
   });
   source.addEventListener("build_progress", e => {
-    const { build_id } = JSON.parse(e.data);
+    const { buildid } = JSON.parse(e.data);
     const here = r();
-    if (here.page === "build" && here.id === build_id) liveProgress(build_id);
+    if (here.page === "build" && here.id === buildid) liveProgress(buildid);
   });
 }
 

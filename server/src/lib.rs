@@ -15,6 +15,7 @@ mod api;
 mod control;
 mod dashboard;
 mod error;
+mod journal;
 mod json;
 mod openapi;
 mod ops;
@@ -49,6 +50,10 @@ pub const MAX_PAGE: u32 = 1_000;
 /// The most nodes (buildsets and builds) `/buildsets/{id}/tree` returns; a larger tree
 /// is cut there and says so (`"truncated": true`).
 pub const MAX_TREE_NODES: usize = 5_000;
+/// How many of the latest events the event stream keeps for clients that resume
+/// (`Last-Event-ID`): a browser that lost its connection for a few seconds on a busy
+/// server finds what it missed; one gone longer is told to re-read (`lagged`).
+pub const REPLAY_EVENTS: usize = 4_096;
 /// The most bytes one raw log download (`/builds/{id}/log.txt`) carries: a sandboxed
 /// build writes at most 4 MiB of log by default, a Rust job may write more; past this
 /// the text ends with a line saying it was cut.
@@ -81,6 +86,8 @@ pub struct ServerConfig {
     pub max_plugin_bytes: usize,
     /// See [`MAX_RAW_LOG_BYTES`].
     pub max_raw_log_bytes: usize,
+    /// See [`REPLAY_EVENTS`].
+    pub replay_events: usize,
     /// Connections, timeouts and request sizes.
     pub connections: ConnectionLimits,
 }
@@ -97,6 +104,7 @@ impl Default for ServerConfig {
             max_log_records: MAX_LOG_RECORDS,
             max_plugin_bytes: MAX_PLUGIN_BYTES,
             max_raw_log_bytes: MAX_RAW_LOG_BYTES,
+            replay_events: REPLAY_EVENTS,
             connections: ConnectionLimits::default(),
         }
     }
@@ -111,16 +119,20 @@ pub struct AppState {
     /// Set when the server stops: event streams end, so that a graceful shutdown does
     /// not wait for browsers that would otherwise listen forever.
     stopping: Arc<tokio::sync::watch::Sender<bool>>,
+    /// The event stream's numbered events, for clients that resume.
+    pub(crate) journal: Arc<journal::Journal>,
 }
 
 impl AppState {
     /// State over a running engine and the WASM host that checks uploaded plugins.
     pub fn new(engine: Arc<Engine>, host: Arc<WasmHost>, config: ServerConfig) -> Self {
+        let journal = journal::Journal::start(&engine, config.replay_events);
         AppState {
             engine,
             host,
             config: Arc::new(config),
             stopping: Arc::new(tokio::sync::watch::channel(false).0),
+            journal,
         }
     }
 

@@ -146,6 +146,7 @@ fn schemas() -> Map<String, Value> {
     component::<wire::SubmitReply>(&mut schemas);
     component::<wire::RpcReply>(&mut schemas);
     component::<wire::RpcError>(&mut schemas);
+    component::<wire::StreamEvent>(&mut schemas);
     component::<wire::Meta>(&mut schemas);
     for (plural, item) in [
         ("buildsets", "Buildset"),
@@ -415,7 +416,12 @@ pub fn spec() -> Value {
         "responses": {"201": {"description": "the stored plugin", "content": json_content(json!({"type": "object", "required": ["name", "world", "size"], "properties": {"name": {"type": "string"}, "world": {"type": "string"}, "package_versions": {"type": "array", "items": {"type": "string"}}, "size": {"type": "integer"}}}))}, "400": error("not a Kiln plugin, with the reasons"), "401": error("no or wrong token")}
     }}));
     paths.insert("/events".into(), json!({"get": {
-        "summary": "server-sent events: lifecycle events, build log and progress updates; named by kind",
+        "summary": "server-sent events in the API's vocabulary (data: a StreamEvent), named by kind and numbered; send Last-Event-ID (or last_event_id=) to resume after the last one seen",
+        "parameters": [
+            {"name": "Last-Event-ID", "in": "header", "required": false, "description": "resume after this event", "schema": {"type": "integer"}},
+            {"name": "last_event_id", "in": "query", "required": false, "description": "as Last-Event-ID, for clients that cannot set headers", "schema": {"type": "integer"}},
+            {"name": "access_token", "in": "query", "required": false, "description": "the token, where reads are private (EventSource cannot send headers)", "schema": {"type": "string"}},
+        ],
         "responses": {"200": {"description": "the event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
     }}));
     paths.insert(

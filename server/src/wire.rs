@@ -358,3 +358,106 @@ pub struct RpcErrorDetail {
     /// What was wrong, in words.
     pub message: String,
 }
+
+/// One event of `/api/v2/events`, in the API's vocabulary: the SSE event's name is
+/// `event`, its `id:` a number to resume after (`Last-Event-ID`), its data this object.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum StreamEvent {
+    /// A buildset was submitted through this server's engine.
+    BuildsetSubmitted {
+        /// The buildset.
+        bsid: i64,
+        /// Its reason.
+        reason: String,
+        /// Its requests by builder name.
+        brids: BTreeMap<String, i64>,
+    },
+    /// A build started.
+    BuildStarted {
+        /// The build.
+        buildid: i64,
+        /// Its number on its builder.
+        number: i64,
+        /// The builder's name.
+        builder: String,
+        /// Its request.
+        buildrequestid: i64,
+        /// Its buildset.
+        bsid: i64,
+    },
+    /// A build finished.
+    BuildFinished {
+        /// The build.
+        buildid: i64,
+        /// Its number on its builder.
+        number: i64,
+        /// The builder's name.
+        builder: String,
+        /// Its request.
+        buildrequestid: i64,
+        /// Its buildset.
+        bsid: i64,
+        /// Its result (Buildbot's number).
+        results: i64,
+    },
+    /// A request completed without a build.
+    RequestCompleted {
+        /// The request.
+        buildrequestid: i64,
+        /// Its result.
+        results: i64,
+    },
+    /// A buildset completed.
+    BuildsetComplete {
+        /// The buildset.
+        bsid: i64,
+        /// The worst result of its requests.
+        results: i64,
+    },
+    /// A running build wrote log records.
+    BuildLog {
+        /// The build.
+        buildid: i64,
+        /// How many.
+        records: i64,
+    },
+    /// A running build reported progress or changed its state string.
+    BuildProgress {
+        /// The build.
+        buildid: i64,
+    },
+    /// A reporter's delivery moved on.
+    ReporterProgress {
+        /// The reporter.
+        reporter: String,
+        /// The last outbox seq it dealt with.
+        cursor: i64,
+        /// Events delivered since the last progress event.
+        delivered: i64,
+        /// Events given up on since then.
+        dropped: i64,
+        /// The latest delivery error.
+        last_error: Option<String>,
+    },
+    /// Events every reporter had dealt with were deleted from the outbox.
+    OutboxPruned {
+        /// How many.
+        events: i64,
+    },
+    /// A silent master was expired; its requests went back to the queue.
+    MasterExpired {
+        /// The master.
+        masterid: i64,
+        /// Its name.
+        name: String,
+        /// The requests released.
+        brids: Vec<i64>,
+    },
+    /// The client missed events (it fell behind, or resumed after what the server still
+    /// holds): re-read what it shows.
+    Lagged {
+        /// How many it missed, where known.
+        missed: i64,
+    },
+}

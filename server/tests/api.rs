@@ -803,7 +803,64 @@ async fn the_event_stream_carries_lifecycle_log_and_progress_events() -> Result<
         );
     }
     ensure!(seen.contains("\"event\":\"build_finished\""));
+    // The API's vocabulary: buildid and bsid, results as numbers; every event numbered.
+    ensure!(
+        seen.contains("\"buildid\":")
+            && seen.contains("\"bsid\":")
+            && seen.contains("\"results\":0"),
+        "{seen}"
+    );
+    ensure!(
+        !seen.contains("build_id") && !seen.contains("buildset_id"),
+        "{seen}"
+    );
+    let ids: Vec<u64> = seen
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: ")?.trim().parse().ok())
+        .collect();
+    ensure!(
+        !ids.is_empty() && ids.windows(2).all(|w| w[0] < w[1]),
+        "{ids:?}"
+    );
+
+    // Resumed after the first event: everything after it comes again, in order, and
+    // nothing before it.
+    let first = ids[0];
+    let resumed = s
+        .app
+        .clone()
+        .oneshot(
+            Request::get("/api/v2/events")
+                .header("Last-Event-ID", first.to_string())
+                .body(Body::empty())?,
+        )
+        .await?;
+    let mut body = resumed.into_body();
+    let mut again = String::new();
+    tokio::time::timeout(GUARD, async {
+        while !again.contains("event: buildset_complete") {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        again.push_str(&String::from_utf8_lossy(data));
+                    }
+                }
+                _ => break,
+            }
+        }
+    })
+    .await?;
+    let replayed: Vec<u64> = again
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: ")?.trim().parse().ok())
+        .collect();
+    ensure!(
+        replayed.first() == Some(&(first + 1)) && !replayed.contains(&first),
+        "{replayed:?} after {first}"
+    );
     let bad = s.get("/api/v2/events?since=1").await?;
+    ensure!(bad.status == StatusCode::BAD_REQUEST);
+    let bad = s.get("/api/v2/events?last_event_id=x").await?;
     ensure!(bad.status == StatusCode::BAD_REQUEST);
     Ok(())
 }
