@@ -115,7 +115,7 @@ async fn listing_and_showing_work_in_tables_and_json() -> Result<()> {
 
     let buildsets = kiln(&db, &["list", "buildsets", "--json"])?.ok()?.json()?;
     ensure!(
-        buildsets["buildsets"][0]["results"] == "FAILURE",
+        buildsets["buildsets"][0]["results"] == 2 && buildsets["meta"]["total"] == 1,
         "{buildsets}"
     );
 
@@ -129,7 +129,7 @@ async fn listing_and_showing_work_in_tables_and_json() -> Result<()> {
         .ok()?
         .json()?;
     ensure!(
-        build["builder"] == "ok" && build["properties"]["made"]["source"] == "ok-job",
+        build["builder"] == "ok" && build["builds"][0]["properties"]["made"][1] == "ok-job",
         "{build}"
     );
     ensure!(build["progress"]["children"][0]["name"] == "stage");
@@ -210,7 +210,7 @@ async fn submit_cancel_and_rebuild_change_the_database() -> Result<()> {
         "--json",
     ];
     let submitted = kiln(&db, &args)?.ok()?.json()?;
-    let buildset = submitted["buildset_id"]
+    let buildset = submitted["bsid"]
         .as_i64()
         .ok_or_else(|| anyhow!("{submitted}"))?;
     let queued = kiln(
@@ -236,12 +236,12 @@ async fn submit_cancel_and_rebuild_change_the_database() -> Result<()> {
         .ok()?
         .json()?;
     ensure!(
-        shown["properties"]["tags"]["value"] == json!(["a", "b"])
-            && shown["properties"]["n"]["source"] == "cli"
+        shown["buildsets"][0]["properties"]["tags"][0] == json!(["a", "b"])
+            && shown["buildsets"][0]["properties"]["n"][1] == "cli"
     );
-    ensure!(shown["sourcestamps"][0]["branch"] == "dev");
+    ensure!(shown["buildsets"][0]["sourcestamps"][0]["branch"] == "dev");
 
-    let idle = submitted["requests"]["idle"]
+    let idle = submitted["brids"]["idle"]
         .as_i64()
         .ok_or_else(|| anyhow!("{submitted}"))?;
     let cancelled = kiln(&db, &["cancel", "request", &idle.to_string(), "--json"])?
@@ -255,21 +255,22 @@ async fn submit_cancel_and_rebuild_change_the_database() -> Result<()> {
     .ok()?
     .json()?;
     ensure!(
-        rest["buildsets_completed"][0]["results"] == "CANCELLED",
+        rest["buildsets_completed"][0]["results"] == 6
+            && rest["buildsets_completed"][0]["bsid"] == buildset,
         "{rest}"
     );
     let again = kiln(&db, &["cancel", "buildset", &buildset.to_string()])?.ok()?;
     ensure!(again.stdout.contains("nothing to cancel"));
 
     let rebuilt = kiln(&db, &["rebuild", "fail/1", "--json"])?.ok()?.json()?;
-    let id = rebuilt["buildset_id"]
+    let id = rebuilt["bsid"]
         .as_i64()
         .ok_or_else(|| anyhow!("{rebuilt}"))?;
     let new = kiln(&db, &["show", "buildset", &id.to_string(), "--json"])?
         .ok()?
         .json()?;
     ensure!(
-        new["buildset"]["rebuilt_buildid"].is_i64()
+        new["buildsets"][0]["rebuilt_buildid"].is_i64()
             && new["buildrequests"][0]["complete"] == json!(false)
     );
     Ok(())
@@ -287,9 +288,9 @@ async fn pause_resume_and_an_idempotency_key_are_kept_in_the_database() -> Resul
     let listed = kiln(&db, &["list", "builders", "--json"])?.ok()?.json()?;
     let idle = listed["builders"]
         .as_array()
-        .and_then(|b| b.iter().find(|b| b["builder"]["name"] == "idle"))
+        .and_then(|b| b.iter().find(|b| b["name"] == "idle"))
         .ok_or_else(|| anyhow!("{listed}"))?;
-    ensure!(idle["builder"]["paused"] == true, "{listed}");
+    ensure!(idle["paused"] == true, "{listed}");
     let table = kiln(&db, &["list", "builders"])?.ok()?;
     ensure!(table.stdout.contains("paused"), "{}", table.stdout);
     let resumed = kiln(&db, &["resume", "idle", "--json"])?.ok()?.json()?;
@@ -310,17 +311,14 @@ async fn pause_resume_and_an_idempotency_key_are_kept_in_the_database() -> Resul
         first["existing"] == false && second["existing"] == true,
         "{second}"
     );
-    ensure!(
-        first["buildset_id"] == second["buildset_id"],
-        "{first} {second}"
-    );
+    ensure!(first["bsid"] == second["bsid"], "{first} {second}");
     let later = kiln(
         &db,
         &["submit", "-b", "idle", "--not-before", "2h", "--json"],
     )?
     .ok()?
     .json()?;
-    let request = later["requests"]["idle"]
+    let request = later["brids"]["idle"]
         .as_i64()
         .ok_or_else(|| anyhow!("{later}"))?;
     let shown = kiln(&db, &["show", "request", &request.to_string(), "--json"])?
@@ -354,9 +352,8 @@ async fn pause_resume_and_an_idempotency_key_are_kept_in_the_database() -> Resul
     let finished = kiln(&db, &["list", "buildsets", "--complete", "true", "--json"])?
         .ok()?
         .json()?;
-    let bsid = finished["buildsets"][0]["id"]
+    let bsid = finished["buildsets"][0]["bsid"]
         .as_i64()
-        .or_else(|| finished["buildsets"][0]["bsid"].as_i64())
         .ok_or_else(|| anyhow!("{finished}"))?;
     let deleted = kiln(&db, &["delete", "buildset", &bsid.to_string(), "--json"])?
         .ok()?
@@ -518,7 +515,7 @@ fn the_example_pipeline_runs_and_its_builds_are_in_the_database() -> Result<()> 
         .ok()?
         .json()?;
     ensure!(
-        inspect["build"]["return_value"]["env"] == json!({"PIPELINE": "example"}),
+        inspect["builds"][0]["return_value"]["env"] == json!({"PIPELINE": "example"}),
         "{inspect}"
     );
     let builds = kiln(&db, &["list", "builds", "--json"])?.ok()?.json()?;
@@ -531,7 +528,7 @@ fn the_example_pipeline_runs_and_its_builds_are_in_the_database() -> Result<()> 
     let fan_out = kiln(&db, &["show", "build", "fan-out/1", "--json"])?
         .ok()?
         .json()?;
-    let rv = &fan_out["build"]["return_value"];
+    let rv = &fan_out["builds"][0]["return_value"];
     ensure!(
         rv["verdict"] == "SUCCESS" && rv["children"].as_array().map(Vec::len) == Some(3),
         "{rv}"
@@ -540,7 +537,7 @@ fn the_example_pipeline_runs_and_its_builds_are_in_the_database() -> Result<()> 
     let summary = kiln(&db, &["show", "build", "summary/1", "--json"])?
         .ok()?
         .json()?;
-    let args = &summary["build"]["return_value"];
+    let args = &summary["builds"][0]["return_value"];
     ensure!(
         args[0] == "artifacts wrote" && args[1].as_array().is_some_and(|w| w.len() == 4),
         "{args}"
@@ -567,14 +564,10 @@ fn the_example_pipeline_runs_and_its_builds_are_in_the_database() -> Result<()> 
     let list = kiln(&db, &["list", "builders", "--json"])?.ok()?.json()?;
     let status = list["builders"]
         .as_array()
-        .and_then(|b| {
-            b.iter()
-                .find(|x| x["builder"]["name"] == "summary")
-                .cloned()
-        })
+        .and_then(|b| b.iter().find(|x| x["name"] == "summary").cloned())
         .ok_or_else(|| anyhow::anyhow!("no summary builder"))?;
     ensure!(
-        status["status"] == "success" && status["builder"]["depends_on"] == json!(["artifacts"]),
+        status["status"] == "success" && status["depends_on"] == json!(["artifacts"]),
         "{status}"
     );
     Ok(())
@@ -659,7 +652,7 @@ builders = ["good", "bad"]
     let db = dir.path().join("kiln.db");
     let again = kiln(&db, &["resubmit", "1", "--json"])?.ok()?.json()?;
     ensure!(
-        again["requests"]
+        again["brids"]
             .as_object()
             .map(|r| r.keys().cloned().collect::<Vec<_>>())
             == Some(vec!["bad".to_owned()]),
@@ -697,13 +690,13 @@ builders = ["good", "bad", "bomb"]
     let run = kiln_in(dir.path(), &["run", "p.toml", "--json"])?;
     ensure!(run.code == 1, "exit {}: {}", run.code, run.stderr);
     let summary = run.json()?;
-    ensure!(summary["results"] == "EXCEPTION", "{summary}");
+    ensure!(summary["results"] == 4, "{summary}");
     let by_builder = |name: &str| {
         summary["builds"]
             .as_array()
             .and_then(|b| b.iter().find(|x| x["builder"] == name).cloned())
     };
-    ensure!(by_builder("good").is_some_and(|b| b["build"]["results"] == "SUCCESS"));
+    ensure!(by_builder("good").is_some_and(|b| b["build"]["results"] == 0));
     ensure!(by_builder("bad").is_some_and(|b| b["build"]["error"] == "broken on purpose"));
     ensure!(by_builder("bomb").is_some_and(|b| {
         b["build"]["error"]
@@ -1033,7 +1026,7 @@ catch_up = "all"
         table.stdout
     );
     let fired = kiln(&db, &["fire", "nightly", "--json"])?.ok()?.json()?;
-    ensure!(fired["buildset_id"].is_i64(), "{fired}");
+    ensure!(fired["bsid"].is_i64(), "{fired}");
     kiln(&db, &["fire", "nobody"])?.fails_with("not found")?;
 
     std::fs::write(
@@ -1218,7 +1211,7 @@ builders = ["one", "two"]
     let locks = listed["locks"].as_array().cloned().unwrap_or_default();
     ensure!(locks.len() == 2, "{listed}");
     ensure!(
-        locks[0]["name"] == "db" && locks[0]["capacity"] == 3,
+        locks[0]["name"] == "db" && locks[0]["count"] == 3,
         "{listed}"
     );
     ensure!(
@@ -1322,19 +1315,19 @@ builders = ["granted", "ungranted"]
         let id = builders["builders"]
             .as_array()?
             .iter()
-            .find(|b| b["builder"]["name"] == name)?["builder"]["id"]
+            .find(|b| b["name"] == name)?["builderid"]
             .clone();
         builds["builds"]
             .as_array()?
             .iter()
-            .find(|b| b["builder_id"] == id)
+            .find(|b| b["builderid"] == id)
             .cloned()
     };
     let granted = by("granted").ok_or_else(|| anyhow::anyhow!("{builds}"))?;
     let ungranted = by("ungranted").ok_or_else(|| anyhow::anyhow!("{builds}"))?;
-    ensure!(granted["results"] == "FAILURE", "{granted}");
+    ensure!(granted["results"] == 2, "{granted}");
     ensure!(
-        ungranted["results"] == "EXCEPTION"
+        ungranted["results"] == 4
             && ungranted["error"].as_str().is_some_and(
                 |e| e.contains(&format!("outbound HTTP to 127.0.0.1:{port} was refused"))
             ),
@@ -1374,10 +1367,7 @@ fn submitting_to_a_builder_nobody_serves_says_so() -> Result<()> {
         listed.stdout
     );
     let listed = kiln(&db, &["list", "builders", "--json"])?.ok()?.json()?;
-    ensure!(
-        listed["builders"][0]["builder"]["served"] == false,
-        "{listed}"
-    );
+    ensure!(listed["builders"][0]["served"] == false, "{listed}");
     Ok(())
 }
 
@@ -1419,7 +1409,11 @@ kwargs = { message = "broken on purpose" }
     );
     let bad = kiln(&db, &["submit", "-b", "bad", "--wait", "--json"])?;
     ensure!(bad.code == 1, "exit {}: {}", bad.code, bad.stderr);
-    ensure!(bad.json()?["results"] == "FAILURE", "{}", bad.stdout);
+    ensure!(
+        bad.json()?["buildsets"][0]["results"] == 2,
+        "{}",
+        bad.stdout
+    );
 
     // Followed from the start of a running build to its end.
     kiln(&db, &["submit", "-b", "slow"])?.ok()?;
@@ -1506,9 +1500,9 @@ fn sighup_reloads_the_pipeline_file_and_a_broken_file_changes_nothing() -> Resul
     let builders = kiln(&db, &["list", "builders", "--json"])?.ok()?.json()?;
     let added = builders["builders"]
         .as_array()
-        .and_then(|b| b.iter().find(|x| x["builder"]["name"] == "added").cloned())
+        .and_then(|b| b.iter().find(|x| x["name"] == "added").cloned())
         .ok_or_else(|| anyhow::anyhow!("{builders}"))?;
-    ensure!(added["builder"]["served"] == true, "{added}");
+    ensure!(added["served"] == true, "{added}");
     let locks = kiln(&db, &["list", "locks", "--json"])?.ok()?.json()?;
     ensure!(locks["locks"][0]["name"] == "deploy", "{locks}");
     let ran = kiln(&db, &["submit", "-b", "added", "--wait"])?;
@@ -1567,5 +1561,74 @@ fn a_first_compile_says_so_and_a_cached_run_does_not() -> Result<()> {
     );
     let again = run()?.ok()?;
     ensure!(!again.stderr.contains("compiling"), "{}", again.stderr);
+    Ok(())
+}
+
+/// One vocabulary: what `--json` prints of builds, buildsets, requests and builders is,
+/// entity for entity, what the API answers (Buildbot's ids, results as numbers, epoch
+/// seconds).
+#[test]
+fn the_cli_json_and_the_api_say_the_same_of_every_entity() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pipeline = dir.path().join("served.toml");
+    std::fs::write(
+        &pipeline,
+        "[[builder]]\nname = \"good\"\nplugin = \"bundled:echo\"\nargs = [1]\n\n[[builder]]\nname = \"bad\"\nplugin = \"bundled:fail\"\n",
+    )?;
+    let served = Served::start(dir.path(), &pipeline)?;
+    let db = dir.path().join("kiln.db");
+    kiln(&db, &["submit", "-b", "good", "-b", "bad", "--wait"])?;
+    for (cli, api, plural, id) in [
+        (
+            vec!["list", "builds", "--json"],
+            "/api/v2/builds",
+            "builds",
+            "buildid",
+        ),
+        (
+            vec!["list", "buildsets", "--json"],
+            "/api/v2/buildsets",
+            "buildsets",
+            "bsid",
+        ),
+        (
+            vec!["list", "requests", "--json"],
+            "/api/v2/buildrequests",
+            "buildrequests",
+            "buildrequestid",
+        ),
+        (
+            vec!["list", "builders", "--json"],
+            "/api/v2/builders",
+            "builders",
+            "builderid",
+        ),
+    ] {
+        let from_cli = kiln(&db, &cli)?.ok()?.json()?;
+        let (status, body) = http_get(&served.address, api)?;
+        ensure!(status.contains("200"), "{api}: {status}");
+        let from_api: Value = serde_json::from_str(&body)?;
+        let by_id = |v: &Value| -> std::collections::BTreeMap<i64, Value> {
+            v[plural]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    let mut e = e.clone();
+                    // The API adds where a buildset is; the listing is the same otherwise.
+                    if let Some(o) = e.as_object_mut() {
+                        o.remove("state");
+                    }
+                    Some((e[id].as_i64()?, e))
+                })
+                .collect()
+        };
+        let (a, b) = (by_id(&from_cli), by_id(&from_api));
+        ensure!(!a.is_empty(), "{plural}: {from_cli}");
+        ensure!(
+            a == b,
+            "{plural}: the CLI says {from_cli}\nthe API says {from_api}"
+        );
+    }
     Ok(())
 }

@@ -172,22 +172,13 @@ pub async fn submit(
         submission.properties.insert(name, property);
     }
     let submitted = s.engine.submit(&submission).await?;
-    let brids: BTreeMap<&String, i64> = submitted.requests.iter().map(|(k, v)| (k, v.0)).collect();
     // 201 for a new buildset; 200 with `existing` for the one that holds the key.
     let status = if submitted.existing {
         StatusCode::OK
     } else {
         StatusCode::CREATED
     };
-    Ok((
-        status,
-        Json(crate::json::value(crate::wire::SubmitReply {
-            bsid: submitted.buildset_id.0,
-            brids: brids.into_iter().map(|(k, v)| (k.clone(), v)).collect(),
-            existing: submitted.existing,
-            unserved: submitted.unserved.clone(),
-        })),
-    ))
+    Ok((status, Json(crate::json::submitted(&submitted))))
 }
 
 #[derive(Deserialize)]

@@ -1,6 +1,8 @@
 //! Entities as the API shows them, in Buildbot's spelling (`bsid`, `buildrequestid`,
 //! `builderid`, ...): times are seconds since the Unix epoch, results are Buildbot's
-//! numbers.
+//! numbers. The engine's types go through here into [`crate::wire`]'s; the command
+//! line's `--json` uses the same functions, so that the API, its event stream and the
+//! CLI speak one vocabulary.
 
 use kiln_engine::model::{
     Build, BuildRequest, Builder, BuilderStatus, Buildset, Master, Properties, ResultCode,
@@ -304,6 +306,21 @@ pub fn lock(l: &kiln_engine::model::Lock) -> Value {
             .collect(),
         waiting: l.waiting,
     })
+}
+
+/// What a submit made, as `POST /buildsets` answers.
+pub fn submitted(s: &kiln_engine::Submitted) -> Value {
+    value(wire::SubmitReply {
+        bsid: s.buildset_id.0,
+        brids: s.requests.iter().map(|(k, v)| (k.clone(), v.0)).collect(),
+        existing: s.existing,
+        unserved: s.unserved.clone(),
+    })
+}
+
+/// A result as Buildbot's number.
+pub fn result_number(r: Option<ResultCode>) -> Value {
+    json!(results(r))
 }
 
 /// One log record.

@@ -16,7 +16,7 @@ mod control;
 mod dashboard;
 mod error;
 mod journal;
-mod json;
+pub mod json;
 mod openapi;
 mod ops;
 pub mod query;

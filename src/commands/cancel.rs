@@ -13,10 +13,14 @@ pub(super) async fn cancel(client: &Client, out: &Out, what: CancelWhat) -> Resu
         CancelWhat::Request { id } => client.cancel_request(RequestId(id)).await?,
         CancelWhat::Buildset { id } => client.cancel_buildset(BuildsetId(id)).await?,
     };
+    // The API's vocabulary: request ids, bsid, results as Buildbot's numbers.
     let value = json!({
-        "cancelled": outcome.completed,
-        "stopping": outcome.flagged,
-        "buildsets_completed": outcome.buildsets_completed.iter().map(|b| json!({"buildset": b.buildset_id, "results": b.results})).collect::<Vec<_>>(),
+        "cancelled": outcome.completed.iter().map(|r| r.0).collect::<Vec<_>>(),
+        "stopping": outcome.flagged.iter().map(|r| r.0).collect::<Vec<_>>(),
+        "buildsets_completed": outcome.buildsets_completed.iter().map(|b| json!({
+            "bsid": b.buildset_id.0,
+            "results": kiln_server::json::result_number(Some(b.results)),
+        })).collect::<Vec<_>>(),
     });
     out.emit(&value, || {
         if outcome.completed.is_empty() && outcome.flagged.is_empty() {

@@ -8,9 +8,10 @@ use kiln_engine::storage::{
 };
 use serde_json::json;
 
-use super::{Out, builder_names, builds_table, name_of, request_status};
+use super::{Out, builder_names, builds_table, listed, name_of, request_status};
 use crate::cli::{ClaimState, ListWhat};
 use crate::render::{self, Table};
+use kiln_server::json as wire;
 
 /// The id of an optional builder filter given by name.
 async fn builder_id(
@@ -52,21 +53,24 @@ pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<(
                 ..Default::default()
             };
             let buildsets = client.buildsets(&filter).await?;
-            out.emit(&json!({ "buildsets": buildsets }), || {
-                let mut table =
-                    Table::new(&["id", "status", "results", "reason", "submitted", "duration"]);
-                for bs in &buildsets {
-                    table.row(vec![
-                        bs.id.to_string(),
-                        if bs.complete { "complete" } else { "running" }.into(),
-                        render::results(bs.results),
-                        bs.reason.clone(),
-                        render::time(bs.submitted_at),
-                        render::duration(bs.submitted_at, bs.complete_at),
-                    ]);
-                }
-                table.print();
-            })
+            out.emit(
+                &listed("buildsets", buildsets.iter().map(wire::buildset)),
+                || {
+                    let mut table =
+                        Table::new(&["id", "status", "results", "reason", "submitted", "duration"]);
+                    for bs in &buildsets {
+                        table.row(vec![
+                            bs.id.to_string(),
+                            if bs.complete { "complete" } else { "running" }.into(),
+                            render::results(bs.results),
+                            bs.reason.clone(),
+                            render::time(bs.submitted_at),
+                            render::duration(bs.submitted_at, bs.complete_at),
+                        ]);
+                    }
+                    table.print();
+                },
+            )
         }
         ListWhat::Requests {
             builder,
@@ -109,29 +113,32 @@ pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<(
             };
             let requests = client.requests(&filter).await?;
             let names = builder_names(client).await?;
-            out.emit(&json!({ "buildrequests": requests }), || {
-                let mut table = Table::new(&[
-                    "id",
-                    "buildset",
-                    "builder",
-                    "priority",
-                    "status",
-                    "results",
-                    "submitted",
-                ]);
-                for r in &requests {
-                    table.row(vec![
-                        r.id.to_string(),
-                        r.buildset_id.to_string(),
-                        name_of(&names, r.builder_id.0),
-                        r.priority.to_string(),
-                        request_status(r),
-                        render::results(r.results),
-                        render::time(r.submitted_at),
+            out.emit(
+                &listed("buildrequests", requests.iter().map(wire::request)),
+                || {
+                    let mut table = Table::new(&[
+                        "id",
+                        "buildset",
+                        "builder",
+                        "priority",
+                        "status",
+                        "results",
+                        "submitted",
                     ]);
-                }
-                table.print();
-            })
+                    for r in &requests {
+                        table.row(vec![
+                            r.id.to_string(),
+                            r.buildset_id.to_string(),
+                            name_of(&names, r.builder_id.0),
+                            r.priority.to_string(),
+                            request_status(r),
+                            render::results(r.results),
+                            render::time(r.submitted_at),
+                        ]);
+                    }
+                    table.print();
+                },
+            )
         }
         ListWhat::Builds {
             builder,
@@ -152,7 +159,7 @@ pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<(
             };
             let builds = client.builds(&filter).await?;
             let names = builder_names(client).await?;
-            out.emit(&json!({ "builds": builds }), || {
+            out.emit(&listed("builds", builds.iter().map(wire::build)), || {
                 builds_table(&names, &builds).print()
             })
         }
@@ -162,13 +169,9 @@ pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<(
             for b in &builders {
                 let latest = client.latest_successful_build(b.id).await?;
                 let status = client.builder_status(b).await?;
-                rows.push(json!({
-                    "builder": b,
-                    "status": status,
-                    "latest_successful_build": latest.as_ref().map(|l| l.id),
-                }));
+                rows.push(wire::builder(b, status, latest.as_ref()));
             }
-            out.emit(&json!({ "builders": rows }), || {
+            out.emit(&listed("builders", rows.iter().cloned()), || {
                 let mut table = Table::new(&[
                     "id",
                     "name",
@@ -178,7 +181,7 @@ pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<(
                     "description",
                 ]);
                 for (b, row) in builders.iter().zip(&rows) {
-                    let latest = row["latest_successful_build"]
+                    let latest = row["latest_successful_buildid"]
                         .as_i64()
                         .map(|id| format!("build {id}"));
                     let mut status = row["status"].as_str().unwrap_or_default().replace('_', " ");
@@ -202,7 +205,7 @@ pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<(
         }
         ListWhat::Masters => {
             let masters = client.masters().await?;
-            out.emit(&json!({ "masters": masters }), || {
+            out.emit(&listed("masters", masters.iter().map(wire::master)), || {
                 let mut table = Table::new(&["id", "name", "active", "last heartbeat"]);
                 for m in &masters {
                     table.row(vec![
@@ -217,56 +220,59 @@ pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<(
         }
         ListWhat::Schedules => {
             let schedules = client.schedules().await?;
-            out.emit(&json!({ "schedules": schedules }), || {
-                let mut table = Table::new(&[
-                    "name",
-                    "timing",
-                    "builders",
-                    "last fire",
-                    "next fire",
-                    "last buildset",
-                    "fires",
-                ]);
-                for s in &schedules {
-                    let d = &s.definition;
-                    let timing = match (
-                        d.pointer("/timing/every/seconds"),
-                        d.pointer("/timing/cron"),
-                    ) {
-                        (Some(seconds), _) => format!("every {seconds} s"),
-                        (_, Some(cron)) => format!(
-                            "{} ({})",
-                            cron["pattern"].as_str().unwrap_or_default(),
-                            cron["timezone"].as_str().unwrap_or_default()
-                        ),
-                        _ => String::new(),
-                    };
-                    let builders = d
-                        .pointer("/submission/builders")
-                        .and_then(|b| b.as_array())
-                        .map(|b| {
-                            b.iter()
-                                .filter_map(|n| n.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        })
-                        .unwrap_or_default();
-                    table.row(vec![
-                        s.name.clone(),
-                        timing,
-                        builders,
-                        render::time(s.last_fire),
-                        render::opt_time(s.next_fire),
-                        render::opt(s.last_buildset_id),
-                        s.fires.to_string(),
+            out.emit(
+                &listed("schedules", schedules.iter().map(wire::schedule)),
+                || {
+                    let mut table = Table::new(&[
+                        "name",
+                        "timing",
+                        "builders",
+                        "last fire",
+                        "next fire",
+                        "last buildset",
+                        "fires",
                     ]);
-                }
-                table.print();
-            })
+                    for s in &schedules {
+                        let d = &s.definition;
+                        let timing = match (
+                            d.pointer("/timing/every/seconds"),
+                            d.pointer("/timing/cron"),
+                        ) {
+                            (Some(seconds), _) => format!("every {seconds} s"),
+                            (_, Some(cron)) => format!(
+                                "{} ({})",
+                                cron["pattern"].as_str().unwrap_or_default(),
+                                cron["timezone"].as_str().unwrap_or_default()
+                            ),
+                            _ => String::new(),
+                        };
+                        let builders = d
+                            .pointer("/submission/builders")
+                            .and_then(|b| b.as_array())
+                            .map(|b| {
+                                b.iter()
+                                    .filter_map(|n| n.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            })
+                            .unwrap_or_default();
+                        table.row(vec![
+                            s.name.clone(),
+                            timing,
+                            builders,
+                            render::time(s.last_fire),
+                            render::opt_time(s.next_fire),
+                            render::opt(s.last_buildset_id),
+                            s.fires.to_string(),
+                        ]);
+                    }
+                    table.print();
+                },
+            )
         }
         ListWhat::Locks => {
             let locks = client.locks().await?;
-            out.emit(&json!({ "locks": locks }), || {
+            out.emit(&listed("locks", locks.iter().map(wire::lock)), || {
                 let mut table =
                     Table::new(&["name", "held", "builders", "holding builds", "waiting"]);
                 for l in &locks {

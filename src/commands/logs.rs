@@ -3,7 +3,6 @@
 use anyhow::Result;
 use kiln_engine::Client;
 use kiln_engine::model::{LogEntry, LogLevel, LogQuery};
-use serde_json::json;
 
 use super::{Out, find_build, find_build_or_none};
 use crate::cli::LogsArgs;
@@ -32,14 +31,17 @@ pub(super) async fn logs(client: &Client, out: &Out, args: LogsArgs) -> Result<(
     };
     let entries = client.logs(&query).await?;
     if !args.follow {
-        return out.emit(&json!({ "logs": entries }), || print_all(&entries));
+        return out.emit(
+            &super::listed("logs", entries.iter().map(kiln_server::json::log)),
+            || print_all(&entries),
+        );
     }
     // Followed: records as they come (JSON lines with --json), until the build ends and
     // what it wrote last is printed.
     let emit = |entries: &[LogEntry]| -> Result<usize> {
         for e in entries {
             if out.json {
-                println!("{}", serde_json::to_string(e)?);
+                println!("{}", kiln_server::json::log(e));
             } else {
                 print_all(std::slice::from_ref(e));
             }

@@ -88,7 +88,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Fire { schedule } => {
             let submitted = client.force_schedule(&schedule).await?;
-            out.emit(&submitted, || {
+            out.emit(&kiln_server::json::submitted(&submitted), || {
                 println!(
                     "schedule {schedule} fired: buildset {}",
                     submitted.buildset_id
@@ -135,7 +135,10 @@ async fn delete(client: &Client, out: &Out, db: &str, what: DeleteWhat) -> Resul
 /// SQLite a running `kiln serve` finds it at its next poll of the database.
 async fn pause(client: &Client, out: &Out, name: &str, paused: bool) -> Result<()> {
     let builder = client.set_builder_paused(name, paused).await?;
-    out.emit(&builder, || {
+    let status = client.builder_status(&builder).await?;
+    let latest = client.latest_successful_build(builder.id).await?;
+    let answer = kiln_server::json::builder(&builder, status, latest.as_ref());
+    out.emit(&answer, || {
         if paused {
             println!(
                 "builder {} paused: its requests stay queued until `kiln resume {}`",
@@ -150,6 +153,16 @@ async fn pause(client: &Client, out: &Out, name: &str, paused: bool) -> Result<(
 /// Commands handled before the database is opened never reach the table below.
 fn unreachable_command() -> Result<()> {
     bail!("internal error: this command is handled elsewhere")
+}
+
+/// A collection in the API's shape: `{"<plural>": [...], "meta": {"total": N}}`.
+pub(crate) fn listed(
+    plural: &str,
+    items: impl Iterator<Item = serde_json::Value>,
+) -> serde_json::Value {
+    let items: Vec<serde_json::Value> = items.collect();
+    let total = items.len() as u64;
+    kiln_server::json::collection(plural, items, total, &[])
 }
 
 /// How a command prints: JSON for programs, or text for people.

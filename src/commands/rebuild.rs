@@ -8,7 +8,7 @@ use super::{Out, find_build};
 pub(super) async fn rebuild(client: &Client, out: &Out, build: &str) -> Result<()> {
     let build = find_build(client, build).await?;
     let submitted = client.rebuild(build.id).await?;
-    out.emit(&submitted, || {
+    out.emit(&kiln_server::json::submitted(&submitted), || {
         println!(
             "submitted buildset {} rebuilding build {}",
             submitted.buildset_id, build.id

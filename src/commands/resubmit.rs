@@ -8,7 +8,7 @@ use super::Out;
 
 pub(super) async fn resubmit(client: &Client, out: &Out, buildset: i64, all: bool) -> Result<()> {
     let submitted = client.resubmit(BuildsetId(buildset), all).await?;
-    out.emit(&submitted, || {
+    out.emit(&kiln_server::json::submitted(&submitted), || {
         let builders: Vec<&str> = submitted.requests.keys().map(String::as_str).collect();
         println!(
             "submitted buildset {} resubmitting buildset {buildset} for {}",

@@ -415,9 +415,12 @@ async fn summary(engine: &Engine, ours: &BTreeSet<BuildsetId>, json_out: bool) -
                     artifacts.len() - SUMMARY_ARTIFACTS
                 ));
             }
-            rows.push(
-                json!({"builder": builder, "depth": depth, "build": build, "artifacts": artifacts}),
-            );
+            rows.push(json!({
+                "builder": builder,
+                "depth": depth,
+                "build": kiln_server::json::build(&build),
+                "artifacts": artifacts,
+            }));
         }
     }
     let ok = worst.is_none_or(|r| {
@@ -429,7 +432,10 @@ async fn summary(engine: &Engine, ours: &BTreeSet<BuildsetId>, json_out: bool) -
     if json_out {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"results": worst, "builds": rows}))?
+            serde_json::to_string_pretty(&json!({
+                "results": kiln_server::json::result_number(worst),
+                "builds": rows,
+            }))?
         );
     } else {
         table.print();

@@ -9,6 +9,7 @@ use serde_json::json;
 use super::{Out, builder_names, builds_table, find_build, name_of, request_status};
 use crate::cli::ShowWhat;
 use crate::render::{self, Table};
+use kiln_server::json as wire;
 
 fn properties_table(properties: &kiln_engine::model::Properties) -> Table {
     let mut table = Table::new(&["name", "value", "source"]);
@@ -32,7 +33,13 @@ pub(super) async fn show(client: &Client, out: &Out, what: ShowWhat) -> Result<(
                     ..Default::default()
                 })
                 .await?;
-            let value = json!({"buildset": buildset, "properties": properties, "sourcestamps": sourcestamps, "buildrequests": requests});
+            let mut one = wire::buildset(&buildset);
+            one["sourcestamps"] = wire::sourcestamps(&sourcestamps);
+            one["properties"] = wire::properties(&properties);
+            let value = json!({
+                "buildsets": [one],
+                "buildrequests": requests.iter().map(wire::request).collect::<Vec<_>>(),
+            });
             out.emit(&value, || {
                 println!(
                     "buildset {}: {} {}",
@@ -97,7 +104,11 @@ pub(super) async fn show(client: &Client, out: &Out, what: ShowWhat) -> Result<(
                     ..Default::default()
                 })
                 .await?;
-            out.emit(&json!({"buildrequest": request, "builds": builds}), || {
+            let value = json!({
+                "buildrequests": [wire::request(&request)],
+                "builds": builds.iter().map(wire::build).collect::<Vec<_>>(),
+            });
+            out.emit(&value, || {
                 println!(
                     "request {}: {} {}",
                     request.id,
@@ -120,14 +131,29 @@ pub(super) async fn show(client: &Client, out: &Out, what: ShowWhat) -> Result<(
             let properties = client.build_properties(build.id).await?;
             let progress = client.progress(build.id).await?;
             let builder = name_of(&names, build.builder_id.0);
-            out.emit(&json!({"build": build, "builder": builder, "properties": properties, "progress": progress}), || {
-                println!("build {} ({builder} #{}): {}", build.id, build.number, render::results(build.results));
+            let mut one = wire::build(&build);
+            one["properties"] = wire::properties(&properties);
+            let value = json!({"builds": [one], "builder": builder, "progress": progress});
+            out.emit(&value, || {
+                println!(
+                    "build {} ({builder} #{}): {}",
+                    build.id,
+                    build.number,
+                    render::results(build.results)
+                );
                 println!("  state:     {}", build.state_string);
                 println!("  request:   {}", build.request_id);
-                println!("  master:    {} (slot {})", build.master_id, render::opt(build.worker_slot));
+                println!(
+                    "  master:    {} (slot {})",
+                    build.master_id,
+                    render::opt(build.worker_slot)
+                );
                 println!("  started:   {}", render::time(build.started_at));
                 println!("  finished:  {}", render::opt_time(build.complete_at));
-                println!("  duration:  {}", render::duration(build.started_at, build.complete_at));
+                println!(
+                    "  duration:  {}",
+                    render::duration(build.started_at, build.complete_at)
+                );
                 println!("  locks:     {:.3}s", build.locks_duration_s);
                 println!("  returned:  {}", render::opt(build.return_value.as_ref()));
                 if let Some(error) = &build.error {

@@ -80,7 +80,9 @@ pub(super) async fn submit(client: &Client, out: &Out, args: SubmitArgs) -> Resu
                 ResultCode::Success | ResultCode::Warnings | ResultCode::Skipped
             )
         });
-        out.emit(&done, || {
+        let answer =
+            kiln_server::json::entity("buildsets", kiln_server::json::buildset(&done), &[]);
+        out.emit(&answer, || {
             println!(
                 "buildset {} complete: {}",
                 done.id,
@@ -93,7 +95,7 @@ pub(super) async fn submit(client: &Client, out: &Out, args: SubmitArgs) -> Resu
             ExitCode::FAILURE
         });
     }
-    out.emit(&submitted, || {
+    out.emit(&kiln_server::json::submitted(&submitted), || {
         if submitted.existing {
             println!(
                 "buildset {} holds this idempotency key already; nothing was submitted",
