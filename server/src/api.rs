@@ -983,6 +983,27 @@ pub async fn schedule(
     )))
 }
 
+// ---- reporters ----
+
+/// `GET /reporters`: each reporter's delivery (what `kiln list reporters` shows): its
+/// cursor, lease, attempts, last error, and events delivered, dropped and pending.
+pub async fn reporters(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Reply {
+    authorize_read(&s, &headers)?;
+    let fields = parse_entity(raw.as_deref(), json::REPORTER_FIELDS)?;
+    let all = s.engine.client().reporters().await?;
+    let total = all.len() as u64;
+    Ok(Json(json::collection(
+        "reporters",
+        all.iter().map(json::reporter).collect(),
+        total,
+        &fields,
+    )))
+}
+
 // ---- locks ----
 
 /// `GET /locks`: every lock with its count, the builds holding it, the builders taking

@@ -323,6 +323,34 @@ pub fn result_number(r: Option<ResultCode>) -> Value {
     json!(results(r))
 }
 
+/// The output fields of a reporter.
+pub const REPORTER_FIELDS: &[&str] = &[
+    "name",
+    "cursor",
+    "masterid",
+    "lease_until",
+    "attempts",
+    "last_error",
+    "delivered",
+    "dropped",
+    "pending",
+];
+
+pub fn reporter(r: &kiln_engine::model::ReporterState) -> Value {
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    value(wire::Reporter {
+        name: r.name.clone(),
+        cursor: r.cursor,
+        masterid: r.owner.map(|m| m.0),
+        lease_until: opt_seconds(r.lease_until),
+        attempts: i64::from(r.attempts),
+        last_error: r.last_error.clone(),
+        delivered: count(r.delivered),
+        dropped: count(r.dropped),
+        pending: count(r.pending),
+    })
+}
+
 /// One log record.
 pub fn log(e: &kiln_engine::model::LogEntry) -> Value {
     value(wire::LogRecord {

@@ -220,6 +220,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/schedules", get(api::schedules))
         .route("/locks", get(api::locks))
+        .route("/reporters", get(api::reporters))
         .route(
             "/schedules/{name}",
             get(api::schedule).post(control::schedule_rpc),

@@ -147,6 +147,7 @@ fn schemas() -> Map<String, Value> {
     component::<wire::RpcReply>(&mut schemas);
     component::<wire::RpcError>(&mut schemas);
     component::<wire::StreamEvent>(&mut schemas);
+    component::<wire::Reporter>(&mut schemas);
     component::<wire::Meta>(&mut schemas);
     for (plural, item) in [
         ("buildsets", "Buildset"),
@@ -156,6 +157,7 @@ fn schemas() -> Map<String, Value> {
         ("masters", "Master"),
         ("schedules", "Schedule"),
         ("locks", "Lock"),
+        ("reporters", "Reporter"),
         ("logs", "LogRecord"),
         ("sourcestamps", "SourceStamp"),
         ("artifacts", "Artifact"),
@@ -384,6 +386,14 @@ pub fn spec() -> Value {
         ),
     );
     paths.insert(
+        "/reporters".into(),
+        get(
+            "each reporter's delivery: cursor, lease, attempts, last error, delivered, dropped, pending (not paged)",
+            &[],
+            "reporters",
+        ),
+    );
+    paths.insert(
         "/locks".into(),
         get(
             "locks with their count, holding builds, taking builders and waiting requests (not paged)",
@@ -464,6 +474,7 @@ mod tests {
             (shapes::MASTER_FIELDS, "Master"),
             (shapes::SCHEDULE_FIELDS, "Schedule"),
             (shapes::LOCK_FIELDS, "Lock"),
+            (shapes::REPORTER_FIELDS, "Reporter"),
         ] {
             let mut declared: Vec<&str> = schemas[name]["properties"]
                 .as_object()

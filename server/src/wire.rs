@@ -461,3 +461,26 @@ pub enum StreamEvent {
         missed: i64,
     },
 }
+
+/// A reporter's delivery, as `kiln list reporters` shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Reporter {
+    /// Its configured name.
+    pub name: String,
+    /// The last outbox seq it dealt with.
+    pub cursor: i64,
+    /// The master delivering its events, while it holds the lease.
+    pub masterid: Option<i64>,
+    /// Until when that lease runs.
+    pub lease_until: Option<f64>,
+    /// Failed attempts at the event after the cursor.
+    pub attempts: i64,
+    /// The last delivery error.
+    pub last_error: Option<String>,
+    /// Events delivered so far.
+    pub delivered: i64,
+    /// Events given up on after the last attempt.
+    pub dropped: i64,
+    /// Events past its cursor, not dealt with yet.
+    pub pending: i64,
+}

@@ -6,7 +6,6 @@ use kiln_engine::model::{BuildsetId, RequestId};
 use kiln_engine::storage::{
     BuildFilter, BuildsetFilter, ClaimFilter, RequestFilter, RequestOrder, RequestOrderField,
 };
-use serde_json::json;
 
 use super::{Out, builder_names, builds_table, listed, name_of, request_status};
 use crate::cli::{ClaimState, ListWhat};
@@ -299,29 +298,32 @@ pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<(
         }
         ListWhat::Reporters => {
             let reporters = client.reporters().await?;
-            out.emit(&json!({ "reporters": reporters }), || {
-                let mut table = Table::new(&[
-                    "name",
-                    "delivered",
-                    "pending",
-                    "dropped",
-                    "attempts",
-                    "leased by",
-                    "last error",
-                ]);
-                for r in &reporters {
-                    table.row(vec![
-                        r.name.clone(),
-                        r.delivered.to_string(),
-                        r.pending.to_string(),
-                        r.dropped.to_string(),
-                        r.attempts.to_string(),
-                        render::opt(r.owner.map(|m| format!("master {m}"))),
-                        render::opt(r.last_error.clone()),
+            out.emit(
+                &listed("reporters", reporters.iter().map(wire::reporter)),
+                || {
+                    let mut table = Table::new(&[
+                        "name",
+                        "delivered",
+                        "pending",
+                        "dropped",
+                        "attempts",
+                        "leased by",
+                        "last error",
                     ]);
-                }
-                table.print();
-            })
+                    for r in &reporters {
+                        table.row(vec![
+                            r.name.clone(),
+                            r.delivered.to_string(),
+                            r.pending.to_string(),
+                            r.dropped.to_string(),
+                            r.attempts.to_string(),
+                            render::opt(r.owner.map(|m| format!("master {m}"))),
+                            render::opt(r.last_error.clone()),
+                        ]);
+                    }
+                    table.print();
+                },
+            )
         }
     }
 }
