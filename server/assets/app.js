@@ -120,9 +120,66 @@ async function act(what, fn) {
 
 // ---- pages ----
 
+// ---- run lists: filters and paging live in the hash (#/buildsets?results=2&page=1) ----
+
+const PAGE = 50;
+
+function hashQuery() {
+  return new URLSearchParams(location.hash.split("?")[1] || "");
+}
+
+// Seconds since the epoch of a datetime-local value, or null.
+function epoch(local) {
+  const t = local ? Date.parse(local) : NaN;
+  return Number.isNaN(t) ? null : t / 1000;
+}
+
+function resultOptions(selected) {
+  return `<option value="">any result</option>` + RESULTS.map((r, i) =>
+    `<option value="${i}" ${String(i) === selected ? "selected" : ""}>${r}</option>`).join("");
+}
+
+// The API query of the shared filters: result, time range, page.
+function filterQuery(q, timeField) {
+  const api = new URLSearchParams({ limit: PAGE, offset: Number(q.get("page") || 0) * PAGE });
+  if (q.get("results")) api.set("results", q.get("results"));
+  if (epoch(q.get("from")) != null) api.set(`${timeField}__ge`, epoch(q.get("from")));
+  if (epoch(q.get("to")) != null) api.set(`${timeField}__le`, epoch(q.get("to")));
+  return api;
+}
+
+function pager(total, q) {
+  const page = Number(q.get("page") || 0);
+  const first = total ? page * PAGE + 1 : 0;
+  const last = Math.min(total, (page + 1) * PAGE);
+  return `<div class="pager"><button type="button" class="page" data-page="${page - 1}" ${page > 0 ? "" : "disabled"}>Newer</button>
+    <span class="muted" id="range">${first}–${last} of ${total}</span>
+    <button type="button" class="page" data-page="${page + 1}" ${last < total ? "" : "disabled"}>Older</button></div>`;
+}
+
+// Filter forms and pager buttons rewrite the hash; render follows it.
+function wireFilters(base) {
+  const form = document.getElementById("filters");
+  form?.addEventListener("submit", event => {
+    event.preventDefault();
+    const q = new URLSearchParams();
+    for (const [k, v] of new FormData(form)) if (v) q.set(k, v);
+    location.hash = `#/${base}` + (q.toString() ? `?${q}` : "");
+  });
+  document.querySelectorAll("button.page").forEach(b => b.addEventListener("click", () => {
+    const q = hashQuery();
+    q.set("page", b.dataset.page);
+    location.hash = `#/${base}?${q}`;
+  }));
+}
+
 async function buildsetsPage() {
+  const q = hashQuery();
+  const api = filterQuery(q, "submitted_at");
+  api.set("order", "-bsid");
+  if (q.get("reason")) api.set("reason__contains", q.get("reason"));
   const [sets, builders] = await Promise.all([
-    get("/buildsets?order=-bsid&limit=100"),
+    get(`/buildsets?${api}`),
     get("/builders?order=name"),
   ]);
   const rows = sets.buildsets.map(b => `
@@ -149,8 +206,16 @@ async function buildsetsPage() {
         <label>revision <input type="text" id="revision"></label>
       </div></details>
     </form>
+    <form class="card filters" id="filters">
+      <select name="results">${resultOptions(q.get("results"))}</select>
+      <input type="search" name="reason" placeholder="reason contains" value="${esc(q.get("reason") ?? "")}">
+      <label>from <input type="datetime-local" name="from" value="${esc(q.get("from") ?? "")}"></label>
+      <label>to <input type="datetime-local" name="to" value="${esc(q.get("to") ?? "")}"></label>
+      <button type="submit">Filter</button> <a href="#/buildsets">clear</a>
+    </form>
     <table id="buildsets"><thead><tr><th>#</th><th>status</th><th>reason</th><th>submitted</th><th>duration</th></tr></thead>
-    <tbody>${rows || '<tr><td colspan="5" class="muted">nothing yet</td></tr>'}</tbody></table>`;
+    <tbody>${rows || '<tr><td colspan="5" class="muted">nothing here</td></tr>'}</tbody></table>
+    ${pager(sets.meta.total, q)}`;
 }
 
 function wireBuildsets() {
@@ -193,6 +258,34 @@ async function builderNames() {
   return Object.fromEntries(all.builders.map(b => [b.builderid, b.name]));
 }
 
+// A Gantt chart of a buildset's builds and, under each, the builds of the buildsets it
+// triggered: one bar per build from its start to its end (or now), on the buildset's
+// own time axis.
+function timeline(tree, names) {
+  const rows = [];
+  const walk = (bs, depth) => {
+    for (const b of bs.builds) {
+      rows.push({ b, depth, label: `${b.builder ?? names[b.builderid]} #${b.number}` });
+      for (const child of b.children ?? []) walk(child, depth + 1);
+    }
+  };
+  walk(tree, 0);
+  if (!rows.length) return '<span class="muted">no builds yet</span>';
+  const now = Date.now() / 1000;
+  const t0 = Math.min(tree.submitted_at, ...rows.map(r => r.b.started_at));
+  const t1 = Math.max(t0 + 0.001, ...rows.map(r => r.b.complete_at ?? now));
+  const pct = t => (100 * (t - t0) / (t1 - t0)).toFixed(2);
+  const bars = rows.map(({ b, depth, label }) => {
+    const end = b.complete_at ?? now;
+    const width = Math.max(0.5, Number(pct(end)) - Number(pct(b.started_at)));
+    const name = b.results == null ? "RUNNING" : RESULTS[b.results];
+    return `<div class="lane" data-buildid="${b.buildid}">
+      <a class="lane-label" style="padding-left:${depth * 1.1}rem" href="#/builds/${b.buildid}">${esc(label)}</a>
+      <div class="lane-track"><span class="bar r-${name}" style="left:${pct(b.started_at)}%;width:${width}%" title="${esc(label)}: ${name}, ${duration(b.started_at, b.complete_at)}"></span></div></div>`;
+  }).join("");
+  return `${bars}<div class="lane axis"><span></span><div class="lane-track muted"><span>${when(t0)}</span><span>${duration(t0, t1)}</span></div></div>`;
+}
+
 async function buildsetPage(id) {
   const [one, requests, tree, names] = await Promise.all([
     get(`/buildsets/${id}`), get(`/buildsets/${id}/buildrequests`), get(`/buildsets/${id}/tree`), builderNames(),
@@ -221,6 +314,8 @@ async function buildsetPage(id) {
     </div></div>
     <h2>Builds and the buildsets they triggered</h2>
     <div class="card tree" id="tree">${treeNode(tree.tree, names)}</div>
+    <h2>Timeline</h2>
+    <div class="card" id="timeline">${timeline(tree.tree, names)}</div>
     <h2>Requests</h2>
     <table><thead><tr><th>#</th><th>builder</th><th>status</th><th>priority</th><th>claim</th><th>not before</th></tr></thead><tbody id="requests">${reqs}</tbody></table>
     ${stamps ? `<h2>Sourcestamps</h2><table><thead><tr><th>repository</th><th>branch</th><th>revision</th><th>project</th></tr></thead><tbody>${stamps}</tbody></table>` : ""}
@@ -257,6 +352,7 @@ async function buildPage(id) {
     get(`/builds/${id}`), get(`/builds/${id}/progress`), get(`/builds/${id}/artifacts`), get(`/builds/${id}/triggered`), builderNames(),
   ]);
   const b = one.builds[0];
+  const request = (await get(`/buildrequests/${b.buildrequestid}`)).buildrequests[0];
   if (buildState.id !== id) Object.assign(buildState, { id, lastLog: 0, level: "debug" });
   const props = Object.entries(b.properties).map(([k, [v, src]]) =>
     `<tr><td>${esc(k)}</td><td><code>${esc(JSON.stringify(v))}</code></td><td class="muted">${esc(src)}</td></tr>`).join("");
@@ -264,12 +360,12 @@ async function buildPage(id) {
   const children = triggered.buildsets.map(c => `<li><a href="#/buildsets/${c.bsid}">buildset ${c.bsid}</a> ${badge(c.results, c.complete)} <span class="muted">${esc(c.parent_relationship ?? "")}</span></li>`).join("");
   const levels = LEVELS.map(l => `<option ${l === buildState.level ? "selected" : ""}>${l}</option>`).join("");
   return `
-    <h1>${esc(names[b.builderid])} #${b.number} <span id="status">${badge(b.results, b.complete)}</span></h1>
+    <h1><a href="#/builders/${encodeURIComponent(names[b.builderid] ?? "")}">${esc(names[b.builderid])}</a> #${b.number} <span id="status">${badge(b.results, b.complete)}</span></h1>
     <div class="card"><dl class="facts">
       <dt>state</dt><dd id="state">${esc(b.state_string)}</dd>
       <dt>started</dt><dd>${when(b.started_at)}</dd>
       <dt>duration</dt><dd id="duration">${duration(b.started_at, b.complete_at)}</dd>
-      <dt>request</dt><dd>${b.buildrequestid} on master ${b.masterid}</dd>
+      <dt>request</dt><dd>${b.buildrequestid} of <a id="buildset-link" href="#/buildsets/${request.buildsetid}">buildset ${request.buildsetid}</a> on master ${b.masterid}</dd>
     </dl>
     <div class="actions">
       <button class="danger" id="stop" ${b.complete ? "disabled" : ""}>Stop</button>
@@ -336,7 +432,7 @@ function wireBuild(id, keep = false) {
 async function buildersPage() {
   const all = await get("/builders?order=name");
   const rows = all.builders.map(b => `
-    <tr data-builder="${esc(b.name)}"><td>${esc(b.name)}</td>
+    <tr data-builder="${esc(b.name)}"><td><a href="#/builders/${encodeURIComponent(b.name)}">${esc(b.name)}</a></td>
       <td><span class="badge s-${b.status}">${b.status.replace("_", " ")}</span>${b.served ? "" : ' <span class="badge unserved" title="no active master runs this builder: its work waits">no master</span>'}</td>
       <td>${b.latest_successful_buildid ? `<a href="#/builds/${b.latest_successful_buildid}">build ${b.latest_successful_buildid}</a>` : '<span class="muted">none</span>'}</td>
       <td>${esc(b.depends_on.join(", "))}</td><td class="muted">${esc(b.description ?? "")}</td>
@@ -394,6 +490,89 @@ async function locksPage() {
     <tbody>${rows || '<tr><td colspan="5" class="muted">no locks: add [[lock]] to the pipeline file</td></tr>'}</tbody></table>`;
 }
 
+async function buildsListPage() {
+  const q = hashQuery();
+  const api = filterQuery(q, "started_at");
+  api.set("order", "-buildid");
+  if (q.get("builder")) api.set("builderid", q.get("builder"));
+  const [builds, names] = await Promise.all([get(`/builds?${api}`), builderNames()]);
+  const options = `<option value="">any builder</option>` + Object.entries(names).sort((a, b) => a[1].localeCompare(b[1])).map(([id, n]) =>
+    `<option value="${id}" ${id === q.get("builder") ? "selected" : ""}>${esc(n)}</option>`).join("");
+  const rows = builds.builds.map(b => `
+    <tr data-buildid="${b.buildid}"><td><a href="#/builds/${b.buildid}">${b.buildid}</a></td>
+      <td><a href="#/builders/${encodeURIComponent(names[b.builderid] ?? "")}">${esc(names[b.builderid] ?? "")}</a> #${b.number}</td>
+      <td>${badge(b.results, b.complete)}</td><td class="muted">${esc(b.state_string)}</td>
+      <td>${when(b.started_at)}</td><td>${duration(b.started_at, b.complete_at)}</td></tr>`).join("");
+  return `<h1>Builds <span class="muted">(${builds.meta.total})</span></h1>
+    <form class="card filters" id="filters">
+      <select name="builder">${options}</select>
+      <select name="results">${resultOptions(q.get("results"))}</select>
+      <label>from <input type="datetime-local" name="from" value="${esc(q.get("from") ?? "")}"></label>
+      <label>to <input type="datetime-local" name="to" value="${esc(q.get("to") ?? "")}"></label>
+      <button type="submit">Filter</button> <a href="#/builds">clear</a>
+    </form>
+    <table id="builds"><thead><tr><th>#</th><th>build</th><th>status</th><th>state</th><th>started</th><th>duration</th></tr></thead>
+    <tbody>${rows || '<tr><td colspan="6" class="muted">nothing here</td></tr>'}</tbody></table>
+    ${pager(builds.meta.total, q)}`;
+}
+
+// A bar chart as inline SVG (no library, nothing from the internet): one bar per value,
+// scaled to the largest, each with a tooltip.
+function barChart(id, values, titles, classes = []) {
+  const max = Math.max(...values, 1e-9);
+  const w = 100 / Math.max(values.length, 1);
+  const bars = values.map((v, i) => {
+    const h = 100 * v / max;
+    return `<rect class="${classes[i] ?? ""}" x="${(i * w + w * 0.1).toFixed(2)}" y="${(100 - h).toFixed(2)}" width="${(w * 0.8).toFixed(2)}" height="${h.toFixed(2)}"><title>${esc(titles[i])}</title></rect>`;
+  }).join("");
+  return `<svg id="${id}" class="chart" viewBox="0 0 100 100" preserveAspectRatio="none" role="img">${bars}</svg>`;
+}
+
+// One builder: its status, queue depth, success rate over its last 100 finished builds,
+// and its recent builds.
+async function builderPage(name) {
+  const key = encodeURIComponent(name);
+  const dayAgo = Date.now() / 1000 - 86400;
+  const [one, recent, queued, finished, day] = await Promise.all([
+    get(`/builders/${key}`),
+    get(`/builders/${key}/builds?order=-buildid&limit=20`),
+    get(`/builders/${key}/buildrequests?complete=false&limit=1`),
+    get(`/builders/${key}/builds?complete=true&order=-buildid&limit=100`),
+    get(`/builders/${key}/builds?started_at__ge=${dayAgo}&limit=1000&field=started_at`),
+  ]);
+  // Durations of the last finished builds, oldest first; builds started per hour over
+  // the last day.
+  const last = finished.builds.slice(0, 40).reverse();
+  const durations = barChart("durations", last.map(x => x.complete_at - x.started_at),
+    last.map(x => `#${x.number}: ${duration(x.started_at, x.complete_at)}`),
+    last.map(x => `r-${RESULTS[x.results] ?? "RUNNING"}`));
+  const hours = Array.from({ length: 24 }, () => 0);
+  for (const x of day.builds) hours[Math.min(23, Math.floor((x.started_at - dayAgo) / 3600))] += 1;
+  const throughput = barChart("throughput", hours,
+    hours.map((n, i) => `${n} builds, ${24 - i} to ${23 - i} hours ago`));
+  const b = one.builders[0];
+  const ok = finished.builds.filter(x => x.results === 0 || x.results === 1).length;
+  const rate = finished.builds.length ? `${Math.round(100 * ok / finished.builds.length)}%` : "–";
+  const rows = recent.builds.map(x => `
+    <tr data-buildid="${x.buildid}"><td><a href="#/builds/${x.buildid}">#${x.number}</a></td><td>${badge(x.results, x.complete)}</td>
+      <td class="muted">${esc(x.state_string)}</td><td>${when(x.started_at)}</td><td>${duration(x.started_at, x.complete_at)}</td></tr>`).join("");
+  return `<h1>${esc(b.name)} <span class="badge s-${b.status}">${b.status.replace("_", " ")}</span>${b.served ? "" : ' <span class="badge unserved">no master</span>'}${b.paused ? ' <span class="badge paused">paused</span>' : ""}</h1>
+    <div class="card"><dl class="facts">
+      <dt>description</dt><dd>${esc(b.description ?? "")}</dd>
+      <dt>queue</dt><dd id="queue-depth">${queued.meta.total} waiting</dd>
+      <dt>success rate</dt><dd id="success-rate">${rate} <span class="muted">of the last ${finished.builds.length} finished builds</span></dd>
+      <dt>depends on</dt><dd>${b.depends_on.map(d => `<a href="#/builders/${encodeURIComponent(d)}">${esc(d)}</a>`).join(", ") || '<span class="muted">nothing</span>'}</dd>
+      <dt>all builds</dt><dd><a href="#/builds?builder=${b.builderid}">builds of ${esc(b.name)}</a></dd>
+    </dl></div>
+    <h2>Duration of the last ${last.length} finished builds</h2>
+    <div class="card">${durations}</div>
+    <h2>Builds started per hour, last 24 hours</h2>
+    <div class="card">${throughput}</div>
+    <h2>Recent builds</h2>
+    <table id="recent"><thead><tr><th>build</th><th>status</th><th>state</th><th>started</th><th>duration</th></tr></thead>
+    <tbody>${rows || '<tr><td colspan="5" class="muted">no builds yet</td></tr>'}</tbody></table>`;
+}
+
 async function mastersPage() {
   const all = await get("/masters");
   const rows = all.masters.map(m => `<tr><td>${m.masterid}</td><td>${esc(m.name)}</td><td>${m.active ? "active" : '<span class="muted">inactive</span>'}</td><td>${when(m.last_active)}</td></tr>`).join("");
@@ -403,9 +582,11 @@ async function mastersPage() {
 // ---- routing and live updates ----
 
 function route() {
-  const parts = location.hash.replace(/^#\/?/, "").split("/").filter(Boolean);
+  const parts = location.hash.replace(/^#\/?/, "").split("?")[0].split("/").filter(Boolean);
   if (parts[0] === "buildsets" && parts[1]) return { page: "buildset", id: Number(parts[1]) };
   if (parts[0] === "builds" && parts[1]) return { page: "build", id: Number(parts[1]) };
+  if (parts[0] === "builds") return { page: "builds" };
+  if (parts[0] === "builders" && parts[1]) return { page: "builder", name: decodeURIComponent(parts[1]) };
   if (parts[0] === "builders") return { page: "builders" };
   if (parts[0] === "masters") return { page: "masters" };
   if (parts[0] === "schedules") return { page: "schedules" };
@@ -426,6 +607,8 @@ async function render() {
     if (r.page === "buildset") html = await buildsetPage(r.id);
     else if (r.page === "build") html = await buildPage(r.id);
     else if (r.page === "builders") html = await buildersPage();
+    else if (r.page === "builds") html = await buildsListPage();
+    else if (r.page === "builder") html = await builderPage(r.name);
     else if (r.page === "masters") html = await mastersPage();
     else if (r.page === "schedules") html = await schedulesPage();
     else if (r.page === "locks") html = await locksPage();
@@ -444,7 +627,8 @@ async function render() {
     checked.forEach(v => { const box = document.querySelector(`input[name=builder][value="${CSS.escape(v)}"]`); if (box) box.checked = true; });
     for (const [k, v] of Object.entries(typed)) { const input = document.getElementById(k); if (input) input.value = v; }
     if (moreOpen && document.getElementById("submit-more")) document.getElementById("submit-more").open = true;
-    if (r.page === "buildsets") wireBuildsets();
+    if (r.page === "buildsets") { wireBuildsets(); wireFilters("buildsets"); }
+    if (r.page === "builds") wireFilters("builds");
     if (r.page === "buildset") wireBuildset(r.id);
     if (r.page === "builders") wireBuilders();
     if (r.page === "schedules") wireSchedules();

@@ -163,6 +163,7 @@ async fn the_dashboard_shows_work_live_and_stops_a_build_in_a_real_browser() -> 
         "locks",
         "dark",
         "phone",
+        "builder",
     ] {
         let shot = shots.join(format!("{page}.png"));
         ensure!(

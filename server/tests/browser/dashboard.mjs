@@ -154,6 +154,47 @@ try {
   await phone.screenshot({ path: join(shots, "phone.png"), fullPage: true });
   await phone.close();
 
+  step = "a buildset's timeline";
+  await page.goto(`${url}/#/buildsets/${bsid}`);
+  await page.waitForSelector("#timeline .lane[data-buildid] .bar");
+  const lanes = await page.$$eval("#timeline .lane[data-buildid] .bar", els => els.map(e => parseFloat(e.style.width)));
+  const treeBuilds = await page.$$eval("#tree li[data-buildid]", els => els.length);
+  if (lanes.length !== treeBuilds || lanes.some(w => !(w > 0))) fail(`timeline bars ${lanes} for ${treeBuilds} builds`);
+
+  step = "run lists filter and page in the address";
+  await page.goto(`${url}/#/buildsets?results=6`);
+  await page.waitForSelector("#buildsets tr[data-bsid]");
+  const cancelledOnly = await page.$$eval("#buildsets .badge", els => els.map(e => e.dataset.result));
+  if (!cancelledOnly.length || cancelledOnly.some(r => r !== "CANCELLED")) fail("the result filter let through " + cancelledOnly);
+  await page.goto(`${url}/#/buildsets?reason=nothing-like-this`);
+  await page.waitForSelector("#range");
+  if ((await page.textContent("#range")).trim() !== "0–0 of 0") fail("the reason filter matched something");
+  await page.fill('#filters input[name=reason]', "browser");
+  await page.click('#filters button[type=submit]');
+  await page.waitForFunction(() => location.hash === "#/buildsets?reason=browser");
+  await page.waitForSelector('#buildsets tr[data-bsid]');
+  const echoId2 = (await (await fetch(`${url}/api/v2/builders/echo`)).json()).builders[0].builderid;
+  await page.goto(`${url}/#/builds?builder=${echoId2}`);
+  await page.waitForSelector("#builds tr[data-buildid]");
+  const builders = await page.$$eval("#builds tr[data-buildid] td:nth-child(2) a", els => els.map(e => e.textContent));
+  if (!builders.length || builders.some(n => n !== "echo")) fail("the builds list's builder filter let through " + builders);
+
+  step = "a builder's page: queue, success rate, recent builds, links";
+  await page.click("#builds tr[data-buildid] td:nth-child(2) a");
+  await page.waitForSelector("#success-rate");
+  if (!/^\d+%/.test((await page.textContent("#success-rate")).trim())) fail("no success rate: " + await page.textContent("#success-rate"));
+  if (!/^\d+ waiting/.test((await page.textContent("#queue-depth")).trim())) fail("no queue depth");
+  const bars = await page.$$eval("#durations rect", els => els.length);
+  const finishedEcho = (await (await fetch(`${url}/api/v2/builders/echo/builds?complete=true`)).json()).meta.total;
+  if (bars !== Math.min(40, finishedEcho)) fail(`the duration chart has ${bars} bars for ${finishedEcho} finished builds`);
+  const perHour = await page.$$eval("#throughput rect", els => els.map(e => Number(e.getAttribute("height"))));
+  if (perHour.length !== 24 || !perHour.some(h => h > 0)) fail("the throughput chart is empty: " + perHour);
+  await page.screenshot({ path: join(shots, "builder.png"), fullPage: true });
+  await page.click("#recent tr[data-buildid] a");
+  await page.waitForSelector("#buildset-link");
+  await page.click("#buildset-link");
+  await page.waitForFunction(() => /^#\/buildsets\/\d+$/.test(location.hash));
+
   step = "the main pages";
   await page.goto(url + "/#/buildsets");
   await page.waitForSelector("#buildsets tr[data-bsid]");
