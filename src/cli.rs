@@ -246,10 +246,18 @@ pub enum ListWhat {
         /// Only complete (true) or incomplete (false) ones.
         #[arg(long)]
         complete: Option<bool>,
+        /// Only these results (SUCCESS, FAILURE, ... or Buildbot's numbers); repeat for
+        /// any of several.
+        #[arg(long = "results")]
+        results: Vec<String>,
+        /// Order by a field (id, submitted_at, complete_at, results, reason, ...);
+        /// prefix with - for descending; repeat for several keys. Default: -id.
+        #[arg(long, allow_hyphen_values = true)]
+        order: Vec<String>,
         #[command(flatten)]
         page: Page,
     },
-    /// Build requests.
+    /// Build requests, newest first unless ordered.
     Requests {
         /// Only this builder's.
         #[arg(long)]
@@ -279,7 +287,7 @@ pub enum ListWhat {
         #[command(flatten)]
         page: Page,
     },
-    /// Builds.
+    /// Builds, newest first.
     Builds {
         /// Only this builder's.
         #[arg(long)]
@@ -293,6 +301,14 @@ pub enum ListWhat {
         /// Only finished (true) or running (false) ones.
         #[arg(long)]
         complete: Option<bool>,
+        /// Only these results (SUCCESS, FAILURE, ... or Buildbot's numbers); repeat for
+        /// any of several.
+        #[arg(long = "results")]
+        results: Vec<String>,
+        /// Order by a field (id, number, started_at, complete_at, results, ...);
+        /// prefix with - for descending; repeat for several keys. Default: -id.
+        #[arg(long, allow_hyphen_values = true)]
+        order: Vec<String>,
         #[command(flatten)]
         page: Page,
     },

@@ -1632,3 +1632,73 @@ fn the_cli_json_and_the_api_say_the_same_of_every_entity() -> Result<()> {
     }
     Ok(())
 }
+
+/// Listings are newest first; `--results` keeps any of the given results and `--order`
+/// orders by any field, with clear errors for anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_are_newest_first_and_filter_by_results_and_order_by_any_field() -> Result<()> {
+    let (_dir, db) = filled().await?;
+    let ids = |v: &Value, plural: &str, key: &str| -> Vec<i64> {
+        v[plural]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e[key].as_i64())
+            .collect()
+    };
+    for (what, plural, key) in [
+        ("builds", "builds", "buildid"),
+        ("buildsets", "buildsets", "bsid"),
+        ("requests", "buildrequests", "buildrequestid"),
+    ] {
+        let listed = kiln(&db, &["list", what, "--json"])?.ok()?.json()?;
+        let got = ids(&listed, plural, key);
+        ensure!(
+            !got.is_empty() && got.windows(2).all(|w| w[0] > w[1]),
+            "{what} not newest first: {got:?}"
+        );
+    }
+    let failed = kiln(
+        &db,
+        &[
+            "list",
+            "builds",
+            "--results",
+            "failure",
+            "--results",
+            "4",
+            "--json",
+        ],
+    )?
+    .ok()?
+    .json()?;
+    let results: Vec<i64> = failed["builds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["results"].as_i64())
+        .collect();
+    ensure!(
+        !results.is_empty() && results.iter().all(|r| *r == 2 || *r == 4),
+        "{failed}"
+    );
+    let oldest = kiln(
+        &db,
+        &[
+            "list",
+            "builds",
+            "--order",
+            "started_at",
+            "--order",
+            "id",
+            "--json",
+        ],
+    )?
+    .ok()?
+    .json()?;
+    let got = ids(&oldest, "builds", "buildid");
+    ensure!(got.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+    kiln(&db, &["list", "builds", "--order", "nope"])?.fails_with("cannot order by \"nope\"")?;
+    kiln(&db, &["list", "buildsets", "--results", "great"])?.fails_with("--results \"great\"")?;
+    Ok(())
+}

@@ -2,9 +2,10 @@
 
 use anyhow::{Result, anyhow, bail};
 use kiln_engine::Client;
-use kiln_engine::model::{BuildsetId, RequestId};
+use kiln_engine::model::{BuildsetId, RequestId, ResultCode};
 use kiln_engine::storage::{
-    BuildFilter, BuildsetFilter, ClaimFilter, RequestFilter, RequestOrder, RequestOrderField,
+    BuildField, BuildsetField, ClaimFilter, Field, Filter, FilterValue, Op, Query, RequestFilter,
+    RequestOrder, RequestOrderField,
 };
 
 use super::{Out, builder_names, builds_table, listed, name_of, request_status};
@@ -42,16 +43,84 @@ fn parse_order(text: &str) -> Result<RequestOrder> {
     Ok(RequestOrder { field, descending })
 }
 
+/// A collection query from the command line: `--results` (any of), `--order` (field
+/// names, - for descending; newest first by default) and the page.
+fn typed_query<F: Field + ResultsField>(
+    results: &[String],
+    order: &[String],
+    page: &crate::cli::Page,
+) -> Result<Query<F>> {
+    let mut q = Query::new();
+    if !results.is_empty() {
+        let values = results
+            .iter()
+            .map(|r| {
+                r.parse::<ResultCode>()
+                    .map(FilterValue::Result)
+                    .map_err(|e| anyhow::anyhow!("--results {r:?}: {e}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        q.filters.push(Filter {
+            field: F::RESULTS,
+            op: Op::Eq,
+            values,
+        });
+    }
+    if order.is_empty() {
+        q = q.order_by(F::ID, true);
+    }
+    for text in order {
+        let (descending, name) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text.as_str()),
+        };
+        let field = F::ALL
+            .iter()
+            .copied()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = F::ALL.iter().map(|f| f.name()).collect();
+                anyhow::anyhow!(
+                    "cannot order by {name:?}: expected one of {}",
+                    names.join(", ")
+                )
+            })?;
+        q = q.order_by(field, descending);
+    }
+    q.limit = page.limit;
+    q.offset = page.offset;
+    Ok(q)
+}
+
+/// The fields every listed entity with results has.
+trait ResultsField: Sized {
+    const RESULTS: Self;
+    const ID: Self;
+}
+
+impl ResultsField for BuildsetField {
+    const RESULTS: Self = BuildsetField::Results;
+    const ID: Self = BuildsetField::Id;
+}
+
+impl ResultsField for BuildField {
+    const RESULTS: Self = BuildField::Results;
+    const ID: Self = BuildField::Id;
+}
+
 pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<()> {
     match what {
-        ListWhat::Buildsets { complete, page } => {
-            let filter = BuildsetFilter {
-                complete,
-                limit: page.limit,
-                offset: page.offset,
-                ..Default::default()
-            };
-            let buildsets = client.buildsets(&filter).await?;
+        ListWhat::Buildsets {
+            complete,
+            results,
+            order,
+            page,
+        } => {
+            let mut q = typed_query::<BuildsetField>(&results, &order, &page)?;
+            if let Some(complete) = complete {
+                q = q.eq(BuildsetField::Complete, complete);
+            }
+            let buildsets = client.query_buildsets(&q).await?.items;
             out.emit(
                 &listed("buildsets", buildsets.iter().map(wire::buildset)),
                 || {
@@ -103,10 +172,18 @@ pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<(
                 claimed,
                 branch,
                 repository,
-                order: order
-                    .iter()
-                    .map(|o| parse_order(o))
-                    .collect::<Result<_>>()?,
+                // Newest first unless ordered, as every listing.
+                order: if order.is_empty() {
+                    vec![RequestOrder {
+                        field: RequestOrderField::Id,
+                        descending: true,
+                    }]
+                } else {
+                    order
+                        .iter()
+                        .map(|o| parse_order(o))
+                        .collect::<Result<_>>()?
+                },
                 limit: page.limit,
                 offset: page.offset,
             };
@@ -144,19 +221,24 @@ pub(super) async fn list(client: &Client, out: &Out, what: ListWhat) -> Result<(
             request,
             buildset,
             complete,
+            results,
+            order,
             page,
         } => {
-            let builder_id = builder_id(client, builder.as_deref()).await?;
-            let filter = BuildFilter {
-                builder_id,
-                request_id: request.map(RequestId),
-                buildset_id: buildset.map(BuildsetId),
-                complete,
-                descending: false,
-                limit: page.limit,
-                offset: page.offset,
-            };
-            let builds = client.builds(&filter).await?;
+            let mut q = typed_query::<BuildField>(&results, &order, &page)?;
+            if let Some(id) = builder_id(client, builder.as_deref()).await? {
+                q = q.eq(BuildField::BuilderId, id);
+            }
+            if let Some(request) = request {
+                q = q.eq(BuildField::RequestId, RequestId(request));
+            }
+            if let Some(buildset) = buildset {
+                q = q.eq(BuildField::BuildsetId, BuildsetId(buildset));
+            }
+            if let Some(complete) = complete {
+                q = q.eq(BuildField::Complete, complete);
+            }
+            let builds = client.query_builds(&q).await?.items;
             let names = builder_names(client).await?;
             out.emit(&listed("builds", builds.iter().map(wire::build)), || {
                 builds_table(&names, &builds).print()
