@@ -2,7 +2,7 @@
 //! summarise it, exit non-zero if anything failed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -193,7 +193,7 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
 
     let live = !json_out && std::io::stdout().is_terminal();
     let mut lines = Live::default();
-    let mut drawn = 0usize;
+    let mut view = live.then(LiveView::new);
     let mut interrupted = false;
     let mut redraw = tokio::time::interval(REDRAW);
     redraw.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -236,7 +236,9 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
                 Err(RecvError::Closed) => break,
             },
             _ = redraw.tick(), if live => {
-                drawn = draw(&engine, &lines, drawn).await;
+                if let Some(view) = view.as_mut() {
+                    view.show(&live_lines(&engine, &lines).await);
+                }
             }
             _ = &mut ctrl_c, if !interrupted => {
                 interrupted = true;
@@ -247,8 +249,8 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
             }
         }
     }
-    if live {
-        clear(drawn);
+    if let Some(view) = view {
+        view.clear();
     }
     let code = summary(&engine, &ours, json_out).await?;
     if !reporter_names.is_empty() && !interrupted {
@@ -272,13 +274,58 @@ pub async fn run(path: &Path, db: &str, json_out: bool) -> Result<ExitCode> {
     })
 }
 
-/// Redraws the live view in place; returns how many lines it drew.
-async fn draw(engine: &Engine, lines: &Live, previous: usize) -> usize {
-    let width = std::env::var("COLUMNS")
-        .ok()
-        .and_then(|c| c.parse::<usize>().ok())
-        .unwrap_or(100)
-        .max(40);
+/// The live view on a terminal: one indicatif line per finished build, running build
+/// and progress group, redrawn in place; indicatif measures and cuts lines by display
+/// width, so wide characters neither wrap nor break the redraw.
+struct LiveView {
+    multi: indicatif::MultiProgress,
+    bars: Vec<indicatif::ProgressBar>,
+    style: indicatif::ProgressStyle,
+}
+
+impl LiveView {
+    fn new() -> LiveView {
+        let style = indicatif::ProgressStyle::with_template("{wide_msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+        LiveView {
+            multi: indicatif::MultiProgress::with_draw_target(
+                indicatif::ProgressDrawTarget::stdout(),
+            ),
+            bars: Vec::new(),
+            style,
+        }
+    }
+
+    /// Shows `lines`, one bar each, adding or removing bars as their number changes.
+    fn show(&mut self, lines: &[String]) {
+        while self.bars.len() < lines.len() {
+            let bar = self
+                .multi
+                .add(indicatif::ProgressBar::new_spinner().with_style(self.style.clone()));
+            self.bars.push(bar);
+        }
+        while self.bars.len() > lines.len() {
+            if let Some(bar) = self.bars.pop() {
+                bar.finish_and_clear();
+                self.multi.remove(&bar);
+            }
+        }
+        for (bar, line) in self.bars.iter().zip(lines) {
+            bar.set_message(line.clone());
+        }
+    }
+
+    /// Removes the view, leaving the terminal as it was before it.
+    fn clear(self) {
+        for bar in &self.bars {
+            bar.finish_and_clear();
+        }
+        let _ = self.multi.clear();
+    }
+}
+
+/// The live view's lines: finished builds, then running builds with their progress.
+async fn live_lines(engine: &Engine, lines: &Live) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for line in &lines.finished {
         out.push(format!(
@@ -307,23 +354,7 @@ async fn draw(engine: &Engine, lines: &Live, previous: usize) -> usize {
             running.len() - LIVE_TREES
         ));
     }
-    let mut stdout = std::io::stdout().lock();
-    if previous > 0 {
-        let _ = write!(stdout, "\x1b[{previous}A\x1b[J");
-    }
-    for line in &out {
-        let cut: String = line.chars().take(width - 1).collect();
-        let _ = writeln!(stdout, "{cut}");
-    }
-    let _ = stdout.flush();
-    out.len()
-}
-
-fn clear(drawn: usize) {
-    if drawn > 0 {
-        print!("\x1b[{drawn}A\x1b[J");
-        let _ = std::io::stdout().flush();
-    }
+    out
 }
 
 /// Prints the summary and returns the exit code: 0 unless a buildset ended worse than
