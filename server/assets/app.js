@@ -437,7 +437,14 @@ async function buildersPage() {
       <td>${b.latest_successful_buildid ? `<a href="#/builds/${b.latest_successful_buildid}">build ${b.latest_successful_buildid}</a>` : '<span class="muted">none</span>'}</td>
       <td>${esc(b.depends_on.join(", "))}</td><td class="muted">${esc(b.description ?? "")}</td>
       <td>${b.paused ? '<span class="badge paused">paused</span> ' : ""}<button class="toggle-pause" data-name="${esc(b.name)}" data-paused="${b.paused}">${b.paused ? "Resume" : "Pause"}</button></td></tr>`).join("");
+  // Queue depth per builder, now (the first 50 builders: one count each).
+  const charted = all.builders.slice(0, 50);
+  const depths = await Promise.all(charted.map(b =>
+    get(`/builders/${encodeURIComponent(b.name)}/buildrequests?complete=false&limit=1&field=buildrequestid`).then(r => r.meta.total)));
+  const queues = barChart("queues", depths, charted.map((b, i) => `${b.name}: ${depths[i]} waiting`));
   return `<h1>Builders</h1>
+    <h2>Requests waiting, per builder</h2>
+    <div class="card">${queues}<div class="chart-labels">${charted.map((b, i) => `<span>${esc(b.name)} <b>${depths[i]}</b></span>`).join("")}</div></div>
     <table id="builders"><thead><tr><th>name</th><th>status</th><th>latest success</th><th>depends on</th><th>description</th><th>queue</th></tr></thead><tbody>${rows}</tbody></table>`;
 }
 

@@ -231,6 +231,12 @@ try {
   await page.goto(url + "/#/builders");
   await page.waitForSelector("#builders tr[data-builder]");
 
+  step = "the builders page charts each builder's queue";
+  await page.waitForSelector("#queues");
+  const queueBars = await page.$$eval("#queues rect", els => els.length);
+  const builderCount = (await (await fetch(`${url}/api/v2/builders`)).json()).meta.total;
+  if (queueBars !== Math.min(50, builderCount)) fail(`${queueBars} queue bars for ${builderCount} builders`);
+
   step = "pause and resume a builder";
   const row = '#builders tr[data-builder="echo"]';
   await page.click(`${row} button.toggle-pause`);
