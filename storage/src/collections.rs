@@ -45,7 +45,7 @@ pub(crate) trait Shape: Field {
 
 impl Shape for BuildsetField {
     fn select() -> String {
-        "SELECT bs.* FROM buildsets bs".into()
+        format!("SELECT {} FROM buildsets bs", crate::rows::BUILDSET_COLUMNS)
     }
     const ID: &'static str = "bs.id";
 

@@ -16,6 +16,13 @@ use kiln_model::{
 };
 
 /// The columns of a build, with `b` as the table alias.
+/// The columns of a buildset that [`buildset_from_row`] reads, with `bs` as the table
+/// alias. Named, never `*`: a statement prepared while another process migrates the
+/// file would otherwise come back with more columns than sqlx cached for it (it panicked
+/// on a cold CI run).
+pub(crate) const BUILDSET_COLUMNS: &str = "bs.id, bs.reason, bs.external_idstring, bs.submitted_at, bs.complete, \
+     bs.complete_at, bs.results, bs.parent_buildid, bs.parent_relationship, bs.rebuilt_buildid, bs.resubmitted_from";
+
 pub(crate) const BUILD_COLUMNS: &str = "b.id, b.number, b.builder_id, b.buildrequest_id, b.master_id, b.worker_slot, \
      b.started_at, b.complete_at, b.state_string, b.locks_duration_s, b.results, b.return_value, b.error, b.traceback";
 

@@ -19,7 +19,10 @@ use crate::text::storable;
 #[async_trait]
 impl<D: Dialect> Buildsets for D {
     async fn buildset_get(&self, id: BuildsetId) -> Result<Buildset> {
-        let mut sql = Sql::new("SELECT * FROM buildsets WHERE id = ");
+        let mut sql = Sql::new(format!(
+            "SELECT {} FROM buildsets bs WHERE bs.id = ",
+            crate::rows::BUILDSET_COLUMNS
+        ));
         sql.bind(id.0);
         one(self, sql, "buildset", id, buildset_from_row).await
     }
