@@ -1033,7 +1033,7 @@ catch_up = "all"
         dir.path().join("bad.toml"),
         "[[builder]]\nname = \"noop\"\nplugin = \"bundled:noop\"\n\n[[schedule]]\nname = \"x\"\nevery = \"soon\"\nbuilders = [\"noop\", \"ghost\"]\n\n[[schedule]]\nname = \"y\"\ncron = \"0 2 * * *\"\ntimezone = \"Mars/Olympus\"\nbuilders = [\"noop\"]\n",
     )?;
-    let bad = kiln_in(
+    let mut bad = kiln_in(
         dir.path(),
         &["serve", "bad.toml", "--listen", "127.0.0.1:0"],
     )?;
@@ -1042,11 +1042,7 @@ catch_up = "all"
         "names builder \"ghost\"",
         "unknown time zone \"Mars/Olympus\"",
     ] {
-        ensure!(
-            bad.code != 0 && bad.stderr.contains(expected),
-            "{expected}: {}",
-            bad.stderr
-        );
+        bad = bad.fails_with(expected)?;
     }
     Ok(())
 }
@@ -1259,18 +1255,14 @@ locks = ["ghost", { name = "db", count = 3 }, { name = "db", count = 1, exclusiv
 builders = ["x"]
 "#,
     )?;
-    let bad = kiln_in(dir.path(), &["run", "bad.toml"])?;
+    let mut bad = kiln_in(dir.path(), &["run", "bad.toml"])?;
     for expected in [
         "lock \"deploy\": count must be within",
         "takes lock \"ghost\", which the file does not declare",
         "lock \"db\" has 2 units; a build cannot take 3",
         "says both count and exclusive",
     ] {
-        ensure!(
-            bad.code != 0 && bad.stderr.contains(expected),
-            "{expected}: {}",
-            bad.stderr
-        );
+        bad = bad.fails_with(expected)?;
     }
     Ok(())
 }

@@ -58,6 +58,17 @@ fn total<T>(page: &Page<T>) -> u64 {
     page.total.unwrap_or(page.items.len() as u64)
 }
 
+/// A small, unpaged collection (schedules, reporters, locks: a handful per database),
+/// with `field=` selection.
+fn unpaged<T>(plural: &str, items: &[T], render: fn(&T) -> Value, fields: &[String]) -> Reply {
+    Ok(Json(json::collection(
+        plural,
+        items.iter().map(render).collect(),
+        items.len() as u64,
+        fields,
+    )))
+}
+
 // ---- buildsets ----
 
 pub async fn buildsets(
@@ -958,13 +969,7 @@ pub async fn schedules(
     authorize_read(&s, &headers)?;
     let fields = parse_entity(raw.as_deref(), json::SCHEDULE_FIELDS)?;
     let all = s.engine.client().schedules().await?;
-    let total = all.len() as u64;
-    Ok(Json(json::collection(
-        "schedules",
-        all.iter().map(json::schedule).collect(),
-        total,
-        &fields,
-    )))
+    unpaged("schedules", &all, json::schedule, &fields)
 }
 
 pub async fn schedule(
@@ -995,13 +1000,7 @@ pub async fn reporters(
     authorize_read(&s, &headers)?;
     let fields = parse_entity(raw.as_deref(), json::REPORTER_FIELDS)?;
     let all = s.engine.client().reporters().await?;
-    let total = all.len() as u64;
-    Ok(Json(json::collection(
-        "reporters",
-        all.iter().map(json::reporter).collect(),
-        total,
-        &fields,
-    )))
+    unpaged("reporters", &all, json::reporter, &fields)
 }
 
 // ---- locks ----
@@ -1016,13 +1015,7 @@ pub async fn locks(
     authorize_read(&s, &headers)?;
     let fields = parse_entity(raw.as_deref(), json::LOCK_FIELDS)?;
     let all = s.engine.client().locks().await?;
-    let total = all.len() as u64;
-    Ok(Json(json::collection(
-        "locks",
-        all.iter().map(json::lock).collect(),
-        total,
-        &fields,
-    )))
+    unpaged("locks", &all, json::lock, &fields)
 }
 
 // ---- masters ----

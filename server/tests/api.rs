@@ -754,6 +754,25 @@ async fn an_uploaded_plugin_is_checked_against_its_world_before_it_is_kept() -> 
     Ok(())
 }
 
+/// What an event stream's body carries until `needle` appears (or the stream ends).
+async fn read_events_until(body: &mut Body, needle: &str) -> Result<String> {
+    let mut seen = String::new();
+    tokio::time::timeout(GUARD, async {
+        while !seen.contains(needle) {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        seen.push_str(&String::from_utf8_lossy(data));
+                    }
+                }
+                _ => break,
+            }
+        }
+    })
+    .await?;
+    Ok(seen)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_stream_carries_lifecycle_log_and_progress_events() -> Result<()> {
     let s = server().await?;
@@ -775,20 +794,7 @@ async fn the_event_stream_carries_lifecycle_log_and_progress_events() -> Result<
         Some(TOKEN),
     )
     .await?;
-    let mut seen = String::new();
-    tokio::time::timeout(GUARD, async {
-        while !seen.contains("event: buildset_complete") {
-            match body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        seen.push_str(&String::from_utf8_lossy(data));
-                    }
-                }
-                _ => break,
-            }
-        }
-    })
-    .await?;
+    let seen = read_events_until(&mut body, "event: buildset_complete").await?;
     for kind in [
         "buildset_submitted",
         "build_started",
@@ -836,20 +842,7 @@ async fn the_event_stream_carries_lifecycle_log_and_progress_events() -> Result<
         )
         .await?;
     let mut body = resumed.into_body();
-    let mut again = String::new();
-    tokio::time::timeout(GUARD, async {
-        while !again.contains("event: buildset_complete") {
-            match body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        again.push_str(&String::from_utf8_lossy(data));
-                    }
-                }
-                _ => break,
-            }
-        }
-    })
-    .await?;
+    let again = read_events_until(&mut body, "event: buildset_complete").await?;
     let replayed: Vec<u64> = again
         .lines()
         .filter_map(|l| l.strip_prefix("id: ")?.trim().parse().ok())
