@@ -909,3 +909,96 @@ async fn a_request_waiting_for_a_lock_holds_no_room_and_its_build_records_the_wa
     }
     Ok(())
 }
+
+/// Builds run in a staging directory of their slot, reused while builds leave it empty:
+/// a build that leaves nothing keeps no directory, one that leaves files keeps them
+/// under its number, and every build starts with an empty directory whatever the one
+/// before it left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_start_in_an_empty_result_directory_and_keep_one_only_when_they_leave_files()
+-> Result<()> {
+    for backend in backends("staging").await? {
+        let name = backend.name;
+        let dir = tempfile::tempdir()?;
+        let results = dir.path().join("results");
+        let engine = Engine::open(
+            EngineConfig::new(&backend.url)
+                .master_name("m")
+                .results_dir(&results),
+        )
+        .await?;
+        let writes = FnExecutor::new(|ctx| async move {
+            let Some(dir) = ctx.result_dir() else {
+                return Ok(Outcome::with_results(ResultCode::Failure, None));
+            };
+            let left = std::fs::read_dir(dir)
+                .map_err(|e| kiln_engine::JobError::new(e.to_string()))?
+                .count();
+            if left != 0 {
+                return Ok(Outcome::with_results(ResultCode::Failure, None));
+            }
+            if ctx.reason() == "write" {
+                std::fs::create_dir_all(dir.join("sub"))
+                    .and_then(|()| std::fs::write(dir.join("sub").join("out.txt"), "x"))
+                    .map_err(|e| kiln_engine::JobError::new(e.to_string()))?;
+            } else if ctx.reason() == "empty dir" {
+                std::fs::create_dir(dir.join("nothing"))
+                    .map_err(|e| kiln_engine::JobError::new(e.to_string()))?;
+            }
+            Ok(Outcome::success(json!(null)))
+        });
+        engine
+            .register_builder(
+                BuilderConfig {
+                    max_concurrent: Some(1),
+                    ..BuilderConfig::new("one-slot")
+                },
+                writes,
+            )
+            .await?;
+        let reasons = ["write", "nothing", "empty dir", "write", "nothing"];
+        for reason in reasons {
+            let s = engine
+                .submit(&Submission::new(reason).builder("one-slot"))
+                .await?;
+            let done = guard("a build", engine.wait_buildset(s.buildset_id)).await??;
+            ensure!(
+                done.results == Some(ResultCode::Success),
+                "{name}: the build for {reason:?} did not start in an empty directory"
+            );
+        }
+        let builder = results.join("one-slot");
+        for (i, reason) in reasons.iter().enumerate() {
+            let number = i + 1;
+            let kept = builder.join(number.to_string());
+            ensure!(
+                kept.exists() == (*reason == "write"),
+                "{name}: build {number} ({reason}) kept a directory: {}",
+                kept.exists()
+            );
+        }
+        let builds = engine.client().builds(&Default::default()).await?;
+        let first = builds
+            .iter()
+            .find(|b| b.number == 1)
+            .ok_or_else(|| anyhow::anyhow!("{name}: no build 1"))?;
+        let artifacts = engine.client().build_artifacts(first.id).await?;
+        let expected = builder.join("1").join("sub").join("out.txt");
+        ensure!(
+            artifacts.len() == 1
+                && artifacts[0].path == "sub/out.txt"
+                && artifacts[0].location == expected.display().to_string()
+                && expected.exists(),
+            "{name}: {artifacts:?}"
+        );
+        engine.shutdown().await;
+        // The empty staging directory goes with the engine.
+        let staged: Vec<_> = std::fs::read_dir(&builder)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".building-"))
+            .collect();
+        ensure!(staged.is_empty(), "{name}: left behind: {staged:?}");
+    }
+    Ok(())
+}

@@ -354,7 +354,9 @@ impl BuildContext {
     }
 
     /// This build's own result directory, if the engine gives builds one: files left
-    /// there become the build's artifacts.
+    /// there become the build's artifacts. It is empty when the build starts and is a
+    /// staging directory the engine reuses: when the build ends, what it left moves to
+    /// `<results_dir>/<builder>/<number>/`, so keep no path into it past the build.
     pub fn result_dir(&self) -> Option<&std::path::Path> {
         self.inner.spec.result_dir.as_deref()
     }

@@ -99,7 +99,17 @@ pub(super) async fn run_build(
     } = started;
     debug!(build = %build.id, builder = %builder.config.name, number = build.number, "build started");
     let result_dir = match &shared.config.results_dir {
-        Some(root) => artifacts::prepare(root, &builder.config.name, build.number).await,
+        Some(root) => {
+            artifacts::prepare(
+                &shared.staging,
+                root,
+                &builder.config.name,
+                shared.master.0,
+                slot,
+                build.number,
+            )
+            .await
+        }
         None => None,
     };
     let mut spec = BuildSpec {
@@ -115,7 +125,7 @@ pub(super) async fn run_build(
         priority: request.priority,
         depth: context.depth,
         limits: builder.config.limits,
-        result_dir: result_dir.clone(),
+        result_dir: result_dir.as_ref().map(|d| d.staging.clone()),
         stop: stop.clone(),
     };
     let outcome = match triggers::resolve_dependencies(&shared, &builder, &spec).await {
@@ -158,7 +168,7 @@ pub(super) async fn run_build(
         retry_verdict(&shared, &builder, &request, outcome).await
     };
     let artifacts = match result_dir {
-        Some(dir) => artifacts::collect(dir).await,
+        Some(dir) => artifacts::collect(&shared.staging, dir).await,
         None => Vec::new(),
     };
     let end = FinishedBuild {

@@ -108,6 +108,8 @@ pub(crate) struct SchedulerState {
     stopping: watch::Sender<bool>,
     /// What running builds wrote and the flusher has not stored yet.
     pub(crate) outputs: output::Outputs,
+    /// The result directories builds run in (see [`artifacts::Staging`]).
+    pub(crate) staging: artifacts::Staging,
     /// What this engine counts for `/metrics`.
     pub(crate) metrics: crate::metrics::EngineMetrics,
 }
@@ -298,6 +300,7 @@ impl Scheduler {
             events,
             stopping: watch::channel(false).0,
             outputs: output::Outputs::default(),
+            staging: artifacts::Staging::default(),
             metrics: crate::metrics::EngineMetrics::default(),
         });
         let mut tasks = vec![
@@ -411,6 +414,7 @@ impl Scheduler {
         for task in tasks {
             task.abort();
         }
+        self.shared.staging.clear();
         match self
             .shared
             .store
@@ -457,15 +461,15 @@ async fn claim_loop(shared: Arc<SchedulerState>) {
         if polled {
             check_remote_cancels(&shared).await;
         }
-        // Claim until a round finds nothing, so a burst of submits drains without waiting
-        // for more wake-ups.
+        // Claim until a round leaves nothing it could have taken, so a burst of submits
+        // drains without waiting for more wake-ups.
         loop {
             if shared.is_stopping() {
                 return;
             }
             match claim_round(&shared).await {
-                Ok(0) => break,
-                Ok(_) => continue,
+                Ok(false) => break,
+                Ok(true) => continue,
                 Err(e) => {
                     warn!(error = %e, "claiming build requests failed; retrying at the next poll");
                     break;
@@ -475,9 +479,13 @@ async fn claim_loop(shared: Arc<SchedulerState>) {
     }
 }
 
-/// One claim-and-start transaction; spawns a task per started build. Returns how many
-/// requests it took off the queue.
-async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<usize> {
+/// One claim-and-start transaction; spawns a task per started build. Returns whether
+/// another round may find more: some builder was given every slot it offered (its queue
+/// may hold more), or requests were cancelled or collapsed instead of started. A round
+/// that gave every builder less than it offered has emptied their queues, and the next
+/// one would be a transaction that finds nothing: under a steady trickle of single
+/// submits that was one wasted transaction per build.
+async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<bool> {
     let builders: Vec<Arc<RegisteredBuilder>> = shared
         .builders
         .read()
@@ -495,7 +503,7 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<usize
         .saturating_sub(shared.waiting.load(std::sync::atomic::Ordering::Relaxed));
     let room = (shared.config.max_running_builds as usize).saturating_sub(busy);
     if room == 0 {
-        return Ok(0);
+        return Ok(false);
     }
     let batch = shared
         .config
@@ -507,8 +515,12 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<usize
         .filter(|(_, slots)| !slots.is_empty())
         .collect();
     if free_slots.is_empty() {
-        return Ok(0);
+        return Ok(false);
     }
+    let offered: HashMap<BuilderId, usize> = free_slots
+        .iter()
+        .map(|(id, slots)| (*id, slots.len()))
+        .collect();
     // Collapsing happens when a builder claims: only builders with room collapse.
     let collapse: Vec<(BuilderId, bool)> = builders
         .iter()
@@ -545,10 +557,18 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<usize
         });
     }
     builds::emit_completed(shared, outcome.buildsets_completed);
-    if outcome.started.is_empty() {
-        return Ok(outcome.cancelled.len() + outcome.collapsed.len());
+    let mut given: HashMap<BuilderId, usize> = HashMap::new();
+    for started in &outcome.started {
+        *given.entry(started.build.builder_id).or_default() += 1;
     }
-    let taken = outcome.started.len() + outcome.cancelled.len() + outcome.collapsed.len();
+    let more = !outcome.cancelled.is_empty()
+        || !outcome.collapsed.is_empty()
+        || given
+            .iter()
+            .any(|(id, n)| offered.get(id).is_some_and(|o| n >= o));
+    if outcome.started.is_empty() {
+        return Ok(more);
+    }
     shared
         .in_flight
         .send_modify(|n| *n += outcome.started.len());
@@ -589,7 +609,7 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<usize
             stop_rx,
         ));
     }
-    Ok(taken)
+    Ok(more)
 }
 
 /// Turns other processes' wake-ups into this engine's: new work wakes the claim loop,
