@@ -109,12 +109,12 @@ pub(crate) fn micros(t: Timestamp) -> i64 {
     t.timestamp_micros()
 }
 
-fn ts(v: i64) -> Result<Timestamp> {
+pub(crate) fn ts(v: i64) -> Result<Timestamp> {
     chrono::DateTime::from_timestamp_micros(v)
         .ok_or_else(|| StorageError::Corrupt(format!("timestamp {v} is out of range")))
 }
 
-fn opt_ts(v: Option<i64>) -> Result<Option<Timestamp>> {
+pub(crate) fn opt_ts(v: Option<i64>) -> Result<Option<Timestamp>> {
     v.map(ts).transpose()
 }
 
@@ -340,11 +340,11 @@ pub(crate) fn build_from_row(row: &impl Col) -> Result<Build> {
 }
 
 /// name, JSON value, source
-type RawProperty = (String, String, String);
+pub(crate) type RawProperty = (String, String, String);
 /// codebase, repository, branch, revision, project
-type RawStamp = (String, String, String, String, String);
+pub(crate) type RawStamp = (String, String, String, String, String);
 
-fn context_from_raw(
+pub(crate) fn context_from_raw(
     (reason, properties, stamps, depth): (String, Vec<RawProperty>, Vec<RawStamp>, i64),
 ) -> Result<BuildsetContext> {
     let properties = properties

@@ -2,32 +2,47 @@
 //! in one transaction with a fixed number of statements however many rows it touches)
 //! and the one-at-a-time starts and finishes.
 //!
-//! Per-row values travel as one JSON array bound to a single parameter and are unpacked
-//! with `json_each`/`json_extract`.
+//! The writer's connection is synchronous (rusqlite), so a batch is a loop over
+//! prepared statements, row by row, as SQLite's own floor does it: no JSON encoded in
+//! Rust and decoded again inside SQLite (a fifth of the lifecycle's samples when every
+//! statement was a hand-off through sqlx and batches travelled as JSON arrays), and the
+//! builds a claim starts are answered from what the transaction just wrote.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, named_params, params};
 use serde_json::{Value, json};
 
-use super::json::{BUILD_JSON, CONTEXT_JSON, REQUEST_JSON};
 use super::requests::complete_buildsets;
 use super::{SqliteStore, outbox};
 use crate::rows::{
-    BUILD_COLUMNS, SyncRow, build_from_row, from_json, json_ids, micros, started_from_json,
+    BUILD_COLUMNS, RawProperty, RawStamp, SyncRow, build_from_row, context_from_raw, from_json,
+    json_ids, micros, opt_ts, ts,
 };
 use crate::seam::{BuildWrites, Builds};
 use crate::{
-    FinishOutcome, FinishedBuild, NewBuild, Result, StartAvailable, StartOutcome, StartedBuild,
-    StorageError, text,
+    BuildsetContext, FinishOutcome, FinishedBuild, NewBuild, Result, StartAvailable, StartOutcome,
+    StartedBuild, StorageError, text,
 };
-use kiln_model::{Build, BuilderId, BuildsetId, MasterId, RequestId, ResultCode, Timestamp};
+use kiln_model::{
+    Build, BuildId, BuildRequest, BuilderId, BuildsetId, MasterId, RequestId, ResultCode, Timestamp,
+};
 
 use crate::lock_budget::{BUDGET_COLUMNS, LockBudget};
 
-/// A request about to be claimed: id, cancel_requested, buildset id.
-type Candidate = (i64, i64, i64);
+/// A request about to be claimed, with what its build needs of it and its buildset.
+struct Candidate {
+    id: i64,
+    cancel_requested: bool,
+    buildset_id: i64,
+    priority: i32,
+    submitted_at: i64,
+    waited_for: bool,
+    not_before: Option<i64>,
+    reason: String,
+    depth: i64,
+}
 
 /// Of a JSON array of `[builder id, free slots]` (`:wanted`), the builders not paused with
 /// queued work that nobody claimed and that is due by `:now`, as a JSON array of `[builder id, free slots]` in Buildbot's order
@@ -49,65 +64,71 @@ const HEADS_SQL: &str = "SELECT COALESCE(json_group_array(json_array(builder, sl
      WHERE top IS NOT NULL";
 
 /// Of one builder (`:builder`), its most urgent unclaimed requests due by `:now` (at most
-/// `:limit`), by priority then id, as a JSON array of [`Candidate`]s. One seek
-/// into the partial queue index, however long the queue.
-const CANDIDATES_SQL: &str = "SELECT json_group_array(json_array(id, cancel_requested, buildset_id) ORDER BY priority DESC, id) FROM (
-     SELECT r.id, r.cancel_requested, r.buildset_id, r.priority FROM buildrequests r
+/// `:limit`), by priority then id, with their buildsets' reason and depth. One seek into
+/// the partial queue index, however long the queue.
+const CANDIDATES_SQL: &str =
+    "SELECT r.id, r.cancel_requested, r.buildset_id, r.priority, r.submitted_at,
+            r.waited_for, r.not_before, bs.reason, bs.depth
+     FROM buildrequests r JOIN buildsets bs ON bs.id = r.buildset_id
      WHERE r.builder_id = :builder AND r.complete = 0
        AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
        AND (r.not_before IS NULL OR r.not_before <= :now)
-     ORDER BY r.priority DESC, r.id LIMIT :limit)";
+     ORDER BY r.priority DESC, r.id LIMIT :limit";
 
-/// Writes the ends of builds known to run on the caller's master: their columns, their
-/// artifacts, and their `build_finished` reports.
-fn end_builds(tx: &Connection, ends: &[&FinishedBuild]) -> Result<()> {
-    let values = Value::from(
-        ends.iter()
-            .map(|e| {
-                json!([
-                    e.build_id.0,
-                    micros(e.complete_at),
-                    e.results.code(),
-                    e.return_value.as_ref().map(|v| v.to_string()),
-                    e.error,
-                    e.traceback,
-                    e.state_string,
-                ])
-            })
-            .collect::<Vec<_>>(),
-    )
-    .to_string();
-    // Joined on the primary key alone, so that SQLite walks the JSON array once and
-    // looks each build up (with the master's running builds as the outer loop it
-    // rescanned the array per build: quadratic in the batch).
-    tx.prepare_cached(
-        "UPDATE builds SET complete_at = j.value ->> 1, results = j.value ->> 2, return_value = j.value ->> 3,
-                           error = j.value ->> 4, traceback = j.value ->> 5,
-                           state_string = COALESCE(j.value ->> 6, builds.state_string)
-         FROM json_each(?) j
-         WHERE builds.id = j.value ->> 0",
-    )?
-    .execute([&values])?;
-    let ids = json_ids(ends.iter().map(|e| e.build_id.0));
-    tx.prepare_cached("DELETE FROM lock_holds WHERE build_id IN (SELECT value FROM json_each(?))")?
-        .execute([&ids])?;
-    outbox::record_finished(tx, &ids)?;
-    let artifacts: Vec<Value> = ends
-        .iter()
-        .flat_map(|e| {
-            e.artifacts
-                .iter()
-                .map(move |a| json!([e.build_id.0, a.path, a.size, a.location]))
-        })
-        .collect();
-    if !artifacts.is_empty() {
-        tx.prepare_cached(
-            "INSERT OR REPLACE INTO build_artifacts (build_id, path, size, location)
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each(?)",
-        )?
-        .execute([Value::from(artifacts).to_string()])?;
+/// Writes the ends of those of `ends` still running on `master`: their columns, their
+/// lock holds, their artifacts and their `build_finished` reports. Returns the builds it
+/// ended; the others (not running, or not on `master`) are left alone.
+fn end_builds<'a>(
+    tx: &Connection,
+    master: MasterId,
+    ends: &[&'a FinishedBuild],
+) -> Result<Vec<&'a FinishedBuild>> {
+    let mut ended = Vec::with_capacity(ends.len());
+    {
+        let mut end = tx.prepare_cached(
+            "UPDATE builds SET complete_at = ?2, results = ?3, return_value = ?4, error = ?5,
+                               traceback = ?6, state_string = COALESCE(?7, state_string)
+             WHERE id = ?1 AND master_id = ?8 AND complete_at IS NULL",
+        )?;
+        let mut unlock = tx.prepare_cached("DELETE FROM lock_holds WHERE build_id = ?")?;
+        for e in ends {
+            let changed = end.execute(params![
+                e.build_id.0,
+                micros(e.complete_at),
+                e.results.code(),
+                e.return_value.as_ref().map(|v| v.to_string()),
+                e.error,
+                e.traceback,
+                e.state_string,
+                master.0,
+            ])?;
+            if changed == 1 {
+                unlock.execute([e.build_id.0])?;
+                ended.push(*e);
+            }
+        }
     }
-    Ok(())
+    let ids: Vec<i64> = ended.iter().map(|e| e.build_id.0).collect();
+    outbox::record_finished(tx, &ids)?;
+    let mut artifact = None;
+    for e in &ended {
+        for a in &e.artifacts {
+            let statement = match &mut artifact {
+                Some(s) => s,
+                None => artifact.insert(tx.prepare_cached(
+                    "INSERT OR REPLACE INTO build_artifacts (build_id, path, size, location)
+                     VALUES (?, ?, ?, ?)",
+                )?),
+            };
+            statement.execute(params![
+                e.build_id.0,
+                a.path,
+                i64::try_from(a.size).unwrap_or(i64::MAX),
+                a.location
+            ])?;
+        }
+    }
+    Ok(ended)
 }
 
 #[async_trait]
@@ -162,7 +183,7 @@ impl BuildWrites for SqliteStore {
                 ],
                 |row| Ok(build_from_row(&SyncRow(row))),
             )??;
-            outbox::record_started(tx, &json_ids([build.id.0]))?;
+            outbox::record_started(tx, &[build.id.0])?;
             Ok(build)
         })
         .await
@@ -172,19 +193,7 @@ impl BuildWrites for SqliteStore {
         let build = text::finished(build).into_owned();
         let id = build.build_id;
         let finished = self
-            .transaction(move |tx| {
-                let running: Option<i64> = tx
-                    .prepare_cached(
-                        "SELECT id FROM builds WHERE id = ? AND master_id = ? AND complete_at IS NULL",
-                    )?
-                    .query_row([build.build_id.0, master.0], |r| r.get(0))
-                    .optional()?;
-                if running.is_none() {
-                    return Ok(false);
-                }
-                end_builds(tx, &[&build])?;
-                Ok(true)
-            })
+            .transaction(move |tx| Ok(!end_builds(tx, master, &[&build])?.is_empty()))
             .await?;
         if finished {
             return Ok(());
@@ -201,19 +210,6 @@ static BUILD_ADD_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
          SELECT COALESCE(MAX(number), 0) + 1, ?, ?, ?, ?, ?, ? FROM builds WHERE builder_id = ?
          RETURNING {}",
         BUILD_COLUMNS.replace("b.", "")
-    )
-});
-
-/// The new builds with their claimed requests and their buildsets' contexts, in claim
-/// order, in one row.
-static STARTED_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "SELECT json_group_array(json_array({BUILD_JSON}, {REQUEST_JSON}, {CONTEXT_JSON})
-                                 ORDER BY r.priority DESC, r.id)
-         FROM builds b JOIN buildrequests r ON r.id = b.buildrequest_id
-         JOIN buildsets bs ON bs.id = r.buildset_id
-         LEFT JOIN buildrequest_claims c ON c.request_id = r.id
-         WHERE b.buildrequest_id IN (SELECT value FROM json_each(?)) AND b.master_id = ? AND b.complete_at IS NULL"
     )
 });
 
@@ -349,11 +345,25 @@ fn claim_and_start(tx: &Connection, params: &StartAvailable) -> Result<StartOutc
         if allowed == 0 {
             continue;
         }
-        let found: String = tx.prepare_cached(CANDIDATES_SQL)?.query_row(
-            named_params! {":builder": builder, ":limit": allowed as i64, ":now": now},
-            |r| r.get(0),
-        )?;
-        let found: Vec<Candidate> = from_json(&found)?;
+        let found = tx
+            .prepare_cached(CANDIDATES_SQL)?
+            .query_map(
+                named_params! {":builder": builder, ":limit": allowed as i64, ":now": now},
+                |r| {
+                    Ok(Candidate {
+                        id: r.get(0)?,
+                        cancel_requested: r.get::<_, i64>(1)? != 0,
+                        buildset_id: r.get(2)?,
+                        priority: r.get(3)?,
+                        submitted_at: r.get(4)?,
+                        waited_for: r.get::<_, i64>(5)? != 0,
+                        not_before: r.get(6)?,
+                        reason: r.get(7)?,
+                        depth: r.get(8)?,
+                    })
+                },
+            )?
+            .collect::<rusqlite::Result<Vec<Candidate>>>()?;
         budget.take(builder, found.len());
         room = room.saturating_sub(found.len());
         if !found.is_empty() {
@@ -363,46 +373,41 @@ fn claim_and_start(tx: &Connection, params: &StartAvailable) -> Result<StartOutc
     if claimed.is_empty() {
         return Ok(StartOutcome::default());
     }
-    let all = json_ids(
-        claimed
-            .iter()
-            .flat_map(|(_, found)| found.iter().map(|(id, _, _)| *id)),
-    );
-    tx.prepare_cached(
-        "INSERT INTO buildrequest_claims (request_id, master_id, claimed_at)
-         SELECT value, ?, ? FROM json_each(?)",
-    )?
-    .execute(params![params.master_id.0, micros(params.now), all])
-    .map_err(|e| StorageError::from(e).fk_not_found("master", params.master_id))?;
+    {
+        let mut claim = tx.prepare_cached(
+            "INSERT INTO buildrequest_claims (request_id, master_id, claimed_at) VALUES (?, ?, ?)",
+        )?;
+        for (_, found) in &claimed {
+            for c in found {
+                claim
+                    .execute(params![c.id, params.master_id.0, now])
+                    .map_err(|e| StorageError::from(e).fk_not_found("master", params.master_id))?;
+            }
+        }
+    }
 
     // Requests cancelled while an earlier (now released) claim held them end here.
     let mut outcome = StartOutcome::default();
-    let flagged: Vec<(i64, i64)> = claimed
+    let flagged: Vec<&Candidate> = claimed
         .iter()
-        .flat_map(|(_, found)| {
-            found
-                .iter()
-                .filter(|(_, cancel, _)| *cancel != 0)
-                .map(|(id, _, bs)| (*id, *bs))
-        })
+        .flat_map(|(_, found)| found.iter().filter(|c| c.cancel_requested))
         .collect();
     if !flagged.is_empty() {
-        tx.prepare_cached(
-            "UPDATE buildrequests SET complete = 1, complete_at = ?, results = ?
-             WHERE id IN (SELECT value FROM json_each(?))",
-        )?
-        .execute(params![
-            micros(params.now),
-            ResultCode::Cancelled.code(),
-            json_ids(flagged.iter().map(|(id, _)| *id))
-        ])?;
-        outcome.cancelled = flagged.iter().map(|(id, _)| RequestId(*id)).collect();
+        let mut cancel = tx.prepare_cached(
+            "UPDATE buildrequests SET complete = 1, complete_at = ?, results = ? WHERE id = ?",
+        )?;
+        for c in &flagged {
+            cancel.execute(params![now, ResultCode::Cancelled.code(), c.id])?;
+        }
+        drop(cancel);
+        outcome.cancelled = flagged.iter().map(|c| RequestId(c.id)).collect();
         outcome.cancelled.sort();
-        let buildsets = flagged.iter().map(|(_, bs)| BuildsetId(*bs));
+        let buildsets = flagged.iter().map(|c| BuildsetId(c.buildset_id));
         outcome.buildsets_completed = complete_buildsets(tx, buildsets, params.now)?;
     }
 
-    let mut runnable = Vec::new();
+    // The builds, numbered after each builder's highest, one row at a time.
+    let mut started: Vec<(Build, &Candidate)> = Vec::new();
     for (builder, found) in &claimed {
         let slots = params
             .free_slots
@@ -410,57 +415,130 @@ fn claim_and_start(tx: &Connection, params: &StartAvailable) -> Result<StartOutc
             .find(|(b, _)| b == builder)
             .map(|(_, s)| s.as_slice())
             .unwrap_or(&[]);
-        let pairs: Vec<Value> = found
+        let runnable: Vec<(&Candidate, i64)> = found
             .iter()
-            .filter(|(_, cancel, _)| *cancel == 0)
-            .zip(slots)
-            .map(|((id, _, _), slot)| json!([id, slot]))
+            .filter(|c| !c.cancel_requested)
+            .zip(slots.iter().copied())
             .collect();
-        if pairs.is_empty() {
+        if runnable.is_empty() {
             continue;
         }
-        runnable.extend(pairs.iter().filter_map(|p| p[0].as_i64()));
-        tx.prepare_cached(
+        let highest: i64 = tx
+            .prepare_cached("SELECT COALESCE(MAX(number), 0) FROM builds WHERE builder_id = ?")?
+            .query_row([builder.0], |r| r.get(0))?;
+        let mut insert = tx.prepare_cached(
             "INSERT INTO builds (number, builder_id, buildrequest_id, master_id, worker_slot, started_at, state_string)
-             SELECT (SELECT COALESCE(MAX(number), 0) FROM builds WHERE builder_id = ?1) + j.key + 1,
-                    ?1, j.value ->> 0, ?2, j.value ->> 1, ?3, ?4
-             FROM json_each(?5) j ORDER BY j.key",
-        )?
-        .execute(params![
-            builder.0,
-            params.master_id.0,
-            micros(params.now),
-            params.state_string,
-            Value::from(pairs).to_string()
-        ])?;
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )?;
+        for (k, (c, slot)) in runnable.into_iter().enumerate() {
+            let number = highest + k as i64 + 1;
+            insert.execute(params![
+                number,
+                builder.0,
+                c.id,
+                params.master_id.0,
+                slot,
+                now,
+                params.state_string
+            ])?;
+            let build = Build {
+                id: BuildId(tx.last_insert_rowid()),
+                number,
+                builder_id: *builder,
+                request_id: RequestId(c.id),
+                master_id: params.master_id,
+                worker_slot: Some(slot),
+                started_at: ts(now)?,
+                complete_at: None,
+                state_string: params.state_string.clone(),
+                locks_duration_s: 0.0,
+                results: None,
+                return_value: None,
+                error: None,
+                traceback: None,
+            };
+            started.push((build, c));
+        }
     }
-    if runnable.is_empty() {
+    if started.is_empty() {
         return Ok(outcome);
     }
     let locking: Vec<i64> = claimed
         .iter()
         .filter(|(builder, _)| budget.takes_locks(builder.0))
-        .flat_map(|(_, found)| found.iter().map(|(id, _, _)| *id))
+        .flat_map(|(_, found)| found.iter().map(|c| c.id))
         .collect();
     if !locking.is_empty() {
         take_locks(tx, &json_ids(locking), params.now)?;
+        // What each locking build waited is what take_locks just wrote.
+        let mut waited = tx.prepare_cached("SELECT locks_duration_s FROM builds WHERE id = ?")?;
+        for (build, _) in started
+            .iter_mut()
+            .filter(|(b, _)| budget.takes_locks(b.builder_id.0))
+        {
+            build.locks_duration_s = waited.query_row([build.id.0], |r| r.get(0))?;
+        }
     }
-    let started: String = tx
-        .prepare_cached(&STARTED_SQL)?
-        .query_row(params![json_ids(runnable), params.master_id.0], |r| {
-            r.get(0)
-        })?;
-    let started = started_from_json(&started)?;
-    outbox::record_started(tx, &json_ids(started.iter().map(|(b, _, _)| b.id.0)))?;
-    outcome.started = started
-        .into_iter()
-        .map(|(build, request, context)| StartedBuild {
+    let ids: Vec<i64> = started.iter().map(|(b, _)| b.id.0).collect();
+    outbox::record_started(tx, &ids)?;
+    started.sort_by_key(|(_, c)| (std::cmp::Reverse(c.priority), c.id));
+    let mut contexts: HashMap<i64, BuildsetContext> = HashMap::new();
+    let mut out = Vec::with_capacity(started.len());
+    for (build, c) in started {
+        let context = match contexts.get(&c.buildset_id) {
+            Some(context) => context.clone(),
+            None => {
+                let context = buildset_context(tx, c)?;
+                contexts.insert(c.buildset_id, context.clone());
+                context
+            }
+        };
+        let request = BuildRequest {
+            id: RequestId(c.id),
+            buildset_id: BuildsetId(c.buildset_id),
+            builder_id: build.builder_id,
+            priority: c.priority,
+            submitted_at: ts(c.submitted_at)?,
+            waited_for: c.waited_for,
+            complete: false,
+            complete_at: None,
+            results: None,
+            claimed_by: Some(params.master_id),
+            claimed_at: Some(ts(now)?),
+            cancel_requested: false,
+            not_before: opt_ts(c.not_before)?,
+            superseded_by: None,
+        };
+        out.push(StartedBuild {
             request,
             build,
             context,
-        })
-        .collect();
+        });
+    }
+    outcome.started = out;
     Ok(outcome)
+}
+
+/// A started build's buildset as its job sees it: reason and depth (read with the
+/// claim), properties and sourcestamps.
+fn buildset_context(tx: &Connection, c: &Candidate) -> Result<BuildsetContext> {
+    let properties = tx
+        .prepare_cached(
+            "SELECT name, value, source FROM buildset_properties WHERE buildset_id = ?",
+        )?
+        .query_map([c.buildset_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<Vec<RawProperty>>>()?;
+    let stamps = tx
+        .prepare_cached(
+            "SELECT s.codebase, s.repository, s.branch, s.revision, s.project
+             FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id
+             WHERE bss.buildset_id = ?",
+        )?
+        .query_map([c.buildset_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
+        .collect::<rusqlite::Result<Vec<RawStamp>>>()?;
+    context_from_raw((c.reason.clone(), properties, stamps, c.depth))
 }
 
 /// What this claim may take of the locks of `builders` (nothing to load without any).
@@ -511,90 +589,45 @@ fn finish_batch(
     master: MasterId,
     ends: &[FinishedBuild],
 ) -> Result<FinishOutcome> {
-    let ids = json_ids(ends.iter().map(|e| e.build_id.0));
-    let running: String = tx
-        .prepare_cached(
-            "SELECT json_group_array(id) FROM builds
-             WHERE id IN (SELECT value FROM json_each(?)) AND master_id = ? AND complete_at IS NULL",
-        )?
-        .query_row(params![ids, master.0], |r| r.get(0))?;
-    let running: BTreeSet<i64> = from_json(&running)?;
+    let all: Vec<&FinishedBuild> = ends.iter().collect();
+    let ended = end_builds(tx, master, &all)?;
+    let running: BTreeSet<i64> = ended.iter().map(|e| e.build_id.0).collect();
     let mut outcome = FinishOutcome::default();
-    if running.is_empty() {
-        outcome.refused = ends.iter().map(|e| e.build_id).collect();
-        outcome.refused.sort();
-        return Ok(outcome);
-    }
-    let ending: Vec<&FinishedBuild> = ends
-        .iter()
-        .filter(|e| running.contains(&e.build_id.0))
-        .collect();
-    end_builds(tx, &ending)?;
-    let mut complete = Vec::new();
-    let mut release = Vec::new();
-    let mut delays = Vec::new();
-    for e in ends {
-        if !running.contains(&e.build_id.0) {
-            outcome.refused.push(e.build_id);
-        } else if e.results == ResultCode::Retry || e.retry_at.is_some() {
-            release.push(e.request_id.0);
-            if let Some(at) = e.retry_at {
-                delays.push((e.request_id.0, micros(at)));
-            }
-        } else {
-            complete.push(json!([
-                e.request_id.0,
-                micros(e.complete_at),
-                e.results.code()
-            ]));
-        }
-    }
     let mut buildsets = Vec::new();
-    if !complete.is_empty() {
-        let complete = Value::from(complete).to_string();
-        let open: String = tx
-            .prepare_cached(
-                "SELECT json_group_array(json_array(id, buildset_id)) FROM buildrequests
-                 WHERE id IN (SELECT value ->> 0 FROM json_each(?)) AND complete = 0",
-            )?
-            .query_row([&complete], |r| r.get(0))?;
-        let open: Vec<(i64, i64)> = from_json(&open)?;
-        tx.prepare_cached(
-            "UPDATE buildrequests SET complete = 1, complete_at = j.value ->> 1, results = j.value ->> 2
-             FROM json_each(?) j
-             WHERE buildrequests.id = j.value ->> 0 AND buildrequests.complete = 0",
-        )?
-        .execute([&complete])?;
-        outcome.completed = open.iter().map(|(id, _)| RequestId(*id)).collect();
-        buildsets = open.iter().map(|(_, bs)| BuildsetId(*bs)).collect();
-    }
-    if !release.is_empty() {
-        let held: String = tx
-            .prepare_cached(
-                "SELECT json_group_array(request_id) FROM buildrequest_claims
-                 WHERE master_id = ? AND request_id IN (SELECT value FROM json_each(?))
-                   AND request_id IN (SELECT id FROM buildrequests WHERE complete = 0)",
-            )?
-            .query_row(params![master.0, json_ids(release)], |r| r.get(0))?;
-        let held: Vec<i64> = from_json(&held)?;
-        tx.prepare_cached(
-            "DELETE FROM buildrequest_claims WHERE request_id IN (SELECT value FROM json_each(?))",
-        )?
-        .execute([json_ids(held.iter().copied())])?;
+    {
+        let mut complete = tx.prepare_cached(
+            "UPDATE buildrequests SET complete = 1, complete_at = ?2, results = ?3
+             WHERE id = ?1 AND complete = 0 RETURNING buildset_id",
+        )?;
+        let mut release = tx.prepare_cached(
+            "DELETE FROM buildrequest_claims
+             WHERE request_id = ?1 AND master_id = ?2
+               AND EXISTS (SELECT 1 FROM buildrequests r WHERE r.id = ?1 AND r.complete = 0)",
+        )?;
         // A retry waits out its backoff: not claimable again before its time.
-        let delays: Vec<Value> = delays
-            .into_iter()
-            .filter(|(r, _)| held.contains(r))
-            .map(|(r, at)| json!([r, at]))
-            .collect();
-        if !delays.is_empty() {
-            tx.prepare_cached(
-                "UPDATE buildrequests SET not_before = j.value ->> 1 FROM json_each(?) j
-                 WHERE buildrequests.id = j.value ->> 0",
-            )?
-            .execute([Value::from(delays).to_string()])?;
+        let mut delay =
+            tx.prepare_cached("UPDATE buildrequests SET not_before = ?2 WHERE id = ?1")?;
+        for e in ends {
+            if !running.contains(&e.build_id.0) {
+                outcome.refused.push(e.build_id);
+            } else if e.results == ResultCode::Retry || e.retry_at.is_some() {
+                if release.execute(params![e.request_id.0, master.0])? == 1 {
+                    if let Some(at) = e.retry_at {
+                        delay.execute(params![e.request_id.0, micros(at)])?;
+                    }
+                    outcome.released.push(e.request_id);
+                }
+            } else if let Some(buildset) = complete
+                .query_row(
+                    params![e.request_id.0, micros(e.complete_at), e.results.code()],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()?
+            {
+                outcome.completed.push(e.request_id);
+                buildsets.push(BuildsetId(buildset));
+            }
         }
-        outcome.released = held.into_iter().map(RequestId).collect();
     }
     let latest = ends
         .iter()

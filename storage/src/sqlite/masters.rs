@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, params};
 
 use super::{SqliteStore, outbox};
-use crate::rows::{json_ids, micros};
+use crate::rows::micros;
 use crate::seam::MasterWrites;
 use crate::text::storable;
 use crate::{ExpireMasters, ExpiredMaster, RegisteredMaster, Result, StorageError, validate};
@@ -41,7 +41,7 @@ fn take_back(
         .execute([master.0])?;
     tx.prepare_cached("DELETE FROM master_builders WHERE master_id = ?")?
         .execute([master.0])?;
-    outbox::record_finished(tx, &json_ids(retried.iter().copied()))?;
+    outbox::record_finished(tx, &retried)?;
     // Its reporter leases go too, so that another master delivers at once.
     tx.prepare_cached("UPDATE reporters SET owner = NULL, lease_until = NULL WHERE owner = ?")?
         .execute([master.0])?;

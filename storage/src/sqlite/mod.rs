@@ -14,7 +14,6 @@
 mod builders;
 mod builds;
 mod buildsets;
-mod json;
 mod masters;
 mod outbox;
 mod requests;

@@ -1,9 +1,9 @@
 //! The reporters' outbox in SQLite: events recorded inside the transactions that make
 //! the changes they describe, and the reporters' cursors and leases.
 //!
-//! Each `record_*` function is one `INSERT ... SELECT` over a JSON array of ids, guarded
-//! by "is any reporter registered?", so a database without reporters pays one cheap
-//! statement per transaction and stores nothing.
+//! Each `record_*` function first asks whether any reporter is registered: a database
+//! without reporters pays that one cheap statement and stores nothing. With reporters,
+//! it is one `INSERT ... SELECT` over a JSON array of the ids.
 
 use std::sync::LazyLock;
 
@@ -12,7 +12,7 @@ use rusqlite::Connection;
 
 use super::SqliteStore;
 use crate::common::REPORTER_COLUMNS;
-use crate::rows::{micros, reporter_from_row};
+use crate::rows::{json_ids, micros, reporter_from_row};
 use crate::seam::OutboxWrites;
 use crate::{ReporterProgress, Result, StorageError, text, validate};
 use kiln_model::ReporterState;
@@ -33,6 +33,13 @@ fn insert(select: &str) -> String {
 const BUILDERS_OF_BS: &str = "(SELECT json_group_array(bl.name) FROM buildrequests r
      JOIN builders bl ON bl.id = r.builder_id WHERE r.buildset_id = bs.id)";
 
+/// Whether any reporter is registered (else nothing is recorded).
+fn reporting(tx: &Connection) -> Result<bool> {
+    Ok(tx
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM reporters)")?
+        .query_row([], |r| r.get(0))?)
+}
+
 static RECORD_SUBMITTED_SQL: LazyLock<String> = LazyLock::new(|| {
     insert(&format!(
         "SELECT 'buildset_submitted', bs.id, NULL, NULL, NULL, bs.submitted_at,
@@ -41,15 +48,19 @@ static RECORD_SUBMITTED_SQL: LazyLock<String> = LazyLock::new(|| {
                             'parent_buildid', bs.parent_buildid, 'parent_relationship', bs.parent_relationship,
                             'builders', {BUILDERS_OF_BS})
          FROM buildsets bs
-         WHERE bs.id IN (SELECT value FROM json_each(?)) AND EXISTS (SELECT 1 FROM reporters)
+         WHERE bs.id IN (SELECT value FROM json_each(?))
          ORDER BY bs.id",
         secs("bs.submitted_at")
     ))
 });
 
-/// Records `buildset_submitted` for a JSON array of buildset ids.
-pub(super) fn record_submitted(tx: &Connection, ids: &str) -> Result<()> {
-    tx.prepare_cached(&RECORD_SUBMITTED_SQL)?.execute([ids])?;
+/// Records `buildset_submitted` for buildset ids.
+pub(super) fn record_submitted(tx: &Connection, ids: &[i64]) -> Result<()> {
+    if ids.is_empty() || !reporting(tx)? {
+        return Ok(());
+    }
+    tx.prepare_cached(&RECORD_SUBMITTED_SQL)?
+        .execute([json_ids(ids.iter().copied())])?;
     Ok(())
 }
 
@@ -64,7 +75,7 @@ fn build_fields() -> String {
 
 const BUILD_FROM: &str = "FROM builds b JOIN buildrequests r ON r.id = b.buildrequest_id
      JOIN builders bl ON bl.id = b.builder_id
-     WHERE b.id IN (SELECT value FROM json_each(?)) AND EXISTS (SELECT 1 FROM reporters)
+     WHERE b.id IN (SELECT value FROM json_each(?))
      ORDER BY b.id";
 
 static RECORD_STARTED_SQL: LazyLock<String> = LazyLock::new(|| {
@@ -75,9 +86,13 @@ static RECORD_STARTED_SQL: LazyLock<String> = LazyLock::new(|| {
     ))
 });
 
-/// Records `build_started` for a JSON array of build ids.
-pub(super) fn record_started(tx: &Connection, ids: &str) -> Result<()> {
-    tx.prepare_cached(&RECORD_STARTED_SQL)?.execute([ids])?;
+/// Records `build_started` for build ids.
+pub(super) fn record_started(tx: &Connection, ids: &[i64]) -> Result<()> {
+    if ids.is_empty() || !reporting(tx)? {
+        return Ok(());
+    }
+    tx.prepare_cached(&RECORD_STARTED_SQL)?
+        .execute([json_ids(ids.iter().copied())])?;
     Ok(())
 }
 
@@ -95,9 +110,13 @@ static RECORD_FINISHED_SQL: LazyLock<String> = LazyLock::new(|| {
     ))
 });
 
-/// Records `build_finished` for a JSON array of build ids (finished by now).
-pub(super) fn record_finished(tx: &Connection, ids: &str) -> Result<()> {
-    tx.prepare_cached(&RECORD_FINISHED_SQL)?.execute([ids])?;
+/// Records `build_finished` for build ids (finished by now).
+pub(super) fn record_finished(tx: &Connection, ids: &[i64]) -> Result<()> {
+    if ids.is_empty() || !reporting(tx)? {
+        return Ok(());
+    }
+    tx.prepare_cached(&RECORD_FINISHED_SQL)?
+        .execute([json_ids(ids.iter().copied())])?;
     Ok(())
 }
 
@@ -109,7 +128,7 @@ static RECORD_COMPLETE_SQL: LazyLock<String> = LazyLock::new(|| {
                             'submitted_at', {}, 'complete_at', {}, 'duration_s', {},
                             'parent_buildid', bs.parent_buildid, 'builders', {BUILDERS_OF_BS})
          FROM buildsets bs
-         WHERE bs.id IN (SELECT value FROM json_each(?)) AND EXISTS (SELECT 1 FROM reporters)
+         WHERE bs.id IN (SELECT value FROM json_each(?))
          ORDER BY bs.id",
         secs("bs.submitted_at"),
         secs("bs.complete_at"),
@@ -117,9 +136,13 @@ static RECORD_COMPLETE_SQL: LazyLock<String> = LazyLock::new(|| {
     ))
 });
 
-/// Records `buildset_complete` for a JSON array of buildset ids (complete by now).
-pub(super) fn record_complete(tx: &Connection, ids: &str) -> Result<()> {
-    tx.prepare_cached(&RECORD_COMPLETE_SQL)?.execute([ids])?;
+/// Records `buildset_complete` for buildset ids (complete by now).
+pub(super) fn record_complete(tx: &Connection, ids: &[i64]) -> Result<()> {
+    if ids.is_empty() || !reporting(tx)? {
+        return Ok(());
+    }
+    tx.prepare_cached(&RECORD_COMPLETE_SQL)?
+        .execute([json_ids(ids.iter().copied())])?;
     Ok(())
 }
 

@@ -5,18 +5,18 @@ use std::collections::BTreeSet;
 use std::sync::LazyLock;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{SqliteStore, outbox};
-use crate::rows::{self, json_ids, micros, result_code};
+use crate::rows::{json_ids, micros, result_code};
 use crate::seam::RequestWrites;
 use crate::{CancelOutcome, CompletedBuildset, Result, StorageError, validate};
 use kiln_model::{BuildsetId, MasterId, RequestId, ResultCode, Timestamp};
 
-/// Finds which of a JSON array of buildsets have all their requests complete, with the
-/// worst of their results, as one JSON array of `[id, results]`. The ranking is generated
-/// from [`ResultCode::severity`] so that SQL and Rust cannot disagree.
-static COMPLETABLE_BUILDSETS_SQL: LazyLock<String> = LazyLock::new(|| {
+/// Completes one buildset (`?1`) at `?2` if all its requests are complete, with the
+/// worst of their results, handing that back. The ranking is generated from
+/// [`ResultCode::severity`] so that SQL and Rust cannot disagree.
+static COMPLETE_BUILDSET_SQL: LazyLock<String> = LazyLock::new(|| {
     let to_severity: String = ResultCode::ALL
         .iter()
         .map(|r| format!(" WHEN {} THEN {}", r.code(), r.severity()))
@@ -26,17 +26,17 @@ static COMPLETABLE_BUILDSETS_SQL: LazyLock<String> = LazyLock::new(|| {
         .map(|r| format!(" WHEN {} THEN {}", r.severity(), r.code()))
         .collect();
     format!(
-        "SELECT json_group_array(json_array(bs.id,
-             (SELECT CASE MAX(CASE r.results{to_severity} END){to_code} END
-              FROM buildrequests r WHERE r.buildset_id = bs.id)))
-         FROM buildsets bs
-         WHERE bs.id IN (SELECT value FROM json_each(?)) AND bs.complete = 0
-           AND NOT EXISTS (SELECT 1 FROM buildrequests r WHERE r.buildset_id = bs.id AND r.complete = 0)"
+        "UPDATE buildsets SET complete = 1, complete_at = ?2,
+             results = (SELECT CASE MAX(CASE r.results{to_severity} END){to_code} END
+                        FROM buildrequests r WHERE r.buildset_id = ?1)
+         WHERE id = ?1 AND complete = 0
+           AND NOT EXISTS (SELECT 1 FROM buildrequests r WHERE r.buildset_id = ?1 AND r.complete = 0)
+         RETURNING results"
     )
 });
 
 /// Completes those of the given buildsets whose requests are all complete now, with the
-/// worst of their results.
+/// worst of their results: one statement per buildset, a few index seeks each.
 pub(super) fn complete_buildsets(
     tx: &Connection,
     ids: impl IntoIterator<Item = BuildsetId>,
@@ -46,31 +46,23 @@ pub(super) fn complete_buildsets(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let found: String = tx
-        .prepare_cached(COMPLETABLE_BUILDSETS_SQL.as_str())?
-        .query_row([json_ids(ids.iter().map(|b| b.0))], |r| r.get(0))?;
-    let found: Vec<(i64, Option<i64>)> = rows::from_json(&found)?;
-    if found.is_empty() {
-        return Ok(Vec::new());
-    }
-    tx.prepare_cached(
-        "UPDATE buildsets SET complete = 1, complete_at = ?, results = j.value ->> 1
-         FROM json_each(?) j WHERE buildsets.id = j.value ->> 0",
-    )?
-    .execute(params![
-        micros(now),
-        serde_json::to_string(&found).map_err(|e| StorageError::Invalid(e.to_string()))?
-    ])?;
-    outbox::record_complete(tx, &json_ids(found.iter().map(|(id, _)| *id)))?;
-    found
-        .into_iter()
-        .map(|(id, results)| {
-            Ok(CompletedBuildset {
-                buildset_id: BuildsetId(id),
+    let mut statement = tx.prepare_cached(COMPLETE_BUILDSET_SQL.as_str())?;
+    let mut completed = Vec::new();
+    for id in ids {
+        let results: Option<Option<i64>> = statement
+            .query_row(params![id.0, micros(now)], |r| r.get(0))
+            .optional()?;
+        if let Some(results) = results {
+            completed.push(CompletedBuildset {
+                buildset_id: id,
                 results: result_code(results)?.unwrap_or(ResultCode::Success),
-            })
-        })
-        .collect()
+            });
+        }
+    }
+    drop(statement);
+    let done: Vec<i64> = completed.iter().map(|c| c.buildset_id.0).collect();
+    outbox::record_complete(tx, &done)?;
+    Ok(completed)
 }
 
 #[async_trait]

@@ -1,0 +1,7 @@
+-- A buildset completes when none of its requests is open: the check seeks
+-- (buildset_id, complete = 0) in one index. With buildset_id alone, PostgreSQL's
+-- planner, on young tables whose statistics lag, combined that index with the partial
+-- queue index (complete = 0) in a BitmapAnd that read every open request of every
+-- builder for each buildset completed: a finish batch cost grew with the queue.
+DROP INDEX buildrequests_buildset;
+CREATE INDEX buildrequests_buildset ON buildrequests (buildset_id, complete);
