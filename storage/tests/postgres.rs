@@ -11,6 +11,7 @@ use conformance::Harness;
 use kiln_model::{ResultCode, now};
 use kiln_storage::{self as storage, NewBuildset, StorageError, StoreSignal};
 use kiln_testdb::postgres::{Schema, postgres_url};
+use sqlx::Connection;
 
 async fn postgres() -> Result<Option<Harness>> {
     let Some(schema) = Schema::create("conformance").await? else {
@@ -213,4 +214,45 @@ async fn a_cancel_that_waits_for_a_claimer_sees_its_claim() -> Result<()> {
     let after = store.request_get(request).await?;
     ensure!(!after.complete && after.cancel_requested, "{after:?}");
     Ok(())
+}
+
+/// A queue's tables go from empty to thousands of rows in seconds, long before
+/// autovacuum looks; the store has them analyzed as they grow, so that the planner stops
+/// planning for empty tables.
+#[tokio::test]
+async fn the_queues_tables_are_analyzed_as_they_grow() -> Result<()> {
+    let Some(schema) = Schema::create("analyze").await? else {
+        return Ok(());
+    };
+    let store = storage::open(&schema.url).await?;
+    let builder = store.builder_ensure("b", None).await?;
+    let one = NewBuildset {
+        reason: "growth".into(),
+        builder_ids: vec![builder],
+        submitted_at: now(),
+        ..NewBuildset::default()
+    };
+    // 3,000 buildsets with a request each: 6,000 rows, past the first threshold.
+    store.buildset_add_many(&vec![one; 3_000]).await?;
+    let mut conn = sqlx::PgConnection::connect(&schema.url).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let analyzed: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_user_tables
+                            WHERE relname = 'buildrequests' AND schemaname = current_schema()
+                              AND last_analyze IS NOT NULL)",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        if analyzed {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "buildrequests was not analyzed within 30 s of growing by 3,000 rows"
+        );
+        // Polls the catalogue: the ANALYZE runs on the store's own task.
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

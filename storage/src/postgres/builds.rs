@@ -109,7 +109,9 @@ async fn end_builds(tx: &mut PgConnection, ends: &[&FinishedBuild]) -> Result<()
 #[async_trait]
 impl BuildWrites for PostgresStore {
     async fn build_start_available(&self, params: &StartAvailable) -> Result<StartOutcome> {
-        retrying!(self.start_available(params))
+        let outcome = retrying!(self.start_available(params))?;
+        self.grew(outcome.started.len());
+        Ok(outcome)
     }
 
     async fn build_finish_batch(

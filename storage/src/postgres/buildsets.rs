@@ -73,7 +73,9 @@ const IDEMPOTENCY_LOCK_CLASS: i32 = 0x4b49_4c4e;
 impl BuildsetWrites for PostgresStore {
     async fn buildset_add_many(&self, params: &[NewBuildset]) -> Result<Vec<AddedBuildset>> {
         let params = &*text::buildsets(params);
-        retrying!(self.add_buildsets(params))
+        let added = retrying!(self.add_buildsets(params))?;
+        self.grew(added.iter().map(|a| 1 + a.requests.len()).sum());
+        Ok(added)
     }
 }
 

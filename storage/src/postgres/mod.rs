@@ -28,6 +28,8 @@ mod requests;
 mod retention;
 
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
@@ -56,6 +58,59 @@ const PG_RETRYABLE: [&str; 2] = ["40P01", "40001"];
 pub struct PostgresStore {
     pool: PgPool,
     notifier: Notifier,
+    growth: Arc<Growth>,
+}
+
+/// Rows this process added to the hot tables (requests submitted, builds started), and
+/// how many there were when it last had them analyzed.
+#[derive(Debug, Default)]
+struct Growth {
+    added: AtomicU64,
+    analyzed: AtomicU64,
+    running: AtomicBool,
+}
+
+/// The hot tables are analyzed again once this many rows were added since the last time,
+/// or a tenth of all added so far if that is more (autovacuum's own rule, without its
+/// wait). The planner chooses by the tables' statistics, and a queue's tables go from
+/// empty to tens of thousands of rows within seconds, long before autovacuum's next
+/// round (a minute apart) looks: planned for the empty tables, completing a buildset
+/// walked every open buildset (`complete = 0` looked selective) and each batch grew with
+/// the queue. sqlx prepares statements, and PostgreSQL may keep a generic plan per
+/// connection made from the tables' statistics at the time (seen in the benchmark's
+/// floor, which has no such ANALYZE: `id = ANY($1)` tested on every row of a sequential
+/// scan, half the server's samples); an ANALYZE invalidates those plans too. Planning
+/// every statement afresh instead (`plan_cache_mode = force_custom_plan`) cost 13% of
+/// the server's samples. PostgreSQL's advice after a bulk load is to ANALYZE; this is
+/// that advice, taken as the engine bulk-loads its own queue.
+const ANALYZE_AFTER_ROWS: u64 = 5_000;
+
+impl PostgresStore {
+    /// Counts rows added to the hot tables and, when they have grown enough since they
+    /// were last analyzed, analyzes them in the background (one ANALYZE at a time).
+    pub(super) fn grew(&self, rows: usize) {
+        let growth = &self.growth;
+        let total = growth.added.fetch_add(rows as u64, Ordering::Relaxed) + rows as u64;
+        let last = growth.analyzed.load(Ordering::Relaxed);
+        if total.saturating_sub(last) < ANALYZE_AFTER_ROWS.max(last / 10)
+            || growth.running.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        growth.analyzed.store(total, Ordering::Relaxed);
+        let pool = self.pool.clone();
+        let growth = self.growth.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                sqlx::query("ANALYZE buildsets, buildrequests, buildrequest_claims, builds")
+                    .execute(&pool)
+                    .await
+            {
+                tracing::debug!(error = %e, "analyzing the queue's tables failed");
+            }
+            growth.running.store(false, Ordering::Release);
+        });
+    }
 }
 
 impl PostgresStore {
@@ -104,7 +159,11 @@ impl PostgresStore {
             .fetch_one(&pool)
             .await?;
         let notifier = Notifier::start(connect, &schema, origin).await?;
-        Ok(PostgresStore { pool, notifier })
+        Ok(PostgresStore {
+            pool,
+            notifier,
+            growth: Arc::new(Growth::default()),
+        })
     }
 }
 
