@@ -25,6 +25,9 @@ use kiln_model::{
 
 use crate::lock_budget::{BUDGET_COLUMNS, LockBudget};
 
+/// PostgreSQL's "lock not available", what `FOR UPDATE NOWAIT` fails with.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
 /// A build as one JSON object, with `b` as the table alias (the keys of
 /// [`BUILD_COLUMNS`](crate::rows::BUILD_COLUMNS)).
 const BUILD_JSON: &str = "json_build_object('id', b.id, 'number', b.number, 'builder_id', b.builder_id, \
@@ -284,20 +287,43 @@ async fn collapse(
 }
 
 /// What this claim may take of the locks of `builders`, after locking their lock rows
-/// (in name order, so that claims never wait on each other in a circle).
-async fn lock_budget(tx: &mut PgConnection, builders: &[BuilderId]) -> Result<LockBudget> {
+/// (in name order, so that claims never wait on each other in a circle), and whether it
+/// had to wait for another claim's turn on them.
+async fn lock_budget(tx: &mut PgConnection, builders: &[BuilderId]) -> Result<(LockBudget, bool)> {
     if builders.is_empty() {
-        return Ok(LockBudget::default());
+        return Ok((LockBudget::default(), false));
     }
     let ids: Vec<i64> = builders.iter().map(|b| b.0).collect();
-    sqlx::query(
-        "SELECT name FROM locks
-         WHERE name IN (SELECT lock_name FROM builder_locks WHERE builder_id = ANY($1))
-         ORDER BY name FOR UPDATE",
-    )
-    .bind(&ids)
-    .fetch_all(&mut *tx)
-    .await?;
+    let lock_rows = |wait: &str| {
+        format!(
+            "SELECT name FROM locks
+             WHERE name IN (SELECT lock_name FROM builder_locks WHERE builder_id = ANY($1))
+             ORDER BY name FOR UPDATE{wait}"
+        )
+    };
+    // Without waiting first, inside a savepoint: a failed statement would end the
+    // transaction, and rolling back to the savepoint lets go of what it took.
+    sqlx::query("SAVEPOINT kiln_lock_turn")
+        .execute(&mut *tx)
+        .await?;
+    let waited = match sqlx::query(sqlx::AssertSqlSafe(lock_rows(" NOWAIT")))
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+    {
+        Ok(_) => false,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) => {
+            sqlx::query("ROLLBACK TO SAVEPOINT kiln_lock_turn")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(sqlx::AssertSqlSafe(lock_rows("")))
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?;
+            true
+        }
+        Err(e) => return Err(e.into()),
+    };
     let sql = format!("SELECT {BUDGET_COLUMNS} WHERE bl.builder_id = ANY($1)");
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&ids)
@@ -313,7 +339,7 @@ async fn lock_budget(tx: &mut PgConnection, builders: &[BuilderId]) -> Result<Lo
             row.try_get(4)?,
         ));
     }
-    Ok(LockBudget::new(budget))
+    Ok((LockBudget::new(budget), waited))
 }
 
 /// The builds just started for `requests` take their builders' locks, and each records
@@ -356,7 +382,21 @@ impl PostgresStore {
         lock_active_master(&mut tx, params.master_id).await?;
         // Claims that take locks take turns on the lock rows, before any request row, so
         // that two masters never share out the same free units.
-        let mut budget = lock_budget(&mut tx, &params.lock_builders).await?;
+        let (mut budget, waited) = lock_budget(&mut tx, &params.lock_builders).await?;
+        // A claim that waited for another master's turn on the lock rows dates what it
+        // writes from when it got its own: its builds start after the units they take
+        // were freed, not when the claim was asked for (dated before the end of the build
+        // whose unit it took, two builds looked like holders of an exclusive lock at once).
+        let dated;
+        let params = if waited {
+            dated = StartAvailable {
+                now: params.now.max(kiln_model::now()),
+                ..params.clone()
+            };
+            &dated
+        } else {
+            params
+        };
         // The builders with queued work and not paused, in Buildbot's order across builders, each with
         // how many of its free slots it can fill; the limit is shared out in that order.
         let heads = sqlx::query(
