@@ -364,7 +364,9 @@ pub(crate) fn context_from_raw(
     })
 }
 
-/// Started builds from a JSON array of `[build, request, [reason, properties, stamps, depth]]`.
+/// Started builds from a JSON array of `[build, request, [reason, properties, stamps, depth]]`
+/// (PostgreSQL's claim reads them back so; SQLite's answers from what it wrote).
+#[cfg(feature = "postgres")]
 pub(crate) fn started_from_json(text: &str) -> Result<Vec<(Build, BuildRequest, BuildsetContext)>> {
     type Raw = (
         RawBuild,
