@@ -2,8 +2,9 @@
 //!
 //! Every write transaction starts with `BEGIN IMMEDIATE`, so that several processes on
 //! one file serialise on SQLite's write lock instead of failing to upgrade a read
-//! snapshot. Lists of ids travel as one JSON array (`json_each(?)`), which keeps
-//! statements fixed and their prepared forms cached.
+//! snapshot. The hot paths (submit, claim and start, finish) write row by row through
+//! cached prepared statements; the colder ones pass lists of ids as one JSON array
+//! (`json_each(?)`), which keeps their statements fixed and prepared once.
 //!
 //! Writes run on a synchronous connection (rusqlite), a whole transaction per hand-off
 //! to a blocking thread ([`SqliteStore::transaction`]); reads run on sqlx's async pool.
