@@ -146,11 +146,11 @@ pub(super) async fn collect(staging: &Staging, dir: ResultDir) -> Vec<Artifact> 
         kept,
     } = dir;
     let listed = tokio::task::spawn_blocking(move || {
-        let found = walk(&path);
-        let empty = std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_none());
-        if empty {
-            return (found, Some(path));
+        // Most builds leave nothing: one look at the directory, no walk.
+        if std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_none()) {
+            return (Vec::new(), Some(path));
         }
+        let found = walk(&path);
         if found.is_empty() {
             // Only empty directories: nothing to keep, and the slot starts afresh.
             let _ = std::fs::remove_dir_all(&path);
