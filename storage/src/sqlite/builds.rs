@@ -649,16 +649,17 @@ mod tests {
     /// parameters in the order SQLite numbers them (named ones by first appearance).
     /// Run on the synchronous writer connection, the one the claim queries run on.
     async fn plan(store: &SqliteStore, sql: &str, binds: &[&str]) -> Result<Vec<String>> {
-        let _turn = store.writer.lock().await;
-        let conn = store
-            .sync
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut statement = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
-        let rows = statement.query_map(rusqlite::params_from_iter(binds.iter()), |r| {
-            r.get::<_, String>("detail")
-        })?;
-        Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
+        let sql = format!("EXPLAIN QUERY PLAN {sql}");
+        let binds: Vec<String> = binds.iter().map(|b| (*b).to_owned()).collect();
+        store
+            .transaction(move |tx| {
+                let mut statement = tx.prepare(&sql)?;
+                let rows = statement.query_map(rusqlite::params_from_iter(binds.iter()), |r| {
+                    r.get::<_, String>("detail")
+                })?;
+                Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
+            })
+            .await
     }
 
     /// The claim path seeks; it never walks a whole table, however many requests are
