@@ -5,38 +5,33 @@ use std::collections::BTreeSet;
 use std::sync::LazyLock;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
 use super::{SqliteStore, outbox};
-use crate::rows::{json_ids, micros, result_code};
+use crate::rows::{json_ids, micros};
 use crate::seam::RequestWrites;
 use crate::{CancelOutcome, CompletedBuildset, Result, StorageError, validate};
 use kiln_model::{BuildsetId, MasterId, RequestId, ResultCode, Timestamp};
 
-/// Completes one buildset (`?1`) at `?2` if all its requests are complete, with the
-/// worst of their results, handing that back. The ranking is generated from
-/// [`ResultCode::severity`] so that SQL and Rust cannot disagree.
-static COMPLETE_BUILDSET_SQL: LazyLock<String> = LazyLock::new(|| {
+/// For one buildset (`?1`): the worst severity among its requests' results and how
+/// many of its requests are open, from the index on (buildset, complete, results)
+/// alone. The ranking is generated from [`ResultCode::severity`] so that SQL and Rust
+/// cannot disagree.
+static BUILDSET_STATE_SQL: LazyLock<String> = LazyLock::new(|| {
     let to_severity: String = ResultCode::ALL
         .iter()
         .map(|r| format!(" WHEN {} THEN {}", r.code(), r.severity()))
         .collect();
-    let to_code: String = ResultCode::ALL
-        .iter()
-        .map(|r| format!(" WHEN {} THEN {}", r.severity(), r.code()))
-        .collect();
     format!(
-        "UPDATE buildsets SET complete = 1, complete_at = ?2,
-             results = (SELECT CASE MAX(CASE r.results{to_severity} END){to_code} END
-                        FROM buildrequests r WHERE r.buildset_id = ?1)
-         WHERE id = ?1 AND complete = 0
-           AND NOT EXISTS (SELECT 1 FROM buildrequests r WHERE r.buildset_id = ?1 AND r.complete = 0)
-         RETURNING results"
+        "SELECT MAX(CASE r.results{to_severity} END), COALESCE(SUM(r.complete = 0), 0)
+         FROM buildrequests r WHERE r.buildset_id = ?1"
     )
 });
 
 /// Completes those of the given buildsets whose requests are all complete now, with the
-/// worst of their results: one statement per buildset, a few index seeks each.
+/// worst of their results: per buildset, one read of an index range and, when none of
+/// its requests is open, one update by key (no `RETURNING`, whose temporary table cost
+/// more than the update itself).
 pub(super) fn complete_buildsets(
     tx: &Connection,
     ids: impl IntoIterator<Item = BuildsetId>,
@@ -46,20 +41,36 @@ pub(super) fn complete_buildsets(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut statement = tx.prepare_cached(COMPLETE_BUILDSET_SQL.as_str())?;
+    let mut state = tx.prepare_cached(BUILDSET_STATE_SQL.as_str())?;
+    let mut complete = tx.prepare_cached(
+        "UPDATE buildsets SET complete = 1, complete_at = ?2, results = ?3 WHERE id = ?1 AND complete = 0",
+    )?;
     let mut completed = Vec::new();
     for id in ids {
-        let results: Option<Option<i64>> = statement
-            .query_row(params![id.0, micros(now)], |r| r.get(0))
-            .optional()?;
-        if let Some(results) = results {
+        let (worst, open): (Option<i64>, i64) =
+            state.query_row([id.0], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        if open > 0 {
+            continue;
+        }
+        let worst = worst
+            .map(|severity| {
+                ResultCode::ALL
+                    .iter()
+                    .find(|r| i64::from(r.severity()) == severity)
+                    .copied()
+                    .ok_or_else(|| {
+                        StorageError::Internal(format!("no result has severity {severity}"))
+                    })
+            })
+            .transpose()?;
+        if complete.execute(params![id.0, micros(now), worst.map(|r| r.code())])? == 1 {
             completed.push(CompletedBuildset {
                 buildset_id: id,
-                results: result_code(results)?.unwrap_or(ResultCode::Success),
+                results: worst.unwrap_or(ResultCode::Success),
             });
         }
     }
-    drop(statement);
+    drop((state, complete));
     let done: Vec<i64> = completed.iter().map(|c| c.buildset_id.0).collect();
     outbox::record_complete(tx, &done)?;
     Ok(completed)
