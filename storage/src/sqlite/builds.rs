@@ -705,3 +705,40 @@ mod tests {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod reprepare {
+    use super::*;
+
+    /// The claim's statements stay compiled from one claim to the next: binding a new
+    /// `now` (every claim does) does not make SQLite plan them again.
+    #[tokio::test]
+    async fn the_claim_statements_are_not_recompiled_for_each_new_time() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StorageError::Internal(e.to_string()))?;
+        let url = format!("sqlite://{}", dir.path().join("reprepare.db").display());
+        let store = SqliteStore::open(&url, &crate::StoreOptions::default()).await?;
+        let recompiled = store
+            .transaction(|tx| {
+                let mut total = 0;
+                for sql in [CANDIDATES_SQL, HEADS_SQL] {
+                    let mut statement = tx.prepare_cached(sql)?;
+                    for now in 1..=5_i64 {
+                        let mut rows = match sql == CANDIDATES_SQL {
+                            true => statement.query(named_params! {
+                                ":builder": 1, ":limit": 10, ":now": now * 1_000_003
+                            })?,
+                            false => statement.query(named_params! {
+                                ":wanted": "[[1, 2]]", ":now": now * 1_000_003
+                            })?,
+                        };
+                        while rows.next()?.is_some() {}
+                    }
+                    total += statement.get_status(rusqlite::StatementStatus::RePrepare);
+                }
+                Ok(total)
+            })
+            .await?;
+        assert_eq!(recompiled, 0, "the claim's statements were compiled again");
+        Ok(())
+    }
+}
