@@ -70,6 +70,9 @@ pub struct EngineConfig {
     /// What one submission may carry (text sizes, properties, builders, stamps).
     pub submit_limits: SubmitLimits,
     /// See [`DEFAULT_MAX_GROUP_COMMIT`]; 0 gives every submit a transaction of its own.
+    /// Applies to stores that do not group concurrent writes themselves (PostgreSQL);
+    /// SQLite's writer thread shares its commits among whatever callers queued meanwhile
+    /// (each in a savepoint of its own), whatever this says.
     pub max_group_commit: usize,
     /// Database connection tuning.
     pub store: StoreOptions,

@@ -15,6 +15,12 @@
 //! Each caller keeps all-or-none for what it asked: when a group's transaction fails,
 //! every entry is written again in a transaction of its own, so that a refused write
 //! answers its own caller only.
+//!
+//! A store that shares commits among concurrent callers itself
+//! ([`Store::groups_writes`]: SQLite, whose writer thread runs every caller's work
+//! queued meanwhile in one transaction, each in a savepoint) is called directly: the
+//! committer task only added two hand-offs per write there (measured: a serial
+//! embedder's submits went from ~4,900/s to ~5,600/s, 16 REST clients past 10,000/s).
 
 use std::sync::{Arc, OnceLock};
 
@@ -69,11 +75,16 @@ pub(crate) struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Groups of at most `max_group` items; 0 writes every call on its own.
+    /// Groups of at most `max_group` items; 0 writes every call on its own. A store
+    /// that shares commits among concurrent writers itself (SQLite's writer thread) is
+    /// called directly: a committer task above it only added a hand-off per write.
     pub(crate) fn new(store: Arc<dyn Store>, max_group: usize) -> Self {
         GroupCommit {
+            max_group: match store.groups_writes() {
+                true => 0,
+                false => max_group,
+            },
             store,
-            max_group,
             queue: Arc::new(OnceLock::new()),
         }
     }

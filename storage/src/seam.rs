@@ -54,6 +54,13 @@ pub trait Store:
     /// The backend's name ("sqlite", "postgres").
     fn backend(&self) -> &'static str;
 
+    /// Whether the store itself shares one commit among the writes of concurrent
+    /// callers (SQLite's writer thread does), so that grouping them above it again
+    /// only adds a hand-off per write.
+    fn groups_writes(&self) -> bool {
+        false
+    }
+
     /// Wake-ups from other processes sharing the database, for backends that can push
     /// them (PostgreSQL's LISTEN/NOTIFY). `None` means polling is the only way to learn
     /// of other processes' work. A store never signals what it did itself.

@@ -372,6 +372,10 @@ impl Store for SqliteStore {
     fn backend(&self) -> &'static str {
         "sqlite"
     }
+
+    fn groups_writes(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
