@@ -595,9 +595,15 @@ fn finish_batch(
     let mut outcome = FinishOutcome::default();
     let mut buildsets = Vec::new();
     {
+        // A seek for the buildset, then an update by key: `UPDATE … RETURNING` made
+        // SQLite open a temporary B-tree for each request (a fifth of the writer's time
+        // in the lifecycle's profile went to statements of that shape).
+        let mut open_buildset = tx.prepare_cached(
+            "SELECT buildset_id FROM buildrequests WHERE id = ?1 AND complete = 0",
+        )?;
         let mut complete = tx.prepare_cached(
             "UPDATE buildrequests SET complete = 1, complete_at = ?2, results = ?3
-             WHERE id = ?1 AND complete = 0 RETURNING buildset_id",
+             WHERE id = ?1 AND complete = 0",
         )?;
         let mut release = tx.prepare_cached(
             "DELETE FROM buildrequest_claims
@@ -617,12 +623,14 @@ fn finish_batch(
                     }
                     outcome.released.push(e.request_id);
                 }
-            } else if let Some(buildset) = complete
-                .query_row(
-                    params![e.request_id.0, micros(e.complete_at), e.results.code()],
-                    |r| r.get::<_, i64>(0),
-                )
+            } else if let Some(buildset) = open_buildset
+                .query_row([e.request_id.0], |r| r.get::<_, i64>(0))
                 .optional()?
+                && complete.execute(params![
+                    e.request_id.0,
+                    micros(e.complete_at),
+                    e.results.code()
+                ])? == 1
             {
                 outcome.completed.push(e.request_id);
                 buildsets.push(BuildsetId(buildset));
