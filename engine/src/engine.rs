@@ -48,6 +48,8 @@ impl Shared {
     /// Submits and announces what was added.
     pub(crate) async fn submit(&self, submissions: &[Submission]) -> Result<Vec<Submitted>> {
         let known = self.state.builder_ids();
+        // Announced before any claim that sees these rows announces their builds.
+        let _announcing = self.state.announcing.read().await;
         let submitted = self.client.submit_many_known(submissions, &known).await?;
         for (submission, s) in submissions.iter().zip(&submitted) {
             if s.existing {
@@ -66,6 +68,7 @@ impl Shared {
                 });
             }
         }
+        drop(_announcing);
         self.state.wake_claims();
         Ok(submitted)
     }

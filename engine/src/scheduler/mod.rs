@@ -112,6 +112,13 @@ pub(crate) struct SchedulerState {
     pub(crate) staging: artifacts::Staging,
     /// What this engine counts for `/metrics`.
     pub(crate) metrics: crate::metrics::EngineMetrics,
+    /// Held shared by every submit of this engine from before its write until it has
+    /// announced what it added, and taken exclusively by the claim loop before it
+    /// announces what it started: a build's `BuildStarted` never comes before its
+    /// buildset's `BuildsetSubmitted`. (The SQLite writer shares one commit between a
+    /// submit and a claim queued behind it, which then sees the new rows; the two
+    /// callers' tasks are woken by the same commit in no fixed order.)
+    pub(crate) announcing: tokio::sync::RwLock<()>,
 }
 
 /// The scheduler's side of the executor interface: what a build's context reaches. Its
@@ -302,6 +309,7 @@ impl Scheduler {
             outputs: output::Outputs::default(),
             staging: artifacts::Staging::default(),
             metrics: crate::metrics::EngineMetrics::default(),
+            announcing: tokio::sync::RwLock::new(()),
         });
         let mut tasks = vec![
             tokio::spawn(claim_loop(shared.clone())),
@@ -544,6 +552,10 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<bool>
             lock_builders,
         })
         .await?;
+    if !outcome.started.is_empty() {
+        // Submits whose rows this claim may have seen announce them first.
+        drop(shared.announcing.write().await);
+    }
     for (request_id, _) in &outcome.collapsed {
         shared.emit(Event::RequestCompleted {
             request_id: *request_id,

@@ -213,6 +213,8 @@ impl SchedulerState {
                     ..NewBuildset::default()
                 });
             }
+            // Announced before any claim that sees these rows announces their builds.
+            let announcing = self.announcing.read().await;
             let added = self.store.buildset_add_many(&new).await.map_err(storage)?;
             for (i, a) in missing.iter().zip(&added) {
                 self.emit(Event::BuildsetSubmitted {
@@ -225,6 +227,7 @@ impl SchedulerState {
                         .collect(),
                 });
             }
+            drop(announcing);
             self.wake.notify_one();
         }
 
