@@ -114,8 +114,9 @@ pub(crate) struct SchedulerState {
     pub(crate) metrics: crate::metrics::EngineMetrics,
     /// Held shared by every submit of this engine from before its write until it has
     /// announced what it added, and taken exclusively by the claim loop before it
-    /// announces what it started: a build's `BuildStarted` never comes before its
-    /// buildset's `BuildsetSubmitted`. (The SQLite writer shares one commit between a
+    /// announces what it started, collapsed or cancelled: a build's `BuildStarted` (or a
+    /// request's `RequestCompleted`) never comes before its buildset's
+    /// `BuildsetSubmitted`. (The SQLite writer shares one commit between a
     /// submit and a claim queued behind it, which then sees the new rows; the two
     /// callers' tasks are woken by the same commit in no fixed order.)
     pub(crate) announcing: tokio::sync::RwLock<()>,
@@ -552,7 +553,11 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<bool>
             lock_builders,
         })
         .await?;
-    if !outcome.started.is_empty() {
+    let announces = !outcome.started.is_empty()
+        || !outcome.collapsed.is_empty()
+        || !outcome.cancelled.is_empty()
+        || !outcome.buildsets_completed.is_empty();
+    if announces {
         // Submits whose rows this claim may have seen announce them first.
         drop(shared.announcing.write().await);
     }
