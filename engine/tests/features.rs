@@ -22,32 +22,43 @@ fn workspace() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// `cargo <args>` for the engine with only `features`, in the features' target directory.
-fn cargo(args: &[&str], features: &[&str]) -> Command {
+/// `cargo <args>` in the features' target directory.
+fn cargo_in_features_dir(args: &[&str]) -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
     command
         .current_dir(workspace())
         .args(args)
-        .args(["-p", "kiln-engine", "--no-default-features"])
         .env("CARGO_TARGET_DIR", workspace().join("target/features"));
+    command
+}
+
+/// `cargo <args>` for the engine with only `features`, in the features' target directory.
+fn cargo(args: &[&str], features: &[&str]) -> Command {
+    let mut command = cargo_in_features_dir(args);
+    command.args(["-p", "kiln-engine", "--no-default-features"]);
     if !features.is_empty() {
         command.args(["--features", &features.join(",")]);
     }
     command
 }
 
-/// The crates the engine depends on with only `features`.
-fn dependencies(features: &[&str]) -> Result<String> {
-    let out = cargo(&["tree", "-e", "normal", "--prefix", "none"], features)
-        .output()
-        .context("running cargo tree")?;
+/// The crates a `cargo tree` command lists, one per line.
+fn tree(mut command: Command) -> Result<String> {
+    let out = command.output().context("running cargo tree")?;
     ensure!(
         out.status.success(),
         "cargo tree failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+const TREE: &[&str] = &["tree", "-e", "normal", "--prefix", "none"];
+
+/// The crates the engine depends on with only `features`.
+fn dependencies(features: &[&str]) -> Result<String> {
+    tree(cargo(TREE, features))
 }
 
 #[test]
@@ -103,26 +114,9 @@ fn wasm_gates_beyond_the_reexport() -> Result<Vec<String>> {
 #[test]
 fn the_plugin_host_does_not_depend_on_storage_so_the_wasm_feature_is_independent_of_postgres()
 -> Result<()> {
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(workspace())
-        .args([
-            "tree",
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-            "-p",
-            "kiln-host",
-        ])
-        .env("CARGO_TARGET_DIR", workspace().join("target/features"))
-        .output()
-        .context("running cargo tree")?;
-    ensure!(
-        out.status.success(),
-        "cargo tree failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let host = String::from_utf8_lossy(&out.stdout);
+    let mut command = cargo_in_features_dir(TREE);
+    command.args(["-p", "kiln-host"]);
+    let host = tree(command)?;
     ensure!(
         !host.lines().any(|l| l.starts_with("kiln-storage")),
         "kiln-host depends on kiln-storage: check the engine with `wasm` alone again"
