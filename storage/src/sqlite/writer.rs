@@ -201,8 +201,16 @@ fn run_batch(conn: &mut rusqlite::Connection, jobs: Vec<Box<dyn Job>>) {
                 // again in a fresh transaction.
                 error!(error = %e, "a savepoint of the SQLite writer failed; rolling back its transaction");
                 let _ = tx.rollback();
+                // Nothing ran: the savepoint itself fails, and a fresh transaction would
+                // fail the same way forever. Everyone waiting gets the error instead.
+                let stuck = ran.is_empty();
                 for job in ran {
                     job.answer(Err(e));
+                }
+                if stuck {
+                    for job in std::mem::take(&mut rest) {
+                        job.answer(Err(e));
+                    }
                 }
                 continue;
             }
