@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, named_params, params};
 use serde_json::{Value, json};
 
-use super::requests::complete_buildsets;
+use super::requests::{complete_buildsets, complete_buildsets_of};
 use super::{SqliteStore, outbox};
 use crate::rows::{
     BUILD_COLUMNS, RawProperty, RawStamp, SyncRow, build_from_row, context_from_raw, from_json,
@@ -42,6 +42,10 @@ struct Candidate {
     not_before: Option<i64>,
     reason: String,
     depth: i64,
+    /// Whether its buildset has properties, and sourcestamps: most have neither, and
+    /// then reading them would be two statements per build for nothing.
+    has_properties: bool,
+    has_stamps: bool,
 }
 
 /// Of a JSON array of `[builder id, free slots]` (`:wanted`), the builders not paused with
@@ -64,11 +68,14 @@ const HEADS_SQL: &str = "SELECT COALESCE(json_group_array(json_array(builder, sl
      WHERE top IS NOT NULL";
 
 /// Of one builder (`:builder`), its most urgent unclaimed requests due by `:now` (at most
-/// `:limit`), by priority then id, with their buildsets' reason and depth. One seek into
-/// the partial queue index, however long the queue.
+/// `:limit`), by priority then id, with their buildsets' reason and depth and whether
+/// they have properties and sourcestamps. One seek into the partial queue index, however
+/// long the queue, and a seek per candidate into each of the buildset's tables.
 const CANDIDATES_SQL: &str =
     "SELECT r.id, r.cancel_requested, r.buildset_id, r.priority, r.submitted_at,
-            r.waited_for, r.not_before, bs.reason, bs.depth
+            r.waited_for, r.not_before, bs.reason, bs.depth,
+            EXISTS (SELECT 1 FROM buildset_properties p WHERE p.buildset_id = r.buildset_id),
+            EXISTS (SELECT 1 FROM buildset_sourcestamps s WHERE s.buildset_id = r.buildset_id)
      FROM buildrequests r JOIN buildsets bs ON bs.id = r.buildset_id
      WHERE r.builder_id = :builder AND r.complete = 0
        AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
@@ -90,6 +97,10 @@ fn end_builds<'a>(
                                traceback = ?6, state_string = COALESCE(?7, state_string)
              WHERE id = ?1 AND master_id = ?8 AND complete_at IS NULL",
         )?;
+        // Most engines define no locks: one look at the table spares a delete per build.
+        let holding: bool = tx
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM lock_holds)")?
+            .query_row([], |r| r.get(0))?;
         let mut unlock = tx.prepare_cached("DELETE FROM lock_holds WHERE build_id = ?")?;
         for e in ends {
             let changed = end.execute(params![
@@ -103,7 +114,9 @@ fn end_builds<'a>(
                 master.0,
             ])?;
             if changed == 1 {
-                unlock.execute([e.build_id.0])?;
+                if holding {
+                    unlock.execute([e.build_id.0])?;
+                }
                 ended.push(*e);
             }
         }
@@ -360,6 +373,8 @@ fn claim_and_start(tx: &Connection, params: &StartAvailable) -> Result<StartOutc
                         not_before: r.get(6)?,
                         reason: r.get(7)?,
                         depth: r.get(8)?,
+                        has_properties: r.get(9)?,
+                        has_stamps: r.get(10)?,
                     })
                 },
             )?
@@ -520,24 +535,30 @@ fn claim_and_start(tx: &Connection, params: &StartAvailable) -> Result<StartOutc
 }
 
 /// A started build's buildset as its job sees it: reason and depth (read with the
-/// claim), properties and sourcestamps.
+/// claim), properties and sourcestamps (read only where the claim saw some).
 fn buildset_context(tx: &Connection, c: &Candidate) -> Result<BuildsetContext> {
-    let properties = tx
-        .prepare_cached(
-            "SELECT name, value, source FROM buildset_properties WHERE buildset_id = ?",
-        )?
-        .query_map([c.buildset_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<rusqlite::Result<Vec<RawProperty>>>()?;
-    let stamps = tx
-        .prepare_cached(
-            "SELECT s.codebase, s.repository, s.branch, s.revision, s.project
-             FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id
-             WHERE bss.buildset_id = ?",
-        )?
-        .query_map([c.buildset_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })?
-        .collect::<rusqlite::Result<Vec<RawStamp>>>()?;
+    let mut properties = Vec::new();
+    if c.has_properties {
+        properties = tx
+            .prepare_cached(
+                "SELECT name, value, source FROM buildset_properties WHERE buildset_id = ?",
+            )?
+            .query_map([c.buildset_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<Vec<RawProperty>>>()?;
+    }
+    let mut stamps = Vec::new();
+    if c.has_stamps {
+        stamps = tx
+            .prepare_cached(
+                "SELECT s.codebase, s.repository, s.branch, s.revision, s.project
+                 FROM buildset_sourcestamps bss JOIN sourcestamps s ON s.id = bss.sourcestamp_id
+                 WHERE bss.buildset_id = ?",
+            )?
+            .query_map([c.buildset_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<rusqlite::Result<Vec<RawStamp>>>()?;
+    }
     context_from_raw((c.reason.clone(), properties, stamps, c.depth))
 }
 
@@ -593,14 +614,7 @@ fn finish_batch(
     let ended = end_builds(tx, master, &all)?;
     let running: BTreeSet<i64> = ended.iter().map(|e| e.build_id.0).collect();
     let mut outcome = FinishOutcome::default();
-    let mut buildsets = Vec::new();
     {
-        // A seek for the buildset, then an update by key: `UPDATE … RETURNING` made
-        // SQLite open a temporary B-tree for each request (a fifth of the writer's time
-        // in the lifecycle's profile went to statements of that shape).
-        let mut open_buildset = tx.prepare_cached(
-            "SELECT buildset_id FROM buildrequests WHERE id = ?1 AND complete = 0",
-        )?;
         let mut complete = tx.prepare_cached(
             "UPDATE buildrequests SET complete = 1, complete_at = ?2, results = ?3
              WHERE id = ?1 AND complete = 0",
@@ -623,17 +637,13 @@ fn finish_batch(
                     }
                     outcome.released.push(e.request_id);
                 }
-            } else if let Some(buildset) = open_buildset
-                .query_row([e.request_id.0], |r| r.get::<_, i64>(0))
-                .optional()?
-                && complete.execute(params![
-                    e.request_id.0,
-                    micros(e.complete_at),
-                    e.results.code()
-                ])? == 1
+            } else if complete.execute(params![
+                e.request_id.0,
+                micros(e.complete_at),
+                e.results.code()
+            ])? == 1
             {
                 outcome.completed.push(e.request_id);
-                buildsets.push(BuildsetId(buildset));
             }
         }
     }
@@ -642,7 +652,9 @@ fn finish_batch(
         .map(|e| e.complete_at)
         .max()
         .unwrap_or_else(kiln_model::now);
-    outcome.buildsets_completed = complete_buildsets(tx, buildsets, latest)?;
+    // Each completed request's buildset is found by the read that decides whether it is
+    // complete (no separate read of the request's buildset first).
+    outcome.buildsets_completed = complete_buildsets_of(tx, &outcome.completed, latest)?;
     outcome.completed.sort();
     outcome.released.sort();
     outcome.refused.sort();
@@ -685,6 +697,17 @@ mod tests {
                 "candidates",
                 CANDIDATES_SQL,
                 &["1", "1700000000000000", "4"][..],
+            ),
+            // The buildset: the requests' (buildset, complete, results) index alone.
+            (
+                "buildset state",
+                super::super::requests::BUILDSET_STATE_SQL.as_str(),
+                &["1"][..],
+            ),
+            (
+                "buildset state of a request",
+                super::super::requests::BUILDSET_STATE_OF_REQUEST_SQL.as_str(),
+                &["1"][..],
             ),
         ] {
             let steps = plan(&store, sql, binds).await?;

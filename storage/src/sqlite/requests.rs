@@ -13,18 +13,35 @@ use crate::seam::RequestWrites;
 use crate::{CancelOutcome, CompletedBuildset, Result, StorageError, validate};
 use kiln_model::{BuildsetId, MasterId, RequestId, ResultCode, Timestamp};
 
-/// For one buildset (`?1`): the worst severity among its requests' results and how
-/// many of its requests are open, from the index on (buildset, complete, results)
-/// alone. The ranking is generated from [`ResultCode::severity`] so that SQL and Rust
-/// cannot disagree.
-static BUILDSET_STATE_SQL: LazyLock<String> = LazyLock::new(|| {
+/// The severity ranking of results as a SQL `CASE` on `r.results`, generated from
+/// [`ResultCode::severity`] so that SQL and Rust cannot disagree.
+fn severity_of_results() -> String {
     let to_severity: String = ResultCode::ALL
         .iter()
         .map(|r| format!(" WHEN {} THEN {}", r.code(), r.severity()))
         .collect();
+    format!("CASE r.results{to_severity} END")
+}
+
+/// For one buildset (`?1`): the worst severity among its requests' results and how
+/// many of its requests are open, from the index on (buildset, complete, results)
+/// alone.
+pub(super) static BUILDSET_STATE_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT MAX(CASE r.results{to_severity} END), COALESCE(SUM(r.complete = 0), 0)
-         FROM buildrequests r WHERE r.buildset_id = ?1"
+        "SELECT ?1, MAX({}), COALESCE(SUM(r.complete = 0), 0)
+         FROM buildrequests r WHERE r.buildset_id = ?1",
+        severity_of_results()
+    )
+});
+
+/// The same for the buildset of one request (`?1`): its id (NULL for an unknown
+/// request), then the same two figures. A seek by key, then the same index range.
+pub(super) static BUILDSET_STATE_OF_REQUEST_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT mine.buildset_id, MAX({}), COALESCE(SUM(r.complete = 0), 0)
+         FROM buildrequests mine JOIN buildrequests r ON r.buildset_id = mine.buildset_id
+         WHERE mine.id = ?1",
+        severity_of_results()
     )
 });
 
@@ -37,19 +54,48 @@ pub(super) fn complete_buildsets(
     ids: impl IntoIterator<Item = BuildsetId>,
     now: Timestamp,
 ) -> Result<Vec<CompletedBuildset>> {
-    let ids: BTreeSet<BuildsetId> = ids.into_iter().collect();
-    if ids.is_empty() {
+    let ids: BTreeSet<i64> = ids.into_iter().map(|id| id.0).collect();
+    close_buildsets(tx, BUILDSET_STATE_SQL.as_str(), ids, now)
+}
+
+/// [`complete_buildsets`] for the buildsets of requests: what finishing builds has,
+/// without a read of each request's buildset first.
+pub(super) fn complete_buildsets_of(
+    tx: &Connection,
+    requests: &[RequestId],
+    now: Timestamp,
+) -> Result<Vec<CompletedBuildset>> {
+    close_buildsets(
+        tx,
+        BUILDSET_STATE_OF_REQUEST_SQL.as_str(),
+        requests.iter().map(|r| r.0),
+        now,
+    )
+}
+
+/// Reads `state_sql` (a buildset id, the worst severity, the open requests) for each of
+/// `keys` and completes each buildset found with no open request, once.
+fn close_buildsets(
+    tx: &Connection,
+    state_sql: &str,
+    keys: impl IntoIterator<Item = i64>,
+    now: Timestamp,
+) -> Result<Vec<CompletedBuildset>> {
+    let mut keys = keys.into_iter().peekable();
+    if keys.peek().is_none() {
         return Ok(Vec::new());
     }
-    let mut state = tx.prepare_cached(BUILDSET_STATE_SQL.as_str())?;
+    let mut state = tx.prepare_cached(state_sql)?;
     let mut complete = tx.prepare_cached(
         "UPDATE buildsets SET complete = 1, complete_at = ?2, results = ?3 WHERE id = ?1 AND complete = 0",
     )?;
+    let mut seen = BTreeSet::new();
     let mut completed = Vec::new();
-    for id in ids {
-        let (worst, open): (Option<i64>, i64) =
-            state.query_row([id.0], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        if open > 0 {
+    for key in keys {
+        let (id, worst, open): (Option<i64>, Option<i64>, i64) =
+            state.query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let Some(id) = id else { continue };
+        if open > 0 || !seen.insert(id) {
             continue;
         }
         let worst = worst
@@ -63,14 +109,15 @@ pub(super) fn complete_buildsets(
                     })
             })
             .transpose()?;
-        if complete.execute(params![id.0, micros(now), worst.map(|r| r.code())])? == 1 {
+        if complete.execute(params![id, micros(now), worst.map(|r| r.code())])? == 1 {
             completed.push(CompletedBuildset {
-                buildset_id: id,
+                buildset_id: BuildsetId(id),
                 results: worst.unwrap_or(ResultCode::Success),
             });
         }
     }
     drop((state, complete));
+    completed.sort_by_key(|c| c.buildset_id);
     let done: Vec<i64> = completed.iter().map(|c| c.buildset_id.0).collect();
     outbox::record_complete(tx, &done)?;
     Ok(completed)
