@@ -11,12 +11,13 @@ use tokio::sync::broadcast;
 
 use crate::wire::StreamEvent;
 
-/// One numbered event: its id, its SSE name and its JSON data.
+/// One numbered event: its id, its SSE name and its JSON data (shared by the kept copy
+/// and every live client, not copied per client).
 #[derive(Clone, Debug)]
 pub(crate) struct Numbered {
     pub(crate) id: u64,
-    pub(crate) kind: String,
-    pub(crate) data: String,
+    pub(crate) kind: &'static str,
+    pub(crate) data: Arc<str>,
 }
 
 /// The numbered events, the latest kept, and the live feed of new ones.
@@ -64,18 +65,18 @@ impl Journal {
     }
 
     fn push(&self, event: &StreamEvent) {
-        let data = crate::json::value(event);
-        let kind = data
-            .get("event")
-            .and_then(|k| k.as_str())
-            .unwrap_or("event")
-            .to_owned();
+        // Written straight to text (no `serde_json::Value` on the way), once per event
+        // whether or not a client listens, and shared from then on. The wire types have
+        // only string map keys, so this cannot fail; `null` stands in if it ever did.
+        let data: Arc<str> = serde_json::to_string(event)
+            .unwrap_or_else(|_| "null".to_owned())
+            .into();
         let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
         kept.0 += 1;
         let numbered = Numbered {
             id: kept.0,
-            kind,
-            data: data.to_string(),
+            kind: event.name(),
+            data,
         };
         if kept.1.len() == self.capacity {
             kept.1.pop_front();
@@ -236,5 +237,66 @@ mod tests {
         j.push(&progress(6));
         assert_eq!(r.live.try_recv().map(|n| n.id).ok(), Some(6));
         assert!(j.resume(Some(5)).replay[0].data.contains("\"buildid\":6"));
+    }
+
+    #[test]
+    fn every_event_is_named_as_its_data_names_it() {
+        let events = [
+            StreamEvent::BuildsetSubmitted {
+                bsid: 1,
+                reason: "r".into(),
+                brids: Default::default(),
+            },
+            StreamEvent::BuildStarted {
+                buildid: 1,
+                number: 1,
+                builder: "b".into(),
+                buildrequestid: 1,
+                bsid: 1,
+            },
+            StreamEvent::BuildFinished {
+                buildid: 1,
+                number: 1,
+                builder: "b".into(),
+                buildrequestid: 1,
+                bsid: 1,
+                results: 0,
+            },
+            StreamEvent::RequestCompleted {
+                buildrequestid: 1,
+                results: 0,
+            },
+            StreamEvent::BuildsetComplete {
+                bsid: 1,
+                results: 0,
+            },
+            StreamEvent::BuildLog {
+                buildid: 1,
+                records: 1,
+            },
+            progress(1),
+            StreamEvent::ReporterProgress {
+                reporter: "r".into(),
+                cursor: 0,
+                delivered: 0,
+                dropped: 0,
+                last_error: None,
+            },
+            StreamEvent::OutboxPruned { events: 1 },
+            StreamEvent::MasterExpired {
+                masterid: 1,
+                name: "m".into(),
+                brids: Vec::new(),
+            },
+            StreamEvent::Lagged { missed: 1 },
+        ];
+        let j = journal(events.len());
+        for event in &events {
+            j.push(event);
+        }
+        for kept in j.resume(Some(0)).replay {
+            let data: serde_json::Value = serde_json::from_str(&kept.data).unwrap();
+            assert_eq!(data["event"], kept.kind, "{}", kept.data);
+        }
     }
 }

@@ -462,6 +462,25 @@ pub enum StreamEvent {
     },
 }
 
+impl StreamEvent {
+    /// Its name on the wire: the SSE event's name and the `event` field of its data.
+    pub fn name(&self) -> &'static str {
+        match self {
+            StreamEvent::BuildsetSubmitted { .. } => "buildset_submitted",
+            StreamEvent::BuildStarted { .. } => "build_started",
+            StreamEvent::BuildFinished { .. } => "build_finished",
+            StreamEvent::RequestCompleted { .. } => "request_completed",
+            StreamEvent::BuildsetComplete { .. } => "buildset_complete",
+            StreamEvent::BuildLog { .. } => "build_log",
+            StreamEvent::BuildProgress { .. } => "build_progress",
+            StreamEvent::ReporterProgress { .. } => "reporter_progress",
+            StreamEvent::OutboxPruned { .. } => "outbox_pruned",
+            StreamEvent::MasterExpired { .. } => "master_expired",
+            StreamEvent::Lagged { .. } => "lagged",
+        }
+    }
+}
+
 /// A reporter's delivery, as `kiln list reporters` shows it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Reporter {
