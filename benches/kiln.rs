@@ -1010,42 +1010,35 @@ async fn run() -> Result<()> {
         figures.add(0, "floor, SQLite FULL, 1 per commit", "jobs/s", None, f);
         println!("  floor, SQLite FULL, 1 per commit:     {f:.0} jobs/s ({each} jobs)");
 
-        let v = lifecycle(Durability::Normal, jobs, 0).await?;
-        println!("  Kiln lifecycle, NORMAL: {v:.0} jobs/s");
-        figures.add(
-            1,
-            "lifecycle, NORMAL",
-            "jobs/s",
-            Some(Floor::SqliteNormalBatch),
-            v,
-        );
-        let v = lifecycle(Durability::Full, jobs, 0).await?;
-        println!("  Kiln lifecycle, FULL:   {v:.0} jobs/s");
-        figures.add(
-            2,
-            "lifecycle, FULL",
-            "jobs/s",
-            Some(Floor::SqliteFullBatch),
-            v,
-        );
-        let v = lifecycle_in(Durability::Normal, jobs, 0, FLOOR_BATCH).await?;
-        println!("  Kiln lifecycle, NORMAL, submitted {FLOOR_BATCH} per call: {v:.0} jobs/s");
-        figures.add(
-            3,
-            "lifecycle, NORMAL, submitted 100 per call",
-            "jobs/s",
-            Some(Floor::SqliteNormalBatch),
-            v,
-        );
-        let v = lifecycle_in(Durability::Full, jobs, 0, FLOOR_BATCH).await?;
-        println!("  Kiln lifecycle, FULL, submitted {FLOOR_BATCH} per call:   {v:.0} jobs/s");
-        figures.add(
-            4,
-            "lifecycle, FULL, submitted 100 per call",
-            "jobs/s",
-            Some(Floor::SqliteFullBatch),
-            v,
-        );
+        // One submit_many of everything, then 100 per call while the engine runs.
+        let shapes = [
+            (
+                1,
+                false,
+                "NORMAL",
+                Durability::Normal,
+                Floor::SqliteNormalBatch,
+            ),
+            (2, false, "FULL", Durability::Full, Floor::SqliteFullBatch),
+            (
+                3,
+                true,
+                "NORMAL",
+                Durability::Normal,
+                Floor::SqliteNormalBatch,
+            ),
+            (4, true, "FULL", Durability::Full, Floor::SqliteFullBatch),
+        ];
+        for (order, streamed, sync, durability, floor) in shapes {
+            let (per_call, shape) = match streamed {
+                true => (FLOOR_BATCH, format!(", submitted {FLOOR_BATCH} per call")),
+                false => (jobs, String::new()),
+            };
+            let v = lifecycle_in(durability, jobs, 0, per_call).await?;
+            let name = format!("lifecycle, {sync}{shape}");
+            println!("  Kiln {name}: {v:.0} jobs/s");
+            figures.add(order, &name, "jobs/s", Some(floor), v);
+        }
 
         let (rate, p50, p99) = rest(REST_CLIENTS, SUBMITS).await?;
         println!(
