@@ -28,8 +28,12 @@
 //!
 //! The summary gives each figure's median over the rounds and its ratio to its floor,
 //! taken within each round (the median of those ratios): this 2-core machine moves
-//! ±20% from one hour to the next, a ratio inside one round much less. It measures and
-//! prints; it asserts nothing about speed.
+//! ±20% from one hour to the next, a ratio inside one round much less. Each throughput
+//! figure also gives the CPU time one item cost (user and system time of every thread of
+//! the process doing the work, `kiln serve`'s for REST, over the same interval): it moves
+//! less than a rate, and next to the rate it says whether a figure is bound by the CPU
+//! (cores / CPU per item ≈ the rate) or by waiting. It measures and prints; it asserts
+//! nothing about speed.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -61,6 +65,8 @@ const FLOOR_BATCH: usize = 100;
 const LATENCY_SAMPLES: usize = 1_000;
 /// Requests queued for a builder nobody serves in the loaded latency run.
 const FOREIGN_QUEUED: usize = 100_000;
+/// Where the CPU-per-item rows start in the summary: after every rate and latency.
+const CPU_ROWS: usize = 30;
 /// Builds suspended at once in the memory run.
 const SUSPENDED: usize = 10_000;
 /// Buildsets in the database for `--scale`.
@@ -86,6 +92,55 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
+/// A throughput figure and the CPU time each item cost, summed over every thread of the
+/// process that did the work (user and system time, over the same interval). On a
+/// shared 2-core machine the rate moves with the neighbours; the CPU per item much less,
+/// and it says whether a figure is bound by the CPU (2 cores / CPU per item ≈ the rate)
+/// or by waiting.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    per_sec: f64,
+    cpu_us: f64,
+}
+
+impl Rate {
+    fn new(items: usize, wall: Duration, cpu: Duration) -> Rate {
+        Rate {
+            per_sec: items as f64 / wall.as_secs_f64(),
+            cpu_us: cpu.as_secs_f64() * 1e6 / items as f64,
+        }
+    }
+}
+
+/// CPU time this process has used so far, every thread.
+fn own_cpu() -> Result<Duration> {
+    Ok(cpu_time::ProcessTime::try_now()
+        .context("reading the process's CPU time")?
+        .as_duration())
+}
+
+/// CPU time another process (the `kiln serve` child) has used so far, from
+/// `/proc/PID/stat`: its utime and stime, in the kernel's USER_HZ ticks, which Linux
+/// fixes at 100 per second for this file whatever the kernel's own tick.
+fn child_cpu(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces; the fields after it are numbers.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow!("no command name in /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; `after` starts at field 3.
+    let ticks = |i: usize| -> Result<u64> {
+        Ok(fields
+            .get(i)
+            .ok_or_else(|| anyhow!("/proc/{pid}/stat has no field {}", i + 3))?
+            .parse()?)
+    };
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
 // ---- the floors ----
 
 /// Kiln's schema in a fresh SQLite file, migrated by Kiln itself, with a master and a
@@ -104,14 +159,14 @@ async fn kiln_schema(path: &Path) -> Result<(i64, i64)> {
 /// The raw SQLite floor: the rows of `jobs` lifecycles, `batch` items per transaction
 /// for each step (submit; claim and start; finish build, request and buildset).
 /// Prepared statements, row at a time, no reads, no JSON, no async: what SQLite itself
-/// costs for this work. Returns jobs/s.
+/// costs for this work.
 fn sqlite_floor(
     path: &Path,
     ids: (i64, i64),
     sync: &str,
     jobs: usize,
     batch: usize,
-) -> Result<f64> {
+) -> Result<Rate> {
     use rusqlite::{Connection, params};
     let (master, builder) = ids;
     let conn = Connection::open(path)?;
@@ -125,6 +180,7 @@ fn sqlite_floor(
     let t = kiln_engine::model::now().timestamp_micros();
     let jobs = jobs as i64;
     let batch = batch as i64;
+    let cpu = own_cpu()?;
     let start = Instant::now();
     let mut i = 1;
     while i <= jobs {
@@ -179,7 +235,7 @@ fn sqlite_floor(
         conn.execute_batch("COMMIT")?;
         i = end;
     }
-    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    let rate = Rate::new(jobs as usize, start.elapsed(), own_cpu()? - cpu);
     let done: i64 = conn.query_row(
         "SELECT count(*) FROM buildsets WHERE complete = 1 AND id > ?1",
         [base],
@@ -189,7 +245,7 @@ fn sqlite_floor(
     Ok(rate)
 }
 
-async fn sqlite_floor_run(sync: &'static str, jobs: usize, batch: usize) -> Result<f64> {
+async fn sqlite_floor_run(sync: &'static str, jobs: usize, batch: usize) -> Result<Rate> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("floor.db");
     let ids = kiln_schema(&path).await?;
@@ -388,7 +444,7 @@ async fn prefill(url: &str, rows: usize) -> Result<()> {
 
 /// Kiln's lifecycle: `jobs` buildsets submitted in one call, run by the no-op WASM job;
 /// jobs/s from the submit to the last buildset complete.
-async fn lifecycle(durability: Durability, jobs: usize, history: usize) -> Result<f64> {
+async fn lifecycle(durability: Durability, jobs: usize, history: usize) -> Result<Rate> {
     lifecycle_in(durability, jobs, history, jobs).await
 }
 
@@ -403,7 +459,7 @@ async fn lifecycle_in(
     jobs: usize,
     history: usize,
     per_call: usize,
-) -> Result<f64> {
+) -> Result<Rate> {
     let dir = tempfile::tempdir()?;
     let url = sqlite_url(&dir, "lifecycle");
     if history > 0 {
@@ -417,6 +473,7 @@ async fn lifecycle_in(
     let engine = noop_engine(&url, "lifecycle", &host, store).await?;
     let mut events = engine.subscribe();
     let batch = vec![Submission::new("bench").builder("noop"); jobs];
+    let cpu = own_cpu()?;
     let start = Instant::now();
     let submit = async {
         for chunk in batch.chunks(per_call.max(1)) {
@@ -435,7 +492,7 @@ async fn lifecycle_in(
         _ => false,
     });
     tokio::try_join!(submit, complete)?;
-    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    let rate = Rate::new(jobs, start.elapsed(), own_cpu()? - cpu);
     engine.shutdown().await;
     let failed = failed.into_inner();
     ensure!(failed == 0, "{failed} no-op builds did not succeed");
@@ -443,8 +500,8 @@ async fn lifecycle_in(
 }
 
 /// One embedder task calling `submit` in a loop while the engine runs the builds;
-/// (submits/s, p50, p99 of one call).
-async fn serial(submits: usize) -> Result<(f64, Duration, Duration)> {
+/// (submits/s with the CPU each cost, p50, p99 of one call).
+async fn serial(submits: usize) -> Result<(Rate, Duration, Duration)> {
     let dir = tempfile::tempdir()?;
     let host = host(&dir, 64);
     let engine = noop_engine(
@@ -457,13 +514,14 @@ async fn serial(submits: usize) -> Result<(f64, Duration, Duration)> {
     let mut events = engine.subscribe();
     let submission = Submission::new("bench").builder("noop");
     let mut took = Vec::with_capacity(submits);
+    let cpu = own_cpu()?;
     let start = Instant::now();
     for _ in 0..submits {
         let one = Instant::now();
         engine.submit(&submission).await?;
         took.push(one.elapsed());
     }
-    let rate = submits as f64 / start.elapsed().as_secs_f64();
+    let rate = Rate::new(submits, start.elapsed(), own_cpu()? - cpu);
     count(&mut events, submits, |e| {
         matches!(e, Event::BuildsetComplete { .. })
     })
@@ -574,9 +632,19 @@ fn serve() -> Result<Server> {
     })
 }
 
+/// What a REST run measured: submits/s with the server's CPU per submit, the clients'
+/// CPU per submit (this process), and p50 and p99 of one POST.
+#[derive(Debug)]
+struct RestRun {
+    server: Rate,
+    clients_cpu_us: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
 /// `clients` HTTP clients (keep-alive connections), each posting one buildset at a
-/// time to `kiln serve`, `submits` in all; (submits/s, p50, p99 of one POST).
-async fn rest(clients: usize, submits: usize) -> Result<(f64, Duration, Duration)> {
+/// time to `kiln serve`, `submits` in all.
+async fn rest(clients: usize, submits: usize) -> Result<RestRun> {
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
     let server = serve()?;
@@ -608,6 +676,7 @@ async fn rest(clients: usize, submits: usize) -> Result<(f64, Duration, Duration
     };
     // Warm the connections and the server's first plugin load.
     post().await?;
+    let (cpu, server_cpu) = (own_cpu()?, child_cpu(server.child.id())?);
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(clients);
     for c in 0..clients {
@@ -627,10 +696,17 @@ async fn rest(clients: usize, submits: usize) -> Result<(f64, Duration, Duration
     for task in tasks {
         took.extend(task.await??);
     }
-    let rate = submits as f64 / start.elapsed().as_secs_f64();
+    let wall = start.elapsed();
+    let server_cpu = child_cpu(server.child.id())? - server_cpu;
+    let clients_cpu = own_cpu()? - cpu;
     drop(server);
     took.sort();
-    Ok((rate, percentile(&took, 0.5), percentile(&took, 0.99)))
+    Ok(RestRun {
+        server: Rate::new(submits, wall, server_cpu),
+        clients_cpu_us: clients_cpu.as_secs_f64() * 1e6 / submits as f64,
+        p50: percentile(&took, 0.5),
+        p99: percentile(&took, 0.99),
+    })
 }
 
 /// The lifecycle with `masters` engines (each its own pool and master row) sharing one
@@ -950,14 +1026,14 @@ async fn run() -> Result<()> {
     if let Some(what) = std::env::args().skip_while(|a| a != "--profile").nth(1) {
         let jobs = arg_value("--jobs").unwrap_or(DEFAULT_JOBS);
         match what.as_str() {
-            "lifecycle" => println!(
-                "{:.0} jobs/s",
-                lifecycle(Durability::Normal, jobs, 0).await?
-            ),
-            "lifecycle-streamed" => println!(
-                "{:.0} jobs/s",
-                lifecycle_in(Durability::Normal, jobs, 0, FLOOR_BATCH).await?
-            ),
+            "lifecycle" => {
+                let r = lifecycle(Durability::Normal, jobs, 0).await?;
+                println!("{:.0} jobs/s, {:.1} µs CPU per job", r.per_sec, r.cpu_us);
+            }
+            "lifecycle-streamed" => {
+                let r = lifecycle_in(Durability::Normal, jobs, 0, FLOOR_BATCH).await?;
+                println!("{:.0} jobs/s, {:.1} µs CPU per job", r.per_sec, r.cpu_us);
+            }
             "rest" => println!("{:?}", rest(REST_CLIENTS, SUBMITS).await?),
             "serial" => println!("{:?}", serial(SUBMITS / 2).await?),
             "postgres" => {
@@ -997,18 +1073,32 @@ async fn run() -> Result<()> {
     let each = (jobs / 10).max(100);
     for round in 1..=rounds {
         println!("round {round}/{rounds}");
-        let f = sqlite_floor_run("NORMAL", jobs, FLOOR_BATCH).await?;
-        figures.floor(Floor::SqliteNormalBatch, f);
-        println!("  floor, SQLite NORMAL, {FLOOR_BATCH} per commit: {f:.0} jobs/s");
-        let f = sqlite_floor_run("FULL", jobs, FLOOR_BATCH).await?;
-        figures.floor(Floor::SqliteFullBatch, f);
-        println!("  floor, SQLite FULL, {FLOOR_BATCH} per commit:   {f:.0} jobs/s");
-        let f = sqlite_floor_run("NORMAL", each, 1).await?;
-        figures.floor(Floor::SqliteNormalEach, f);
-        println!("  floor, SQLite NORMAL, 1 per commit:   {f:.0} jobs/s ({each} jobs)");
-        let f = sqlite_floor_run("FULL", each, 1).await?;
-        figures.add(0, "floor, SQLite FULL, 1 per commit", "jobs/s", None, f);
-        println!("  floor, SQLite FULL, 1 per commit:     {f:.0} jobs/s ({each} jobs)");
+        // The floors; each also gives its CPU per job, printed after the rates.
+        let floors = [
+            ("NORMAL", jobs, FLOOR_BATCH, Some(Floor::SqliteNormalBatch)),
+            ("FULL", jobs, FLOOR_BATCH, Some(Floor::SqliteFullBatch)),
+            ("NORMAL", each, 1, Some(Floor::SqliteNormalEach)),
+            ("FULL", each, 1, None),
+        ];
+        for (k, (sync, n, batch, floor)) in floors.into_iter().enumerate() {
+            let f = sqlite_floor_run(sync, n, batch).await?;
+            let name = format!("floor, SQLite {sync}, {batch} per commit");
+            println!(
+                "  {name}: {:.0} jobs/s, {:.1} µs CPU per job ({n} jobs)",
+                f.per_sec, f.cpu_us
+            );
+            match floor {
+                Some(floor) => figures.floor(floor, f.per_sec),
+                None => figures.add(0, &name, "jobs/s", None, f.per_sec),
+            }
+            figures.add(
+                CPU_ROWS + k,
+                &format!("CPU, {name}"),
+                "µs/job",
+                None,
+                f.cpu_us,
+            );
+        }
 
         // One submit_many of everything, then 100 per call while the engine runs.
         let shapes = [
@@ -1036,32 +1126,72 @@ async fn run() -> Result<()> {
             };
             let v = lifecycle_in(durability, jobs, 0, per_call).await?;
             let name = format!("lifecycle, {sync}{shape}");
-            println!("  Kiln {name}: {v:.0} jobs/s");
-            figures.add(order, &name, "jobs/s", Some(floor), v);
+            println!(
+                "  Kiln {name}: {:.0} jobs/s, {:.1} µs CPU per job",
+                v.per_sec, v.cpu_us
+            );
+            figures.add(order, &name, "jobs/s", Some(floor), v.per_sec);
+            figures.add(
+                CPU_ROWS + 3 + order,
+                &format!("CPU, {name}"),
+                "µs/job",
+                None,
+                v.cpu_us,
+            );
         }
 
-        let (rate, p50, p99) = rest(REST_CLIENTS, SUBMITS).await?;
+        let RestRun {
+            server,
+            clients_cpu_us,
+            p50,
+            p99,
+        } = rest(REST_CLIENTS, SUBMITS).await?;
         println!(
-            "  REST, {REST_CLIENTS} clients: {rate:.0} submits/s, p50 {p50:.2?}, p99 {p99:.2?}"
+            "  REST, {REST_CLIENTS} clients: {:.0} submits/s, p50 {p50:.2?}, p99 {p99:.2?}, CPU per submit {:.1} µs in the server and {clients_cpu_us:.1} µs in the clients",
+            server.per_sec, server.cpu_us
         );
         figures.add(
             5,
             "REST, 16 clients posting 1 buildset",
             "submits/s",
             Some(Floor::SqliteNormalEach),
-            rate,
+            server.per_sec,
         );
         figures.add(6, "REST p50", "µs", None, micros(p50));
         figures.add(7, "REST p99", "µs", None, micros(p99));
+        figures.add(
+            CPU_ROWS + 8,
+            "CPU, REST, kiln serve",
+            "µs/submit",
+            None,
+            server.cpu_us,
+        );
+        figures.add(
+            CPU_ROWS + 9,
+            "CPU, REST, the 16 clients",
+            "µs/submit",
+            None,
+            clients_cpu_us,
+        );
 
         let (rate, p50, p99) = serial(SUBMITS / 2).await?;
-        println!("  serial embedder: {rate:.0} submits/s, p50 {p50:.2?}, p99 {p99:.2?}");
+        println!(
+            "  serial embedder: {:.0} submits/s, p50 {p50:.2?}, p99 {p99:.2?}, {:.1} µs CPU per submit",
+            rate.per_sec, rate.cpu_us
+        );
         figures.add(
             8,
             "serial embedder calling submit",
             "submits/s",
             Some(Floor::SqliteNormalEach),
-            rate,
+            rate.per_sec,
+        );
+        figures.add(
+            CPU_ROWS + 10,
+            "CPU, serial embedder",
+            "µs/submit",
+            None,
+            rate.cpu_us,
         );
         figures.add(9, "serial submit p50", "µs", None, micros(p50));
         figures.add(10, "serial submit p99", "µs", None, micros(p99));
@@ -1115,7 +1245,9 @@ async fn run() -> Result<()> {
             }
         }
         if has_arg("--scale") {
-            let v = lifecycle(Durability::Normal, jobs, SCALE_ROWS).await?;
+            let v = lifecycle(Durability::Normal, jobs, SCALE_ROWS)
+                .await?
+                .per_sec;
             println!(
                 "  Kiln lifecycle, NORMAL, {SCALE_ROWS} buildsets already in the database: {v:.0} jobs/s"
             );
