@@ -956,6 +956,89 @@ fn noop_pipeline(dir: &Path) -> Result<PathBuf> {
     Ok(pipeline)
 }
 
+/// `kiln serve` at its default log level says what went wrong and stays quiet about
+/// what went well: a failing build and its buildset are logged at info, the successful
+/// build of the same buildset and every start and submit only at debug. (The log follows
+/// the engine's events in order, and the buildset completes after both builds: every
+/// line about them comes before its own.)
+#[test]
+fn kiln_serve_logs_failures_at_info_and_successes_only_at_debug() -> Result<()> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir()?;
+    let pipeline = dir.path().join("mixed.toml");
+    std::fs::write(
+        &pipeline,
+        r#"
+[[builder]]
+name = "ok"
+plugin = "bundled:noop"
+
+[[builder]]
+name = "bad"
+plugin = "bundled:fail"
+
+[[submit]]
+reason = "one goes well, one does not"
+builders = ["ok", "bad"]
+"#,
+    )?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .current_dir(dir.path())
+        .args(["serve", "--submit", "--listen", "127.0.0.1:0"])
+        .arg(&pipeline)
+        .env_remove("RUST_LOG")
+        .env("XDG_CACHE_HOME", dir.path().join("cache"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The buildset's completion is the last lifecycle event; a guard turns a hang into
+    // a failure.
+    let mut seen = Vec::new();
+    let outcome = loop {
+        match lines.recv_timeout(std::time::Duration::from_secs(120)) {
+            Ok(line) => {
+                let done = line.contains("buildset complete");
+                seen.push(line);
+                if done {
+                    break Ok(());
+                }
+            }
+            Err(e) => break Err(anyhow!("no buildset complete line ({e}): {seen:#?}")),
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    outcome?;
+    let log = seen.join("\n");
+    for wanted in [
+        ["build finished build=", "results=FAILURE"],
+        ["buildset complete buildset=1", "results=FAILURE"],
+    ] {
+        ensure!(
+            seen.iter()
+                .any(|l| l.contains(" INFO ") && wanted.iter().all(|w| l.contains(w))),
+            "no {wanted:?} at info in:\n{log}"
+        );
+    }
+    for quiet in ["results=SUCCESS", "build started", "buildset submitted"] {
+        ensure!(
+            !log.contains(quiet),
+            "{quiet:?} logged at the default level:\n{log}"
+        );
+    }
+    Ok(())
+}
+
 /// What operators' tooling probes: liveness, readiness and Prometheus metrics.
 #[test]
 fn kiln_serve_answers_health_readiness_and_metrics_probes() -> Result<()> {
