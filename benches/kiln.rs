@@ -65,7 +65,9 @@ const FLOOR_BATCH: usize = 100;
 const LATENCY_SAMPLES: usize = 1_000;
 /// Requests queued for a builder nobody serves in the loaded latency run.
 const FOREIGN_QUEUED: usize = 100_000;
-/// Where the CPU-per-item rows start in the summary: after every rate and latency.
+/// Where the CPU-per-item rows start in the summary: after every rate and latency. In
+/// the order of the runs: the four floors, the four lifecycle shapes (their own order
+/// 1–4 after the floors), REST's server and clients, the serial embedder.
 const CPU_ROWS: usize = 30;
 /// Builds suspended at once in the memory run.
 const SUSPENDED: usize = 10_000;
@@ -107,9 +109,14 @@ impl Rate {
     fn new(items: usize, wall: Duration, cpu: Duration) -> Rate {
         Rate {
             per_sec: items as f64 / wall.as_secs_f64(),
-            cpu_us: cpu.as_secs_f64() * 1e6 / items as f64,
+            cpu_us: per_item_us(cpu, items),
         }
     }
+}
+
+/// `cpu` shared out over `items`, in µs.
+fn per_item_us(cpu: Duration, items: usize) -> f64 {
+    cpu.as_secs_f64() * 1e6 / items as f64
 }
 
 /// CPU time this process has used so far, every thread.
@@ -703,7 +710,7 @@ async fn rest(clients: usize, submits: usize) -> Result<RestRun> {
     took.sort();
     Ok(RestRun {
         server: Rate::new(submits, wall, server_cpu),
-        clients_cpu_us: clients_cpu.as_secs_f64() * 1e6 / submits as f64,
+        clients_cpu_us: per_item_us(clients_cpu, submits),
         p50: percentile(&took, 0.5),
         p99: percentile(&took, 0.99),
     })
