@@ -113,7 +113,7 @@ async fn end_builds(tx: &mut PgConnection, ends: &[&FinishedBuild]) -> Result<()
 impl BuildWrites for PostgresStore {
     async fn build_start_available(&self, params: &StartAvailable) -> Result<StartOutcome> {
         let outcome = retrying!(self.start_available(params))?;
-        self.grew(outcome.started.len());
+        self.grew(super::Hot::Claims, outcome.started.len());
         Ok(outcome)
     }
 
@@ -597,11 +597,19 @@ impl PostgresStore {
         }
         let distinct: Vec<i64> = by_builder.keys().copied().collect();
         lock_builders(&mut tx, &distinct).await?;
+        // Each builder's last number is read once (materialized), not once per new build:
+        // read per row, the backward index scan for the maximum stepped over the entries
+        // this statement had already inserted (invisible to it), a number of heap
+        // fetches quadratic in the batch (33,000 for 256 builds, 7–10 ms per turn).
         sqlx::query(
-            "INSERT INTO builds (number, builder_id, buildrequest_id, master_id, worker_slot, started_at, state_string)
-             SELECT (SELECT COALESCE(MAX(number), 0) FROM builds WHERE builder_id = t.builder) + t.k,
-                    t.builder, t.request, $5, t.slot, $6, $7
-             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(builder, request, slot, k)",
+            "WITH last AS MATERIALIZED (
+                 SELECT u.builder, (SELECT COALESCE(MAX(b.number), 0) FROM builds b
+                                    WHERE b.builder_id = u.builder) AS number
+                 FROM (SELECT DISTINCT unnest($1::bigint[]) AS builder) u)
+             INSERT INTO builds (number, builder_id, buildrequest_id, master_id, worker_slot, started_at, state_string)
+             SELECT last.number + t.k, t.builder, t.request, $5, t.slot, $6, $7
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[]) AS t(builder, request, slot, k)
+             JOIN last ON last.builder = t.builder",
         )
         .bind(&builders)
         .bind(&requests)

@@ -74,7 +74,10 @@ impl BuildsetWrites for PostgresStore {
     async fn buildset_add_many(&self, params: &[NewBuildset]) -> Result<Vec<AddedBuildset>> {
         let params = &*text::buildsets(params);
         let added = retrying!(self.add_buildsets(params))?;
-        self.grew(added.iter().map(|a| 1 + a.requests.len()).sum());
+        self.grew(
+            super::Hot::Queue,
+            added.iter().map(|a| 1 + a.requests.len()).sum(),
+        );
         Ok(added)
     }
 }
