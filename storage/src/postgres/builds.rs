@@ -399,30 +399,29 @@ impl PostgresStore {
         };
         // The builders with queued work and not paused, in Buildbot's order across builders, each with
         // how many of its free slots it can fill; the limit is shared out in that order.
+        // The top priority and the count come from one walk of the queue index in claim
+        // order (the first of up to n requests has the top priority). Counted apart and
+        // unordered, the planner walked the primary key from the first request ever
+        // submitted, past every completed one: 13 ms per turn at 10,000 completed.
         let heads = sqlx::query(
             "SELECT w.builder, LEAST(w.n, h.queued) AS available
              FROM unnest($1::bigint[], $2::bigint[]) AS w(builder, n)
              JOIN builders bl ON bl.id = w.builder AND bl.paused = 0
              CROSS JOIN LATERAL (
-                 SELECT r.priority FROM buildrequests r
-                 WHERE r.builder_id = w.builder AND r.complete = 0
-                   AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
-                   AND (r.not_before IS NULL OR r.not_before <= $3)
-                 ORDER BY r.priority DESC, r.id LIMIT 1) top
+                 SELECT max(q.priority) AS priority, count(*) AS queued FROM (
+                     SELECT r.priority FROM buildrequests r
+                     WHERE r.builder_id = w.builder AND r.complete = 0
+                       AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
+                       AND (r.not_before IS NULL OR r.not_before <= $3)
+                     ORDER BY r.priority DESC, r.id LIMIT w.n) q) h
              CROSS JOIN LATERAL (
                  SELECT r.submitted_at FROM buildrequests r
                  WHERE r.builder_id = w.builder AND r.complete = 0
                    AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
                    AND (r.not_before IS NULL OR r.not_before <= $3)
                  ORDER BY r.submitted_at LIMIT 1) oldest
-             CROSS JOIN LATERAL (
-                 SELECT count(*) AS queued FROM (
-                     SELECT 1 FROM buildrequests r
-                     WHERE r.builder_id = w.builder AND r.complete = 0
-                       AND NOT EXISTS (SELECT 1 FROM buildrequest_claims c WHERE c.request_id = r.id)
-                       AND (r.not_before IS NULL OR r.not_before <= $3)
-                     LIMIT w.n) q) h
-             ORDER BY top.priority DESC, oldest.submitted_at, bl.name COLLATE \"C\"",
+             WHERE h.queued > 0
+             ORDER BY h.priority DESC, oldest.submitted_at, bl.name COLLATE \"C\"",
         )
         .bind(ids_of(&wanted, |(b, _)| b.0))
         .bind(ids_of(&wanted, |(_, s)| s.len() as i64))
