@@ -209,8 +209,9 @@ pub(crate) fn buildset_from_row(row: &impl Col) -> Result<Buildset> {
     })
 }
 
-/// A request as stored, filled from a row of [`REQUEST_FROM`] or from a JSON object with
-/// the same keys (each backend builds one in SQL); one conversion serves both.
+/// A request as stored, filled from a row of [`REQUEST_FROM`] or from JSON: an object
+/// with the same keys (each backend builds one in SQL), or an array of the values in the
+/// order of the fields below (PostgreSQL's claim turn). Keep the order.
 #[derive(Deserialize)]
 struct RawRequest {
     id: i64,
@@ -275,8 +276,9 @@ pub(crate) fn request_from_row(row: &impl Col) -> Result<BuildRequest> {
     RawRequest::from_row(row)?.into_model()
 }
 
-/// A build as stored, filled from a row of [`BUILD_COLUMNS`] or from a JSON object with
-/// the same keys; one conversion serves both.
+/// A build as stored, filled from a row of [`BUILD_COLUMNS`] or from JSON: an object with
+/// the same keys, or an array of the values in the order of the fields below (how
+/// PostgreSQL's claim turn sends them); one conversion serves all. Keep the order.
 #[derive(Deserialize)]
 struct RawBuild {
     id: i64,

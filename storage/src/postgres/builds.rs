@@ -54,19 +54,20 @@ const CLAIM_HEADS: &str = "SELECT w.builder, LEAST(w.n, h.queued) AS available
              WHERE h.queued > 0
              ORDER BY h.priority DESC, oldest.submitted_at, bl.name COLLATE \"C\"";
 
-/// A build as one JSON object, with `b` as the table alias (the keys of
-/// [`BUILD_COLUMNS`](crate::rows::BUILD_COLUMNS)).
-const BUILD_JSON: &str = "json_build_object('id', b.id, 'number', b.number, 'builder_id', b.builder_id, \
-     'buildrequest_id', b.buildrequest_id, 'master_id', b.master_id, 'worker_slot', b.worker_slot, \
-     'started_at', b.started_at, 'complete_at', b.complete_at, 'state_string', b.state_string, \
-     'locks_duration_s', b.locks_duration_s, 'results', b.results, 'return_value', b.return_value, \
-     'error', b.error, 'traceback', b.traceback)";
+/// A build as one JSON array, with `b` as the table alias: the columns of
+/// [`BUILD_COLUMNS`](crate::rows::BUILD_COLUMNS) in the order `rows::RawBuild` declares
+/// its fields, which serde reads positionally. An array, not an object with keys:
+/// `json_build_object` cost PostgreSQL 4.1 µs a row of these fourteen columns,
+/// `json_build_array` 1.25 µs, and the claim turn builds two per started build.
+const BUILD_JSON: &str = "json_build_array(b.id, b.number, b.builder_id, b.buildrequest_id, \
+     b.master_id, b.worker_slot, b.started_at, b.complete_at, b.state_string, b.locks_duration_s, \
+     b.results, b.return_value, b.error, b.traceback)";
 
-/// A request joined with its claim, as one JSON object (`r` and `c`).
-const REQUEST_JSON: &str = "json_build_object('id', r.id, 'buildset_id', r.buildset_id, \
-     'builder_id', r.builder_id, 'priority', r.priority, 'submitted_at', r.submitted_at, 'waited_for', r.waited_for, \
-     'complete', r.complete, 'complete_at', r.complete_at, 'results', r.results, 'cancel_requested', r.cancel_requested, 'not_before', r.not_before, \
-     'claimed_by', c.master_id, 'claimed_at', c.claimed_at)";
+/// A request joined with its claim, as one JSON array (`r` and `c`), in the order
+/// `rows::RawRequest` declares its fields.
+const REQUEST_JSON: &str = "json_build_array(r.id, r.buildset_id, r.builder_id, r.priority, \
+     r.submitted_at, r.waited_for, r.complete, r.complete_at, r.results, r.cancel_requested, \
+     r.not_before, r.superseded_by, c.master_id, c.claimed_at)";
 
 /// A buildset's reason, properties, stamps and depth as one JSON array, with `bs` as the
 /// alias.

@@ -237,6 +237,38 @@ pub async fn starting_available_work_completes_cancel_flagged_requests_instead(
     Ok(())
 }
 
+/// What a start returns for each build is what reading the build and its request back
+/// gives, field for field (PostgreSQL sends them as positional JSON arrays, so a column
+/// out of order would land in a neighbouring field of the same type).
+pub async fn started_builds_and_their_requests_are_returned_as_stored(h: &Harness) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["a", "b"]).await?;
+    for i in 0..3 {
+        buildset(s, &b, at(1 + i)).await?;
+    }
+    let m = master(s, "m").await?;
+    let outcome = s
+        .build_start_available(&start_all(
+            m,
+            vec![(b[0], vec![4, 5, 6]), (b[1], vec![7, 8])],
+            at(9),
+        ))
+        .await?;
+    ensure!(outcome.started.len() == 5, "{outcome:?}");
+    for started in &outcome.started {
+        let build = s.build_get(started.build.id).await?;
+        ensure!(started.build == build, "{:?} != {build:?}", started.build);
+        let request = s.request_get(started.request.id).await?;
+        ensure!(
+            started.request == request,
+            "{:?} != {request:?}",
+            started.request
+        );
+        ensure!(started.request.claimed_by == Some(m));
+    }
+    Ok(())
+}
+
 pub async fn concurrent_starts_from_several_masters_never_start_a_request_twice(
     h: &Harness,
 ) -> Result<()> {

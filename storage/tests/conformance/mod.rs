@@ -132,6 +132,7 @@ macro_rules! conformance_tests {
                 adding_many_buildsets_is_all_or_nothing_and_keeps_their_order,
                 starting_available_work_claims_and_numbers_builds_in_their_slots,
                 starting_available_work_completes_cancel_flagged_requests_instead,
+                started_builds_and_their_requests_are_returned_as_stored,
                 concurrent_starts_from_several_masters_never_start_a_request_twice,
                 finishing_and_settling_completes_or_releases_requests_and_refuses_foreign_builds,
             ],
