@@ -279,7 +279,7 @@ async fn postgres_floor(base: &str, jobs: usize) -> Result<f64> {
         .connect(&url)
         .await?;
     // The tables are analyzed as they grow, by Kiln's backend's rule
-    // (`ANALYZE_AFTER_ROWS`): planned from the statistics of empty tables, every
+    // (`analyze_due`): planned from the statistics of empty tables, every
     // `id = ANY($1)` below is a sequential scan and the floor grows quadratic. Even
     // planned afresh per execution, a table never analyzed looks small enough to scan;
     // measured here, that halved the floor, which flattered Kiln's ratio to it.
@@ -310,7 +310,7 @@ async fn postgres_floor(base: &str, jobs: usize) -> Result<f64> {
         .await?;
         tx.commit().await?;
         let added = end as u64 - 1;
-        if added - analyzed >= postgres::ANALYZE_AFTER_ROWS.max(analyzed / 10) {
+        if postgres::analyze_due(added, analyzed) {
             sqlx::query("ANALYZE buildsets, buildrequests, buildrequest_claims, builds")
                 .execute(&pool)
                 .await?;

@@ -774,23 +774,16 @@ mod plans {
     //! A claim turn's cost does not grow with the requests completed before it.
 
     use super::*;
-    use crate::seam::{Builders, BuildsetWrites};
-    use crate::{NewBuildset, StoreOptions};
+    use crate::seam::BuildsetWrites;
 
     #[tokio::test]
     async fn finding_the_claimable_builders_does_not_walk_the_completed_requests()
     -> anyhow::Result<()> {
-        let Some(schema) = kiln_testdb::postgres::Schema::create("heads").await? else {
+        let Some((_schema, store, one)) = super::super::store_with_one_builder("heads").await?
+        else {
             return Ok(());
         };
-        let store = PostgresStore::open(&schema.url, &StoreOptions::default()).await?;
-        let builder = store.builder_ensure("b", None).await?;
-        let one = NewBuildset {
-            reason: "load".into(),
-            builder_ids: vec![builder],
-            submitted_at: kiln_model::now(),
-            ..Default::default()
-        };
+        let builder = one.builder_ids[0];
         // Fewer rows than set off the engine's own ANALYZE; this test analyzes them
         // itself, while all are queued, as a large submit does.
         let completed = 2_000;

@@ -114,6 +114,13 @@ struct Growth {
 /// ANALYZE, PostgreSQL estimates a table from its current size.
 pub const ANALYZE_AFTER_ROWS: u64 = 5_000;
 
+/// Whether tables that have had `added` rows added, `analyzed` of them when they were
+/// last analyzed, are due for an ANALYZE by the rule of [`ANALYZE_AFTER_ROWS`] (public
+/// for the benchmark's floor, which follows the same rule).
+pub fn analyze_due(added: u64, analyzed: u64) -> bool {
+    added.saturating_sub(analyzed) >= ANALYZE_AFTER_ROWS.max(analyzed / 10)
+}
+
 impl PostgresStore {
     /// Counts rows added to a group of hot tables and, when it has grown enough since it
     /// was last analyzed, analyzes it in the background (one ANALYZE per group at a
@@ -125,9 +132,7 @@ impl PostgresStore {
         };
         let total = growth.added.fetch_add(rows as u64, Ordering::Relaxed) + rows as u64;
         let last = growth.analyzed.load(Ordering::Relaxed);
-        if total.saturating_sub(last) < ANALYZE_AFTER_ROWS.max(last / 10)
-            || growth.running.swap(true, Ordering::AcqRel)
-        {
+        if !analyze_due(total, last) || growth.running.swap(true, Ordering::AcqRel) {
             return;
         }
         growth.analyzed.store(total, Ordering::Relaxed);
@@ -455,13 +460,40 @@ mod plans {
     }
 }
 
+/// A store in a fresh schema with one builder, and a buildset of one request for it to
+/// submit as many times as a test needs; `None` without a PostgreSQL to test against.
+/// The schema lives as long as the returned [`kiln_testdb::postgres::Schema`].
+#[cfg(test)]
+pub(super) async fn store_with_one_builder(
+    what: &str,
+) -> anyhow::Result<
+    Option<(
+        kiln_testdb::postgres::Schema,
+        PostgresStore,
+        crate::NewBuildset,
+    )>,
+> {
+    use crate::seam::Builders;
+    let Some(schema) = kiln_testdb::postgres::Schema::create(what).await? else {
+        return Ok(None);
+    };
+    let store = PostgresStore::open(&schema.url, &StoreOptions::default()).await?;
+    let builder = store.builder_ensure("b", None).await?;
+    let one = crate::NewBuildset {
+        reason: "load".into(),
+        builder_ids: vec![builder],
+        submitted_at: kiln_model::now(),
+        ..Default::default()
+    };
+    Ok(Some((schema, store, one)))
+}
+
 #[cfg(test)]
 mod growth {
     //! The rule that analyzes the hot tables as they grow ([`ANALYZE_AFTER_ROWS`]).
 
     use super::*;
-    use crate::NewBuildset;
-    use crate::seam::{Builders, BuildsetWrites};
+    use crate::seam::BuildsetWrites;
 
     /// The statistics PostgreSQL keeps of a table: -1 rows until it is first analyzed.
     async fn reltuples(store: &PostgresStore, table: &str) -> anyhow::Result<f32> {
@@ -476,16 +508,8 @@ mod growth {
     #[tokio::test]
     async fn a_large_submit_analyzes_the_queue_and_leaves_the_claims_to_be_sampled_later()
     -> anyhow::Result<()> {
-        let Some(schema) = kiln_testdb::postgres::Schema::create("growth").await? else {
+        let Some((_schema, store, one)) = store_with_one_builder("growth").await? else {
             return Ok(());
-        };
-        let store = PostgresStore::open(&schema.url, &StoreOptions::default()).await?;
-        let builder = store.builder_ensure("b", None).await?;
-        let one = NewBuildset {
-            reason: "load".into(),
-            builder_ids: vec![builder],
-            submitted_at: kiln_model::now(),
-            ..Default::default()
         };
         // Each buildset adds two rows to the queue: itself and its request.
         let batch = vec![one; (ANALYZE_AFTER_ROWS / 2) as usize];
