@@ -512,9 +512,26 @@ async fn lifecycle_in(
     Ok(rate)
 }
 
+/// The SQLite writer's commits and the callers' writes they carried so far, from the
+/// engine's metrics (what an operator scrapes).
+async fn sqlite_commits(engine: &Engine) -> Result<(u64, u64)> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &engine.metrics().await?)?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+            .ok_or_else(|| anyhow!("no {name} in the metrics"))
+    };
+    Ok((
+        value("kiln_sqlite_commits_total")?,
+        value("kiln_sqlite_commit_callers_total")?,
+    ))
+}
+
 /// One embedder task calling `submit` in a loop while the engine runs the builds;
-/// (submits/s with the CPU each cost, p50, p99 of one call).
-async fn serial(submits: usize) -> Result<(Rate, Duration, Duration)> {
+/// (submits/s with the CPU each cost, p50, p99 of one call, SQLite commits per submit
+/// until the last buildset completed).
+async fn serial(submits: usize) -> Result<(Rate, Duration, Duration, f64)> {
     let dir = tempfile::tempdir()?;
     let host = host(&dir, 64);
     let engine = noop_engine(
@@ -527,6 +544,7 @@ async fn serial(submits: usize) -> Result<(Rate, Duration, Duration)> {
     let mut events = engine.subscribe();
     let submission = Submission::new("bench").builder("noop");
     let mut took = Vec::with_capacity(submits);
+    let (commits_before, _) = sqlite_commits(&engine).await?;
     let cpu = own_cpu()?;
     let start = Instant::now();
     for _ in 0..submits {
@@ -539,9 +557,16 @@ async fn serial(submits: usize) -> Result<(Rate, Duration, Duration)> {
         matches!(e, Event::BuildsetComplete { .. })
     })
     .await?;
+    let (commits_after, _) = sqlite_commits(&engine).await?;
     engine.shutdown().await;
     took.sort();
-    Ok((rate, percentile(&took, 0.5), percentile(&took, 0.99)))
+    let per_submit = (commits_after - commits_before) as f64 / submits as f64;
+    Ok((
+        rate,
+        percentile(&took, 0.5),
+        percentile(&took, 0.99),
+        per_submit,
+    ))
 }
 
 /// Submit-to-start on an idle engine, with `foreign` requests queued for a builder
@@ -1189,9 +1214,9 @@ async fn run() -> Result<()> {
             clients_cpu_us,
         );
 
-        let (rate, p50, p99) = serial(SUBMITS / 2).await?;
+        let (rate, p50, p99, commits) = serial(SUBMITS / 2).await?;
         println!(
-            "  serial embedder: {:.0} submits/s, p50 {p50:.2?}, p99 {p99:.2?}, {:.1} µs CPU per submit",
+            "  serial embedder: {:.0} submits/s, p50 {p50:.2?}, p99 {p99:.2?}, {:.1} µs CPU per submit, {commits:.2} SQLite commits per submit (claims and finishes included)",
             rate.per_sec, rate.cpu_us
         );
         figures.add(

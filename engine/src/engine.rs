@@ -414,6 +414,7 @@ impl Engine {
             outbox_lag: reporters.into_iter().map(|r| (r.name, r.pending)).collect(),
             in_flight: in_flight as u64,
             waiting: waiting as u64,
+            commits: self.scheduler.shared.store.commit_stats(),
         };
         let mut registry = prometheus_client::registry::Registry::default();
         self.scheduler.shared.metrics.register(&mut registry);

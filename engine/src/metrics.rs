@@ -144,6 +144,8 @@ pub(crate) struct Snapshot {
     /// on children.
     pub(crate) in_flight: u64,
     pub(crate) waiting: u64,
+    /// The store's group commit, where it has one of its own (SQLite).
+    pub(crate) commits: Option<kiln_storage::CommitStats>,
 }
 
 impl Snapshot {
@@ -190,11 +192,30 @@ impl Snapshot {
             "Of the running builds, those waiting on their children",
             gauge(self.waiting),
         );
+        if let Some(stats) = self.commits {
+            registry.register(
+                "kiln_sqlite_commits",
+                "Write transactions the SQLite writer committed since the engine opened the database",
+                counter(stats.commits),
+            );
+            registry.register(
+                "kiln_sqlite_commit_callers",
+                "Callers' writes those commits carried (divided by the commits: callers per commit)",
+                counter(stats.callers),
+            );
+        }
     }
 }
 
 fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A counter that has counted `n`.
+fn counter(n: u64) -> Counter {
+    let c = Counter::default();
+    c.inc_by(n);
+    c
 }
 
 /// A gauge set to `n`.

@@ -235,6 +235,28 @@ async fn metrics_count_builds_by_builder_and_result_and_read_queues_from_the_dat
         ] {
             ensure!(has(&line), "{}: no line {line:?} in\n{text}", backend.name);
         }
+        // SQLite's writer counts its commits and the callers' writes they carried: at
+        // least one per write this test made (submits, pause, claims, finishes), never
+        // more commits than writes. PostgreSQL's server keeps its own figures.
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+        };
+        let commits = value("kiln_sqlite_commits_total");
+        let callers = value("kiln_sqlite_commit_callers_total");
+        if backend.name == "sqlite" {
+            let (Some(commits), Some(callers)) = (commits, callers) else {
+                anyhow::bail!("no SQLite commit counts in\n{text}");
+            };
+            ensure!(
+                commits >= 1 && callers >= commits,
+                "{commits} commits, {callers} callers"
+            );
+            // 5 submits, 1 pause, 3 claims and 3 finishes at the very least.
+            ensure!(callers >= 12, "{callers} callers");
+        } else {
+            ensure!(commits.is_none() && callers.is_none(), "{text}");
+        }
         ensure!(text.ends_with("# EOF\n"));
         engine.shutdown().await;
     }

@@ -48,7 +48,7 @@ pub use query::{
     BuildField, BuilderField, BuildsetField, Field, FieldType, Filter, FilterValue, MasterField,
     Op, Page, Query, RequestField,
 };
-pub use seam::Store;
+pub use seam::{CommitStats, Store};
 
 /// Opens the store named by a database URL and brings its schema up to date.
 ///

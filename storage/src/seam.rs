@@ -61,6 +61,13 @@ pub trait Store:
         false
     }
 
+    /// What the store's own group commit did since the store was opened, for a backend
+    /// that has one (SQLite's writer thread); `None` for the others, whose server keeps
+    /// its own figures (PostgreSQL's `pg_stat_database`).
+    fn commit_stats(&self) -> Option<CommitStats> {
+        None
+    }
+
     /// Wake-ups from other processes sharing the database, for backends that can push
     /// them (PostgreSQL's LISTEN/NOTIFY). `None` means polling is the only way to learn
     /// of other processes' work. A store never signals what it did itself.
@@ -450,4 +457,15 @@ pub trait OutboxWrites: Send + Sync + 'static {
     async fn reporter_register(&self, name: &str) -> Result<ReporterState>;
     /// Records delivery progress under the lease.
     async fn reporter_progress(&self, progress: &ReporterProgress) -> Result<()>;
+}
+
+/// Counts of a store's group commit since it was opened: `callers / commits` is how many
+/// callers' writes one commit carried on average.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Write transactions committed.
+    pub commits: u64,
+    /// Callers' pieces of work those transactions carried (each committed; work that
+    /// failed and was rolled back to its savepoint is not counted).
+    pub callers: u64,
 }

@@ -70,6 +70,8 @@ pub struct SqliteStore {
     writer: Arc<Mutex<SqliteConnection>>,
     /// The writer thread's queue ([`writer`]).
     jobs: tokio::sync::mpsc::UnboundedSender<Box<dyn writer::Job>>,
+    /// What the writer thread committed.
+    commits: Arc<writer::Counters>,
     reader: SqlitePool,
     /// Keeps the temporary file behind an in-memory database alive as long as the store.
     _scratch: Option<Arc<tempfile::TempDir>>,
@@ -176,11 +178,13 @@ impl SqliteStore {
                 Arc::downgrade(&writer),
             ));
         }
-        let jobs = writer::start(sync, writer.clone())
+        let commits = Arc::new(writer::Counters::default());
+        let jobs = writer::start(sync, writer.clone(), commits.clone())
             .map_err(|e| StorageError::Internal(format!("cannot start the SQLite writer: {e}")))?;
         Ok(SqliteStore {
             writer,
             jobs,
+            commits,
             reader,
             _scratch: scratch,
         })
@@ -375,6 +379,10 @@ impl Store for SqliteStore {
 
     fn groups_writes(&self) -> bool {
         true
+    }
+
+    fn commit_stats(&self) -> Option<crate::seam::CommitStats> {
+        Some(self.commits.read())
     }
 }
 

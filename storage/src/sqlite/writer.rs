@@ -19,6 +19,7 @@
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::TransactionBehavior;
 use sqlx::SqliteConnection;
@@ -32,6 +33,29 @@ use crate::{Result, StorageError};
 /// the finisher each hand over one piece at a time (each already batched), so a few
 /// dozen is far more than queue at once.
 pub(super) const MAX_JOBS_PER_COMMIT: usize = 64;
+
+/// What the writer committed since it started ([`crate::seam::CommitStats`]), counted by
+/// the thread and read by anyone.
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    commits: AtomicU64,
+    callers: AtomicU64,
+}
+
+impl Counters {
+    pub(super) fn read(&self) -> crate::seam::CommitStats {
+        crate::seam::CommitStats {
+            commits: self.commits.load(Ordering::Relaxed),
+            callers: self.callers.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A commit that carried `callers` pieces of work that succeeded.
+    fn committed(&self, callers: usize) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.callers.fetch_add(callers as u64, Ordering::Relaxed);
+    }
+}
 
 /// One caller's transaction work and where its answer goes.
 pub(super) trait Job: Send {
@@ -127,6 +151,7 @@ fn copy(e: &rusqlite::Error) -> StorageError {
 pub(super) fn start(
     mut conn: rusqlite::Connection,
     turn: Arc<Mutex<SqliteConnection>>,
+    counters: Arc<Counters>,
 ) -> std::io::Result<mpsc::UnboundedSender<Box<dyn Job>>> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Box<dyn Job>>();
     std::thread::Builder::new()
@@ -142,7 +167,7 @@ pub(super) fn start(
                     }
                 }
                 let _turn = turn.blocking_lock();
-                run_batch(&mut conn, std::mem::take(&mut batch));
+                run_batch(&mut conn, std::mem::take(&mut batch), &counters);
             }
             debug!("the SQLite writer stops: its store was dropped");
         })?;
@@ -150,8 +175,8 @@ pub(super) fn start(
 }
 
 /// Runs `jobs` in as few transactions as they allow (one, unless a savepoint cannot be
-/// undone) and answers each.
-fn run_batch(conn: &mut rusqlite::Connection, jobs: Vec<Box<dyn Job>>) {
+/// undone), answers each and counts what committed in `counters`.
+fn run_batch(conn: &mut rusqlite::Connection, jobs: Vec<Box<dyn Job>>, counters: &Counters) {
     let mut rest: VecDeque<Box<dyn Job>> = jobs.into();
     while !rest.is_empty() {
         let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
@@ -166,7 +191,7 @@ fn run_batch(conn: &mut rusqlite::Connection, jobs: Vec<Box<dyn Job>>) {
         if rest.len() == 1 {
             if let Some(mut job) = rest.pop_front() {
                 let commit = match job.run(&tx) {
-                    true => tx.commit(),
+                    true => tx.commit().map(|()| counters.committed(1)),
                     false => tx.rollback(),
                 };
                 job.answer(commit.as_ref().map(|_| ()));
@@ -174,7 +199,7 @@ fn run_batch(conn: &mut rusqlite::Connection, jobs: Vec<Box<dyn Job>>) {
             return;
         }
         let mut ran: Vec<Box<dyn Job>> = Vec::with_capacity(rest.len());
-        let mut any_ok = false;
+        let mut succeeded = 0;
         let mut broken = None;
         while let Some(mut job) = rest.pop_front() {
             if let Err(e) = tx.execute_batch("SAVEPOINT job") {
@@ -183,7 +208,7 @@ fn run_batch(conn: &mut rusqlite::Connection, jobs: Vec<Box<dyn Job>>) {
                 break;
             }
             let ok = job.run(&tx);
-            any_ok |= ok;
+            succeeded += usize::from(ok);
             let end = match ok {
                 true => tx.execute_batch("RELEASE job"),
                 false => tx.execute_batch("ROLLBACK TO job; RELEASE job"),
@@ -194,7 +219,7 @@ fn run_batch(conn: &mut rusqlite::Connection, jobs: Vec<Box<dyn Job>>) {
                 break;
             }
         }
-        let commit = match (&broken, any_ok) {
+        let commit = match (&broken, succeeded > 0) {
             (Some(e), _) => {
                 // The transaction cannot be trusted past a savepoint that failed: what
                 // ran in it is undone and answered with the error; the rest is run
@@ -214,7 +239,7 @@ fn run_batch(conn: &mut rusqlite::Connection, jobs: Vec<Box<dyn Job>>) {
                 }
                 continue;
             }
-            (None, true) => tx.commit(),
+            (None, true) => tx.commit().map(|()| counters.committed(succeeded)),
             (None, false) => tx.rollback(),
         };
         let commit = commit.as_ref().map(|_| ());
@@ -300,6 +325,99 @@ mod tests {
             .await?;
         stored.sort();
         assert_eq!(stored, expected, "seed {seed}");
+        Ok(())
+    }
+
+    /// Work queued while the writer is busy shares its next commit, and the counts say so:
+    /// one commit for the caller that held the writer, one for the ten queued behind it
+    /// (of which the two that fail are not counted), and nothing for a lone failure.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_counts_its_commits_and_the_callers_they_carried() -> Result<()> {
+        use crate::seam::{CommitStats, Store};
+        let (_dir, store) = store().await?;
+        let before = store.commit_stats().unwrap_or_default();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (running_tx, mut running) = tokio::sync::mpsc::unbounded_channel();
+        let holder = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .transaction(move |tx| {
+                        tx.execute("INSERT INTO t (v) VALUES (0)", [])?;
+                        let _ = running_tx.send(());
+                        held.recv()
+                            .map_err(|e| StorageError::Internal(e.to_string()))
+                    })
+                    .await
+            }
+        });
+        // Once the holder's work runs, its commit carries nobody else; whatever queues
+        // from now on waits for the next.
+        running.recv().await;
+        let (queued_tx, mut queued) = tokio::sync::mpsc::unbounded_channel();
+        let mut waiting = Vec::new();
+        for v in 1..=10i64 {
+            let store = store.clone();
+            let queued_tx = queued_tx.clone();
+            waiting.push(tokio::spawn(async move {
+                let work = store.transaction(move |tx| {
+                    tx.execute("INSERT INTO t (v) VALUES (?)", [v])?;
+                    if v % 5 == 0 {
+                        return Err(StorageError::Invalid(format!("{v} refuses")));
+                    }
+                    Ok(())
+                });
+                tokio::pin!(work);
+                // One poll hands the work to the writer's queue; then say so.
+                tokio::select! {
+                    biased;
+                    done = &mut work => {
+                        let _ = queued_tx.send(());
+                        return done;
+                    }
+                    () = std::future::ready(()) => {}
+                }
+                let _ = queued_tx.send(());
+                work.await
+            }));
+        }
+        for _ in 0..10 {
+            queued.recv().await;
+        }
+        release
+            .send(())
+            .map_err(|e| StorageError::Internal(e.to_string()))?;
+        holder
+            .await
+            .map_err(|e| StorageError::Internal(e.to_string()))??;
+        let mut refused = 0;
+        for task in waiting {
+            match task
+                .await
+                .map_err(|e| StorageError::Internal(e.to_string()))?
+            {
+                Ok(()) => {}
+                Err(StorageError::Invalid(_)) => refused += 1,
+                Err(other) => return Err(other),
+            }
+        }
+        assert_eq!(refused, 2);
+        let lone = store
+            .transaction(|_| Err::<(), _>(StorageError::Invalid("alone".into())))
+            .await;
+        assert!(lone.is_err());
+        let after = store.commit_stats().unwrap_or_default();
+        let grew = CommitStats {
+            commits: after.commits - before.commits,
+            callers: after.callers - before.callers,
+        };
+        assert_eq!(
+            grew,
+            CommitStats {
+                commits: 2,
+                callers: 9
+            }
+        );
         Ok(())
     }
 
