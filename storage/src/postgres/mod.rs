@@ -406,19 +406,103 @@ mod plans {
     use crate::collections::{LARGE_TABLES, dashboard_reads};
     use crate::sql::Sql;
 
+    /// Deleting a row makes PostgreSQL find the rows that reference it, by the
+    /// referencing columns (the foreign key's checks and actions): every foreign key to a
+    /// table whose rows are deleted can be served by an index, or each delete walks the
+    /// referencing table.
     #[tokio::test]
-    async fn the_dashboards_reads_can_be_served_by_indexes() -> anyhow::Result<()> {
-        let Some(schema) = kiln_testdb::postgres::Schema::create("plans").await? else {
+    async fn every_reference_to_a_deletable_row_is_found_by_an_index() -> anyhow::Result<()> {
+        let Some((_schema, mut conn)) = priced_out("references", &["enable_seqscan"]).await? else {
             return Ok(());
+        };
+        let keys = sqlx::query(
+            "SELECT child.relname AS child, parent.relname AS parent,
+                    array_agg(quote_ident(a.attname) ORDER BY k.ord) AS cols,
+                    array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord) AS types
+             FROM pg_constraint c
+             JOIN pg_class child ON child.oid = c.conrelid
+             JOIN pg_class parent ON parent.oid = c.confrelid
+             CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k (attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+             WHERE c.contype = 'f' AND c.connamespace = current_schema()::regnamespace
+             GROUP BY c.oid, child.relname, parent.relname
+             ORDER BY child.relname, c.oid",
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        anyhow::ensure!(keys.len() > 20, "only {} foreign keys found", keys.len());
+        let mut checked = 0;
+        for key in &keys {
+            let child: String = key.try_get("child")?;
+            let parent: String = key.try_get("parent")?;
+            let cols: Vec<String> = key.try_get("cols")?;
+            let types: Vec<String> = key.try_get("types")?;
+            if crate::common::NEVER_DELETED.contains(&parent.as_str()) {
+                continue;
+            }
+            let matches: Vec<String> = cols
+                .iter()
+                .zip(&types)
+                .map(|(col, ty)| format!("{col} = '1'::{ty}"))
+                .collect();
+            let explain = format!(
+                "EXPLAIN SELECT 1 FROM {} WHERE {}",
+                quote(&child),
+                matches.join(" AND ")
+            );
+            let steps: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(explain))
+                .fetch_all(&mut *conn)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>(0))
+                .collect::<Result<_, _>>()?;
+            anyhow::ensure!(
+                !steps.iter().any(|s| s.contains("Seq Scan on ")),
+                "deleting from {parent} walks {child} to find its {cols:?}: {steps:#?}"
+            );
+            checked += 1;
+        }
+        anyhow::ensure!(checked > 20, "only {checked} references checked");
+        Ok(())
+    }
+
+    /// A connection to a store in a fresh schema, with each of `settings` (the planner's
+    /// `enable_*`) off; `None` without a PostgreSQL to test against. The schema lives as
+    /// long as the first value returned.
+    async fn priced_out(
+        what: &str,
+        settings: &[&str],
+    ) -> anyhow::Result<
+        Option<(
+            kiln_testdb::postgres::Schema,
+            sqlx::pool::PoolConnection<sqlx::Postgres>,
+        )>,
+    > {
+        let Some(schema) = kiln_testdb::postgres::Schema::create(what).await? else {
+            return Ok(None);
         };
         let store = PostgresStore::open(&schema.url, &StoreOptions::default()).await?;
         let mut conn = store.pool.acquire().await?;
-        sqlx::query("SET enable_seqscan = off")
-            .execute(&mut *conn)
-            .await?;
-        sqlx::query("SET enable_sort = off")
-            .execute(&mut *conn)
-            .await?;
+        for setting in settings {
+            sqlx::query(sqlx::AssertSqlSafe(format!("SET {setting} = off")))
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(Some((schema, conn)))
+    }
+
+    /// A table's name as an identifier.
+    fn quote(name: &str) -> String {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+
+    #[tokio::test]
+    async fn the_dashboards_reads_can_be_served_by_indexes() -> anyhow::Result<()> {
+        let Some((_schema, mut conn)) =
+            priced_out("plans", &["enable_seqscan", "enable_sort"]).await?
+        else {
+            return Ok(());
+        };
         for read in dashboard_reads(
             <PostgresStore as Dialect>::CONTAINS,
             <PostgresStore as Dialect>::BYTE_ORDER,

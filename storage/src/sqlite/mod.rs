@@ -391,6 +391,8 @@ mod plans {
     //! The dashboard's and the API's common reads seek with indexes: none walks a large
     //! table or sorts every row of one, however many the database holds.
 
+    use std::collections::BTreeMap;
+
     use sqlx::Row;
 
     use super::*;
@@ -435,6 +437,67 @@ mod plans {
             })
             .map(|(_, s)| s)
             .collect()
+    }
+
+    /// Deleting a row makes SQLite find the rows that reference it, by the referencing
+    /// columns (to check them, or to cascade or set them to NULL): every foreign key to a
+    /// table whose rows are deleted is served by an index, or each delete walks the
+    /// referencing table. Retention at 200,000 buildsets took 34 ms a deleted build for
+    /// want of two such indexes.
+    #[tokio::test]
+    async fn every_reference_to_a_deletable_row_is_found_by_an_index() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| StorageError::Internal(e.to_string()))?;
+        let url = format!("sqlite://{}", dir.path().join("references.db").display());
+        let store = SqliteStore::open(&url, &StoreOptions::default()).await?;
+        let references: Vec<(String, i64, String, String)> = {
+            let mut conn = store.writer.lock().await;
+            sqlx::query(
+                "SELECT m.name AS child, f.id AS id, f.\"table\" AS parent, f.\"from\" AS col
+                 FROM sqlite_master m, pragma_foreign_key_list(m.name) f
+                 WHERE m.type = 'table' ORDER BY m.name, f.id, f.seq",
+            )
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("child")?,
+                    r.try_get("id")?,
+                    r.try_get("parent")?,
+                    r.try_get("col")?,
+                ))
+            })
+            .collect::<Result<_>>()?
+        };
+        let mut keys: BTreeMap<(String, i64), (String, Vec<String>)> = BTreeMap::new();
+        for (child, id, parent, col) in references {
+            keys.entry((child, id))
+                .or_insert_with(|| (parent, Vec::new()))
+                .1
+                .push(col);
+        }
+        assert!(keys.len() > 20, "only {} foreign keys found", keys.len());
+        let mut checked = 0;
+        for ((child, _), (parent, cols)) in &keys {
+            if crate::common::NEVER_DELETED.contains(&parent.as_str()) {
+                continue;
+            }
+            let mut sql = Sql::new(format!("SELECT 1 FROM {child} WHERE "));
+            for (i, col) in cols.iter().enumerate() {
+                if i > 0 {
+                    sql.push(" AND ");
+                }
+                sql.push(format!("{col} = ")).bind(1i64);
+            }
+            let steps = plan(&store, sql).await?;
+            assert!(
+                !steps.iter().any(|s| s.starts_with("SCAN ")),
+                "deleting from {parent} walks {child} to find its {cols:?}: {steps:?}"
+            );
+            checked += 1;
+        }
+        assert!(checked > 20, "only {checked} references checked");
+        Ok(())
     }
 
     #[tokio::test]
