@@ -512,24 +512,20 @@ async fn lifecycle_in(
     Ok(rate)
 }
 
-/// The SQLite writer's commits so far, from the engine's metrics (what an operator
-/// scrapes).
-async fn sqlite_commits(engine: &Engine) -> Result<u64> {
+/// A counter of the SQLite writer so far (`kiln_sqlite_commits_total`,
+/// `kiln_sqlite_log_writes_total`), from the engine's metrics (what an operator scrapes).
+async fn sqlite_counter(engine: &Engine, name: &str) -> Result<u64> {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &engine.metrics().await?)?;
     text.lines()
-        .find_map(|l| {
-            l.strip_prefix("kiln_sqlite_commits_total ")?
-                .parse::<u64>()
-                .ok()
-        })
-        .ok_or_else(|| anyhow!("no kiln_sqlite_commits_total in the metrics"))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<u64>().ok())
+        .ok_or_else(|| anyhow!("no {name} in the metrics"))
 }
 
 /// One embedder task calling `submit` in a loop while the engine runs the builds;
-/// (submits/s with the CPU each cost, p50, p99 of one call, SQLite commits per submit
-/// until the last buildset completed).
-async fn serial(submits: usize) -> Result<(Rate, Duration, Duration, f64)> {
+/// (submits/s with the CPU each cost, p50, p99 of one call, SQLite commits and log
+/// writes per submit until the last buildset completed).
+async fn serial(submits: usize) -> Result<(Rate, Duration, Duration, f64, f64)> {
     let dir = tempfile::tempdir()?;
     let host = host(&dir, 64);
     let engine = noop_engine(
@@ -542,7 +538,8 @@ async fn serial(submits: usize) -> Result<(Rate, Duration, Duration, f64)> {
     let mut events = engine.subscribe();
     let submission = Submission::new("bench").builder("noop");
     let mut took = Vec::with_capacity(submits);
-    let commits_before = sqlite_commits(&engine).await?;
+    let commits_before = sqlite_counter(&engine, "kiln_sqlite_commits_total").await?;
+    let writes_before = sqlite_counter(&engine, "kiln_sqlite_log_writes_total").await?;
     let cpu = own_cpu()?;
     let start = Instant::now();
     for _ in 0..submits {
@@ -555,15 +552,17 @@ async fn serial(submits: usize) -> Result<(Rate, Duration, Duration, f64)> {
         matches!(e, Event::BuildsetComplete { .. })
     })
     .await?;
-    let commits_after = sqlite_commits(&engine).await?;
+    let commits_after = sqlite_counter(&engine, "kiln_sqlite_commits_total").await?;
+    let writes_after = sqlite_counter(&engine, "kiln_sqlite_log_writes_total").await?;
     engine.shutdown().await;
     took.sort();
-    let per_submit = (commits_after - commits_before) as f64 / submits as f64;
+    let per_submit = |before: u64, after: u64| (after - before) as f64 / submits as f64;
     Ok((
         rate,
         percentile(&took, 0.5),
         percentile(&took, 0.99),
-        per_submit,
+        per_submit(commits_before, commits_after),
+        per_submit(writes_before, writes_after),
     ))
 }
 
@@ -1212,9 +1211,9 @@ async fn run() -> Result<()> {
             clients_cpu_us,
         );
 
-        let (rate, p50, p99, commits) = serial(SUBMITS / 2).await?;
+        let (rate, p50, p99, commits, writes) = serial(SUBMITS / 2).await?;
         println!(
-            "  serial embedder: {:.0} submits/s, p50 {p50:.2?}, p99 {p99:.2?}, {:.1} µs CPU per submit, {commits:.2} SQLite commits per submit (claims and finishes included)",
+            "  serial embedder: {:.0} submits/s, p50 {p50:.2?}, p99 {p99:.2?}, {:.1} µs CPU per submit, {commits:.2} SQLite commits and {writes:.2} log writes per submit (claims and finishes included)",
             rate.per_sec, rate.cpu_us
         );
         figures.add(

@@ -203,6 +203,11 @@ impl Snapshot {
                 "Callers' writes those commits carried (divided by the commits: callers per commit)",
                 counter(stats.callers),
             );
+            registry.register(
+                "kiln_sqlite_log_writes",
+                "Writes of the write-ahead log that reached the kernel (one per commit of up to 64 KiB)",
+                counter(stats.log_writes),
+            );
         }
     }
 }

@@ -254,8 +254,18 @@ async fn metrics_count_builds_by_builder_and_result_and_read_queues_from_the_dat
             );
             // 5 submits, 1 pause, 3 claims and 3 finishes at the very least.
             ensure!(callers >= 12, "{callers} callers");
+            // Each of these small commits reaches the log in one write (two when it is
+            // a single page); SQLite alone makes two a page, several pages a commit.
+            let Some(log_writes) = value("kiln_sqlite_log_writes_total") else {
+                anyhow::bail!("no SQLite log writes in\n{text}");
+            };
+            ensure!(
+                log_writes >= 1 && log_writes <= 2 * commits,
+                "{log_writes} log writes for {commits} commits"
+            );
         } else {
             ensure!(commits.is_none() && callers.is_none(), "{text}");
+            ensure!(value("kiln_sqlite_log_writes_total").is_none(), "{text}");
         }
         ensure!(text.ends_with("# EOF\n"));
         engine.shutdown().await;

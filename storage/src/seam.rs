@@ -468,4 +468,7 @@ pub struct CommitStats {
     /// Callers' pieces of work those transactions carried (each committed; work that
     /// failed and was rolled back to its savepoint is not counted).
     pub callers: u64,
+    /// Writes of the write-ahead log that reached the kernel: one per commit of up to
+    /// 64 KiB (SQLite alone makes two per page).
+    pub log_writes: u64,
 }

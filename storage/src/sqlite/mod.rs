@@ -20,6 +20,7 @@ mod masters;
 mod outbox;
 mod requests;
 mod retention;
+mod walbuf;
 mod writer;
 
 use std::str::FromStr;
@@ -197,10 +198,18 @@ fn open_sync(
     options: &StoreOptions,
     background_checkpoints: bool,
 ) -> Result<rusqlite::Connection> {
-    let conn = rusqlite::Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    let flags =
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    // The writer's log goes to the kernel one commit per write ([`walbuf`]); should the
+    // VFS not register, the writer still works through SQLite's own, a write per half
+    // frame.
+    let conn = match walbuf::register() {
+        Ok(()) => rusqlite::Connection::open_with_flags_and_vfs(path, flags, walbuf::NAME)?,
+        Err(reason) => {
+            tracing::warn!(%reason, "SQLite writes its log without batching");
+            rusqlite::Connection::open_with_flags(path, flags)?
+        }
+    };
     conn.busy_timeout(options.busy_timeout)?;
     let synchronous = match options.durability {
         Durability::Normal => "NORMAL",

@@ -40,6 +40,7 @@ pub(super) const MAX_JOBS_PER_COMMIT: usize = 64;
 pub(super) struct Counters {
     commits: AtomicU64,
     callers: AtomicU64,
+    log_writes: AtomicU64,
 }
 
 impl Counters {
@@ -47,13 +48,18 @@ impl Counters {
         crate::seam::CommitStats {
             commits: self.commits.load(Ordering::Relaxed),
             callers: self.callers.load(Ordering::Relaxed),
+            log_writes: self.log_writes.load(Ordering::Relaxed),
         }
     }
 
-    /// A commit that carried `callers` pieces of work that succeeded.
-    fn committed(&self, callers: usize) {
+    /// A commit of `conn` that carried `callers` pieces of work that succeeded, counted
+    /// before anyone is answered.
+    fn committed(&self, conn: &rusqlite::Connection, callers: usize) {
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.callers.fetch_add(callers as u64, Ordering::Relaxed);
+        if let Some(writes) = super::walbuf::log_writes(conn) {
+            self.log_writes.store(writes.made, Ordering::Relaxed);
+        }
     }
 }
 
@@ -191,7 +197,7 @@ fn run_batch(conn: &mut rusqlite::Connection, jobs: Vec<Box<dyn Job>>, counters:
         if rest.len() == 1 {
             if let Some(mut job) = rest.pop_front() {
                 let commit = match job.run(&tx) {
-                    true => tx.commit().map(|()| counters.committed(1)),
+                    true => tx.commit().map(|()| counters.committed(conn, 1)),
                     false => tx.rollback(),
                 };
                 job.answer(commit.as_ref().map(|_| ()));
@@ -239,7 +245,7 @@ fn run_batch(conn: &mut rusqlite::Connection, jobs: Vec<Box<dyn Job>>, counters:
                 }
                 continue;
             }
-            (None, true) => tx.commit().map(|()| counters.committed(succeeded)),
+            (None, true) => tx.commit().map(|()| counters.committed(conn, succeeded)),
             (None, false) => tx.rollback(),
         };
         let commit = commit.as_ref().map(|_| ());
@@ -333,7 +339,7 @@ mod tests {
     /// (of which the two that fail are not counted), and nothing for a lone failure.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_writer_counts_its_commits_and_the_callers_they_carried() -> Result<()> {
-        use crate::seam::{CommitStats, Store};
+        use crate::seam::Store;
         let (_dir, store) = store().await?;
         let before = store.commit_stats().unwrap_or_default();
         let (release, held) = std::sync::mpsc::channel::<()>();
@@ -407,16 +413,17 @@ mod tests {
             .await;
         assert!(lone.is_err());
         let after = store.commit_stats().unwrap_or_default();
-        let grew = CommitStats {
-            commits: after.commits - before.commits,
-            callers: after.callers - before.callers,
-        };
-        assert_eq!(
-            grew,
-            CommitStats {
-                commits: 2,
-                callers: 9
-            }
+        let grew = (
+            after.commits - before.commits,
+            after.callers - before.callers,
+        );
+        assert_eq!(grew, (2, 9), "(commits, callers)");
+        // Each commit, a page of the table, reached the log in two writes at most: its
+        // frame's header and page (SQLite's own two; more pages would still take one).
+        let writes = after.log_writes - before.log_writes;
+        assert!(
+            (1..=4).contains(&writes),
+            "{writes} log writes for 2 commits"
         );
         Ok(())
     }
