@@ -63,6 +63,8 @@ pub struct RoundOutcome {
     pub requests: u64,
     /// Buildsets.
     pub buildsets: u64,
+    /// Source stamps no buildset left names.
+    pub sourcestamps: u64,
     /// Log records pruned.
     pub log_records: u64,
 }

@@ -87,6 +87,9 @@ pub struct Swept {
     pub requests: u64,
     /// Buildsets deleted.
     pub buildsets: u64,
+    /// Source stamps deleted: those of the deleted buildsets that no buildset left
+    /// names (a stamp is stored once for every buildset with the same source).
+    pub sourcestamps: u64,
     /// Another master was sweeping: nothing was done.
     pub busy: bool,
 }

@@ -56,6 +56,7 @@ pub(crate) async fn round(shared: &SchedulerState) -> kiln_storage::Result<Round
             outcome.builds += swept.builds.len() as u64;
             outcome.requests += swept.requests;
             outcome.buildsets += swept.buildsets;
+            outcome.sourcestamps += swept.sourcestamps;
             if let Some(root) = &shared.config.results_dir {
                 let dirs = swept
                     .builds
@@ -79,6 +80,7 @@ pub(crate) async fn round(shared: &SchedulerState) -> kiln_storage::Result<Round
             builds = outcome.builds,
             requests = outcome.requests,
             buildsets = outcome.buildsets,
+            sourcestamps = outcome.sourcestamps,
             log_records = outcome.log_records,
             "retention deleted old work"
         );

@@ -278,14 +278,18 @@ async fn insert(tx: &mut PgConnection, params: &[&NewBuildset]) -> Result<Vec<Ad
             .await?;
     }
     if !st.buildset.is_empty() {
-        // Sorted, so that two masters adding the same new stamps lock them in one
-        // order; a stamp another transaction is adding waits for it to commit.
+        // Sorted, so that two masters adding the same stamps lock them in one order; a
+        // stamp another transaction is adding waits for it to commit. A stamp that
+        // exists is updated to itself: that locks its row until this transaction has
+        // linked it, so retention (which skips locked stamps) cannot delete it between
+        // this statement and the next and leave the buildset without it.
         sqlx::query(
                 "INSERT INTO sourcestamps (codebase, repository, branch, revision, project)
                  SELECT DISTINCT c, r, b, v, p FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
                      AS t(c, r, b, v, p)
                  ORDER BY c, r, b, v, p
-                 ON CONFLICT DO NOTHING",
+                 ON CONFLICT (codebase, repository, branch, revision, project)
+                 DO UPDATE SET codebase = EXCLUDED.codebase",
             )
             .bind(&st.codebase)
             .bind(&st.repository)

@@ -55,10 +55,12 @@ impl PostgresStore {
             .iter()
             .map(build_from_row)
             .collect::<Result<Vec<_>>>()?;
+        let stamps = stamps_of(&mut tx, &[id.0]).await?;
         sqlx::query("DELETE FROM buildsets WHERE id = $1")
             .bind(id.0)
             .execute(&mut *tx)
             .await?;
+        prune_stamps(&mut tx, &stamps).await?;
         tx.commit().await?;
         Ok(gone)
     }
@@ -119,24 +121,69 @@ impl PostgresStore {
         .map(|r| r.try_get::<i64, _>("buildset_id"))
         .collect::<std::result::Result<_, _>>()?;
         let requests = buildsets.len() as u64;
-        let deleted = if buildsets.is_empty() {
-            0
-        } else {
-            sqlx::query(
+        let (mut deleted, mut sourcestamps) = (0, 0);
+        if !buildsets.is_empty() {
+            let stamps = stamps_of(&mut tx, &buildsets).await?;
+            deleted = sqlx::query(
                 "DELETE FROM buildsets bs WHERE bs.id = ANY($1) AND bs.complete = 1
                    AND NOT EXISTS (SELECT 1 FROM buildrequests WHERE buildset_id = bs.id)",
             )
             .bind(&buildsets)
             .execute(&mut *tx)
             .await?
-            .rows_affected()
-        };
+            .rows_affected();
+            if deleted > 0 {
+                sourcestamps = prune_stamps(&mut tx, &stamps).await?;
+            }
+        }
         tx.commit().await?;
         Ok(Swept {
             builds: gone,
             requests,
             buildsets: deleted,
+            sourcestamps,
             busy: false,
         })
     }
+}
+
+/// The source stamps the buildsets `ids` name.
+async fn stamps_of(tx: &mut sqlx::PgConnection, ids: &[i64]) -> Result<Vec<i64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT DISTINCT sourcestamp_id FROM buildset_sourcestamps WHERE buildset_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?)
+}
+
+/// Deletes those of `stamps` no buildset names any more.
+///
+/// A submit links a stamp only after locking its row (its insert updates the stamp
+/// when it exists), so the stamps are locked first, skipping those a submit holds, and
+/// checked for links by a second statement, whose snapshot is taken after the locks:
+/// every link to a locked stamp has committed by then and is seen, and no submit can
+/// link one until this transaction ends (it would find the row gone and insert the
+/// stamp anew).
+async fn prune_stamps(tx: &mut sqlx::PgConnection, stamps: &[i64]) -> Result<u64> {
+    if stamps.is_empty() {
+        return Ok(0);
+    }
+    let locked: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM sourcestamps WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED",
+    )
+    .bind(stamps)
+    .fetch_all(&mut *tx)
+    .await?;
+    if locked.is_empty() {
+        return Ok(0);
+    }
+    Ok(sqlx::query(
+        "DELETE FROM sourcestamps s WHERE s.id = ANY($1)
+           AND NOT EXISTS (SELECT 1 FROM buildset_sourcestamps WHERE sourcestamp_id = s.id)",
+    )
+    .bind(&locked)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected())
 }

@@ -55,8 +55,10 @@ impl RetentionWrites for SqliteStore {
                 "DELETE FROM builds WHERE buildrequest_id IN (SELECT id FROM buildrequests WHERE buildset_id = ?)",
             )?
             .execute([id.0])?;
+            let stamps = stamps_of(tx, &format!("[{}]", id.0))?;
             tx.prepare_cached("DELETE FROM buildsets WHERE id = ?")?
                 .execute([id.0])?;
+            prune_stamps(tx, &stamps)?;
             Ok(gone)
         })
         .await
@@ -113,19 +115,49 @@ fn sweep(tx: &Connection, p: &RetentionSweep) -> Result<Swept> {
         .collect::<rusqlite::Result<_>>()?;
     let requests = buildsets.len() as u64;
     let mut deleted = 0;
+    let mut sourcestamps = 0;
     if !buildsets.is_empty() {
+        let ids = serde_json::Value::from(buildsets).to_string();
+        let stamps = stamps_of(tx, &ids)?;
         deleted = tx
             .prepare_cached(
                 "DELETE FROM buildsets WHERE id IN (SELECT value FROM json_each(?))
                    AND complete = 1
                    AND NOT EXISTS (SELECT 1 FROM buildrequests WHERE buildset_id = buildsets.id)",
             )?
-            .execute([serde_json::Value::from(buildsets).to_string()])? as u64;
+            .execute([ids])? as u64;
+        if deleted > 0 {
+            sourcestamps = prune_stamps(tx, &stamps)?;
+        }
     }
     Ok(Swept {
         builds: gone,
         requests,
         buildsets: deleted,
+        sourcestamps,
         busy: false,
     })
+}
+
+/// The source stamps the buildsets of `ids` (a JSON array) name, as a JSON array.
+fn stamps_of(tx: &Connection, ids: &str) -> Result<String> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT json_group_array(DISTINCT sourcestamp_id) FROM buildset_sourcestamps
+             WHERE buildset_id IN (SELECT value FROM json_each(?))",
+        )?
+        .query_row([ids], |r| r.get(0))?)
+}
+
+/// Deletes those of `stamps` (a JSON array of ids) no buildset names any more: a seek on
+/// `buildset_sourcestamps (sourcestamp_id)` each. SQLite runs one write transaction at
+/// a time, across processes too, so nothing links a stamp between the check and the
+/// delete.
+fn prune_stamps(tx: &Connection, stamps: &str) -> Result<u64> {
+    Ok(tx
+        .prepare_cached(
+            "DELETE FROM sourcestamps WHERE id IN (SELECT value FROM json_each(?))
+               AND NOT EXISTS (SELECT 1 FROM buildset_sourcestamps WHERE sourcestamp_id = sourcestamps.id)",
+        )?
+        .execute([stamps])? as u64)
 }

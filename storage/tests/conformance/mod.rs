@@ -163,6 +163,8 @@ macro_rules! conformance_tests {
                 a_retried_build_keeps_its_result_and_its_request_waits_out_the_backoff,
                 deleting_a_buildset_takes_its_builds_and_outputs_and_refuses_unfinished_work,
                 retention_keeps_the_newest_and_the_recent_and_deletes_the_rest_in_batches,
+                retention_deletes_the_source_stamps_no_buildset_left_names,
+                a_buildset_submitted_while_retention_deletes_its_stamp_still_names_it,
                 a_collapsing_builder_runs_the_newest_of_identical_requests_and_skips_the_rest,
                 a_builder_is_served_while_an_active_master_runs_it,
             ],

@@ -436,6 +436,141 @@ pub async fn retention_keeps_the_newest_and_the_recent_and_deletes_the_rest_in_b
     Ok(())
 }
 
+/// A buildset of `builders` naming `stamps` whose every request ran one build that
+/// ended at `at`.
+async fn finished_with_stamps(
+    s: &dyn Store,
+    builders: &[BuilderId],
+    stamps: &[SourceStamp],
+    m: MasterId,
+    at: Timestamp,
+) -> Result<BuildsetId> {
+    let (bs, requests) = buildset_with(
+        s,
+        NewBuildset {
+            builder_ids: builders.to_vec(),
+            sourcestamps: stamps.to_vec(),
+            submitted_at: at,
+            ..NewBuildset::default()
+        },
+    )
+    .await?;
+    s.request_claim(&requests, m, at).await?;
+    for r in &requests {
+        let build = start(s, *r, m).await?;
+        s.build_finish_batch(m, &[finish(&build, ResultCode::Success, at)])
+            .await?;
+    }
+    Ok(bs)
+}
+
+/// The stored stamps, without their ids.
+async fn stored_stamps(s: &dyn Store) -> Result<BTreeSet<SourceStamp>> {
+    let (page, total) = s.sourcestamp_page(100, 0).await?;
+    ensure!(
+        page.len() as u64 == total,
+        "{total} stamps, {} read",
+        page.len()
+    );
+    Ok(page.into_iter().map(|(_, stamp)| stamp).collect())
+}
+
+pub async fn retention_deletes_the_source_stamps_no_buildset_left_names(h: &Harness) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["kept"]).await?;
+    let m = master(s, "m").await?;
+    let only_old = stamp("https://git/x", "main", "1111");
+    let shared = stamp("https://git/x", "main", "2222");
+    let only_new = stamp("https://git/y", "dev", "3333");
+    finished_with_stamps(s, &b, &[only_old.clone(), shared.clone()], m, at(1)).await?;
+    finished_with_stamps(s, &b, std::slice::from_ref(&only_old), m, at(2)).await?;
+    let recent = finished_with_stamps(s, &b, &[shared.clone(), only_new.clone()], m, at(9)).await?;
+    let swept = s
+        .retention_sweep(&RetentionSweep {
+            builder_id: b[0],
+            cutoff: at(8),
+            keep_last: 0,
+            batch: 10,
+        })
+        .await?;
+    ensure!(
+        swept.buildsets == 2 && swept.sourcestamps == 1,
+        "{} buildsets, {} stamps",
+        swept.buildsets,
+        swept.sourcestamps
+    );
+    // The stamp only the two old buildsets named went; the one the recent buildset
+    // shares with them stayed, and the recent buildset still names both of its own.
+    ensure!(stored_stamps(s).await? == BTreeSet::from([shared.clone(), only_new.clone()]));
+    ensure!(
+        s.buildset_sourcestamps(recent)
+            .await?
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            == BTreeSet::from([shared.clone(), only_new.clone()])
+    );
+    // Deleting the last buildset that names them takes them too.
+    s.buildset_delete(recent).await?;
+    ensure!(stored_stamps(s).await?.is_empty());
+    // A stamp deleted is stored anew by the next buildset that names it.
+    let again = finished_with_stamps(s, &b, std::slice::from_ref(&only_old), m, at(10)).await?;
+    ensure!(s.buildset_sourcestamps(again).await? == vec![only_old.clone()]);
+    ensure!(stored_stamps(s).await? == BTreeSet::from([only_old]));
+    Ok(())
+}
+
+pub async fn a_buildset_submitted_while_retention_deletes_its_stamp_still_names_it(
+    h: &Harness,
+) -> Result<()> {
+    let s = &*h.store;
+    let b = builders(s, &["kept"]).await?;
+    let m = master(s, "m").await?;
+    let x = stamp("https://git/x", "main", "4444");
+    let sweeper = h.another().await?;
+    // Each round, a finished buildset is the last to name the stamp, and another store
+    // sweeps it (and the stamp) away while a new buildset naming the stamp is added.
+    finished_with_stamps(s, &b, std::slice::from_ref(&x), m, at(1)).await?;
+    let sweep_old = RetentionSweep {
+        builder_id: b[0],
+        cutoff: at(8),
+        keep_last: 0,
+        batch: 100,
+    };
+    for round in 0..100 {
+        // Busy while a sweep of another test holds PostgreSQL's (database-wide) lock.
+        let sweep = async {
+            loop {
+                let swept = sweeper.retention_sweep(&sweep_old).await?;
+                if !swept.busy {
+                    return anyhow::Ok(swept);
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        let add = buildset_with(
+            s,
+            NewBuildset {
+                builder_ids: b.clone(),
+                sourcestamps: vec![x.clone()],
+                submitted_at: at(1),
+                ..NewBuildset::default()
+            },
+        );
+        let (swept, added) = tokio::join!(sweep, add);
+        let (_, (bs, requests)) = (swept?, added?);
+        ensure!(
+            s.buildset_sourcestamps(bs).await? == vec![x.clone()],
+            "round {round}: the new buildset lost its stamp"
+        );
+        // Finished in the past, the new buildset is the next round's to sweep.
+        s.request_claim(&requests, m, at(1)).await?;
+        let build = start(s, requests[0], m).await?;
+        s.build_finish_batch(m, &[finish(&build, ResultCode::Success, at(1))])
+            .await?;
+    }
+    Ok(())
+}
+
 // ---- collapsing ----
 
 pub async fn a_collapsing_builder_runs_the_newest_of_identical_requests_and_skips_the_rest(
