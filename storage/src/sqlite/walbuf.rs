@@ -20,8 +20,9 @@
 //!   after a header whose "database size" field is set, which only commit frames have),
 //!   so a failed write fails the commit with SQLite's own error. The barrier flush is
 //!   a backstop that has nothing to do unless SQLite changes how it writes frames.
-//! - Any read, size query, truncation, sync or close of the log first writes what is
-//!   buffered, so SQLite never sees a log that differs from what it wrote.
+//! - Any read, size query, truncation, sync, file control or close of the log, and any
+//!   release of a shared-memory lock, first writes what is buffered, so SQLite never
+//!   sees a log that differs from what it wrote.
 //! - A process that dies with frames still buffered dies before it published them:
 //!   like a crash just before the commit, which SQLite's recovery already handles (the
 //!   caller of that commit was not answered).
@@ -47,7 +48,7 @@ const MAX_BUFFERED_BYTES: usize = 4 << 20;
 
 /// The most bytes one write to the `unix` file may carry: its `pwrite` takes the length
 /// modulo 128 KiB (`seekAndWriteFd` masks it with `0x1ffff`), so a longer buffer goes
-/// in pieces of 64 KiB, sixteen 4 KiB pages with their headers and more.
+/// in pieces of 64 KiB (fifteen frames of a 4 KiB page and a part of the next).
 const MAX_WRITE_BYTES: usize = 64 << 10;
 
 /// SQLite's WAL frame header: page number, database size after a commit (zero on every
