@@ -309,16 +309,25 @@ async fn finished_buildset(
     m: MasterId,
     at: Timestamp,
 ) -> Result<(BuildsetId, Vec<kiln_model::Build>)> {
-    let (bs, requests) = buildset(s, builders, at).await?;
-    s.request_claim(&requests, m, at).await?;
+    finished_with_stamps(s, builders, &[], m, at).await
+}
+
+/// Claims `requests` for `m` and runs each to one successful build that ends at `at`.
+async fn run_to_success(
+    s: &dyn Store,
+    requests: &[RequestId],
+    m: MasterId,
+    at: Timestamp,
+) -> Result<Vec<kiln_model::Build>> {
+    s.request_claim(requests, m, at).await?;
     let mut builds = Vec::new();
-    for r in &requests {
+    for r in requests {
         let build = start(s, *r, m).await?;
         s.build_finish_batch(m, &[finish(&build, ResultCode::Success, at)])
             .await?;
         builds.push(build);
     }
-    Ok((bs, builds))
+    Ok(builds)
 }
 
 pub async fn deleting_a_buildset_takes_its_builds_and_outputs_and_refuses_unfinished_work(
@@ -444,7 +453,7 @@ async fn finished_with_stamps(
     stamps: &[SourceStamp],
     m: MasterId,
     at: Timestamp,
-) -> Result<BuildsetId> {
+) -> Result<(BuildsetId, Vec<kiln_model::Build>)> {
     let (bs, requests) = buildset_with(
         s,
         NewBuildset {
@@ -455,13 +464,7 @@ async fn finished_with_stamps(
         },
     )
     .await?;
-    s.request_claim(&requests, m, at).await?;
-    for r in &requests {
-        let build = start(s, *r, m).await?;
-        s.build_finish_batch(m, &[finish(&build, ResultCode::Success, at)])
-            .await?;
-    }
-    Ok(bs)
+    Ok((bs, run_to_success(s, &requests, m, at).await?))
 }
 
 /// The stored stamps, without their ids.
@@ -484,7 +487,8 @@ pub async fn retention_deletes_the_source_stamps_no_buildset_left_names(h: &Harn
     let only_new = stamp("https://git/y", "dev", "3333");
     finished_with_stamps(s, &b, &[only_old.clone(), shared.clone()], m, at(1)).await?;
     finished_with_stamps(s, &b, std::slice::from_ref(&only_old), m, at(2)).await?;
-    let recent = finished_with_stamps(s, &b, &[shared.clone(), only_new.clone()], m, at(9)).await?;
+    let (recent, _) =
+        finished_with_stamps(s, &b, &[shared.clone(), only_new.clone()], m, at(9)).await?;
     let swept = s
         .retention_sweep(&RetentionSweep {
             builder_id: b[0],
@@ -513,7 +517,8 @@ pub async fn retention_deletes_the_source_stamps_no_buildset_left_names(h: &Harn
     s.buildset_delete(recent).await?;
     ensure!(stored_stamps(s).await?.is_empty());
     // A stamp deleted is stored anew by the next buildset that names it.
-    let again = finished_with_stamps(s, &b, std::slice::from_ref(&only_old), m, at(10)).await?;
+    let (again, _) =
+        finished_with_stamps(s, &b, std::slice::from_ref(&only_old), m, at(10)).await?;
     ensure!(s.buildset_sourcestamps(again).await? == vec![only_old.clone()]);
     ensure!(stored_stamps(s).await? == BTreeSet::from([only_old]));
     Ok(())
@@ -563,10 +568,7 @@ pub async fn a_buildset_submitted_while_retention_deletes_its_stamp_still_names_
             "round {round}: the new buildset lost its stamp"
         );
         // Finished in the past, the new buildset is the next round's to sweep.
-        s.request_claim(&requests, m, at(1)).await?;
-        let build = start(s, requests[0], m).await?;
-        s.build_finish_batch(m, &[finish(&build, ResultCode::Success, at(1))])
-            .await?;
+        run_to_success(s, &requests, m, at(1)).await?;
     }
     Ok(())
 }
