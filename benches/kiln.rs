@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench kiln [-- --rounds R] [--jobs N] [--scale] [--no-memory]
-//! cargo bench --bench kiln -- --profile lifecycle|lifecycle-streamed|rest|serial|postgres|postgres-floor [--jobs N] [--masters M]   # one part, once
+//! cargo bench --bench kiln -- --profile lifecycle|lifecycle-streamed|rest|serial|latency|postgres|postgres-floor [--jobs N] [--masters M] [--queued Q]   # one part, once
 //! cargo bench --bench kiln -- --retention [--periods P]   # retention under a steady load
 //! ```
 //!
@@ -1071,6 +1071,13 @@ async fn run() -> Result<()> {
             }
             "rest" => println!("{:?}", rest(REST_CLIENTS, SUBMITS).await?),
             "serial" => println!("{:?}", serial(SUBMITS / 2).await?),
+            "latency" => {
+                let queued = arg_value("--queued").unwrap_or(0);
+                let (p50, p99) = latency(queued).await?;
+                println!(
+                    "submit-to-start with {queued} queued elsewhere: p50 {p50:?}, p99 {p99:?}"
+                );
+            }
             "postgres" => {
                 let base = std::env::var("KILN_POSTGRES_URL")?;
                 let masters = arg_value("--masters").unwrap_or(1).max(1);
@@ -1082,7 +1089,7 @@ async fn run() -> Result<()> {
                 println!("{:.0} jobs/s", postgres_floor(&base, jobs).await?);
             }
             other => bail!(
-                "--profile takes lifecycle, lifecycle-streamed, rest, serial, postgres or postgres-floor, not {other}"
+                "--profile takes lifecycle, lifecycle-streamed, rest, serial, latency, postgres or postgres-floor, not {other}"
             ),
         }
         return Ok(());
