@@ -187,6 +187,101 @@ async fn racing_submits_with_one_key_on_two_masters_make_one_buildset_and_one_ev
     Ok(())
 }
 
+/// A build that ends with every queue drained frees a slot nobody waits for: the engine
+/// runs no claim for it. (It used to, once per finished build: a transaction that found
+/// nothing and made the next submit's claim wait behind it.) Counted by the SQLite
+/// writer's callers, one per piece of work it committed: a submit, its claim and its
+/// build's finish per job, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_ending_with_the_queues_drained_runs_no_claim_for_its_free_slot() -> Result<()> {
+    const JOBS: u64 = 20;
+    for backend in backends("drained").await? {
+        if backend.name != "sqlite" {
+            // Only the SQLite writer counts its callers.
+            continue;
+        }
+        let engine = Engine::open(EngineConfig::new(&backend.url).master_name("m")).await?;
+        engine
+            .register_builder(BuilderConfig::new("b").max_concurrent(4), ok())
+            .await?;
+        let callers = async || -> Result<u64> {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &engine.metrics().await?)?;
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix("kiln_sqlite_commit_callers_total ")?
+                        .parse()
+                        .ok()
+                })
+                .ok_or_else(|| anyhow::anyhow!("no callers count in\n{text}"))
+        };
+        let first = engine.submit(&Submission::new("warm").builder("b")).await?;
+        guard(
+            "the first buildset",
+            engine.wait_buildset(first.buildset_id),
+        )
+        .await??;
+        let before = callers().await?;
+        for i in 0..JOBS {
+            let s = engine
+                .submit(&Submission::new(format!("job {i}")).builder("b"))
+                .await?;
+            guard("a buildset", engine.wait_buildset(s.buildset_id)).await??;
+        }
+        let made = callers().await? - before;
+        // The first one after the warm-up may still meet the warm-up's claim; a periodic
+        // task (a heartbeat) may write once.
+        ensure!(
+            made <= 3 * JOBS + 2,
+            "{made} pieces of work for {JOBS} jobs (a submit, a claim and a finish each)"
+        );
+        engine.shutdown().await;
+    }
+    Ok(())
+}
+
+/// The other side of the test above: work left queued for want of room starts as builds
+/// end, with the poll an hour away. Each way of wanting room on an engine of its own, so
+/// that no other one wakes the queue: the engine's cap, a builder's busy slot, a lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_queued_for_want_of_room_starts_as_builds_end_without_the_poll() -> Result<()> {
+    for backend in backends("room").await? {
+        for (case, room, builder) in [
+            ("the engine's room", 2, BuilderConfig::new("capped")),
+            (
+                "a busy slot",
+                100,
+                BuilderConfig::new("narrow").max_concurrent(1),
+            ),
+            (
+                "a lock",
+                100,
+                BuilderConfig::new("locked").lock(kiln_engine::LockUse::exclusive("one")),
+            ),
+        ] {
+            let mut config = EngineConfig::new(&backend.url).master_name("m");
+            config.poll_interval = Duration::from_secs(3600);
+            config.max_running_builds = room;
+            let engine = Engine::open(config).await?;
+            engine.define_lock("one", 1).await?;
+            let name = builder.name.clone();
+            engine.register_builder(builder, ok()).await?;
+            let burst: Vec<Submission> = (0..12)
+                .map(|i| Submission::new(format!("{name} {i}")).builder(&name))
+                .collect();
+            for s in engine.submit_many(&burst).await? {
+                guard(
+                    &format!("{}: a buildset queued behind {case}", backend.name),
+                    engine.wait_buildset(s.buildset_id),
+                )
+                .await??;
+            }
+            engine.shutdown().await;
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_builds_by_builder_and_result_and_read_queues_from_the_database() -> Result<()>
 {

@@ -246,7 +246,12 @@ async fn settle(shared: &SchedulerState, mut batch: Vec<Done>) {
     shared
         .in_flight
         .send_modify(|n| *n = n.saturating_sub(batch.len()));
-    shared.wake.notify_one();
+    if settled.released.is_empty() {
+        shared.room_freed();
+    } else {
+        // Retried requests are back in the queue.
+        shared.wake_claims();
+    }
 }
 
 /// What recording a batch did, and the builds it could not record because the engine

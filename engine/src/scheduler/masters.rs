@@ -42,7 +42,7 @@ async fn beat(shared: &SchedulerState) {
                 .master_register(&shared.config.master_name, now)
                 .await
             {
-                Ok(_) => shared.wake.notify_one(),
+                Ok(_) => shared.wake_claims(),
                 Err(e) => error!(error = %e, "could not register the master again"),
             }
         }
@@ -73,7 +73,7 @@ async fn expire_others(shared: &SchedulerState) {
                     name: master.name,
                     released: master.released,
                 });
-                shared.wake.notify_one();
+                shared.wake_claims();
             }
         }
         Err(e) => warn!(error = %e, "expiring silent masters failed"),

@@ -25,6 +25,7 @@ pub use output::{BACKLOG_RECORDS, FLUSH_INTERVAL, FLUSH_RECORDS};
 pub use triggers::MAX_TRIGGER_CHILDREN;
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -103,7 +104,17 @@ pub(crate) struct SchedulerState {
     waiting: std::sync::atomic::AtomicUsize,
     /// Hands finished builds to the finisher, which records them in batches.
     finished: mpsc::UnboundedSender<builds::Done>,
+    /// Wakes the claim loop: see [`SchedulerState::wake_claims`] and
+    /// [`SchedulerState::room_freed`].
     wake: Notify,
+    /// Whether a claim round may find something: set by every wake-up that may bring work
+    /// (a submit, another process's signal, a resumed builder, an expired master) and by
+    /// a round that left work behind for want of room; taken by the claim loop before
+    /// each round. A wake-up that only freed room (a build finished) runs a round only
+    /// when it is set: with the queues drained, that round was a transaction that found
+    /// nothing, once per finished build, and it delayed the claim of the next submit
+    /// behind it (measured: about a third of an idle engine's submit-to-start).
+    may_claim: AtomicBool,
     pub(crate) events: broadcast::Sender<Event>,
     stopping: watch::Sender<bool>,
     /// What running builds wrote and the flusher has not stored yet.
@@ -181,7 +192,7 @@ impl SchedulerState {
         self.waiting
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Room was freed: children may be waiting for it.
-        self.wake.notify_one();
+        self.room_freed();
         Waiting(self)
     }
 
@@ -247,6 +258,14 @@ impl SchedulerState {
 
     /// Wakes the claim loop (new work may be there).
     pub(crate) fn wake_claims(&self) {
+        self.may_claim.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Wakes the claim loop because room was freed (a build finished, a parent began
+    /// waiting on its children): it claims only if its last round left work behind for
+    /// want of room, or something else woke it meanwhile.
+    pub(crate) fn room_freed(&self) {
         self.wake.notify_one();
     }
 
@@ -305,6 +324,7 @@ impl Scheduler {
             waiting: std::sync::atomic::AtomicUsize::new(0),
             finished,
             wake: Notify::new(),
+            may_claim: AtomicBool::new(true),
             events,
             stopping: watch::channel(false).0,
             outputs: output::Outputs::default(),
@@ -391,7 +411,7 @@ impl Scheduler {
 
     /// Wakes the claim loop (new work may be there).
     pub(crate) fn wake(&self) {
-        self.shared.wake.notify_one();
+        self.shared.wake_claims();
     }
 
     /// Stops claiming, lets running builds finish within the grace period, stops the rest
@@ -458,17 +478,27 @@ impl Drop for Scheduler {
 /// Claims and starts work whenever woken, until the engine stops.
 async fn claim_loop(shared: Arc<SchedulerState>) {
     let mut stopping = shared.stopping.subscribe();
+    // The poll keeps its own beat: wake-ups (a build finishing every few milliseconds)
+    // must not keep pushing it back, or requests coming due and cancels made through
+    // another process would wait for a quiet moment.
+    let mut next_poll = tokio::time::Instant::now() + shared.config.poll_interval;
     loop {
         if shared.is_stopping() {
             return;
         }
         let polled = tokio::select! {
             _ = shared.wake.notified() => false,
-            _ = tokio::time::sleep(shared.config.poll_interval) => true,
+            _ = tokio::time::sleep_until(next_poll) => true,
             _ = stopping.wait_for(|s| *s) => return,
         };
         if polled {
+            next_poll = tokio::time::Instant::now() + shared.config.poll_interval;
             check_remote_cancels(&shared).await;
+        }
+        // Only freed room woke it, and the last round left nothing behind for want of
+        // room: a round now would find nothing (see `may_claim`).
+        if !shared.may_claim.swap(false, Ordering::SeqCst) && !polled {
+            continue;
         }
         // Claim until a round leaves nothing it could have taken, so a burst of submits
         // drains without waiting for more wake-ups.
@@ -476,11 +506,14 @@ async fn claim_loop(shared: Arc<SchedulerState>) {
             if shared.is_stopping() {
                 return;
             }
+            // Whatever wakes it from here on is seen by this round or sets it again.
+            shared.may_claim.store(false, Ordering::SeqCst);
             match claim_round(&shared).await {
                 Ok(false) => break,
                 Ok(true) => continue,
                 Err(e) => {
                     warn!(error = %e, "claiming build requests failed; retrying at the next poll");
+                    shared.may_claim.store(true, Ordering::SeqCst);
                     break;
                 }
             }
@@ -512,6 +545,8 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<bool>
         .saturating_sub(shared.waiting.load(std::sync::atomic::Ordering::Relaxed));
     let room = (shared.config.max_running_builds as usize).saturating_sub(busy);
     if room == 0 {
+        // The next build to finish makes room for what is queued.
+        shared.may_claim.store(true, Ordering::SeqCst);
         return Ok(false);
     }
     let batch = shared
@@ -523,6 +558,11 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<bool>
         .map(|b| (b.id, b.free_slots(batch)))
         .filter(|(_, slots)| !slots.is_empty())
         .collect();
+    // Work may be left behind for want of room: builders with every slot busy (not
+    // offered), and builders with locks (a build ending elsewhere frees them).
+    if free_slots.len() < builders.len() || builders.iter().any(|b| !b.config.locks.is_empty()) {
+        shared.may_claim.store(true, Ordering::SeqCst);
+    }
     if free_slots.is_empty() {
         return Ok(false);
     }
@@ -583,6 +623,10 @@ async fn claim_round(shared: &Arc<SchedulerState>) -> kiln_storage::Result<bool>
         || given
             .iter()
             .any(|(id, n)| offered.get(id).is_some_and(|o| n >= o));
+    if more || outcome.started.len() >= room {
+        // What the room did not take waits for the next build to finish.
+        shared.may_claim.store(true, Ordering::SeqCst);
+    }
     if outcome.started.is_empty() {
         return Ok(more);
     }
@@ -641,7 +685,7 @@ async fn signal_loop(shared: Arc<SchedulerState>, mut signals: broadcast::Receiv
             _ = stopping.wait_for(|s| *s) => return,
         };
         match signal {
-            Ok(StoreSignal::Work) => shared.wake.notify_one(),
+            Ok(StoreSignal::Work) => shared.wake_claims(),
             Ok(StoreSignal::Cancel) => check_remote_cancels(&shared).await,
             Ok(StoreSignal::Complete(done)) => {
                 for (buildset_id, results) in done {
@@ -652,7 +696,7 @@ async fn signal_loop(shared: Arc<SchedulerState>, mut signals: broadcast::Receiv
                 }
             }
             Ok(StoreSignal::Lost) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                shared.wake.notify_one();
+                shared.wake_claims();
                 check_remote_cancels(&shared).await;
             }
             Err(broadcast::error::RecvError::Closed) => return,

@@ -228,7 +228,7 @@ impl SchedulerState {
                 });
             }
             drop(announcing);
-            self.wake.notify_one();
+            self.wake_claims();
         }
 
         let info = ParentInfo {
